@@ -1,0 +1,58 @@
+# Every install step lives here: a fresh clone needs only Python 3.11+ and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast lint fmt typecheck bench samples smoke check clean
+
+help:
+	@echo "make demo     install, then run modelshrink on a bundled sample model"
+	@echo "make test     install, then run the whole test suite"
+	@echo "make lint     ruff (format + lint) and mypy"
+	@echo "make bench    benchmarks: figures and ratios measured in one run"
+	@echo "make samples  regenerate sample_models/ and check they are byte-identical"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python sample_models/demo.py
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+fmt: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy modelshrink
+
+typecheck: install
+	$(BIN)/mypy modelshrink
+
+smoke: install
+	$(BIN)/modelshrink --help > /dev/null
+
+bench: install
+	$(BIN)/python bench/run.py
+
+samples: install
+	$(BIN)/python sample_models/make_samples.py
+	git diff --exit-code -- sample_models
+
+check: lint test smoke
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,6 @@
+"""``python -m modelshrink``."""
+
+from modelshrink.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,427 @@
+"""The command line: flags -> config -> pipeline -> report -> exit code.
+
+The only layer that knows argv, terminals and exit codes. stdout carries exactly one thing:
+model bytes (``-o -``) or the JSON report (``--json``); people-facing output goes to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from typer.exceptions import Abort, TyperException
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from typer.core import TyperGroup
+
+from modelshrink import __version__, io
+from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
+from modelshrink.feeds import parse_input_shapes
+from modelshrink.gates import Gates
+from modelshrink.inspection import inspect_model, render_inspect
+from modelshrink.pipeline import RunOptions, compare as compare_models, run_technique
+from modelshrink.report import Report, render_report
+from modelshrink.runtime import RuntimeOptions
+from modelshrink.techniques.base import Progress as ProgressSink
+from modelshrink.techniques.base import Technique, silent_progress
+
+__all__ = ["app", "main"]
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok · 1 the model, data or output location is bad or unsupported · "
+    "2 usage error · 3 a quality gate failed (nothing written). "
+    "Set MODELSHRINK_DEBUG=1 to see tracebacks."
+)
+
+
+class _Group(TyperGroup):
+    """Click group whose usage errors are one line on stderr: ``error: ... (see --help)``."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except TyperException as exc:  # click-style usage errors (exit 2)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="modelshrink",
+    help="Make ONNX models smaller and faster, with an honest report of what changed.\n\n"
+    + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+err_console = Console(stderr=True, markup=False, highlight=False)
+
+# --- shared flags ---------------------------------------------------------------------------
+
+InputArg = Annotated[str, typer.Argument(help="Input .onnx path, or '-' for stdin.", show_default=False)]
+OutputOpt = Annotated[
+    str, typer.Option("-o", "--output", help="Output path, or '-' for stdout.", show_default=False)
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+ExternalDataOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--external-data/--no-external-data",
+        help="Store tensors in OUTPUT.data next to the model (default: only over 2 GB).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option("--report", help="Also write the JSON report to this file.", dir_okay=False),
+]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")]
+VerboseOpt = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More logging (-vv for debug).")]
+
+_DATA = "Data and inputs"
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Real inputs: .npz keyed by input name, a folder of NAME.npy, a .npy, or ONNX "
+        "test_data_set_* folders. Default: synthetic inputs from the declared shapes.",
+        rich_help_panel=_DATA,
+        show_default=False,
+    ),
+]
+InputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="Set an input's shape, e.g. input_ids:1x128 (repeatable); dynamic dims default to 1.",
+        rich_help_panel=_DATA,
+        show_default=False,
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for synthetic inputs and any randomness.", rich_help_panel=_DATA)]
+SamplesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--samples",
+        help="Max feeds used for fidelity (default: 8 synthetic, up to 128 from --data).",
+        rich_help_panel=_DATA,
+        show_default=False,
+    ),
+]
+
+_GATES = "Quality gates (exit 3 and nothing written when one fails)"
+MaxErrorOpt = Annotated[
+    float | None,
+    typer.Option("--max-error", help="Max allowed |result - original| over all outputs.", rich_help_panel=_GATES, show_default=False),
+]
+MinCosineOpt = Annotated[
+    float | None,
+    typer.Option("--min-cosine", help="Min cosine similarity of every output.", rich_help_panel=_GATES, show_default=False),
+]
+MinAgreementOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-agreement",
+        help="Min top-1 agreement (0..1) of class-score outputs.",
+        rich_help_panel=_GATES,
+        show_default=False,
+    ),
+]
+MaxSizeRatioOpt = Annotated[
+    float | None,
+    typer.Option("--max-size-ratio", help="Max result/original file size.", rich_help_panel=_GATES, show_default=False),
+]
+MinSpeedupOpt = Annotated[
+    float | None,
+    typer.Option("--min-speedup", help="Min original/result p50 latency.", rich_help_panel=_GATES, show_default=False),
+]
+
+_RUNTIME = "Runtime and latency"
+ProviderOpt = Annotated[
+    str,
+    typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda, ... (CPU is the fallback).", rich_help_panel=_RUNTIME),
+]
+ThreadsOpt = Annotated[
+    int, typer.Option("--threads", help="Intra-op threads for every session; 0 = onnxruntime's default.", rich_help_panel=_RUNTIME)
+]
+LatencyOpt = Annotated[
+    bool, typer.Option("--latency/--no-latency", help="Measure latency (interleaved, after warm-up).", rich_help_panel=_RUNTIME)
+]
+LatencyRunsOpt = Annotated[
+    int | None,
+    typer.Option("--latency-runs", help="Timed runs per model (default: adapt to ~3 s).", rich_help_panel=_RUNTIME, show_default=False),
+]
+
+
+def run_options(
+    *,
+    data: str | None,
+    input_shape: list[str] | None,
+    seed: int,
+    samples: int | None,
+    max_error: float | None,
+    min_cosine: float | None,
+    min_agreement: float | None,
+    max_size_ratio: float | None,
+    min_speedup: float | None,
+    provider: str,
+    threads: int,
+    latency: bool,
+    latency_runs: int | None,
+) -> RunOptions:
+    """Bundle the shared flags into :class:`RunOptions` (validating them)."""
+    return RunOptions(
+        data=data,
+        input_shapes=parse_input_shapes(input_shape or []),
+        seed=seed,
+        samples=samples,
+        gates=Gates(
+            max_error=max_error,
+            min_cosine=min_cosine,
+            min_agreement=min_agreement,
+            max_size_ratio=max_size_ratio,
+            min_speedup=min_speedup,
+        ),
+        runtime=RuntimeOptions(provider=provider, threads=threads),
+        latency=latency,
+        latency_runs=latency_runs,
+    )
+
+
+# --- plumbing -------------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    root = logging.getLogger("modelshrink")
+    root.handlers[:] = [RichHandler(console=err_console, show_time=False, show_path=verbose >= 2)]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn :class:`ModelshrinkError` into ``error: ...`` on stderr and its exit code."""
+    try:
+        yield
+    except ModelshrinkError as exc:
+        if os.environ.get("MODELSHRINK_DEBUG"):
+            raise
+        err_console.print(f"error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+class _RichProgress:
+    """A progress sink drawing Rich bars on stderr, one per description."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        task = self._tasks.get(description)
+        if task is None:
+            task = self._tasks[description] = self._progress.add_task(description, total=total)
+        self._progress.update(task, completed=done, total=total)
+
+    def __enter__(self) -> _RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+
+@contextlib.contextmanager
+def progress_sink(quiet: bool) -> Iterator[ProgressSink]:
+    """Rich bars when stderr is a terminal and not quiet; otherwise silent."""
+    if quiet or not err_console.is_terminal:
+        yield silent_progress
+        return
+    with _RichProgress() as bars:
+        yield bars
+
+
+def _write_report_file(path: Path, text: str) -> None:
+    try:
+        io.write_text_atomic(path, text)
+    except OSError as exc:
+        raise ModelshrinkError(f"--report {path}: cannot write: {exc.strerror or exc}") from exc
+
+
+def finish(report: Report, *, json_: bool, report_file: Path | None, quiet: bool) -> None:
+    """Render, emit JSON, and exit 3 when a gate failed."""
+    if not quiet:
+        render_report(report, err_console)
+    if report_file is not None:
+        _write_report_file(report_file, report.to_json())
+    if json_:
+        sys.stdout.write(report.to_json())
+        sys.stdout.flush()
+    if not report.passed:
+        for gate in report.failed_gates:
+            err_console.print(f"error: gate failed: {gate.describe()}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_GATE)
+
+
+def _check_stdout(output: str | None, json_: bool) -> None:
+    if output == io.STDIO and json_:
+        raise ConfigError("-o - and --json both want stdout; use --report FILE for the JSON report")
+
+
+def run_command(
+    command: str,
+    technique: Technique,
+    config_factory: Any,
+    src: str,
+    output: str,
+    options_factory: Any,
+    *,
+    force: bool,
+    external_data: bool | None,
+    json_: bool,
+    report_file: Path | None,
+    quiet: bool,
+    verbose: int,
+) -> None:
+    """What every compression command does after parsing its flags.
+
+    ``config_factory`` and ``options_factory`` are zero-argument callables so that
+    configuration errors are reported like every other error.
+    """
+    _setup_logging(verbose, quiet)
+    with user_errors():
+        _check_stdout(output, json_)
+        config = config_factory()
+        options = options_factory()
+        with progress_sink(quiet) as progress:
+            report = run_technique(
+                command,
+                technique,
+                config,
+                src,
+                output,
+                options,
+                force=force,
+                external_data=external_data,
+                progress=progress,
+            )
+        finish(report, json_=json_, report_file=report_file, quiet=quiet)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"modelshrink {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Make ONNX models smaller and faster, with an honest report of what changed."""
+
+
+@app.command()
+def inspect(
+    model: InputArg,
+    json_: JsonOpt = False,
+    report_file: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Show what is in a model: I/O, ops, weights and where they live, what each technique can act on.
+
+    Example: modelshrink inspect sample_models/digits_cnn.onnx
+    """
+    _setup_logging(verbose, quiet)
+    with user_errors():
+        loaded = io.load_model(model)
+        report = inspect_model(loaded)
+        if not quiet:
+            render_inspect(report, err_console)
+        if report_file is not None:
+            _write_report_file(report_file, report.to_json())
+        if json_:
+            sys.stdout.write(report.to_json())
+
+
+@app.command()
+def compare(
+    original: Annotated[str, typer.Argument(help="Original .onnx path, or '-' for stdin.", show_default=False)],
+    candidate: Annotated[str, typer.Argument(help="Candidate .onnx path, or '-' for stdin.", show_default=False)],
+    data: DataOpt = None,
+    input_shape: InputShapeOpt = None,
+    seed: SeedOpt = 0,
+    samples: SamplesOpt = None,
+    max_error: MaxErrorOpt = None,
+    min_cosine: MinCosineOpt = None,
+    min_agreement: MinAgreementOpt = None,
+    max_size_ratio: MaxSizeRatioOpt = None,
+    min_speedup: MinSpeedupOpt = None,
+    provider: ProviderOpt = "cpu",
+    threads: ThreadsOpt = 1,
+    latency: LatencyOpt = True,
+    latency_runs: LatencyRunsOpt = None,
+    json_: JsonOpt = False,
+    report_file: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Report size, latency and output fidelity of CANDIDATE against ORIGINAL; gate on them.
+
+    Example: modelshrink compare model.onnx model.int8.onnx --data inputs.npz --max-error 0.05
+    """
+    _setup_logging(verbose, quiet)
+    with user_errors():
+        options = run_options(
+            data=data, input_shape=input_shape, seed=seed, samples=samples,
+            max_error=max_error, min_cosine=min_cosine, min_agreement=min_agreement,
+            max_size_ratio=max_size_ratio, min_speedup=min_speedup,
+            provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
+        )  # fmt: skip
+        with progress_sink(quiet) as progress:
+            report = compare_models(original, candidate, options, progress=progress)
+        finish(report, json_=json_, report_file=report_file, quiet=quiet)
+
+
+def _on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Console-script entry point: SIGTERM unwinds like Ctrl-C so temp files are removed."""
+    with contextlib.suppress(ValueError):  # not in the main thread
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    app()

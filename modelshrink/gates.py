@@ -1,0 +1,136 @@
+"""Quality gates: thresholds a result must meet, checked on the report's own figures."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from modelshrink.errors import ConfigError
+
+__all__ = ["GateResult", "Gates"]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict.
+
+    Attributes:
+        name: Flag-style name, e.g. ``max_error``.
+        flag: The CLI flag, e.g. ``--max-error``.
+        threshold: The limit asked for.
+        value: The measured figure (None when it could not be measured).
+        passed: Whether the gate held.
+        margin: How far inside (positive) or outside (negative) the limit the value is.
+    """
+
+    name: str
+    flag: str
+    threshold: float
+    value: float | None
+    passed: bool
+    margin: float | None
+
+    def describe(self) -> str:
+        """One line for the console: ``--max-error 0.01: 0.034 (over by 0.024)``."""
+        if self.value is None:
+            return f"{self.flag} {self.threshold:g}: not measurable"
+        verdict = "ok" if self.passed else ("over" if self.name.startswith("max") else "under")
+        by = "" if self.margin is None else f" by {abs(self.margin):.4g}"
+        return f"{self.flag} {self.threshold:g}: measured {self.value:.4g} ({verdict}{by})"
+
+
+@dataclass(frozen=True)
+class Gates:
+    """The thresholds a user asked for; None means not checked.
+
+    Attributes:
+        max_error: Largest allowed max |candidate - original| over all outputs.
+        min_cosine: Smallest allowed cosine similarity over all outputs.
+        min_agreement: Smallest allowed top-1 agreement over class-like outputs.
+        max_size_ratio: Largest allowed result size / original size (file bytes).
+        min_speedup: Smallest allowed original p50 / result p50 latency.
+    """
+
+    max_error: float | None = None
+    min_cosine: float | None = None
+    min_agreement: float | None = None
+    max_size_ratio: float | None = None
+    min_speedup: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_error", "max_size_ratio", "min_speedup"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+        for name in ("min_cosine", "min_agreement"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be within [-1, 1], got {value}")
+
+    @property
+    def any(self) -> bool:
+        """True when at least one gate is set."""
+        return any(v is not None for v in self._values().values())
+
+    @property
+    def fidelity_gates(self) -> bool:
+        """True when a gate on output fidelity is set (what sensitivity searches aim for)."""
+        return any(v is not None for v in (self.max_error, self.min_cosine, self.min_agreement))
+
+    def _values(self) -> dict[str, float | None]:
+        return {
+            "max_error": self.max_error,
+            "min_cosine": self.min_cosine,
+            "min_agreement": self.min_agreement,
+            "max_size_ratio": self.max_size_ratio,
+            "min_speedup": self.min_speedup,
+        }
+
+    def check(
+        self,
+        *,
+        max_error: float | None,
+        cosine: float | None,
+        agreement: float | None,
+        size_ratio: float | None,
+        speedup: float | None,
+    ) -> list[GateResult]:
+        """Evaluate the set gates against measured figures."""
+        measured = {
+            "max_error": max_error,
+            "min_cosine": cosine,
+            "min_agreement": agreement,
+            "max_size_ratio": size_ratio,
+            "min_speedup": speedup,
+        }
+        results = []
+        for name, threshold in self._values().items():
+            if threshold is None:
+                continue
+            value = measured[name]
+            if value is None or math.isnan(value):
+                passed, margin = False, None
+            elif name.startswith("max"):
+                passed, margin = value <= threshold, threshold - value
+            else:
+                passed, margin = value >= threshold, value - threshold
+            if margin is not None and not math.isfinite(margin):
+                margin = None
+            results.append(
+                GateResult(
+                    name=name,
+                    flag="--" + name.replace("_", "-"),
+                    threshold=threshold,
+                    value=value,
+                    passed=passed,
+                    margin=margin,
+                )
+            )
+        return results
+
+    def passes_fidelity(self, *, max_error: float, cosine: float, agreement: float | None) -> bool:
+        """Whether fidelity figures meet the fidelity gates (for sensitivity searches)."""
+        results = self.check(
+            max_error=max_error, cosine=cosine, agreement=agreement, size_ratio=None, speedup=None
+        )
+        return all(r.passed for r in results if r.name in ("max_error", "min_cosine", "min_agreement"))

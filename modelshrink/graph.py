@@ -1,0 +1,178 @@
+"""Graph helpers shared by every technique: walk all graphs, find weights wherever they live.
+
+A *weight* is a constant tensor that feeds computation: an initializer (of the main graph or
+of an ``If``/``Loop``/``Scan`` body) or the ``value`` of a ``Constant`` node. Techniques use
+:func:`weights` rather than hand-rolled traversals so no subgraph or Constant is forgotten.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "NameAuthority",
+    "Weight",
+    "all_nodes",
+    "dtype_name",
+    "graph_inputs",
+    "in_subgraph",
+    "op_histogram",
+    "op_key",
+    "weights",
+]
+
+WeightKind = Literal["initializer", "constant"]
+
+
+def dtype_name(dtype: ir.DataType) -> str:
+    """numpy-style element type name: ``float32``, ``float16``, ``int8``, ``int4``, ``bfloat16``."""
+    if dtype == ir.DataType.STRING:
+        return "string"
+    try:
+        return str(np.dtype(dtype.numpy()).name)
+    except (TypeError, ValueError):
+        return dtype.name.lower()
+
+
+def op_key(node: ir.Node) -> str:
+    """``OpType`` for the default domain, ``domain::OpType`` otherwise."""
+    domain = node.domain
+    return node.op_type if domain in ("", "ai.onnx") else f"{domain}::{node.op_type}"
+
+
+def all_nodes(model: ir.Model) -> Iterator[tuple[ir.Graph, ir.Node]]:
+    """Every node of the model with the graph that holds it, subgraphs included."""
+    for graph in model.graphs():
+        for node in graph:
+            yield graph, node
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    """Node count per op type (``domain::Op`` outside the default domain), sorted by name."""
+    counts = Counter(op_key(node) for _, node in all_nodes(model))
+    return dict(sorted(counts.items()))
+
+
+def graph_inputs(graph: ir.Graph) -> list[ir.Value]:
+    """Inputs a caller must feed: graph inputs that have no initializer default."""
+    return [v for v in graph.inputs if not v.is_initializer()]
+
+
+@dataclass(frozen=True, eq=False)
+class Weight:
+    """A constant tensor and where it lives.
+
+    Attributes:
+        value: The IR value carrying it (initializer, or the Constant node's output).
+        tensor: The tensor itself (possibly external, memory-mapped).
+        kind: ``initializer`` or ``constant``.
+        graph: The graph holding it.
+        node: The Constant node, for ``kind == "constant"``.
+    """
+
+    value: ir.Value
+    tensor: ir.TensorProtocol
+    kind: WeightKind
+    graph: ir.Graph
+    node: ir.Node | None = None
+
+    @property
+    def name(self) -> str:
+        """The value name (the Constant's output name for Constant nodes)."""
+        return self.value.name or self.tensor.name or "<unnamed>"
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(self.tensor.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage."""
+        return int(self.tensor.nbytes)
+
+    @property
+    def dtype(self) -> ir.DataType:
+        """Element type."""
+        return self.tensor.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Static shape."""
+        return tuple(int(d) for d in self.tensor.shape.numpy())
+
+    @property
+    def external(self) -> bool:
+        """True when the bytes live in an external data file."""
+        return isinstance(self.tensor, ir.ExternalTensor)
+
+    @property
+    def is_graph_input(self) -> bool:
+        """An initializer that is also a graph input can be overridden at run time."""
+        return self.value.is_graph_input()
+
+    def consumers(self) -> list[tuple[ir.Node, int]]:
+        """(node, input index) for every use, including uses inside subgraphs."""
+        return [(use.node, use.idx) for use in self.value.uses()]
+
+    def consumer_ops(self) -> list[str]:
+        """Distinct consumer op types in first-use order."""
+        return list(dict.fromkeys(op_key(node) for node, _ in self.consumers()))
+
+    def numpy(self) -> np.ndarray:
+        """The data as an array (memory-mapped for external tensors)."""
+        return self.tensor.numpy()
+
+
+def weights(model: ir.Model) -> list[Weight]:
+    """Every weight in every graph, in a deterministic order (graph order, then name/node)."""
+    found: list[Weight] = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                found.append(Weight(value, value.const_value, "initializer", graph))
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                attr = node.attributes.get("value")
+                if attr is not None and attr.type == ir.AttributeType.TENSOR and node.outputs:
+                    found.append(Weight(node.outputs[0], attr.as_tensor(), "constant", graph, node))
+    return found
+
+
+def in_subgraph(weight: Weight, model: ir.Model) -> bool:
+    """True when the weight's graph is not the model's main graph."""
+    return weight.graph is not model.graph
+
+
+class NameAuthority:
+    """Unique, deterministic names for new values and nodes (counters, never time or ids)."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._taken: set[str] = set()
+        for graph in model.graphs():
+            for value in itertools.chain(graph.inputs, graph.outputs, graph.initializers.values()):
+                if value.name:
+                    self._taken.add(value.name)
+            for node in graph:
+                if node.name:
+                    self._taken.add(node.name)
+                for out in node.outputs:
+                    if out.name:
+                        self._taken.add(out.name)
+        self._counters: Counter[str] = Counter()
+
+    def fresh(self, base: str) -> str:
+        """``base`` if free, else ``base_1``, ``base_2``, ... ; the name is then taken."""
+        name = base
+        while name in self._taken:
+            self._counters[base] += 1
+            name = f"{base}_{self._counters[base]}"
+        self._taken.add(name)
+        return name

@@ -1,0 +1,556 @@
+"""Model files in and out: the only module that touches model files and stdin/stdout bytes.
+
+Loading validates everything a user can get wrong before any work starts (missing file, not
+ONNX, checker failures, external data that is missing, short or outside the model's folder).
+Saving is staged: the candidate is written into a private temporary folder next to the
+destination, checked and verified from there, and only then moved into place with
+``os.replace``/``os.link``. A failure or an interrupt leaves nothing behind, and an existing
+file is never touched unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from modelshrink.errors import ConfigError, InvalidModelError, OutputError
+
+__all__ = [
+    "EXTERNAL_DATA_AUTO_BYTES",
+    "STDIO",
+    "LoadedModel",
+    "OutputTarget",
+    "StagedModel",
+    "check_output_target",
+    "load_model",
+    "stage_model",
+    "total_tensor_bytes",
+    "write_text_atomic",
+]
+
+logger = logging.getLogger(__name__)
+
+STDIO = "-"
+# Protobuf cannot serialize a message of 2 GiB or more; keep a margin for the graph itself.
+EXTERNAL_DATA_AUTO_BYTES = 1_800_000_000
+# Tensors at least this large go to the external data file when one is written.
+_EXTERNAL_THRESHOLD_BYTES = 1024
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass
+class LoadedModel:
+    """A model as read from the user's file or stdin.
+
+    Attributes:
+        model: The in-memory IR. External tensors stay memory-mapped until read.
+        source: What the user passed (``-`` or a path), for messages and the report.
+        path: The model file, or None when read from stdin.
+        raw: The model bytes when read from stdin (onnxruntime loads them directly).
+        file_bytes: Size of the ``.onnx`` file (or of the stdin bytes).
+        external_files: External data files the model references, resolved.
+    """
+
+    model: ir.Model
+    source: str
+    path: Path | None
+    raw: bytes | None
+    file_bytes: int
+    external_files: tuple[Path, ...] = ()
+
+    @property
+    def external_bytes(self) -> int:
+        """Total size of the external data files."""
+        return sum(p.stat().st_size for p in self.external_files)
+
+    @property
+    def size_bytes(self) -> int:
+        """Model file plus external data."""
+        return self.file_bytes + self.external_bytes
+
+    @property
+    def label(self) -> str:
+        """Short name for messages: the path or ``<stdin>``."""
+        return "<stdin>" if self.path is None else self.source
+
+    def files(self) -> tuple[Path, ...]:
+        """Every file that makes up the model on disk (empty for stdin)."""
+        return () if self.path is None else (self.path, *self.external_files)
+
+
+def load_model(source: str, *, stdin: BinaryIO | None = None, check: bool = True) -> LoadedModel:
+    """Load a model from a path or ``-`` (stdin), validating it.
+
+    Args:
+        source: A path, or ``-`` for standard input.
+        stdin: Stream to read for ``-`` (default ``sys.stdin.buffer``); for tests.
+        check: Run the ONNX checker on the model.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        InvalidModelError: The file is missing, empty, not ONNX, fails the checker, or its
+            external data is missing, short, or outside the model's folder.
+    """
+    if source == STDIO:
+        raw = _read_stdin(stdin)
+        proto = _parse(raw, "<stdin>")
+        if refs := _external_refs(proto):
+            raise InvalidModelError(
+                f"<stdin>: the model keeps tensor '{refs[0][0]}' in external file "
+                f"'{refs[0][1]}', which cannot be found from stdin; pass the model by path"
+            )
+        _validate_proto(proto, "<stdin>", check=check)
+        model = _deserialize(proto, "<stdin>")
+        return LoadedModel(model, source, None, raw, len(raw))
+
+    path = Path(source)
+    label = source
+    if not path.exists():
+        raise InvalidModelError(f"{label}: no such file")
+    if path.is_dir():
+        raise InvalidModelError(f"{label}: is a directory; pass the .onnx file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise InvalidModelError(f"{label}: the file is empty (0 bytes)")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InvalidModelError(f"{label}: cannot read: {exc.strerror}") from exc
+    proto = _parse(raw, label)
+    del raw
+    externals = _validate_external_data(proto, path, label)
+    # With external data the checker must resolve files next to the model: give it the path.
+    _validate_proto(proto, label, check=check, path=path if externals else None)
+    model = _deserialize(proto, label)
+    ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
+    return LoadedModel(model, source, path, None, size, externals)
+
+
+def _read_stdin(stdin: BinaryIO | None) -> bytes:
+    stream = stdin if stdin is not None else sys.stdin.buffer
+    if stdin is None and sys.stdin.isatty():
+        raise InvalidModelError("<stdin>: no model piped in; pass a path or pipe a model into '-'")
+    raw = stream.read()
+    if not raw:
+        raise InvalidModelError("<stdin>: no bytes received; pipe a model or pass a path")
+    return raw
+
+
+def _parse(raw: bytes, label: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(raw)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModelError(
+            f"{label}: not a readable ONNX model (truncated, corrupt or another format)"
+        ) from exc
+    if not proto.HasField("graph") or proto.ir_version <= 0:
+        raise InvalidModelError(
+            f"{label}: not an ONNX model (no graph or IR version; is it another format?)"
+        )
+    return proto
+
+
+def _validate_proto(proto: onnx.ModelProto, label: str, *, check: bool, path: Path | None = None) -> None:
+    if not proto.opset_import and proto.ir_version >= 3:
+        raise InvalidModelError(f"{label}: the model declares no opset_import")
+    if not check:
+        return
+    try:
+        onnx.checker.check_model(str(path) if path is not None else proto)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModelError(f"{label}: fails the ONNX checker: {checker_message(exc)}") from exc
+    except (ValueError, RuntimeError) as exc:  # e.g. protobuf over 2 GB, odd IR versions
+        raise InvalidModelError(f"{label}: fails the ONNX checker: {exc}") from exc
+
+
+def checker_message(exc: Exception) -> str:
+    """Fold an ``onnx.checker`` message (several lines with context) into one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(line.removeprefix("==> Context: ") for line in lines)
+
+
+def _deserialize(proto: onnx.ModelProto, label: str) -> ir.Model:
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx-ir raises plain exceptions for malformed protos
+        raise InvalidModelError(f"{label}: cannot read the graph: {exc}") from exc
+
+
+# --- external data ---------------------------------------------------------------------------
+
+
+def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_tensor_protos(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_tensor_protos(sub)
+
+
+def _iter_model_tensor_protos(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _iter_tensor_protos(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _external_refs(proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    return [
+        (t.name, _external_info(t).get("location", ""))
+        for t in _iter_model_tensor_protos(proto)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    dtype = ir.DataType(tensor.data_type)
+    numel = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    return (numel * dtype.bitwidth + 7) // 8
+
+
+def _validate_external_data(proto: onnx.ModelProto, path: Path, label: str) -> tuple[Path, ...]:
+    base = path.parent.resolve()
+    files: dict[Path, int] = {}
+    for tensor in _iter_model_tensor_protos(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_info(tensor)
+        location = info.get("location", "")
+        where = f"{label}: tensor '{tensor.name}'"
+        if not location:
+            raise InvalidModelError(f"{where} is external but names no location")
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise InvalidModelError(
+                f"{where} points to absolute path '{location}'; external data must live in "
+                "the model's folder"
+            )
+        target = (base / location).resolve()
+        if not target.is_relative_to(base):
+            raise InvalidModelError(
+                f"{where} points to '{location}', outside the model's folder; refusing to read it"
+            )
+        if not target.is_file():
+            raise InvalidModelError(
+                f"{where}: external data file '{location}' not found next to the model"
+            )
+        try:
+            offset = int(info.get("offset", "0") or 0)
+            length = int(info.get("length", "0") or 0) or _tensor_nbytes(tensor)
+        except ValueError as exc:
+            raise InvalidModelError(f"{where} has a non-numeric offset/length") from exc
+        if offset < 0 or length < 0:
+            raise InvalidModelError(f"{where} has a negative offset/length")
+        size = files.setdefault(target, target.stat().st_size)
+        if offset + length > size:
+            raise InvalidModelError(
+                f"{where} needs bytes {offset}..{offset + length} of '{location}', "
+                f"but the file has only {size} bytes (truncated?)"
+            )
+    return tuple(sorted(files))
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where a result goes: a path or stdout, validated before any work starts.
+
+    Attributes:
+        dest: The destination path, or None for stdout.
+        force: Overwrite an existing file.
+        external_data: Write tensors to ``<name>.data``: True, False, or None for
+            "only when the model is too large for one protobuf".
+    """
+
+    dest: Path | None
+    force: bool = False
+    external_data: bool | None = None
+
+    @property
+    def label(self) -> str:
+        """How the user named it."""
+        return "<stdout>" if self.dest is None else str(self.dest)
+
+    def data_path(self) -> Path | None:
+        """The external data file this output would write next to itself."""
+        return None if self.dest is None else self.dest.with_name(self.dest.name + ".data")
+
+
+def check_output_target(
+    output: str,
+    *,
+    force: bool = False,
+    external_data: bool | None = None,
+    inputs: tuple[LoadedModel | str, ...] = (),
+    stdout_isatty: bool | None = None,
+) -> OutputTarget:
+    """Validate an output before work starts.
+
+    Args:
+        output: A path or ``-`` for stdout.
+        force: Allow replacing an existing file.
+        external_data: See :class:`OutputTarget`.
+        inputs: The models (or raw source strings) being read: never overwritten.
+        stdout_isatty: Override terminal detection (tests).
+
+    Returns:
+        The validated target.
+
+    Raises:
+        OutputError: The output is a terminal, the input, an existing file without
+            ``force``, a directory, or in a folder that does not exist.
+        ConfigError: External data requested on stdout.
+    """
+    if output == STDIO:
+        isatty = sys.stdout.isatty() if stdout_isatty is None else stdout_isatty
+        if isatty:
+            raise OutputError(
+                "refusing to write an ONNX model to a terminal; use -o FILE or redirect stdout"
+            )
+        if external_data:
+            raise ConfigError("--external-data needs an output path, not '-o -'")
+        return OutputTarget(None, force, external_data)
+    if not output:
+        raise ConfigError("the output path is empty; use -o FILE or -o -")
+    dest = Path(output)
+    if dest.is_dir():
+        raise OutputError(f"{output}: is a directory; name the output file, e.g. {dest / 'model.onnx'}")
+    parent = dest.parent
+    if not parent.exists():
+        raise OutputError(f"{output}: folder '{parent}' does not exist; create it first")
+    if not parent.is_dir():
+        raise OutputError(f"{output}: '{parent}' is not a folder")
+    target = OutputTarget(dest, force, external_data)
+    protected = _protected_files(inputs)
+    for candidate in (dest, target.data_path()):
+        if candidate is not None and _same_file_as_any(candidate, protected):
+            raise OutputError(
+                f"{output}: would overwrite the input file '{candidate}'; choose another output"
+            )
+    if dest.exists() and not force:
+        raise OutputError(f"{output}: already exists; pass --force to overwrite it")
+    return target
+
+
+def _protected_files(inputs: tuple[LoadedModel | str, ...]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        if isinstance(item, LoadedModel):
+            files.extend(item.files())
+        elif item != STDIO:
+            files.append(Path(item))
+    return files
+
+
+def _same_file_as_any(path: Path, others: list[Path]) -> bool:
+    for other in others:
+        try:
+            if path.exists() and other.exists() and os.path.samefile(path, other):
+                return True
+        except OSError:
+            pass
+        if path.resolve() == other.resolve():
+            return True
+    return False
+
+
+def total_tensor_bytes(model: ir.Model) -> int:
+    """Bytes held by every tensor (initializers and tensor attributes, all graphs)."""
+    return sum(t.nbytes for _, t in _all_tensors(model))
+
+
+def _all_tensors(model: ir.Model) -> Iterator[tuple[ir.Value | tuple[ir.Node, str], ir.TensorProtocol]]:
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value, value.const_value
+        for node in graph:
+            for name, attr in node.attributes.items():
+                if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                    yield (node, name), attr.value
+
+
+def _inline_external(model: ir.Model, *, keep_large: bool) -> None:
+    """Replace memory-mapped external tensors by in-memory ones (all, or only small ones)."""
+    for owner, tensor in list(_all_tensors(model)):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        if keep_large and isinstance(owner, ir.Value) and tensor.nbytes >= _EXTERNAL_THRESHOLD_BYTES:
+            continue  # ir.save rewrites it into the new external data file
+        loaded = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+        if isinstance(owner, ir.Value):
+            owner.const_value = loaded
+        else:
+            node, name = owner
+            node.attributes[name] = ir.AttrTensor(name, loaded)
+
+
+@dataclass
+class StagedModel:
+    """A candidate written to a private temporary folder, waiting to be committed or discarded.
+
+    Attributes:
+        target: Where it goes on commit.
+        folder: The temporary folder holding it.
+        path: The staged model file (its final name, inside ``folder``).
+        data_path: The staged external data file, if any.
+    """
+
+    target: OutputTarget
+    folder: Path
+    path: Path
+    data_path: Path | None
+    _done: bool = field(default=False, repr=False)
+
+    @property
+    def size_bytes(self) -> int:
+        """Model file plus external data."""
+        return sum(p.stat().st_size for p in self.files())
+
+    def files(self) -> tuple[Path, ...]:
+        """The staged files."""
+        return (self.path,) if self.data_path is None else (self.path, self.data_path)
+
+    def commit(self, stdout: BinaryIO | None = None) -> None:
+        """Move the staged files into place (or stream them to stdout), then clean up."""
+        try:
+            if self.target.dest is None:
+                stream = stdout if stdout is not None else sys.stdout.buffer
+                with self.path.open("rb") as f:
+                    shutil.copyfileobj(f, stream, _COPY_CHUNK)
+                stream.flush()
+            else:
+                if self.data_path is not None:
+                    data_dest = self.target.data_path()
+                    assert data_dest is not None
+                    os.replace(self.data_path, data_dest)
+                _move_into_place(self.path, self.target.dest, force=self.target.force)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the staged files; safe to call twice."""
+        if not self._done:
+            self._done = True
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _move_into_place(src: Path, dest: Path, *, force: bool) -> None:
+    if force:
+        os.replace(src, dest)
+        return
+    try:  # link() refuses to replace: no window in which another writer's file is clobbered
+        os.link(src, dest)
+    except FileExistsError as exc:
+        raise OutputError(f"{dest}: appeared while working; pass --force to overwrite it") from exc
+    except OSError:  # file systems without hard links
+        if dest.exists():
+            raise OutputError(f"{dest}: already exists; pass --force to overwrite it") from None
+        os.replace(src, dest)
+    else:
+        src.unlink()
+
+
+def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
+    """Write ``model`` into a temporary folder beside the destination (or in the temp dir).
+
+    The model is not modified. External data is written when ``target.external_data`` is
+    True, or when it is None and the tensors exceed what one protobuf can hold.
+
+    Raises:
+        OutputError: The model needs external data but the target is stdout, or the disk
+            write failed.
+    """
+    total = total_tensor_bytes(model)
+    external = target.external_data
+    if external is None:
+        external = total >= EXTERNAL_DATA_AUTO_BYTES
+    if external and target.dest is None:
+        raise OutputError(
+            f"the result holds {total / 1e9:.1f} GB of tensors and needs an external data file; "
+            "write it with -o FILE instead of -o -"
+        )
+    parent = target.dest.parent if target.dest is not None else None
+    name = target.dest.name if target.dest is not None else "model.onnx"
+    folder = Path(tempfile.mkdtemp(prefix=".modelshrink-", dir=parent))
+    staged = StagedModel(target, folder, folder / name, None)
+    try:
+        copy = model.clone()
+        _inline_external(copy, keep_large=external)
+        data_name = name + ".data" if external else None
+        ir.save(
+            copy,
+            staged.path,
+            external_data=data_name,
+            size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES,
+        )
+        if data_name is not None and (folder / data_name).exists():
+            staged.data_path = folder / data_name
+    except OSError as exc:
+        staged.discard()
+        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+@contextlib.contextmanager
+def staged(model: ir.Model, target: OutputTarget) -> Iterator[StagedModel]:
+    """Stage ``model``; discard it on exit unless it was committed."""
+    s = stage_model(model, target)
+    try:
+        yield s
+    finally:
+        s.discard()
+
+
+def model_bytes(model: ir.Model) -> bytes:
+    """Serialize a model whose tensors all fit in one protobuf (for onnxruntime sessions)."""
+    copy = model.clone()
+    _inline_external(copy, keep_large=False)
+    return ir.serde.serialize_model(copy).SerializeToString()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file (a report) via a temp file and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,364 @@
+"""load -> technique -> stage -> check -> verify -> measure -> gate -> commit -> Report.
+
+Every command goes through here, so report, gates, atomic output and pipelines behave the
+same everywhere. Nothing is written unless the candidate passes the ONNX checker, loads in
+onnxruntime, and passes every gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from modelshrink import io
+from modelshrink.errors import ConfigError, ModelshrinkError
+from modelshrink.feeds import Feeds, load_feeds
+from modelshrink.gates import Gates
+from modelshrink.measure import model_stats, measure_latency
+from modelshrink.report import LatencyComparison, Report
+from modelshrink.runtime import RuntimeOptions, Session
+from modelshrink.techniques.base import (
+    Progress,
+    Technique,
+    TechniqueContext,
+    TechniqueResult,
+    silent_progress,
+)
+from modelshrink.verify import Fidelity, Reference
+
+__all__ = [
+    "CandidateError",
+    "RunOptions",
+    "compare",
+    "run_technique",
+    "session_for_model",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CandidateError(ModelshrinkError):
+    """A technique produced a model that fails the checker or onnxruntime: a bug to report."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Settings shared by every command that verifies and measures.
+
+    Attributes:
+        data: ``--data`` path, or None for synthetic inputs.
+        input_shapes: ``--input-shape`` overrides.
+        seed: Seed for synthetic inputs and anything random in a technique.
+        samples: Max feeds (None: 8 synthetic, up to 128 real).
+        gates: Quality gates.
+        runtime: Session options (provider, threads).
+        latency: Measure latency.
+        latency_runs: Fixed timed runs per model (None adapts to ``latency_budget_s``).
+        latency_budget_s: Time budget for latency when ``latency_runs`` is None.
+    """
+
+    data: str | None = None
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    seed: int = 0
+    samples: int | None = None
+    gates: Gates = field(default_factory=Gates)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    latency: bool = True
+    latency_runs: int | None = None
+    latency_budget_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.gates.min_speedup is not None and not self.latency:
+            raise ConfigError("--min-speedup needs latency; drop --no-latency")
+
+    def settings(self) -> dict[str, Any]:
+        """Flags as a plain dict for the report."""
+        return {
+            "data": self.data,
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "seed": self.seed,
+            "samples": self.samples,
+            "gates": dataclasses.asdict(self.gates),
+            "provider": self.runtime.provider,
+            "threads": self.runtime.threads,
+            "latency": self.latency,
+            "latency_runs": self.latency_runs,
+        }
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+    def done(self) -> dict[str, float]:
+        return {**{k: round(v, 4) for k, v in self.phases.items()}, "total": round(time.perf_counter() - self.start, 4)}
+
+
+def _original_session(loaded: io.LoadedModel, runtime: RuntimeOptions) -> Session:
+    source: Path | bytes = loaded.path if loaded.path is not None else (loaded.raw or b"")
+    return Session(source, runtime, label=loaded.label)
+
+
+@contextlib.contextmanager
+def _saved_for_runtime(model: ir.Model) -> Iterator[Path | bytes]:
+    if io.total_tensor_bytes(model) < io.EXTERNAL_DATA_AUTO_BYTES:
+        yield io.model_bytes(model)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="modelshrink-eval-"))
+    try:
+        target = io.OutputTarget(folder / "candidate.onnx", force=True, external_data=True)
+        staged = io.stage_model(model, target)
+        staged.commit()
+        yield folder / "candidate.onnx"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def session_for_model(model: ir.Model, runtime: RuntimeOptions, *, label: str = "candidate") -> Session:
+    """An onnxruntime session for an in-memory model (techniques' trial candidates)."""
+    with _saved_for_runtime(model) as source:
+        return Session(source, runtime, label=label)
+
+
+def _progress_fn(progress: Progress, description: str) -> Any:
+    def update(done: int, total: int) -> None:
+        progress(description, done, total)
+
+    return update
+
+
+def _latency(
+    original: Session,
+    candidate: Session,
+    feeds: Feeds,
+    options: RunOptions,
+    progress: Progress,
+) -> LatencyComparison:
+    feed = feeds.samples[0]
+    stats = measure_latency(
+        [original, candidate],
+        feed,
+        runs=options.latency_runs,
+        budget_s=options.latency_budget_s,
+        on_progress=_progress_fn(progress, "measuring latency"),
+    )
+    return LatencyComparison(
+        provider=options.runtime.provider_name,
+        threads=options.runtime.threads,
+        feed_shapes={k: [int(d) for d in np.shape(v)] for k, v in feed.items()},
+        original=stats[0],
+        result=stats[1],
+    )
+
+
+def _check_agreement_gate(gates: Gates, fidelity: Fidelity) -> None:
+    if gates.min_agreement is not None and fidelity.top1_agreement is None:
+        names = ", ".join(o.name for o in fidelity.outputs)
+        raise ConfigError(
+            f"--min-agreement: no output looks like class scores (outputs: {names}); "
+            "use --max-error or --min-cosine"
+        )
+
+
+def _gate_results(options: RunOptions, fidelity: Fidelity, stats_ratio: float | None, latency: LatencyComparison | None) -> tuple:
+    _check_agreement_gate(options.gates, fidelity)
+    return tuple(
+        options.gates.check(
+            max_error=fidelity.max_abs_error,
+            cosine=fidelity.cosine,
+            agreement=fidelity.top1_agreement,
+            size_ratio=stats_ratio,
+            speedup=latency.speedup if latency else None,
+        )
+    )
+
+
+def compare(
+    original_src: str,
+    candidate_src: str,
+    options: RunOptions,
+    *,
+    progress: Progress = silent_progress,
+) -> Report:
+    """The full report between two models on the same feeds.
+
+    Raises:
+        ConfigError: Both models from stdin, or contradictory flags.
+        ModelshrinkError: Unreadable models/data, or models that cannot be compared.
+    """
+    if original_src == io.STDIO and candidate_src == io.STDIO:
+        raise ConfigError("only one of ORIGINAL and CANDIDATE can be '-' (stdin)")
+    timer = _Timer()
+    with timer.phase("load"):
+        original = io.load_model(original_src)
+        candidate = io.load_model(candidate_src)
+    with timer.phase("feeds"):
+        feeds = load_feeds(
+            original.model,
+            data=options.data,
+            input_shapes=options.input_shapes,
+            seed=options.seed,
+            samples=options.samples,
+        )
+    with timer.phase("verify"):
+        orig_session = _original_session(original, options.runtime)
+        cand_session = _original_session(candidate, options.runtime)
+        reference = Reference(orig_session, feeds, original.model, _progress_fn(progress, "running original"))
+        fidelity = reference.compare(cand_session, _progress_fn(progress, "running candidate"))
+    with timer.phase("measure"):
+        orig_stats = model_stats(original.model, source=original.label, files=original.files(), raw=original.raw)
+        cand_stats = model_stats(candidate.model, source=candidate.label, files=candidate.files(), raw=candidate.raw)
+    latency = None
+    if options.latency:
+        with timer.phase("latency"):
+            latency = _latency(orig_session, cand_session, feeds, options, progress)
+    size_ratio = cand_stats.size_bytes / orig_stats.size_bytes if orig_stats.size_bytes else None
+    gates = _gate_results(options, fidelity, size_ratio, latency)
+    return Report(
+        command="compare",
+        original=orig_stats,
+        result=cand_stats,
+        fidelity=fidelity,
+        latency=latency,
+        latency_skipped=None if options.latency else "--no-latency",
+        gates=gates,
+        warnings=feeds.warnings,
+        settings=options.settings(),
+        timings_s=timer.done(),
+    )
+
+
+def run_technique(
+    command: str,
+    technique: Technique,
+    config: Any,
+    source: str,
+    output: str,
+    options: RunOptions,
+    *,
+    force: bool = False,
+    external_data: bool | None = None,
+    progress: Progress = silent_progress,
+) -> Report:
+    """Run one technique end to end and write the result only if everything passes.
+
+    Returns:
+        The report; ``report.written`` says whether the output was written (it is not when
+        a gate failed: the caller turns that into exit code 3).
+
+    Raises:
+        ModelshrinkError: Bad input, data, flags or output location; or a candidate that
+            fails the checker/onnxruntime (:class:`CandidateError`).
+    """
+    timer = _Timer()
+    io.check_output_target(output, force=force, external_data=external_data, inputs=(source,))
+    with timer.phase("load"):
+        loaded = io.load_model(source)
+    target = io.check_output_target(output, force=force, external_data=external_data, inputs=(loaded,))
+    with timer.phase("feeds"):
+        feeds = load_feeds(
+            loaded.model,
+            data=options.data,
+            input_shapes=options.input_shapes,
+            seed=options.seed,
+            samples=options.samples,
+        )
+    with timer.phase("reference"):
+        orig_session = _original_session(loaded, options.runtime)
+        reference = Reference(orig_session, feeds, loaded.model, _progress_fn(progress, "running original"))
+
+    def evaluate(model: ir.Model) -> Fidelity:
+        return reference.compare(session_for_model(model, options.runtime))
+
+    context = TechniqueContext(
+        feeds=feeds,
+        evaluate=evaluate,
+        gates=options.gates,
+        runtime=options.runtime,
+        seed=options.seed,
+        progress=progress,
+    )
+    with timer.phase("technique"):
+        result: TechniqueResult = technique(loaded.model, config, context)
+    if result.model is loaded.model:
+        raise AssertionError(f"technique {command} returned its input model; it must clone it")
+    with timer.phase("save"):
+        staged = io.stage_model(result.model, target)
+    try:
+        with timer.phase("check"):
+            _check_candidate(staged.path, command)
+            cand_session = Session(staged.path, options.runtime, label=f"{command} result")
+        with timer.phase("verify"):
+            fidelity = reference.compare(cand_session, _progress_fn(progress, "verifying result"))
+        with timer.phase("measure"):
+            orig_stats = model_stats(loaded.model, source=loaded.label, files=loaded.files(), raw=loaded.raw)
+            res_stats = model_stats(result.model, source=target.label, files=staged.files())
+        latency = None
+        if options.latency:
+            with timer.phase("latency"):
+                latency = _latency(orig_session, cand_session, feeds, options, progress)
+        size_ratio = res_stats.size_bytes / orig_stats.size_bytes if orig_stats.size_bytes else None
+        gates = _gate_results(options, fidelity, size_ratio, latency)
+        passed = all(g.passed for g in gates)
+        if passed:
+            with timer.phase("write"):
+                staged.commit()
+    finally:
+        staged.discard()
+    settings = {"config": _config_dict(config), **options.settings()}
+    return Report(
+        command=command,
+        original=orig_stats,
+        result=res_stats,
+        fidelity=fidelity,
+        latency=latency,
+        latency_skipped=None if options.latency else "--no-latency",
+        changes=result.changed,
+        skipped=result.skipped,
+        notes=result.notes,
+        gates=gates,
+        warnings=feeds.warnings,
+        settings=settings,
+        output=target.label,
+        written=passed,
+        timings_s=timer.done(),
+    )
+
+
+def _config_dict(config: Any) -> Any:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    return repr(config)
+
+
+def _check_candidate(path: Path, command: str) -> None:
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+        from modelshrink.io import checker_message
+
+        raise CandidateError(
+            f"{command} produced a model that fails the ONNX checker (a modelshrink bug; "
+            f"please report it): {checker_message(exc)}"
+        ) from exc

@@ -1,0 +1,143 @@
+"""onnxruntime sessions: one place that knows providers, threads and ORT's error messages."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from modelshrink.errors import ConfigError, UnsupportedModelError
+
+__all__ = [
+    "PROVIDERS",
+    "RuntimeOptions",
+    "Session",
+    "clean_ort_message",
+    "create_session",
+]
+
+logger = logging.getLogger(__name__)
+
+# Short names users type -> onnxruntime execution provider names.
+PROVIDERS: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are created; identical for original and candidate.
+
+    Attributes:
+        provider: Short provider name (``cpu``, ``cuda``, ...) or a full EP name.
+        threads: Intra-op threads; 0 lets onnxruntime choose (all physical cores).
+        optimize: Apply onnxruntime's graph optimizations (what deployments do).
+    """
+
+    provider: str = "cpu"
+    threads: int = 1
+    optimize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+
+    @property
+    def provider_name(self) -> str:
+        """The full execution-provider name."""
+        return PROVIDERS.get(self.provider.lower(), self.provider)
+
+    def providers(self) -> list[str]:
+        """Provider list for a session; CPU is always the fallback.
+
+        Raises:
+            ConfigError: The provider is not available in this onnxruntime build.
+        """
+        name = self.provider_name
+        available = ort.get_available_providers()
+        if name not in available:
+            short = [k for k, v in PROVIDERS.items() if v in available]
+            raise ConfigError(
+                f"--provider {self.provider}: not available in this onnxruntime build "
+                f"(available: {', '.join(short or available)})"
+            )
+        return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+
+
+_PATH_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+
+
+def clean_ort_message(exc: BaseException) -> str:
+    """One readable line from an onnxruntime exception (drop codes, C++ paths and signatures)."""
+    text = _PATH_PREFIX.sub("", str(exc).strip())
+    if text.startswith("/") or re.match(r"^[A-Za-z]:\\", text):
+        # "/path/file.cc:123 void ns::Func(args...) Actual message" -> "Actual message"
+        open_at = text.find("(")
+        depth = 0
+        for i in range(open_at, len(text)):
+            if text[i] == "(":
+                depth += 1
+            elif text[i] == ")":
+                depth -= 1
+                if depth == 0:
+                    text = text[i + 1 :]
+                    break
+    text = text.replace("Fatal error: ", "")
+    return " ".join(text.split())
+
+
+class Session:
+    """An ``InferenceSession`` with the names and types a caller needs."""
+
+    def __init__(self, model: str | Path | bytes, options: RuntimeOptions, *, label: str) -> None:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        so.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if options.optimize
+            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        providers = options.providers()
+        source = str(model) if isinstance(model, Path) else model
+        try:
+            self._session = ort.InferenceSession(source, so, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... hierarchy
+            raise UnsupportedModelError(
+                f"{label}: onnxruntime cannot load it: {clean_ort_message(exc)}"
+            ) from exc
+        self.label = label
+        self.options = options
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Run once; onnxruntime failures become one-line errors naming the model."""
+        try:
+            return list(self._session.run(list(outputs) if outputs else None, dict(feed)))
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"{self.label}: onnxruntime failed while running it: {clean_ort_message(exc)}"
+            ) from exc
+
+    def run_fast(self, feed: Mapping[str, np.ndarray]) -> None:
+        """Run once without error translation (latency loop; the feed was validated)."""
+        self._session.run(None, feed)  # type: ignore[arg-type]
+
+
+def create_session(model: str | Path | bytes, options: RuntimeOptions, *, label: str) -> Session:
+    """A session for a model path (external data resolved beside it) or serialized bytes."""
+    return Session(model, options, label=label)

@@ -1,0 +1,167 @@
+"""Tiny models for tests, built in code with seeded weights (no downloads, no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _model(graph: onnx.GraphProto, opset: int = OPSET, ir_version: int = 8, **kw: object) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kw)
+    model.ir_version = ir_version
+    model.producer_name = "modelshrink-tests"
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def init(name: str, array: np.ndarray) -> TensorProto:
+    """An initializer from an array."""
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def mlp(seed: int = 0, sizes: tuple[int, ...] = (16, 32, 10), *, batch: str | int = "batch") -> onnx.ModelProto:
+    """MatMul + Add + Relu layers; input ``x`` [batch, sizes[0]], output ``logits``."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev = "x"
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        w, b = f"W{i}", f"b{i}"
+        inits += [
+            init(w, (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)),
+            init(b, (0.1 * rng.standard_normal(n_out)).astype(np.float32)),
+        ]
+        last = i == len(sizes) - 2
+        mm, out = f"mm{i}", ("logits" if last else f"h{i}")
+        nodes.append(helper.make_node("MatMul", [prev, w], [mm], name=f"fc{i}"))
+        nodes.append(helper.make_node("Add", [mm, b], [out if last else f"a{i}"], name=f"bias{i}"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [out], name=f"relu{i}"))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, sizes[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, sizes[-1]])],
+        inits,
+    )
+    model = _model(graph)
+    model.metadata_props.add(key="classes", value=",".join(str(i) for i in range(sizes[-1])))
+    model.doc_string = "tiny test MLP"
+    return model
+
+
+def conv_net(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu -> MaxPool -> Flatten -> Gemm; input ``image`` [N,3,8,8]."""
+    rng = np.random.default_rng(seed)
+    c = 8
+    inits = [
+        init("conv_w", (rng.standard_normal((c, 3, 3, 3)) * 0.3).astype(np.float32)),
+        init("conv_b", (rng.standard_normal(c) * 0.1).astype(np.float32)),
+        init("bn_scale", (1 + 0.1 * rng.standard_normal(c)).astype(np.float32)),
+        init("bn_bias", (0.1 * rng.standard_normal(c)).astype(np.float32)),
+        init("bn_mean", (0.1 * rng.standard_normal(c)).astype(np.float32)),
+        init("bn_var", (1 + 0.1 * rng.random(c)).astype(np.float32)),
+        init("fc_w", (rng.standard_normal((10, c * 4 * 4)) * 0.1).astype(np.float32)),
+        init("fc_b", (rng.standard_normal(10) * 0.1).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "conv_w", "conv_b"], ["c1"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn"], name="bn"),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    return _model(graph)
+
+
+def constant_and_subgraph(seed: int = 0) -> onnx.ModelProto:
+    """Weights in a Constant node and inside both branches of an If."""
+    rng = np.random.default_rng(seed)
+    w_main = rng.standard_normal((8, 8)).astype(np.float32)
+    w_then = rng.standard_normal((8, 8)).astype(np.float32)
+    const = helper.make_node(
+        "Constant", [], ["w_const"], name="const_w", value=numpy_helper.from_array(w_main, "w_const_value")
+    )
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w_then"], ["y_then"], name="then_mm")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, ["batch", 8])],
+        [init("w_then", w_then)],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w_const"], ["y_else"], name="else_mm")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, ["batch", 8])],
+    )
+    nodes = [
+        const,
+        helper.make_node("MatMul", ["x", "w_const"], ["h"], name="main_mm"),
+        helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then_g, else_branch=else_g),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sub",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+    )
+    return _model(graph)
+
+
+def token_model(seed: int = 0, vocab: int = 50) -> onnx.ModelProto:
+    """Gather embedding over int64 ``ids`` [batch, seq] then ReduceMean; two outputs."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+            helper.make_node("ReduceMean", ["e"], ["pooled"], name="pool", axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "head"], ["logits"], name="head_mm"),
+        ],
+        "tok",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 16]),
+        ],
+        [
+            init("emb", rng.standard_normal((vocab, 16)).astype(np.float32)),
+            init("head", rng.standard_normal((16, 4)).astype(np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    """Write a model file for a test."""
+    onnx.save(model, str(path))
+    return path
+
+
+def save_external(model: onnx.ModelProto, path: Path, location: str | None = None) -> Path:
+    """Write a model with every initializer in one external data file next to it."""
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location or path.name + ".data",
+        size_threshold=0,
+    )
+    return path
