@@ -11,23 +11,24 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from typer.exceptions import Abort, TyperException
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
+from typer.exceptions import Abort, TyperException
 
 from modelshrink import __version__, io
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
 from modelshrink.feeds import parse_input_shapes
 from modelshrink.gates import Gates
 from modelshrink.inspection import inspect_model, render_inspect
-from modelshrink.pipeline import RunOptions, compare as compare_models, run_technique
+from modelshrink.pipeline import RunOptions, run_technique
+from modelshrink.pipeline import compare as compare_models
 from modelshrink.report import Report, render_report
 from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques.base import Progress as ProgressSink
@@ -45,11 +46,18 @@ EXIT_CODES_HELP = (
 class _Group(TyperGroup):
     """Click group whose usage errors are one line on stderr: ``error: ... (see --help)``."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except TyperException as exc:  # click-style usage errors (exit 2)
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
@@ -64,8 +72,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="modelshrink",
-    help="Make ONNX models smaller and faster, with an honest report of what changed.\n\n"
-    + EXIT_CODES_HELP,
+    help="Make ONNX models smaller and faster, with an honest report of what changed.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -117,7 +124,9 @@ InputShapeOpt = Annotated[
         show_default=False,
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for synthetic inputs and any randomness.", rich_help_panel=_DATA)]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", help="Seed for synthetic inputs and any randomness.", rich_help_panel=_DATA)
+]
 SamplesOpt = Annotated[
     int | None,
     typer.Option(
@@ -131,11 +140,21 @@ SamplesOpt = Annotated[
 _GATES = "Quality gates (exit 3 and nothing written when one fails)"
 MaxErrorOpt = Annotated[
     float | None,
-    typer.Option("--max-error", help="Max allowed |result - original| over all outputs.", rich_help_panel=_GATES, show_default=False),
+    typer.Option(
+        "--max-error",
+        help="Max allowed |result - original| over all outputs.",
+        rich_help_panel=_GATES,
+        show_default=False,
+    ),
 ]
 MinCosineOpt = Annotated[
     float | None,
-    typer.Option("--min-cosine", help="Min cosine similarity of every output.", rich_help_panel=_GATES, show_default=False),
+    typer.Option(
+        "--min-cosine",
+        help="Min cosine similarity of every output.",
+        rich_help_panel=_GATES,
+        show_default=False,
+    ),
 ]
 MinAgreementOpt = Annotated[
     float | None,
@@ -148,27 +167,50 @@ MinAgreementOpt = Annotated[
 ]
 MaxSizeRatioOpt = Annotated[
     float | None,
-    typer.Option("--max-size-ratio", help="Max result/original file size.", rich_help_panel=_GATES, show_default=False),
+    typer.Option(
+        "--max-size-ratio", help="Max result/original file size.", rich_help_panel=_GATES, show_default=False
+    ),
 ]
 MinSpeedupOpt = Annotated[
     float | None,
-    typer.Option("--min-speedup", help="Min original/result p50 latency.", rich_help_panel=_GATES, show_default=False),
+    typer.Option(
+        "--min-speedup", help="Min original/result p50 latency.", rich_help_panel=_GATES, show_default=False
+    ),
 ]
 
 _RUNTIME = "Runtime and latency"
 ProviderOpt = Annotated[
     str,
-    typer.Option("--provider", help="onnxruntime execution provider: cpu, cuda, ... (CPU is the fallback).", rich_help_panel=_RUNTIME),
+    typer.Option(
+        "--provider",
+        help="onnxruntime execution provider: cpu, cuda, ... (CPU is the fallback).",
+        rich_help_panel=_RUNTIME,
+    ),
 ]
 ThreadsOpt = Annotated[
-    int, typer.Option("--threads", help="Intra-op threads for every session; 0 = onnxruntime's default.", rich_help_panel=_RUNTIME)
+    int,
+    typer.Option(
+        "--threads",
+        help="Intra-op threads for every session; 0 = onnxruntime's default.",
+        rich_help_panel=_RUNTIME,
+    ),
 ]
 LatencyOpt = Annotated[
-    bool, typer.Option("--latency/--no-latency", help="Measure latency (interleaved, after warm-up).", rich_help_panel=_RUNTIME)
+    bool,
+    typer.Option(
+        "--latency/--no-latency",
+        help="Measure latency (interleaved, after warm-up).",
+        rich_help_panel=_RUNTIME,
+    ),
 ]
 LatencyRunsOpt = Annotated[
     int | None,
-    typer.Option("--latency-runs", help="Timed runs per model (default: adapt to ~3 s).", rich_help_panel=_RUNTIME, show_default=False),
+    typer.Option(
+        "--latency-runs",
+        help="Timed runs per model (default: adapt to ~3 s).",
+        rich_help_panel=_RUNTIME,
+        show_default=False,
+    ),
 ]
 
 
@@ -286,7 +328,9 @@ def finish(report: Report, *, json_: bool, report_file: Path | None, quiet: bool
         sys.stdout.flush()
     if not report.passed:
         for gate in report.failed_gates:
-            err_console.print(f"error: gate failed: {gate.describe()}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(
+                f"error: gate failed: {gate.describe()}", markup=False, highlight=False, soft_wrap=True
+            )
         raise typer.Exit(EXIT_GATE)
 
 
@@ -379,8 +423,12 @@ def inspect(
 
 @app.command()
 def compare(
-    original: Annotated[str, typer.Argument(help="Original .onnx path, or '-' for stdin.", show_default=False)],
-    candidate: Annotated[str, typer.Argument(help="Candidate .onnx path, or '-' for stdin.", show_default=False)],
+    original: Annotated[
+        str, typer.Argument(help="Original .onnx path, or '-' for stdin.", show_default=False)
+    ],
+    candidate: Annotated[
+        str, typer.Argument(help="Candidate .onnx path, or '-' for stdin.", show_default=False)
+    ],
     data: DataOpt = None,
     input_shape: InputShapeOpt = None,
     seed: SeedOpt = 0,

@@ -191,12 +191,12 @@ def _static_shape(value: ir.Value | None) -> tuple[int | ir.SymbolicDim, ...] | 
     if value is None:
         return None
     if value.const_value is not None:
-        return tuple(value.const_value.shape)
+        return tuple(value.const_value.shape.numpy())
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant":
         attr = producer.attributes.get("value")
         if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return tuple(attr.as_tensor().shape)
+            return tuple(attr.as_tensor().shape.numpy())
     if value.shape is not None:
         return tuple(value.shape)
     return None
@@ -216,8 +216,7 @@ def _resolve_dims(spec: InputSpec, override: tuple[int, ...] | None, warnings: l
             for axis, (want, got) in enumerate(zip(spec.dims, override, strict=True)):
                 if isinstance(want, int) and want != got:
                     raise ConfigError(
-                        f"--input-shape {spec.name}: axis {axis} is fixed at {want} in the model, "
-                        f"got {got}"
+                        f"--input-shape {spec.name}: axis {axis} is fixed at {want} in the model, got {got}"
                     )
         return override
     if spec.dims is None:
@@ -240,8 +239,12 @@ def _resolve_dims(spec: InputSpec, override: tuple[int, ...] | None, warnings: l
 
 
 def _synthetic_array(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    dtype = spec.dtype
-    assert dtype is not None
+    assert spec.dtype is not None
+    # np.asarray: for rank-0 inputs numpy returns scalars, which onnxruntime rejects
+    return np.asarray(_draw(spec, spec.dtype, shape, rng), dtype=spec.dtype)
+
+
+def _draw(spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     if dtype == np.bool_:
         return rng.random(shape) < 0.5
     if np.issubdtype(dtype, np.integer):
@@ -283,15 +286,13 @@ def synthetic_feeds(
     for spec in specs:
         if spec.dtype is None:
             raise UnsupportedModelError(
-                f"input '{spec.name}' has type {spec.type_name}, which cannot be generated; "
-                "pass --data"
+                f"input '{spec.name}' has type {spec.type_name}, which cannot be generated; pass --data"
             )
         shapes[spec.name] = _resolve_dims(spec, input_shapes.get(spec.name), warnings)
         _check_elements(spec.name, shapes[spec.name])
     rng = np.random.default_rng(seed)
     feeds = tuple(
-        {spec.name: _synthetic_array(spec, shapes[spec.name], rng) for spec in specs}
-        for _ in range(samples)
+        {spec.name: _synthetic_array(spec, shapes[spec.name], rng) for spec in specs} for _ in range(samples)
     )
     return Feeds(feeds, real=False, source=f"synthetic (seed {seed})", warnings=tuple(warnings))
 
@@ -304,9 +305,7 @@ def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray
     if path.is_dir():
         npys = sorted(path.glob("*.npy"))
         if not npys:
-            raise DataError(
-                f"--data {label}: folder has no .npy files and no test_data_set_* folders"
-            )
+            raise DataError(f"--data {label}: folder has no .npy files and no test_data_set_* folders")
         return {p.stem: _load_npy(p) for p in npys}
     suffix = path.suffix.lower()
     if suffix == ".npz":
@@ -338,15 +337,12 @@ def _cast(name: str, array: np.ndarray, spec: InputSpec, label: str, warnings: l
     assert want is not None
     if array.dtype == want:
         return array
-    same_kind = array.dtype.kind == want.kind or (
-        array.dtype.kind in "iu" and want.kind in "iu"
-    )
+    same_kind = array.dtype.kind == want.kind or (array.dtype.kind in "iu" and want.kind in "iu")
     if same_kind or (array.dtype.kind in "iub" and want.kind == "f"):
         warnings.append(f"--data: '{name}' cast from {array.dtype} to {want}")
         return array.astype(want)
     raise DataError(
-        f"--data {label}: '{name}' has dtype {array.dtype}, the model expects {want} "
-        f"({spec.type_name})"
+        f"--data {label}: '{name}' has dtype {array.dtype}, the model expects {want} ({spec.type_name})"
     )
 
 
@@ -371,8 +367,7 @@ def _split(
             count = array.shape[0] // size
             if count == 0:
                 raise DataError(
-                    f"--data {label}: '{name}' has {array.shape[0]} rows, fewer than one batch "
-                    f"of {size}"
+                    f"--data {label}: '{name}' has {array.shape[0]} rows, fewer than one batch of {size}"
                 )
             items = [array[i * size : (i + 1) * size] for i in range(count)]
     else:
@@ -423,7 +418,9 @@ def _array_feeds(
     per_input: dict[str, list[np.ndarray]] = {}
     for spec in specs:
         if spec.dtype is None:
-            raise UnsupportedModelError(f"input '{spec.name}' has type {spec.type_name}, not supported in --data")
+            raise UnsupportedModelError(
+                f"input '{spec.name}' has type {spec.type_name}, not supported in --data"
+            )
         array = _cast(spec.name, arrays[spec.name], spec, label, warnings)
         override = input_shapes.get(spec.name)
         per_input[spec.name] = _split(spec.name, array, spec, override[0] if override else None, label)
@@ -447,9 +444,7 @@ def _test_data_feeds(sets: Sequence[Path], specs: Sequence[InputSpec], max_sampl
     for folder in sets[:max_samples]:
         pbs = sorted(folder.glob("input_*.pb"), key=lambda p: _index(p.stem))
         if len(pbs) != len(specs):
-            raise DataError(
-                f"--data {folder}: {len(pbs)} input_*.pb files for {len(specs)} model inputs"
-            )
+            raise DataError(f"--data {folder}: {len(pbs)} input_*.pb files for {len(specs)} model inputs")
         feed: Feed = {}
         for i, pb in enumerate(pbs):
             tensor = onnx.TensorProto()
@@ -511,9 +506,7 @@ def load_feeds(
         raise DataError(f"--data {data}: no such file or folder")
     limit = samples or DEFAULT_MAX_REAL_SAMPLES
     if path.is_dir():
-        sets = sorted(
-            (p for p in path.glob("test_data_set_*") if p.is_dir()), key=lambda p: _index(p.name)
-        )
+        sets = sorted((p for p in path.glob("test_data_set_*") if p.is_dir()), key=lambda p: _index(p.name))
         if sets:
             return _test_data_feeds(sets, specs, limit, data)
         if any(path.glob("input_*.pb")):

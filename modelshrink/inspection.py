@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from modelshrink.feeds import input_specs
-from modelshrink.graph import dtype_name, Weight, all_nodes, in_subgraph, op_histogram, op_key, weights
+from modelshrink.graph import Weight, all_nodes, dtype_name, in_subgraph, op_histogram, op_key, weights
 from modelshrink.io import LoadedModel
 from modelshrink.report import SCHEMA_VERSION, human_bytes, human_count, jsonable, tool_versions
 
@@ -85,7 +85,9 @@ class InspectReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document (schema_version 1)."""
-        return jsonable({"schema_version": SCHEMA_VERSION, "tool": tool_versions(), "command": "inspect", **asdict(self)})
+        return jsonable(
+            {"schema_version": SCHEMA_VERSION, "tool": tool_versions(), "command": "inspect", **asdict(self)}
+        )
 
     def to_json(self) -> str:
         """Pretty JSON text with a trailing newline."""
@@ -113,7 +115,11 @@ def _io_info(values: list[ir.Value]) -> list[TensorInfo]:
     for v in values:
         vtype = v.type
         type_text = dtype_name(vtype.dtype) if isinstance(vtype, ir.TensorType) else str(vtype)
-        shape = "?" if v.shape is None else "[" + ",".join(str(d) if d is not None else "?" for d in v.shape) + "]"
+        shape = (
+            "?"
+            if v.shape is None
+            else "[" + ",".join(str(d) if d is not None else "?" for d in v.shape) + "]"
+        )
         infos.append(TensorInfo(v.name or "", type_text, shape))
     return infos
 
@@ -234,7 +240,9 @@ def render_inspect(report: InspectReport, console: Console) -> None:
     if len(report.ops) > 20:
         ops.add_row(f"... {len(report.ops) - 20} more", "")
     console.print(ops)
-    big = Table(box=box.SIMPLE, show_edge=False, pad_edge=False, title="largest weights", title_justify="left")
+    big = Table(
+        box=box.SIMPLE, show_edge=False, pad_edge=False, title="largest weights", title_justify="left"
+    )
     for col in ("weight", "dtype", "shape", "size", "where", "used by"):
         big.add_column(col)
     for w in report.largest_weights:
@@ -242,7 +250,9 @@ def render_inspect(report: InspectReport, console: Console) -> None:
         shape = "x".join(map(str, w.shape)) or "scalar"
         big.add_row(Text(w.name), w.dtype, shape, human_bytes(w.bytes), w.location, Text(used))
     console.print(big)
-    where = Table(box=box.SIMPLE, show_edge=False, pad_edge=False, title="where weights live", title_justify="left")
+    where = Table(
+        box=box.SIMPLE, show_edge=False, pad_edge=False, title="where weights live", title_justify="left"
+    )
     where.add_column("location")
     where.add_column("tensors", justify="right")
     where.add_column("bytes", justify="right")
@@ -250,7 +260,13 @@ def render_inspect(report: InspectReport, console: Console) -> None:
         where.add_row(loc.replace("_", " "), str(entry["count"]), human_bytes(entry["bytes"]))
     console.print(where)
     total = sum(report.bytes_by_dtype.values()) or 1
-    tech = Table(box=box.SIMPLE, show_edge=False, pad_edge=False, title="weight bytes each technique can act on", title_justify="left")
+    tech = Table(
+        box=box.SIMPLE,
+        show_edge=False,
+        pad_edge=False,
+        title="weight bytes each technique can act on",
+        title_justify="left",
+    )
     tech.add_column("technique")
     tech.add_column("bytes", justify="right")
     tech.add_column("share", justify="right")

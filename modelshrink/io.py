@@ -160,9 +160,7 @@ def _parse(raw: bytes, label: str) -> onnx.ModelProto:
             f"{label}: not a readable ONNX model (truncated, corrupt or another format)"
         ) from exc
     if not proto.HasField("graph") or proto.ir_version <= 0:
-        raise InvalidModelError(
-            f"{label}: not an ONNX model (no graph or IR version; is it another format?)"
-        )
+        raise InvalidModelError(f"{label}: not an ONNX model (no graph or IR version; is it another format?)")
     return proto
 
 
@@ -251,8 +249,7 @@ def _validate_external_data(proto: onnx.ModelProto, path: Path, label: str) -> t
             raise InvalidModelError(f"{where} is external but names no location")
         if os.path.isabs(location) or location.startswith(("/", "\\")):
             raise InvalidModelError(
-                f"{where} points to absolute path '{location}'; external data must live in "
-                "the model's folder"
+                f"{where} points to absolute path '{location}'; external data must live in the model's folder"
             )
         target = (base / location).resolve()
         if not target.is_relative_to(base):
@@ -260,9 +257,7 @@ def _validate_external_data(proto: onnx.ModelProto, path: Path, label: str) -> t
                 f"{where} points to '{location}', outside the model's folder; refusing to read it"
             )
         if not target.is_file():
-            raise InvalidModelError(
-                f"{where}: external data file '{location}' not found next to the model"
-            )
+            raise InvalidModelError(f"{where}: external data file '{location}' not found next to the model")
         try:
             offset = int(info.get("offset", "0") or 0)
             length = int(info.get("length", "0") or 0) or _tensor_nbytes(tensor)
@@ -335,9 +330,7 @@ def check_output_target(
     if output == STDIO:
         isatty = sys.stdout.isatty() if stdout_isatty is None else stdout_isatty
         if isatty:
-            raise OutputError(
-                "refusing to write an ONNX model to a terminal; use -o FILE or redirect stdout"
-            )
+            raise OutputError("refusing to write an ONNX model to a terminal; use -o FILE or redirect stdout")
         if external_data:
             raise ConfigError("--external-data needs an output path, not '-o -'")
         return OutputTarget(None, force, external_data)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
-from modelshrink.graph import dtype_name, all_nodes, op_histogram, weights
+from modelshrink.graph import all_nodes, dtype_name, op_histogram, weights
 from modelshrink.runtime import Session
 
 __all__ = [

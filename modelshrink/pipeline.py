@@ -26,7 +26,7 @@ from modelshrink import io
 from modelshrink.errors import ConfigError, ModelshrinkError
 from modelshrink.feeds import Feeds, load_feeds
 from modelshrink.gates import Gates
-from modelshrink.measure import model_stats, measure_latency
+from modelshrink.measure import measure_latency, model_stats
 from modelshrink.report import LatencyComparison, Report
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.techniques.base import (
@@ -112,7 +112,10 @@ class _Timer:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
 
     def done(self) -> dict[str, float]:
-        return {**{k: round(v, 4) for k, v in self.phases.items()}, "total": round(time.perf_counter() - self.start, 4)}
+        return {
+            **{k: round(v, 4) for k, v in self.phases.items()},
+            "total": round(time.perf_counter() - self.start, 4),
+        }
 
 
 def _original_session(loaded: io.LoadedModel, runtime: RuntimeOptions) -> Session:
@@ -181,7 +184,9 @@ def _check_agreement_gate(gates: Gates, fidelity: Fidelity) -> None:
         )
 
 
-def _gate_results(options: RunOptions, fidelity: Fidelity, stats_ratio: float | None, latency: LatencyComparison | None) -> tuple:
+def _gate_results(
+    options: RunOptions, fidelity: Fidelity, stats_ratio: float | None, latency: LatencyComparison | None
+) -> tuple:
     _check_agreement_gate(options.gates, fidelity)
     return tuple(
         options.gates.check(
@@ -227,8 +232,12 @@ def compare(
         reference = Reference(orig_session, feeds, original.model, _progress_fn(progress, "running original"))
         fidelity = reference.compare(cand_session, _progress_fn(progress, "running candidate"))
     with timer.phase("measure"):
-        orig_stats = model_stats(original.model, source=original.label, files=original.files(), raw=original.raw)
-        cand_stats = model_stats(candidate.model, source=candidate.label, files=candidate.files(), raw=candidate.raw)
+        orig_stats = model_stats(
+            original.model, source=original.label, files=original.files(), raw=original.raw
+        )
+        cand_stats = model_stats(
+            candidate.model, source=candidate.label, files=candidate.files(), raw=candidate.raw
+        )
     latency = None
     if options.latency:
         with timer.phase("latency"):

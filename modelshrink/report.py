@@ -262,9 +262,14 @@ def _stats_table(report: Report) -> Table:
     table.add_column("result", justify="right")
     table.add_column("result/original", justify="right")
     ratios = report.ratios()
-    table.add_row("file size", human_bytes(o.size_bytes), human_bytes(r.size_bytes), _fmt_ratio(ratios["size"]))
     table.add_row(
-        "zlib size", human_bytes(o.size_zlib_bytes), human_bytes(r.size_zlib_bytes), _fmt_ratio(ratios["size_zlib"])
+        "file size", human_bytes(o.size_bytes), human_bytes(r.size_bytes), _fmt_ratio(ratios["size"])
+    )
+    table.add_row(
+        "zlib size",
+        human_bytes(o.size_zlib_bytes),
+        human_bytes(r.size_zlib_bytes),
+        _fmt_ratio(ratios["size_zlib"]),
     )
     table.add_row("parameters", human_count(o.params), human_count(r.params), _fmt_ratio(ratios["params"]))
     table.add_row("nodes", str(o.nodes), str(r.nodes), _fmt_ratio(_ratio(r.nodes, o.nodes)))

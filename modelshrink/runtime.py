@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -78,9 +79,24 @@ class RuntimeOptions:
 _PATH_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 
 
+_LOAD_PREFIX = re.compile(r"^Load model from .*? failed:\s*", re.DOTALL)
+_OPSET_TOO_NEW = re.compile(
+    r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", re.DOTALL
+)
+
+
 def clean_ort_message(exc: BaseException) -> str:
     """One readable line from an onnxruntime exception (drop codes, C++ paths and signatures)."""
     text = _PATH_PREFIX.sub("", str(exc).strip())
+    text = _LOAD_PREFIX.sub("", text)
+    if match := _OPSET_TOO_NEW.search(text):
+        opset, domain, supported = match.groups()
+        domain = domain.rstrip(".")
+        return (
+            f"it uses opset {opset} of {domain}, newer than this onnxruntime {ort.__version__} "
+            f"supports (up to {supported}); upgrade onnxruntime or convert the model to opset "
+            f"{supported} or lower"
+        )
     if text.startswith("/") or re.match(r"^[A-Za-z]:\\", text):
         # "/path/file.cc:123 void ns::Func(args...) Actual message" -> "Actual message"
         open_at = text.find("(")
@@ -133,9 +149,9 @@ class Session:
                 f"{self.label}: onnxruntime failed while running it: {clean_ort_message(exc)}"
             ) from exc
 
-    def run_fast(self, feed: Mapping[str, np.ndarray]) -> None:
+    def run_fast(self, feed: dict[str, Any]) -> None:
         """Run once without error translation (latency loop; the feed was validated)."""
-        self._session.run(None, feed)  # type: ignore[arg-type]
+        self._session.run(None, feed)
 
 
 def create_session(model: str | Path | bytes, options: RuntimeOptions, *, label: str) -> Session:

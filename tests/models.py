@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,14 @@ def init(name: str, array: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def mlp(seed: int = 0, sizes: tuple[int, ...] = (16, 32, 10), *, batch: str | int = "batch") -> onnx.ModelProto:
+def mlp(
+    seed: int = 0, sizes: tuple[int, ...] = (16, 32, 10), *, batch: str | int = "batch"
+) -> onnx.ModelProto:
     """MatMul + Add + Relu layers; input ``x`` [batch, sizes[0]], output ``logits``."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     prev = "x"
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         w, b = f"W{i}", f"b{i}"
         inits += [
             init(w, (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)),
@@ -71,7 +74,9 @@ def conv_net(seed: int = 0) -> onnx.ModelProto:
     ]
     nodes = [
         helper.make_node("Conv", ["image", "conv_w", "conv_b"], ["c1"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c1", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn"], name="bn"),
+        helper.make_node(
+            "BatchNormalization", ["c1", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn"], name="bn"
+        ),
         helper.make_node("Relu", ["bn"], ["r"], name="relu"),
         helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),

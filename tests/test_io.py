@@ -6,12 +6,12 @@ import io as pyio
 import os
 from pathlib import Path
 
+import models
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 
-import models
 from modelshrink import io
 from modelshrink.errors import ConfigError, InvalidModelError, OutputError
 from modelshrink.runtime import RuntimeOptions, Session
@@ -80,9 +80,7 @@ def test_external_data_loads_lazily_and_runs(tmp_path: Path) -> None:
     assert loaded.external_bytes > 0
     w = loaded.model.graph.initializers["W0"].const_value
     assert isinstance(w, ir.ExternalTensor)
-    np.testing.assert_array_equal(
-        w.numpy(), onnx.numpy_helper.to_array(models.mlp().graph.initializer[0])
-    )
+    np.testing.assert_array_equal(w.numpy(), onnx.numpy_helper.to_array(models.mlp().graph.initializer[0]))
 
 
 def test_external_data_missing_file(tmp_path: Path) -> None:
@@ -112,7 +110,7 @@ def test_external_data_escaping_folder_is_refused(tmp_path: Path, location: str)
                 entry.value = location
     onnx.save(model, str(path))
     (tmp_path / "outside.data").write_bytes(b"\0" * 100_000)
-    with pytest.raises(InvalidModelError, match="outside|absolute"):
+    with pytest.raises(InvalidModelError, match=r"outside|absolute"):
         io.load_model(str(path))
 
 
@@ -214,7 +212,9 @@ def test_external_data_output_round_trip(tmp_path: Path) -> None:
     src = models.save_external(models.conv_net(), tmp_path / "src.onnx")
     loaded = io.load_model(str(src))
     out = tmp_path / "copy.onnx"
-    io.stage_model(loaded.model, io.check_output_target(str(out), external_data=True, inputs=(loaded,))).commit()
+    io.stage_model(
+        loaded.model, io.check_output_target(str(out), external_data=True, inputs=(loaded,))
+    ).commit()
     assert (tmp_path / "copy.onnx.data").exists()
     inline = tmp_path / "inline.onnx"
     io.stage_model(loaded.model, io.check_output_target(str(inline), external_data=False)).commit()

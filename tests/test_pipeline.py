@@ -1,0 +1,139 @@
+"""The shared runner: output only after checks and gates, functional techniques, determinism."""
+
+from __future__ import annotations
+
+import io as pyio
+from pathlib import Path
+
+import models
+import onnx
+import pytest
+from helpers import ScaleConfig, scale_weights
+
+from modelshrink import io
+from modelshrink.errors import ConfigError, OutputError
+from modelshrink.gates import Gates
+from modelshrink.pipeline import RunOptions, compare, run_technique
+
+FAST = RunOptions(latency=False, samples=4)
+
+
+def test_identity_run_writes_identical_outputs(tmp_path: Path, mlp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    report = run_technique("scale", scale_weights, ScaleConfig(1.0), str(mlp_path), str(out), FAST)
+    assert report.written and out.exists()
+    assert report.fidelity is not None and report.fidelity.identical
+    assert len(report.changes) == 4 and report.notes == ("scaled for a test",)
+    assert report.result.params == report.original.params
+    assert report.settings["config"] == {"factor": 1.0, "min_elements": 1}
+
+
+def test_input_is_never_modified(tmp_path: Path, mlp_path: Path) -> None:
+    before = mlp_path.read_bytes()
+    run_technique("scale", scale_weights, ScaleConfig(2.0), str(mlp_path), str(tmp_path / "o.onnx"), FAST)
+    assert mlp_path.read_bytes() == before
+
+
+def test_technique_is_functional(mlp_path: Path) -> None:
+    loaded = io.load_model(str(mlp_path))
+    before = io.model_bytes(loaded.model)
+    from modelshrink.feeds import load_feeds
+    from modelshrink.techniques.base import TechniqueContext
+
+    ctx = TechniqueContext(feeds=load_feeds(loaded.model, data=None), evaluate=lambda m: None)  # type: ignore[arg-type,return-value]
+    result = scale_weights(loaded.model, ScaleConfig(3.0), ctx)
+    assert result.model is not loaded.model
+    assert io.model_bytes(loaded.model) == before
+
+
+def test_gate_failure_writes_nothing(tmp_path: Path, mlp_path: Path, snapshot) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    options = RunOptions(latency=False, samples=4, gates=Gates(max_error=1e-3))
+    report = run_technique(
+        "scale", scale_weights, ScaleConfig(1.5), str(mlp_path), str(out_dir / "m.onnx"), options
+    )
+    assert not report.passed and not report.written
+    assert [g.name for g in report.failed_gates] == ["max_error"]
+    assert report.failed_gates[0].margin is not None and report.failed_gates[0].margin < 0
+    assert snapshot(out_dir) == {}
+
+
+def test_existing_output_untouched_without_force(tmp_path: Path, mlp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"precious")
+    with pytest.raises(OutputError, match="--force"):
+        run_technique("scale", scale_weights, ScaleConfig(1.0), str(mlp_path), str(out), FAST)
+    assert out.read_bytes() == b"precious"
+    run_technique("scale", scale_weights, ScaleConfig(1.0), str(mlp_path), str(out), FAST, force=True)
+    assert out.read_bytes() != b"precious"
+
+
+def test_same_flags_same_bytes(tmp_path: Path, mlp_path: Path) -> None:
+    for name in ("a.onnx", "b.onnx"):
+        run_technique("scale", scale_weights, ScaleConfig(0.5), str(mlp_path), str(tmp_path / name), FAST)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_weights_in_constants_and_subgraphs_are_reached(tmp_path: Path) -> None:
+    src = models.save(models.constant_and_subgraph(), tmp_path / "sub.onnx")
+    report = run_technique("scale", scale_weights, ScaleConfig(2.0), str(src), str(tmp_path / "o.onnx"), FAST)
+    assert {c.node for c in report.changes} == {"main_mm", "then_mm"}
+    assert report.fidelity is not None and not report.fidelity.identical
+
+
+def test_skips_are_reported_with_reasons(tmp_path: Path, mlp_path: Path) -> None:
+    report = run_technique(
+        "scale",
+        scale_weights,
+        ScaleConfig(1.0, min_elements=100),
+        str(mlp_path),
+        str(tmp_path / "o.onnx"),
+        FAST,
+    )
+    assert {s.reason for s in report.skipped} == {"fewer than 100 elements"}
+    assert len(report.skipped) == 2 and len(report.changes) == 2
+
+
+def test_latency_and_size_gates(tmp_path: Path, mlp_path: Path) -> None:
+    options = RunOptions(samples=2, latency_runs=5, gates=Gates(max_size_ratio=0.5, min_speedup=0.0))
+    report = run_technique(
+        "scale", scale_weights, ScaleConfig(1.0), str(mlp_path), str(tmp_path / "o.onnx"), options
+    )
+    names = {g.name: g.passed for g in report.gates}
+    assert names == {"max_size_ratio": False, "min_speedup": True}
+    assert report.latency is not None and report.latency.original.runs == 5
+    with pytest.raises(ConfigError, match="--no-latency"):
+        RunOptions(latency=False, gates=Gates(min_speedup=1.0))
+
+
+def test_min_agreement_without_class_output_is_usage_error(tmp_path: Path) -> None:
+    hidden = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[1,4,8] x) => (float[1,4,8] hidden) { hidden = Relu(x) }'
+    )
+    src = models.save(hidden, tmp_path / "hidden.onnx")
+    options = RunOptions(latency=False, samples=2, gates=Gates(min_agreement=0.9))
+    with pytest.raises(ConfigError, match="class scores"):
+        compare(str(src), str(src), options)
+
+
+def test_compare_self_is_exact(mlp_path: Path) -> None:
+    report = compare(str(mlp_path), str(mlp_path), RunOptions(samples=3, latency_runs=20))
+    assert report.fidelity is not None and report.fidelity.identical
+    assert report.ratios()["size"] == 1.0 and report.latency is not None
+
+
+def test_stdout_output(tmp_path: Path, mlp_path: Path, monkeypatch) -> None:
+    sink = pyio.BytesIO()
+
+    class _Stdout:
+        buffer = sink
+
+        @staticmethod
+        def isatty() -> bool:
+            return False
+
+    monkeypatch.setattr("sys.stdout", _Stdout)
+    report = run_technique("scale", scale_weights, ScaleConfig(1.0), str(mlp_path), "-", FAST)
+    assert report.written and report.output == "<stdout>"
+    assert io.load_model("-", stdin=pyio.BytesIO(sink.getvalue())).model.graph is not None
