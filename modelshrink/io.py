@@ -35,6 +35,7 @@ __all__ = [
     "OutputTarget",
     "StagedModel",
     "check_output_target",
+    "checker_message",
     "load_model",
     "stage_model",
     "total_tensor_bytes",

@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from modelshrink import io
-from modelshrink.errors import ConfigError, ModelshrinkError
+from modelshrink.errors import ConfigError, ModelshrinkError, UnsupportedModelError
 from modelshrink.feeds import Feeds, load_feeds
 from modelshrink.gates import Gates
 from modelshrink.measure import measure_latency, model_stats
@@ -317,7 +317,7 @@ def run_technique(
     try:
         with timer.phase("check"):
             _check_candidate(staged.path, command)
-            cand_session = Session(staged.path, options.runtime, label=f"{command} result")
+            cand_session = _candidate_session(staged.path, options.runtime, command)
         with timer.phase("verify"):
             fidelity = reference.compare(cand_session, _progress_fn(progress, "verifying result"))
         with timer.phase("measure"):
@@ -346,6 +346,7 @@ def run_technique(
         changes=result.changed,
         skipped=result.skipped,
         notes=result.notes,
+        details=result.details,
         gates=gates,
         warnings=feeds.warnings,
         settings=settings,
@@ -365,9 +366,17 @@ def _check_candidate(path: Path, command: str) -> None:
     try:
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        from modelshrink.io import checker_message
-
         raise CandidateError(
             f"{command} produced a model that fails the ONNX checker (a modelshrink bug; "
-            f"please report it): {checker_message(exc)}"
+            f"please report it): {io.checker_message(exc)}"
+        ) from exc
+
+
+def _candidate_session(path: Path, runtime: RuntimeOptions, command: str) -> Session:
+    try:
+        return Session(path, runtime, label=f"{command} result")
+    except UnsupportedModelError as exc:
+        raise CandidateError(
+            f"{command} produced a model onnxruntime cannot load (a modelshrink bug; please "
+            f"report it): {exc.message}"
         ) from exc

@@ -82,6 +82,7 @@ class Report:
         changes: What the technique changed.
         skipped: What it left alone, with reasons.
         notes: Facts from the technique worth reading.
+        details: Technique-specific extras (JSON ``details``).
         gates: Gate verdicts.
         warnings: Warnings (defaulted input dims, ignored data keys, ...).
         settings: The configuration used (flags), for reproducibility.
@@ -99,6 +100,7 @@ class Report:
     changes: tuple[Change, ...] = ()
     skipped: tuple[Skip, ...] = ()
     notes: tuple[str, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
     gates: tuple[GateResult, ...] = ()
     warnings: tuple[str, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
@@ -171,6 +173,7 @@ class Report:
             "changes": [asdict(c) for c in self.changes],
             "skipped": [asdict(s) for s in self.skipped],
             "notes": list(self.notes),
+            "details": dict(self.details),
             "gates": [asdict(g) for g in self.gates],
             "warnings": list(self.warnings),
             "settings": dict(self.settings),

@@ -72,12 +72,15 @@ class TechniqueResult:
         changed: What changed, per node.
         skipped: What was left alone and why.
         notes: Facts the user should read (e.g. "dense kernels give no speed-up").
+        details: Technique-specific, machine-readable extras for the JSON report (native JSON
+            types only), e.g. a sensitivity table or a training history.
     """
 
     model: ir.Model
     changed: tuple[Change, ...] = ()
     skipped: tuple[Skip, ...] = ()
     notes: tuple[str, ...] = ()
+    details: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def modified(self) -> bool:

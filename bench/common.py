@@ -1,0 +1,125 @@
+"""Shared benchmark helpers: run the CLI in a child process and read its time and peak RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Run:
+    """One CLI run: exit code, wall seconds, peak RSS in MB, stdout/stderr."""
+
+    returncode: int
+    seconds: float
+    peak_rss_mb: float
+    stdout: bytes
+    stderr: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str, stdin: bytes | None = None) -> Run:
+    """``python -m modelshrink ARGS`` with wall time (peak RSS: use :func:`run_cli_rss`)."""
+    cmd = [sys.executable, "-m", "modelshrink", *args]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    out, err = proc.communicate(stdin)
+    seconds = time.perf_counter() - start
+    return Run(proc.returncode, seconds, float("nan"), out, err)
+
+
+def run_cli_rss(*args: str) -> Run:
+    """Like :func:`run_cli` but reads the child's peak RSS exactly with ``os.wait4``."""
+    cmd = [sys.executable, "-m", "modelshrink", *args]
+    out_path = ROOT / "bench" / "out"
+    out_path.mkdir(parents=True, exist_ok=True)
+    stdout_file = out_path / "child.stdout"
+    stderr_file = out_path / "child.stderr"
+    start = time.perf_counter()
+    with stdout_file.open("wb") as so, stderr_file.open("wb") as se:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=so, stderr=se, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Run(proc.returncode, seconds, usage.ru_maxrss / 1024, stdout_file.read_bytes(), stderr_file.read_bytes())
+
+
+def big_external_model(folder: Path, total_bytes: float, dim: int = 4096) -> Path:
+    """A MatMul chain whose weights (float32, dim x dim each) live in one external data file.
+
+    Written tensor by tensor straight to disk, so generating it needs little memory.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    per = dim * dim * 4
+    count = max(1, round(total_bytes / per))
+    data_name = "big.onnx.data"
+    block = (np.random.default_rng(0).standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
+    inits, nodes = [], []
+    with (folder / data_name).open("wb") as f:
+        for i in range(count):
+            offset = f.tell()
+            f.write(block.tobytes())
+            t = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[dim, dim])
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(per))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            inits.append(t)
+            nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"W{i}"], [f"h{i}"], name=f"mm{i}"))
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, dim])],
+        [helper.make_tensor_value_info(f"h{count - 1}", TensorProto.FLOAT, [1, dim])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (folder / "big.onnx").write_bytes(model.SerializeToString())
+    return folder / "big.onnx"
+
+
+def mlp_model(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
+    """A Gemm+Relu MLP with random weights, for latency-sized benchmarks."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev = "x"
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        inits.append(onnx.numpy_helper.from_array((rng.standard_normal((b, a)) / np.sqrt(a)).astype(np.float32), f"W{i}"))
+        inits.append(onnx.numpy_helper.from_array(np.zeros(b, np.float32), f"B{i}"))
+        out = "logits" if i == len(sizes) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"W{i}", f"B{i}"], [out if out == "logits" else f"g{i}"], name=f"fc{i}", transB=1))
+        if out != "logits":
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [out], name=f"relu{i}"))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, sizes[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, sizes[-1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
