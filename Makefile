@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python sample_models/demo.py
+	$(BIN)/modelshrink inspect sample_models/digits_cnn.onnx
+	$(BIN)/modelshrink compare sample_models/digits_cnn.onnx sample_models/digits_cnn.onnx \
+		--data sample_models/digits_cnn.npz
 
 test: install
 	$(BIN)/python -m pytest

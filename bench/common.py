@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -61,7 +62,9 @@ def run_cli_rss(*args: str) -> Run:
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Run(proc.returncode, seconds, usage.ru_maxrss / 1024, stdout_file.read_bytes(), stderr_file.read_bytes())
+    return Run(
+        proc.returncode, seconds, usage.ru_maxrss / 1024, stdout_file.read_bytes(), stderr_file.read_bytes()
+    )
 
 
 def big_external_model(folder: Path, total_bytes: float, dim: int = 4096) -> Path:
@@ -85,7 +88,11 @@ def big_external_model(folder: Path, total_bytes: float, dim: int = 4096) -> Pat
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
             inits.append(t)
-            nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"W{i}"], [f"h{i}"], name=f"mm{i}"))
+            nodes.append(
+                helper.make_node(
+                    "MatMul", ["x" if i == 0 else f"h{i - 1}", f"W{i}"], [f"h{i}"], name=f"mm{i}"
+                )
+            )
     graph = helper.make_graph(
         nodes,
         "big",
@@ -104,11 +111,23 @@ def mlp_model(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     prev = "x"
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        inits.append(onnx.numpy_helper.from_array((rng.standard_normal((b, a)) / np.sqrt(a)).astype(np.float32), f"W{i}"))
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        inits.append(
+            onnx.numpy_helper.from_array(
+                (rng.standard_normal((b, a)) / np.sqrt(a)).astype(np.float32), f"W{i}"
+            )
+        )
         inits.append(onnx.numpy_helper.from_array(np.zeros(b, np.float32), f"B{i}"))
         out = "logits" if i == len(sizes) - 2 else f"h{i}"
-        nodes.append(helper.make_node("Gemm", [prev, f"W{i}", f"B{i}"], [out if out == "logits" else f"g{i}"], name=f"fc{i}", transB=1))
+        nodes.append(
+            helper.make_node(
+                "Gemm",
+                [prev, f"W{i}", f"B{i}"],
+                [out if out == "logits" else f"g{i}"],
+                name=f"fc{i}",
+                transB=1,
+            )
+        )
         if out != "logits":
             nodes.append(helper.make_node("Relu", [f"g{i}"], [out], name=f"relu{i}"))
         prev = out

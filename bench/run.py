@@ -26,7 +26,9 @@ GROUPS = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("groups", nargs="*", help="groups to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list groups and exit")
     args = parser.parse_args()
@@ -44,7 +46,10 @@ def main() -> int:
         start = time.perf_counter()
         module = importlib.import_module(GROUPS[name])
         ok = module.run()
-        print(f"--- {name}: {'ok' if ok else 'TARGET MISSED'} in {time.perf_counter() - start:.1f} s", flush=True)
+        print(
+            f"--- {name}: {'ok' if ok else 'TARGET MISSED'} in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
         if not ok:
             failed.append(name)
     if failed:

@@ -36,7 +36,12 @@ def test_every_flag_is_in_readme(name: str) -> None:
     missing = []
     for param in COMMANDS[name].params:
         for opt in [*param.opts, *getattr(param, "secondary_opts", [])]:
-            if opt.startswith("--") and opt not in ("--help",) and f"`{opt}" not in README and f" {opt}" not in README:
+            if (
+                opt.startswith("--")
+                and opt not in ("--help",)
+                and f"`{opt}" not in README
+                and f" {opt}" not in README
+            ):
                 missing.append(opt)
     assert not missing, f"README does not mention {missing} of '{name}'"
 
