@@ -142,7 +142,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             except (TypeError, ValueError):
                 dtype = None
             if vtype.dtype == ir.DataType.STRING:
-                dtype = None
+                dtype = np.dtype(object)  # onnxruntime takes str/bytes objects
         shape = value.shape
         dims = None if shape is None else tuple(_dim(d) for d in shape)
         specs.append(
@@ -334,7 +334,12 @@ def _load_npy(path: Path) -> np.ndarray:
 
 def _cast(name: str, array: np.ndarray, spec: InputSpec, label: str, warnings: list[str]) -> np.ndarray:
     want = spec.dtype
-    assert want is not None
+    if want is None:
+        raise UnsupportedModelError(f"input '{name}' has type {spec.type_name}, not supported in --data")
+    if want.kind == "O":
+        if array.dtype.kind in "USO":
+            return array.astype(object)
+        raise DataError(f"--data {label}: '{name}' has dtype {array.dtype}, the model expects strings")
     if array.dtype == want:
         return array
     same_kind = array.dtype.kind == want.kind or (array.dtype.kind in "iu" and want.kind in "iu")
@@ -417,10 +422,6 @@ def _array_feeds(
         warnings.append(f"--data: ignored arrays not named like an input: {', '.join(extra)}")
     per_input: dict[str, list[np.ndarray]] = {}
     for spec in specs:
-        if spec.dtype is None:
-            raise UnsupportedModelError(
-                f"input '{spec.name}' has type {spec.type_name}, not supported in --data"
-            )
         array = _cast(spec.name, arrays[spec.name], spec, label, warnings)
         override = input_shapes.get(spec.name)
         per_input[spec.name] = _split(spec.name, array, spec, override[0] if override else None, label)

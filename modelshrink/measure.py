@@ -196,6 +196,7 @@ def measure_latency(
         runs = int(min(max(budget_s / per_round, MIN_ROUNDS), MAX_ROUNDS))
     times: list[list[float]] = [[] for _ in sessions]
     order = list(range(len(sessions)))
+    report_every = max(1, runs // 50)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -205,7 +206,7 @@ def measure_latency(
                 t0 = time.perf_counter()
                 s.run_fast(f)
                 times[i].append(time.perf_counter() - t0)
-            if on_progress is not None:
+            if on_progress is not None and ((r + 1) % report_every == 0 or r + 1 == runs):
                 on_progress(r + 1, runs)
     finally:
         if gc_was_enabled:

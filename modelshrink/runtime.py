@@ -85,6 +85,33 @@ _OPSET_TOO_NEW = re.compile(
 )
 
 
+_SOURCE_LOCATION = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s:]+\.(?:cc|cpp|h|hpp|cu):\d+ ")
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+# onnxruntime implements ai.onnx kernels from opset 7 on.
+_ORT_MIN_OPSET = 7
+
+
+def _strip_source_location(text: str) -> str:
+    """Drop "/path/file.cc:123 ret ns::Func(args...)" (a C++ location and signature)."""
+    match = _SOURCE_LOCATION.search(text)
+    if match is None:
+        return text
+    rest = text[match.end() :]
+    open_at = rest.find("(")
+    if open_at < 0:
+        return text[: match.start()] + rest
+    depth = 0
+    for i in range(open_at, len(rest)):
+        if rest[i] == "(":
+            depth += 1
+        elif rest[i] == ")":
+            depth -= 1
+            if depth == 0:
+                tail = re.sub(r"^(::<lambda\(\)>)+", "", rest[i + 1 :])
+                return text[: match.start()] + tail.lstrip()
+    return text[: match.start()] + rest
+
+
 def clean_ort_message(exc: BaseException) -> str:
     """One readable line from an onnxruntime exception (drop codes, C++ paths and signatures)."""
     text = _PATH_PREFIX.sub("", str(exc).strip())
@@ -97,18 +124,14 @@ def clean_ort_message(exc: BaseException) -> str:
             f"supports (up to {supported}); upgrade onnxruntime or convert the model to opset "
             f"{supported} or lower"
         )
-    if text.startswith("/") or re.match(r"^[A-Za-z]:\\", text):
-        # "/path/file.cc:123 void ns::Func(args...) Actual message" -> "Actual message"
-        open_at = text.find("(")
-        depth = 0
-        for i in range(open_at, len(text)):
-            if text[i] == "(":
-                depth += 1
-            elif text[i] == ")":
-                depth -= 1
-                if depth == 0:
-                    text = text[i + 1 :]
-                    break
+    if (match := _NO_KERNEL.search(text)) and int(match.group(2)) < _ORT_MIN_OPSET:
+        op, version, node = match.groups()
+        return (
+            f"node '{node}' is {op} from opset {version}; onnxruntime runs opset "
+            f"{_ORT_MIN_OPSET} and newer only: convert the model first (onnx.version_converter)"
+        )
+    for _ in range(3):  # messages can nest several locations
+        text = _strip_source_location(text)
     text = text.replace("Fatal error: ", "")
     return " ".join(text.split())
 

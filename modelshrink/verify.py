@@ -140,9 +140,13 @@ class _Accumulator:
         self.identical = True
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        if self.identical and not (ref.dtype == cand.dtype and np.array_equal(ref, cand, equal_nan=True)):
+        numeric = ref.dtype.kind in "fiub" and cand.dtype.kind in "fiub"
+        same = ref.dtype == cand.dtype and np.array_equal(
+            ref, cand, equal_nan=numeric and ref.dtype.kind == "f"
+        )
+        if self.identical and not same:
             self.identical = False
-        if ref.dtype.kind not in "fiub" or cand.dtype.kind not in "fiub":
+        if not numeric:
             # strings and the like: count mismatches as errors of 1
             diff = (ref != cand).astype(np.float64).ravel()
             r = np.zeros_like(diff)

@@ -74,3 +74,27 @@ def test_stats_do_not_read_external_weights(tmp_path: Path) -> None:
     model_stats(loaded.model, source="m", files=loaded.files(), compress=False)
     tensor = loaded.model.graph.initializers["W0"].const_value
     assert isinstance(tensor, ir.ExternalTensor) and tensor.raw is None  # never mapped
+
+
+def test_clean_ort_messages() -> None:
+    from modelshrink.runtime import clean_ort_message
+
+    raw = (
+        "[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: /onnxruntime_src/onnxruntime/core/"
+        "providers/cpu/text/string_normalizer.cc:235 onnxruntime::StringNormalizer::Locale::Locale(const "
+        "std::string&)::<lambda()> Failed to construct locale with name:en_US.UTF-8"
+    )
+    assert clean_ort_message(RuntimeError(raw)) == (
+        "Exception during initialization: Failed to construct locale with name:en_US.UTF-8"
+    )
+    raw = (
+        "[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:/onnxruntime_src/onnxruntime/core/graph/"
+        "model.cc:256 onnxruntime::Model::Model(onnx::ModelProto&&, const onnxruntime::PathString&) "
+        "Unsupported model IR version: 15, max supported IR version: 14"
+    )
+    assert (
+        clean_ort_message(RuntimeError(raw))
+        == "Unsupported model IR version: 15, max supported IR version: 14"
+    )
+    raw = "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for Add(6) node with name 'a1'"
+    assert "opset 7 and newer" in clean_ort_message(RuntimeError(raw))
