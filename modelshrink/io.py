@@ -165,9 +165,36 @@ def _parse(raw: bytes, label: str) -> onnx.ModelProto:
     return proto
 
 
+def _graph_texts(graph: onnx.GraphProto) -> Iterator[object]:
+    yield graph.name
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        yield value.name
+    for node in graph.node:
+        yield from (node.name, node.op_type, node.domain, *node.input, *node.output)
+        for attr in node.attribute:
+            yield attr.name
+            if attr.HasField("g"):
+                yield from _graph_texts(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_texts(sub)
+
+
+def _check_text(proto: onnx.ModelProto, label: str) -> None:
+    """Protobuf (proto2) hands back invalid UTF-8 strings as bytes: refuse such files up front."""
+    texts = [proto.producer_name, proto.producer_version, proto.domain, proto.doc_string]
+    texts += [t for p in proto.metadata_props for t in (p.key, p.value)]
+    texts += [o.domain for o in proto.opset_import]
+    for text in (*texts, *_graph_texts(proto.graph)):
+        if not isinstance(text, str):
+            raise InvalidModelError(f"{label}: corrupt file: a name or string field is not valid UTF-8")
+
+
 def _validate_proto(proto: onnx.ModelProto, label: str, *, check: bool, path: Path | None = None) -> None:
+    _check_text(proto, label)
     if not proto.opset_import and proto.ir_version >= 3:
         raise InvalidModelError(f"{label}: the model declares no opset_import")
+    if not proto.graph.output:
+        raise InvalidModelError(f"{label}: the graph declares no outputs")
     if not check:
         return
     try:
@@ -188,7 +215,10 @@ def _deserialize(proto: onnx.ModelProto, label: str) -> ir.Model:
     try:
         return ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises plain exceptions for malformed protos
-        raise InvalidModelError(f"{label}: cannot read the graph: {exc}") from exc
+        root: BaseException = exc
+        while root.__cause__ is not None:  # SerdeError wraps the useful message
+            root = root.__cause__
+        raise InvalidModelError(f"{label}: cannot read the graph: {root}") from exc
 
 
 # --- external data ---------------------------------------------------------------------------

@@ -6,10 +6,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 from typer.testing import CliRunner
+
+import models
 
 # Keep the CLI's Rich output plain and wide enough to assert on.
 os.environ.setdefault("COLUMNS", "200")

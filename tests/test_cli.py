@@ -7,16 +7,17 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import models
 import numpy as np
 import onnx
 import pytest
 import typer
-from helpers import ScaleConfig, scale_weights
 from typer.testing import CliRunner
 
 from modelshrink import cli
 from modelshrink.cli import app
+
+import models
+from helpers import ScaleConfig, scale_weights
 
 # A toy compression command built from the same shared pieces every real command uses, so the
 # output-side contract (-o, --force, -o -, gates, --report) is tested independently of any

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -13,6 +12,8 @@ from onnx import numpy_helper
 
 from modelshrink.errors import ConfigError, DataError
 from modelshrink.feeds import input_specs, load_feeds, parse_input_shapes
+
+import models
 
 
 def _ir(proto: onnx.ModelProto) -> ir.Model:

@@ -6,7 +6,6 @@ import io as pyio
 import os
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -15,6 +14,8 @@ import pytest
 from modelshrink import io
 from modelshrink.errors import ConfigError, InvalidModelError, OutputError
 from modelshrink.runtime import RuntimeOptions, Session
+
+import models
 
 
 def test_load_path_keeps_metadata_and_sizes(mlp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -14,6 +13,8 @@ from modelshrink import io
 from modelshrink.errors import ConfigError
 from modelshrink.measure import LatencyStats, measure_latency, model_stats, zlib_size
 from modelshrink.runtime import RuntimeOptions, Session
+
+import models
 
 
 def test_model_stats_counts_every_weight(tmp_path: Path) -> None:

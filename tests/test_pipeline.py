@@ -5,15 +5,16 @@ from __future__ import annotations
 import io as pyio
 from pathlib import Path
 
-import models
 import onnx
 import pytest
-from helpers import ScaleConfig, scale_weights
 
 from modelshrink import io
 from modelshrink.errors import ConfigError, OutputError
 from modelshrink.gates import Gates
 from modelshrink.pipeline import RunOptions, compare, run_technique
+
+import models
+from helpers import ScaleConfig, scale_weights
 
 FAST = RunOptions(latency=False, samples=4)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -15,6 +14,8 @@ from onnx import numpy_helper
 from modelshrink.feeds import Feeds, load_feeds
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.verify import MismatchError, Reference, is_class_like
+
+import models
 
 
 def _session(proto: onnx.ModelProto, label: str = "m") -> Session:
