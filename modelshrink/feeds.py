@@ -225,16 +225,19 @@ def _resolve_dims(spec: InputSpec, override: tuple[int, ...] | None, warnings: l
             f"{spec.name}:DIMS or pass --data"
         )
     dims = []
+    dynamic = []
     for axis, d in enumerate(spec.dims):
         if isinstance(d, int) and d > 0:
             dims.append(d)
         else:
-            label = f"'{d}'" if isinstance(d, str) else "unnamed"
-            warnings.append(
-                f"input '{spec.name}' axis {axis} ({label}) is dynamic; using 1 "
-                f"(set it with --input-shape {spec.name}:...)"
-            )
+            dynamic.append(f"{axis} ('{d}')" if isinstance(d, str) else str(axis))
             dims.append(1)
+    if dynamic:
+        axes = ", ".join(dynamic)
+        warnings.append(
+            f"input '{spec.name}' has dynamic axis {axes}: using 1; set real sizes with "
+            f"--input-shape {spec.name}:{'x'.join(map(str, dims))} (edited) or pass --data"
+        )
     return tuple(dims)
 
 
