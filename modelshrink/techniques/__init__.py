@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
-from modelshrink.techniques.base import Change, Skip, TechniqueContext, TechniqueResult
+from modelshrink.techniques.base import Change, Skip, Technique, TechniqueContext, TechniqueResult
+from modelshrink.techniques.quantize import QuantizeConfig, quantize
 
-__all__ = ["Change", "Skip", "TechniqueContext", "TechniqueResult"]
+__all__ = [
+    "TECHNIQUES",
+    "Change",
+    "QuantizeConfig",
+    "Skip",
+    "TechniqueContext",
+    "TechniqueResult",
+    "quantize",
+]
+
+TECHNIQUES: dict[str, Technique] = {
+    "quantize": quantize,
+}

@@ -1,0 +1,106 @@
+"""``quantize``: store weights (and optionally compute) in fewer bits.
+
+Modes:
+
+- ``int8`` (default), weight-only, symmetric per output channel::
+
+      s_c = max|W_c| / 127,  q = clip(round(W / s_c), -127, 127),  W' = q * s_c
+
+  The channel axis is the consumer's output axis: MatMul ``W[K, N]`` -> 1, Gemm -> 0 or 1 by
+  ``transB``, Conv -> 0, ConvTranspose -> 1, Gather tables -> one scale per row. ``q`` is
+  stored as int8 and a standard ``DequantizeLinear`` rebuilds ``W'`` in front of the
+  consumer (``Cast + Mul`` on opsets without per-axis DequantizeLinear, < 13). About 4x
+  smaller; compute stays in float, so no speed-up is expected.
+- ``int4``: block-wise weight-only for MatMul/Gemm/Gather (see ``weightonly.py``).
+- ``fp16``: weights and compute in float16 with float32 inputs/outputs (see ``fp16.py``).
+- ``dynamic`` / ``static``: int8 activations too, through onnxruntime's quantizers.
+
+Applies to float weights (float32/float16/bfloat16) of at least ``--min-elements`` elements
+read by the ops above, wherever they live: initializers, ``Constant`` nodes and
+``If``/``Loop``/``Scan`` bodies. A weight read by several nodes is quantized once along an
+axis that suits all of them, or left alone with a reason.
+
+With fidelity gates (``--max-error``/``--min-cosine``/``--min-agreement``), a sensitivity
+pass quantizes one layer at a time, measures each against the original, and keeps the most
+damaging layers in float until the gates pass (see ``search.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+from modelshrink.graph import NameAuthority
+from modelshrink.techniques.base import TechniqueContext, TechniqueResult
+from modelshrink.techniques.quantize.config import QuantizeConfig
+from modelshrink.techniques.quantize.plan import Plan, Unit, make_plan
+from modelshrink.techniques.quantize.weightonly import Emitted, default_opset, quantize_int8
+
+__all__ = ["QuantizeConfig", "quantize"]
+
+logger = logging.getLogger(__name__)
+
+
+def _apply_units(
+    model: ir.Model, config: QuantizeConfig, keep: frozenset[int] | None
+) -> tuple[ir.Model, Plan, Emitted]:
+    """A clone of ``model`` with the planned units quantized (all, or only those in ``keep``)."""
+    model = model.clone()
+    plan = make_plan(model, config)
+    units: list[Unit] = [u for u in plan.units if keep is None or u.index in keep]
+    names = NameAuthority(model)
+    emitted = quantize_int8(model, units, names, cast=config.storage == "cast")
+    return model, plan, emitted
+
+
+def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted) -> list[str]:
+    notes: list[str] = []
+    if not emitted.changes:
+        notes.append("nothing was quantized: see the skipped list for why each weight was left alone")
+        return notes
+    notes.append(
+        "weight-only int8: weights are stored in int8 and turned back into float at run time, so "
+        "compute stays in float; expect a smaller file, not a faster model (--mode dynamic "
+        "quantizes activations for int8 compute on CPU)"
+    )
+    if "DequantizeLinear" in emitted.storages:
+        notes.append(
+            "onnxruntime's CPU provider does not fold DequantizeLinear: it dequantizes weights on every "
+            "call (or fuses a MatMul into MatMulNBits with int8 activations), which can cost latency; "
+            "--format cast stores the same int8 weights behind Cast + Mul, which onnxruntime folds "
+            "once at load: no run-time cost, float-sized weights in memory at run time"
+        )
+    if "Cast+Mul" in emitted.storages and config.storage != "cast":
+        notes.append(
+            f"opset {default_opset(model)} has no per-channel DequantizeLinear for these weights "
+            "(it needs opset 13, or 19 for float16/bfloat16 scales): they are rebuilt with Cast + "
+            "Mul, which gives the same values; the opset was not raised"
+        )
+    if "Gather+Cast+Mul" in emitted.storages:
+        notes.append(
+            "embedding tables read only by Gather stay int8: rows are gathered first and only "
+            "those rows are scaled (Gather -> Cast -> Mul), so the whole table is never dequantized"
+        )
+    return notes
+
+
+def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
+    """Quantize ``model`` as ``config`` says; the input model is never modified.
+
+    Args:
+        model: The model (not modified).
+        config: The settings.
+        context: Feeds, evaluation and gates from the pipeline.
+
+    Returns:
+        The quantized model with what changed, what was skipped and why, and notes.
+    """
+    result, plan, emitted = _apply_units(model, config, None)
+    notes = _weight_only_notes(model, config, emitted)
+    return TechniqueResult(
+        model=result,
+        changed=emitted.changes,
+        skipped=plan.skipped,
+        notes=tuple(notes),
+    )

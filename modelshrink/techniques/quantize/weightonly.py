@@ -1,0 +1,389 @@
+"""Weight-only int8 and int4: rewrite planned weights in a (cloned) model, in place.
+
+int8 (per output channel ``c``, symmetric)::
+
+    s_c = max|W_c| / 127          (1 where a channel is all zeros)
+    q   = clip(round(W / s_c), -127, 127)    stored as int8
+    W'  = q * s_c                 computed at run time by DequantizeLinear(q, s, axis)
+
+The dequantized tensor keeps the weight's name, so every reader is unchanged. Where the
+model's opset has no per-axis ``DequantizeLinear`` (< 13), or none for the weight's float type
+(float16/bfloat16 scales need opset 19), the same values come from ``Cast(q) * s`` instead; the
+opset is never raised for int8. Embedding tables read only by ``Gather`` are gathered in int8
+first and only the gathered rows are scaled (``Gather(q, ids) -> Cast -> Mul(Gather(s, ids))``),
+so a large vocabulary is not dequantized on every run.
+
+int4 (blocks of ``B`` values along the reduction axis, symmetric, the block's largest
+magnitude mapped to -8 as onnxruntime does)::
+
+    s_b = m_b / -8,  m_b = the signed value of largest magnitude in block b
+    q   = clip(round(W / s_b), -8, 7)
+
+``--format nbits`` stores ``q + 8`` two per byte in onnxruntime's ``MatMulNBits`` /
+``GatherBlockQuantized`` layouts; ``--format qdq`` stores an INT4 tensor read by an opset-21
+block-wise ``DequantizeLinear``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from modelshrink.graph import NameAuthority, dtype_name
+from modelshrink.techniques.base import Change
+from modelshrink.techniques.quantize.plan import Unit
+
+__all__ = ["Emitted", "default_opset", "quantize_int8", "symmetric_int8"]
+
+logger = logging.getLogger(__name__)
+
+# Quantize large tensors in slices of this many elements to bound temporary memory.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """What weight-only quantization did to the model."""
+
+    changes: tuple[Change, ...]
+    storages: frozenset[str]
+
+
+def default_opset(model: ir.Model) -> int:
+    """The model's ai.onnx opset version."""
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
+
+
+def _float32(arr: np.ndarray) -> np.ndarray:
+    return np.asarray(arr, dtype=np.float32)
+
+
+def _absmax(arr: np.ndarray, axis: int | None) -> np.ndarray:
+    """max |arr| per slice along ``axis`` (a scalar array for None), in float32, chunked."""
+    if axis is None:
+        flat = arr.reshape(-1)
+        best = np.float32(0)
+        for start in range(0, flat.size, _CHUNK_ELEMENTS):
+            best = max(best, np.abs(_float32(flat[start : start + _CHUNK_ELEMENTS])).max(initial=0))
+        return np.asarray(best, dtype=np.float32)
+    moved = np.moveaxis(arr, axis, 0)
+    out = np.empty(moved.shape[0], dtype=np.float32)
+    step = max(1, _CHUNK_ELEMENTS // max(1, moved[0].size))
+    for start in range(0, moved.shape[0], step):
+        part = _float32(moved[start : start + step]).reshape(min(step, moved.shape[0] - start), -1)
+        out[start : start + step] = np.abs(part).max(axis=1, initial=0)
+    return out
+
+
+def _bshape(ndim: int, axis: int | None) -> tuple[int, ...]:
+    """Broadcast shape of a per-axis vector against an ``ndim`` tensor."""
+    if axis is None:
+        return ()
+    return tuple(-1 if i == axis else 1 for i in range(ndim))
+
+
+def symmetric_int8(arr: np.ndarray, axis: int | None, scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization per slice along ``axis`` (per tensor for None).
+
+    Returns:
+        ``(q, scale)``: int8 values of ``arr``'s shape, and scales (1-D along ``axis``, or a
+        scalar) already rounded to ``scale_dtype`` so that ``q * scale`` is what runs.
+    """
+    amax = _absmax(arr, axis)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(scale_dtype)
+    s32 = _float32(scale).reshape(_bshape(arr.ndim, axis))
+    q = np.empty(arr.shape, dtype=np.int8)
+    if axis is None or arr.ndim == 0:
+        flat_in, flat_out = arr.reshape(-1), q.reshape(-1)
+        for start in range(0, flat_in.size, _CHUNK_ELEMENTS):
+            part = _float32(flat_in[start : start + _CHUNK_ELEMENTS])
+            flat_out[start : start + _CHUNK_ELEMENTS] = np.clip(np.rint(part / s32), -127, 127)
+        return q, scale
+    src, dst = np.moveaxis(arr, axis, 0), np.moveaxis(q, axis, 0)
+    s_moved = np.moveaxis(s32, axis, 0)
+    step = max(1, _CHUNK_ELEMENTS // max(1, src[0].size))
+    for start in range(0, src.shape[0], step):
+        part = _float32(src[start : start + step])
+        dst[start : start + step] = np.clip(np.rint(part / s_moved[start : start + step]), -127, 127)
+    return q, scale
+
+
+def _snr_db(original: np.ndarray, restored: np.ndarray) -> float | None:
+    """Signal-to-noise ratio of a weight's quantization, in dB (None when exact)."""
+    ref = original.astype(np.float64).reshape(-1)
+    err = restored.astype(np.float64).reshape(-1) - ref
+    noise = float(np.dot(err, err))
+    if noise == 0:
+        return None
+    signal = float(np.dot(ref, ref))
+    return round(10 * math.log10(signal / noise), 2) if signal > 0 else None
+
+
+def _value(names: NameAuthority, base: str, dtype: ir.DataType, shape: Sequence[int]) -> ir.Value:
+    return ir.Value(name=names.fresh(base), type=ir.TensorType(dtype), shape=ir.Shape(list(shape)))
+
+
+def _initializer(graph: ir.Graph, names: NameAuthority, base: str, array: np.ndarray) -> ir.Value:
+    name = names.fresh(base)
+    tensor = ir.Tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _constant(names: NameAuthority, base: str, array: np.ndarray) -> tuple[ir.Node, ir.Value]:
+    name = names.fresh(base)
+    tensor = ir.Tensor(array, name=name)
+    out = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape)
+    node = ir.Node(
+        "",
+        "Constant",
+        [],
+        [ir.AttrTensor("value", tensor)],
+        outputs=[out],
+        name=names.fresh(f"{base}_Constant"),
+    )
+    return node, out
+
+
+class _Writer:
+    """Places new nodes: after a Constant weight's node, else before the graph's first node."""
+
+    def __init__(self) -> None:
+        self._anchors: dict[int, ir.Node] = {}
+
+    def place(self, graph: ir.Graph, nodes: Sequence[ir.Node], after: ir.Node | None) -> None:
+        if after is not None:
+            graph.insert_after(after, list(nodes))
+            return
+        anchor = self._anchors.get(id(graph))
+        if anchor is None:
+            # the first node that is not a Constant (Constant weights may be removed later)
+            anchor = next((n for n in graph if n.op_type != "Constant"), graph.node(0))
+            self._anchors[id(graph)] = anchor
+        graph.insert_before(anchor, list(nodes))
+
+
+def _store_quantized(
+    unit: Unit, names: NameAuthority, q: np.ndarray, writer: _Writer
+) -> tuple[ir.Value, ir.Node | None]:
+    """Put ``q`` where the weight was (initializer or Constant); return its value and the Constant node."""
+    w = unit.weight
+    base = f"{w.name}_quantized"
+    if w.kind == "constant":
+        assert w.node is not None
+        node, value = _constant(names, base, q)
+        writer.place(w.graph, [node], after=w.node)
+        return value, node
+    return _initializer(w.graph, names, base, q), None
+
+
+def _retire(unit: Unit, replacement: ir.Value) -> None:
+    """Point every reader of the float weight at ``replacement``, drop the float tensor, keep its name."""
+    w = unit.weight
+    old, name = w.value, w.name
+    old.replace_all_uses_with(replacement)
+    if w.kind == "initializer":
+        w.graph.initializers.pop(old.name or "", None)
+    else:
+        assert w.node is not None
+        w.graph.remove(w.node, safe=True)
+    replacement.name = name
+
+
+def _emit_dq(
+    unit: Unit,
+    names: NameAuthority,
+    writer: _Writer,
+    q: np.ndarray,
+    scale: np.ndarray,
+    *,
+    per_axis_dq: bool,
+) -> str:
+    """A DequantizeLinear (or Cast + Mul) in front of the weight's readers."""
+    w = unit.weight
+    axis = unit.axis
+    graph = w.graph
+    q_value, const_node = _store_quantized(unit, names, q, writer)
+    out = _value(names, f"{w.name}_dequantized", w.dtype, w.shape)
+    if per_axis_dq:
+        scale_arr = scale if axis is not None else scale.reshape(())
+        if const_node is not None:
+            s_node, s_value = _constant(names, f"{w.name}_scale", scale_arr)
+            nodes = [s_node]
+        else:
+            s_value, nodes = _initializer(graph, names, f"{w.name}_scale", scale_arr), []
+        attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
+        nodes.append(
+            ir.Node(
+                "",
+                "DequantizeLinear",
+                [q_value, s_value],
+                attrs,
+                outputs=[out],
+                name=names.fresh(f"{w.name}_DequantizeLinear"),
+            )
+        )
+        storage = "DequantizeLinear"
+    else:
+        scale_arr = scale.reshape(_bshape(q.ndim, axis)) if axis is not None else scale.reshape(())
+        if const_node is not None:
+            s_node, s_value = _constant(names, f"{w.name}_scale", scale_arr)
+            nodes = [s_node]
+        else:
+            s_value, nodes = _initializer(graph, names, f"{w.name}_scale", scale_arr), []
+        cast_out = _value(names, f"{w.name}_cast", w.dtype, w.shape)
+        nodes.append(
+            ir.Node(
+                "",
+                "Cast",
+                [q_value],
+                [ir.AttrInt64("to", int(w.dtype))],
+                outputs=[cast_out],
+                name=names.fresh(f"{w.name}_Cast"),
+            )
+        )
+        nodes.append(
+            ir.Node("", "Mul", [cast_out, s_value], outputs=[out], name=names.fresh(f"{w.name}_Mul"))
+        )
+        storage = "Cast+Mul"
+    writer.place(graph, nodes, after=const_node)
+    _retire(unit, out)
+    return storage
+
+
+def _emit_gather_first(
+    unit: Unit, names: NameAuthority, writer: _Writer, q: np.ndarray, scale: np.ndarray
+) -> str:
+    """Each Gather reads int8 rows; only the gathered rows are scaled (Cast + Mul)."""
+    w = unit.weight
+    axis = unit.axis
+    graph_of_weight = w.graph
+    q_value, const_node = _store_quantized(unit, names, q, writer)
+    # [V, 1, ...]: gathering rows gives ids.shape + [1, ...], which broadcasts over the rows.
+    scale_arr = scale.reshape((-1,) + (1,) * (q.ndim - 1 - axis)) if axis is not None else scale.reshape(())
+    if const_node is not None:
+        s_node, s_value = _constant(names, f"{w.name}_scale", scale_arr)
+        graph_of_weight.insert_after(const_node, [s_node])
+    else:
+        s_value = _initializer(graph_of_weight, names, f"{w.name}_scale", scale_arr)
+    for use in unit.uses:
+        node = use.node
+        graph = node.graph
+        assert graph is not None
+        ids = node.inputs[1]
+        out = node.outputs[0]
+        name = out.name or ""
+        final = ir.Value(name=None, type=out.type, shape=out.shape)
+        out.replace_all_uses_with(final, replace_graph_outputs=True)
+        out.name = names.fresh(f"{name}_int8")
+        out.type = ir.TensorType(ir.DataType.INT8)
+        node.replace_input_with(0, q_value)
+        cast_out = ir.Value(name=names.fresh(f"{name}_cast"), type=final.type, shape=final.shape)
+        new_nodes = [
+            ir.Node(
+                "",
+                "Cast",
+                [out],
+                [ir.AttrInt64("to", int(w.dtype))],
+                outputs=[cast_out],
+                name=names.fresh(f"{node.name}_Cast"),
+            )
+        ]
+        if axis is not None:
+            rows = ir.Value(name=names.fresh(f"{name}_scale"), type=ir.TensorType(w.dtype))
+            new_nodes.insert(
+                0,
+                ir.Node(
+                    "",
+                    "Gather",
+                    [s_value, ids],
+                    [ir.AttrInt64("axis", 0)],
+                    outputs=[rows],
+                    name=names.fresh(f"{node.name}_scale"),
+                ),
+            )
+        else:
+            rows = s_value
+        new_nodes.append(
+            ir.Node("", "Mul", [cast_out, rows], outputs=[final], name=names.fresh(f"{node.name}_Mul"))
+        )
+        graph.insert_after(node, new_nodes)
+        final.name = name
+    # the float table has no readers left
+    if w.kind == "initializer":
+        graph_of_weight.initializers.pop(w.value.name or "", None)
+    else:
+        assert w.node is not None
+        graph_of_weight.remove(w.node, safe=True)
+    return "Gather+Cast+Mul"
+
+
+def quantize_int8(
+    model: ir.Model, units: Sequence[Unit], names: NameAuthority, *, cast: bool = False
+) -> Emitted:
+    """Quantize ``units`` (planned on this very model) to int8 in place.
+
+    Args:
+        model: The model the units were planned on (modified).
+        units: What to quantize.
+        names: Fresh names.
+        cast: Rebuild weights with ``Cast + Mul`` even where ``DequantizeLinear`` is available.
+    """
+    opset = default_opset(model)
+    writer = _Writer()
+    changes: list[Change] = []
+    storages: set[str] = set()
+    for unit in units:
+        w = unit.weight
+        arr = w.numpy()
+        dtype = w.dtype
+        scale_dtype = np.dtype(dtype.numpy())
+        q, scale = symmetric_int8(arr, unit.axis, scale_dtype)
+        restored = q.astype(np.float32) * _float32(scale).reshape(_bshape(q.ndim, unit.axis))
+        snr = _snr_db(arr, restored)
+        del restored
+        gather_only = all(u.kind == "gather" for u in unit.uses)
+        dq_ok = (
+            not cast
+            and opset >= (13 if unit.axis is not None else 10)
+            and (dtype == ir.DataType.FLOAT or opset >= 19)
+        )
+        if gather_only:
+            storage = _emit_gather_first(unit, names, writer, q, scale)
+        else:
+            storage = _emit_dq(unit, names, writer, q, scale, per_axis_dq=dq_ok)
+        storages.add(storage)
+        granularity = "per-tensor" if unit.axis is None else f"per-channel axis {unit.axis}"
+        changes.append(
+            Change(
+                node=unit.layer,
+                op_type=unit.op_type,
+                what=f"int8 {granularity} ({storage})",
+                params_before=w.size,
+                params_after=w.size,
+                details={
+                    "weight": w.name,
+                    "dtype": dtype_name(dtype),
+                    "shape": list(w.shape),
+                    "axis": unit.axis,
+                    "storage": storage,
+                    "bytes_before": w.nbytes,
+                    "bytes_after": int(q.nbytes + scale.nbytes),
+                    "weight_snr_db": snr,
+                    "location": w.kind if w.graph is model.graph else f"{w.kind} in subgraph {w.graph.name}",
+                },
+            )
+        )
+        logger.debug("int8 %s (%s) via %s", w.name, unit.layer, storage)
+    return Emitted(tuple(changes), frozenset(storages))
+
+
+# ml_dtypes is imported for its numpy dtypes (bfloat16, int4) used through DataType.numpy().
+_ = ml_dtypes
