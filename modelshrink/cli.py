@@ -481,8 +481,21 @@ def quantize(
     output: OutputOpt,
     mode: Annotated[
         Literal["int8", "int4", "fp16", "dynamic", "static"],
-        typer.Option("--mode", help="int8: weight-only per channel (default).", rich_help_panel=_QUANT),
+        typer.Option(
+            "--mode",
+            help="int8: weight-only per channel (default); int4: weight-only block-wise for MatMul/Gemm/Gather.",
+            rich_help_panel=_QUANT,
+        ),
     ] = "int8",
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            "--block-size",
+            help="int4: values per block along the reduction axis (power of two >= 16; default 32).",
+            rich_help_panel=_QUANT,
+            show_default=False,
+        ),
+    ] = None,
     format_: Annotated[
         Literal["qdq", "cast", "nbits"] | None,
         typer.Option(
@@ -544,9 +557,9 @@ def quantize(
     # fmt: off
     run_command(
         "quantize",
-        techniques.quantize,
+        techniques.TECHNIQUES["quantize"],
         lambda: QuantizeConfig(
-            mode=mode, format=format_, op_types=_split_list(op_types), exclude=_split_list(exclude) or (), min_elements=min_elements
+            mode=mode, block_size=block_size, format=format_, op_types=_split_list(op_types), exclude=_split_list(exclude) or (), min_elements=min_elements
         ),
         src,
         output,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from modelshrink.techniques.base import Change, Skip, Technique, TechniqueContext, TechniqueResult
-from modelshrink.techniques.quantize import QuantizeConfig, quantize
+
+# Imported under private names so that ``modelshrink.techniques.quantize`` stays the module.
+from modelshrink.techniques.quantize import QuantizeConfig
+from modelshrink.techniques.quantize import quantize as _quantize
 
 __all__ = [
     "TECHNIQUES",
@@ -12,9 +15,8 @@ __all__ = [
     "Skip",
     "TechniqueContext",
     "TechniqueResult",
-    "quantize",
 ]
 
 TECHNIQUES: dict[str, Technique] = {
-    "quantize": quantize,
+    "quantize": _quantize,
 }

@@ -34,12 +34,32 @@ import onnx_ir as ir
 from modelshrink.graph import NameAuthority
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.config import QuantizeConfig
+from modelshrink.techniques.quantize.opset import raise_opset
 from modelshrink.techniques.quantize.plan import Plan, Unit, make_plan
-from modelshrink.techniques.quantize.weightonly import Emitted, default_opset, quantize_int8
+from modelshrink.techniques.quantize.weightonly import Emitted, default_opset, quantize_int4, quantize_int8
 
 __all__ = ["QuantizeConfig", "quantize"]
 
 logger = logging.getLogger(__name__)
+
+
+# MatMulNBits accuracy_level: 4 quantizes activations to int8 per block inside the kernel
+# (onnxruntime's fast CPU path). See the README for the measured fidelity/latency trade-off.
+INT4_ACCURACY_LEVEL = 4
+QDQ_INT4_OPSET = 21
+
+
+def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[str]]:
+    """The model every candidate starts from (opset raised where the mode needs it), and notes."""
+    opset = default_opset(model)
+    if config.mode == "int4" and config.storage == "qdq" and opset < QDQ_INT4_OPSET:
+        why = "--mode int4 --format qdq (block-wise int4 DequantizeLinear)"
+        raised = raise_opset(model, QDQ_INT4_OPSET, why=why)
+        return raised, [
+            f"raised the opset from {opset} to {QDQ_INT4_OPSET} with onnx's version converter: block-wise "
+            "int4 DequantizeLinear needs it (and IR version 10)"
+        ]
+    return model, []
 
 
 def _apply_units(
@@ -50,7 +70,17 @@ def _apply_units(
     plan = make_plan(model, config)
     units: list[Unit] = [u for u in plan.units if keep is None or u.index in keep]
     names = NameAuthority(model)
-    emitted = quantize_int8(model, units, names, cast=config.storage == "cast")
+    if config.mode == "int4":
+        emitted = quantize_int4(
+            model,
+            units,
+            names,
+            block_size=config.block,
+            fmt=config.storage,
+            accuracy_level=INT4_ACCURACY_LEVEL,
+        )
+    else:
+        emitted = quantize_int8(model, units, names, cast=config.storage == "cast")
     return model, plan, emitted
 
 
@@ -58,6 +88,9 @@ def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted
     notes: list[str] = []
     if not emitted.changes:
         notes.append("nothing was quantized: see the skipped list for why each weight was left alone")
+        return notes
+    if config.mode == "int4":
+        notes.extend(_int4_notes(config, emitted))
         return notes
     notes.append(
         "weight-only int8: weights are stored in int8 and turned back into float at run time, so "
@@ -85,6 +118,20 @@ def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted
     return notes
 
 
+def _int4_notes(config: QuantizeConfig, emitted: Emitted) -> list[str]:
+    if config.storage == "nbits":
+        return [
+            "int4 uses onnxruntime's com.microsoft MatMulNBits / GatherBlockQuantized kernels "
+            f"(accuracy_level {INT4_ACCURACY_LEVEL}: activations are quantized to int8 per block inside "
+            "the kernel); runtimes other than onnxruntime may not have them: --format qdq is portable"
+        ]
+    return [
+        "int4 weights are rebuilt by block-wise DequantizeLinear in front of each reader "
+        "(onnxruntime may fuse DequantizeLinear + MatMul into MatMulNBits when it loads the model); "
+        "Gather tables are dequantized whole on every call in this format"
+    ]
+
+
 def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
     """Quantize ``model`` as ``config`` says; the input model is never modified.
 
@@ -96,8 +143,9 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
     Returns:
         The quantized model with what changed, what was skipped and why, and notes.
     """
-    result, plan, emitted = _apply_units(model, config, None)
-    notes = _weight_only_notes(model, config, emitted)
+    base, notes = _prepare(model, config)
+    result, plan, emitted = _apply_units(base, config, None)
+    notes += _weight_only_notes(base, config, emitted)
     return TechniqueResult(
         model=result,
         changed=emitted.changes,

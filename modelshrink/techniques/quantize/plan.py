@@ -146,6 +146,8 @@ def _role_int4(node: ir.Node, index: int, shape: tuple[int, ...], config: Quanti
         axis = _attr_int(node, "axis", 0)
         if axis not in (0, -2):
             return "Gather along axis 1: int4 quantizes embedding tables gathered by row"
+        if nbits and shape[1] % 2:
+            return f"table rows of odd length {shape[1]}: GatherBlockQuantized needs even rows (try --format qdq)"
         return Use(node, index, 1, "gather")
     return f"{op} is not quantized by --mode int4 (MatMul, Gemm, Gather only; use --mode int8)"
 
@@ -160,6 +162,8 @@ def excluded_by(patterns: Sequence[str], *names: str) -> str | None:
 
 
 def _uses(w: Weight, relevant: list[tuple[ir.Node, int]], config: QuantizeConfig) -> list[Use] | str:
+    if config.mode == "int4" and w.dtype == ir.DataType.BFLOAT16:
+        return "bfloat16 weights: int4 handles float32 and float16 weights (use --mode int8)"
     uses: list[Use] = []
     for node, slot in relevant:
         role = (

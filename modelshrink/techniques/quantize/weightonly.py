@@ -39,7 +39,7 @@ from modelshrink.graph import NameAuthority, dtype_name
 from modelshrink.techniques.base import Change
 from modelshrink.techniques.quantize.plan import Unit
 
-__all__ = ["Emitted", "default_opset", "quantize_int8", "symmetric_int8"]
+__all__ = ["Emitted", "block_int4", "default_opset", "quantize_int4", "quantize_int8", "symmetric_int8"]
 
 logger = logging.getLogger(__name__)
 
@@ -385,5 +385,265 @@ def quantize_int8(
     return Emitted(tuple(changes), frozenset(storages))
 
 
-# ml_dtypes is imported for its numpy dtypes (bfloat16, int4) used through DataType.numpy().
-_ = ml_dtypes
+# --- int4 ----------------------------------------------------------------------------------------
+
+MS_DOMAIN = "com.microsoft"
+
+
+def block_int4(wt: np.ndarray, block_size: int, scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 per block of ``block_size`` along the last axis of a 2-D ``wt[N, K]``.
+
+    The value of largest magnitude in each block maps to -8 (``scale = m / -8``), as
+    onnxruntime's own quantizer does, so all 16 levels are used.
+
+    Returns:
+        ``(q, scale)``: int8 values in [-8, 7] of shape ``[N, blocks * block_size]`` (zero
+        padded), and scales ``[N, blocks]`` rounded to ``scale_dtype``.
+    """
+    n, k = wt.shape
+    blocks = -(-k // block_size)
+    q = np.zeros((n, blocks * block_size), dtype=np.int8)
+    scales = np.zeros((n, blocks), dtype=scale_dtype)
+    step = max(1, _CHUNK_ELEMENTS // max(1, blocks * block_size))
+    for start in range(0, n, step):
+        rows = _float32(wt[start : start + step])
+        padded = np.zeros((rows.shape[0], blocks * block_size), dtype=np.float32)
+        padded[:, :k] = rows
+        b = padded.reshape(rows.shape[0], blocks, block_size)
+        pick = np.abs(b).argmax(axis=2)[..., None]
+        s = (np.take_along_axis(b, pick, axis=2)[..., 0] / np.float32(-8)).astype(scale_dtype)
+        s32 = _float32(s)[..., None]
+        safe = np.where(s32 == 0, np.float32(1), s32)
+        qb = np.where(s32 == 0, 0, np.clip(np.rint(b / safe), -8, 7))
+        q[start : start + step] = qb.reshape(rows.shape[0], -1)
+        scales[start : start + step] = s
+    return q, scales
+
+
+def _pack_uint4(values: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, low nibble first (onnxruntime's layout)."""
+    v = values.astype(np.uint8)
+    if v.shape[-1] % 2:
+        v = np.concatenate([v, np.zeros((*v.shape[:-1], 1), np.uint8)], axis=-1)
+    return (v[..., 0::2] & 0xF) | ((v[..., 1::2] & 0xF) << 4)
+
+
+def _dequant_int4(q: np.ndarray, scales: np.ndarray, block_size: int, k: int) -> np.ndarray:
+    s = np.repeat(_float32(scales), block_size, axis=1)
+    return (q.astype(np.float32) * s)[:, :k]
+
+
+def _replace_node(node: ir.Node, new_nodes: Sequence[ir.Node], result: ir.Value) -> None:
+    """Put ``new_nodes`` where ``node`` was; ``result`` takes over its output (name included)."""
+    graph = node.graph
+    assert graph is not None
+    out = node.outputs[0]
+    name = out.name
+    result.type, result.shape = out.type, out.shape
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.insert_before(node, list(new_nodes))
+    graph.remove(node, safe=True)
+    result.name = name
+
+
+def _int4_nbits_matmul(
+    unit: Unit,
+    names: NameAuthority,
+    q: np.ndarray,
+    scales: np.ndarray,
+    n: int,
+    k: int,
+    block_size: int,
+    accuracy_level: int,
+) -> None:
+    w = unit.weight
+    graph = w.graph
+    packed = _pack_uint4((q + 8).astype(np.uint8)).reshape(n, -1, block_size // 2)
+    b_value = _initializer(graph, names, f"{w.name}_int4", packed)
+    s_value = _initializer(graph, names, f"{w.name}_scales", scales.reshape(-1))
+    for use in unit.uses:
+        node = use.node
+        attrs = [
+            ir.AttrInt64("K", k),
+            ir.AttrInt64("N", n),
+            ir.AttrInt64("bits", 4),
+            ir.AttrInt64("block_size", block_size),
+            ir.AttrInt64("accuracy_level", accuracy_level),
+        ]
+        base = node.name or "MatMul"
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        out = ir.Value(name=names.fresh(f"{base}_nbits"))
+        new = [
+            ir.Node(
+                MS_DOMAIN,
+                "MatMulNBits",
+                [node.inputs[0], b_value, s_value],
+                attrs,
+                outputs=[out],
+                name=names.fresh(f"{base}_MatMulNBits"),
+            )
+        ]
+        result = out
+        if bias is not None:
+            result = ir.Value(name=names.fresh(f"{base}_bias"))
+            new.append(ir.Node("", "Add", [out, bias], outputs=[result], name=names.fresh(f"{base}_Add")))
+        _replace_node(node, new, result)
+    _drop_float(unit)
+
+
+def _int4_nbits_gather(
+    unit: Unit, names: NameAuthority, q: np.ndarray, scales: np.ndarray, d: int, block_size: int
+) -> None:
+    w = unit.weight
+    graph = w.graph
+    packed = _pack_uint4((q[:, :d] + 8).astype(np.uint8))
+    data = _initializer(graph, names, f"{w.name}_int4", packed)
+    s_value = _initializer(graph, names, f"{w.name}_scales", scales)
+    for use in unit.uses:
+        node = use.node
+        attrs = [
+            ir.AttrInt64("gather_axis", 0),
+            ir.AttrInt64("quantize_axis", 1),
+            ir.AttrInt64("block_size", block_size),
+            ir.AttrInt64("bits", 4),
+        ]
+        base = node.name or "Gather"
+        out = ir.Value(name=names.fresh(f"{base}_int4"))
+        new = ir.Node(
+            MS_DOMAIN,
+            "GatherBlockQuantized",
+            [data, node.inputs[1], s_value],
+            attrs,
+            outputs=[out],
+            name=names.fresh(f"{base}_GatherBlockQuantized"),
+        )
+        _replace_node(node, [new], out)
+    _drop_float(unit)
+
+
+def _drop_float(unit: Unit) -> None:
+    """Remove the float weight once nothing reads it."""
+    w = unit.weight
+    if w.value.uses():
+        return
+    if w.kind == "initializer":
+        w.graph.initializers.pop(w.value.name or "", None)
+    elif w.node is not None:
+        w.graph.remove(w.node, safe=True)
+
+
+def _int4_qdq(
+    unit: Unit,
+    names: NameAuthority,
+    writer: _Writer,
+    q_layout: np.ndarray,
+    s_layout: np.ndarray,
+    axis: int,
+    block_size: int,
+) -> None:
+    """A block-wise opset-21 DequantizeLinear of an INT4 tensor in front of the readers."""
+    w = unit.weight
+    q_value, const_node = _store_quantized(unit, names, q_layout.astype(ml_dtypes.int4), writer)
+    out = _value(names, f"{w.name}_dequantized", w.dtype, w.shape)
+    if const_node is not None:
+        s_node, s_value = _constant(names, f"{w.name}_scale", s_layout)
+        nodes = [s_node]
+    else:
+        s_value, nodes = _initializer(w.graph, names, f"{w.name}_scale", s_layout), []
+    attrs = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", block_size)]
+    nodes.append(
+        ir.Node(
+            "",
+            "DequantizeLinear",
+            [q_value, s_value],
+            attrs,
+            outputs=[out],
+            name=names.fresh(f"{w.name}_DequantizeLinear"),
+        )
+    )
+    writer.place(w.graph, nodes, after=const_node)
+    _retire(unit, out)
+
+
+def quantize_int4(
+    model: ir.Model,
+    units: Sequence[Unit],
+    names: NameAuthority,
+    *,
+    block_size: int,
+    fmt: str,
+    accuracy_level: int,
+) -> Emitted:
+    """Quantize ``units`` (planned on this very model, 2-D weights) to block-wise int4 in place.
+
+    Args:
+        model: The model (modified); for ``qdq`` it must already be at opset 21.
+        units: What to quantize.
+        names: Fresh names.
+        block_size: Values per block along the reduction axis.
+        fmt: ``nbits`` (MatMulNBits / GatherBlockQuantized) or ``qdq``.
+        accuracy_level: MatMulNBits ``accuracy_level``.
+    """
+    writer = _Writer()
+    changes: list[Change] = []
+    storages: set[str] = set()
+    if fmt == "nbits" and units and MS_DOMAIN not in model.opset_imports:
+        model.opset_imports[MS_DOMAIN] = 1
+    for unit in units:
+        w = unit.weight
+        arr = w.numpy()
+        axis = unit.axis
+        assert axis is not None and arr.ndim == 2
+        # rows = output channels (or table rows), columns = the reduction axis, blocked
+        wt = arr.T if axis == 0 else arr
+        n, k = wt.shape
+        scale_dtype = np.dtype(w.dtype.numpy())
+        q, scales = block_int4(wt, block_size, scale_dtype)
+        restored = _dequant_int4(q, scales, block_size, k)
+        snr = _snr_db(np.asarray(wt), restored)
+        del restored
+        gather = unit.uses[0].kind == "gather"
+        if fmt == "nbits":
+            if gather:
+                _int4_nbits_gather(unit, names, q, scales, k, block_size)
+                storage = "GatherBlockQuantized"
+            else:
+                _int4_nbits_matmul(unit, names, q, scales, n, k, block_size, accuracy_level)
+                storage = "MatMulNBits"
+            bytes_after = (n * (-(-k // 2)) if gather else q.size // 2) + scales.nbytes
+        else:
+            q_layout, s_layout = (q[:, :k].T, scales.T) if axis == 0 else (q[:, :k], scales)
+            _int4_qdq(
+                unit,
+                names,
+                writer,
+                np.ascontiguousarray(q_layout),
+                np.ascontiguousarray(s_layout),
+                axis,
+                block_size,
+            )
+            storage = "DequantizeLinear"
+            bytes_after = -(-q_layout.size // 2) + scales.nbytes
+        storages.add(storage)
+        changes.append(
+            Change(
+                node=unit.layer,
+                op_type=unit.op_type,
+                what=f"int4 blocks of {block_size} along axis {axis} ({storage})",
+                params_before=w.size,
+                params_after=w.size,
+                details={
+                    "weight": w.name,
+                    "dtype": dtype_name(w.dtype),
+                    "shape": list(w.shape),
+                    "block_axis": axis,
+                    "block_size": block_size,
+                    "storage": storage,
+                    "bytes_before": w.nbytes,
+                    "bytes_after": int(bytes_after),
+                    "weight_snr_db": snr,
+                    "location": w.kind if w.graph is model.graph else f"{w.kind} in subgraph {w.graph.name}",
+                },
+            )
+        )
+    return Emitted(tuple(changes), frozenset(storages))
