@@ -483,7 +483,8 @@ def quantize(
         Literal["int8", "int4", "fp16", "dynamic", "static"],
         typer.Option(
             "--mode",
-            help="int8: weight-only per channel (default); int4: weight-only block-wise for MatMul/Gemm/Gather.",
+            help="int8: weight-only per channel (default); int4: weight-only block-wise for MatMul/Gemm/Gather; "
+            "fp16: weights and compute in float16.",
             rich_help_panel=_QUANT,
         ),
     ] = "int8",

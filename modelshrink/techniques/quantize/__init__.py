@@ -34,6 +34,7 @@ import onnx_ir as ir
 from modelshrink.graph import NameAuthority
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.config import QuantizeConfig
+from modelshrink.techniques.quantize.fp16 import FLOAT32_OPS, convert_fp16
 from modelshrink.techniques.quantize.opset import raise_opset
 from modelshrink.techniques.quantize.plan import Plan, Unit, make_plan
 from modelshrink.techniques.quantize.weightonly import Emitted, default_opset, quantize_int4, quantize_int8
@@ -132,6 +133,26 @@ def _int4_notes(config: QuantizeConfig, emitted: Emitted) -> list[str]:
     ]
 
 
+def _fp16(model: ir.Model, config: QuantizeConfig) -> TechniqueResult:
+    model = model.clone()
+    done = convert_fp16(model, config)
+    kept = ", ".join(f"{op} x{n}" for op, n in sorted(done.float32_nodes.items()))
+    notes = [
+        f"{done.float16_nodes} node(s) run in float16; model inputs and outputs stay float32; "
+        f"{done.casts} Cast(s) at float32/float16 boundaries"
+        + (f"; kept in float32: {kept}" if kept else ""),
+        "onnxruntime's CPU provider has few float16 kernels and runs the rest in float32 behind "
+        "Casts it inserts, so expect no speed-up on CPU: float16 pays off on GPUs",
+    ]
+    details = {
+        "float16_nodes": done.float16_nodes,
+        "float32_nodes": dict(sorted(done.float32_nodes.items())),
+        "casts": done.casts,
+        "float32_ops": sorted(FLOAT32_OPS),
+    }
+    return TechniqueResult(model, tuple(done.changes), tuple(done.skipped), tuple(notes), details)
+
+
 def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
     """Quantize ``model`` as ``config`` says; the input model is never modified.
 
@@ -143,6 +164,8 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
     Returns:
         The quantized model with what changed, what was skipped and why, and notes.
     """
+    if config.mode == "fp16":
+        return _fp16(model, config)
     base, notes = _prepare(model, config)
     result, plan, emitted = _apply_units(base, config, None)
     notes += _weight_only_notes(base, config, emitted)
