@@ -330,7 +330,7 @@ def run_technique(
         size_ratio = res_stats.size_bytes / orig_stats.size_bytes if orig_stats.size_bytes else None
         gates = _gate_results(options, fidelity, size_ratio, latency)
         passed = all(g.passed for g in gates)
-        if passed:
+        if passed and result.write:
             with timer.phase("write"):
                 staged.commit()
     finally:
@@ -351,7 +351,7 @@ def run_technique(
         warnings=feeds.warnings,
         settings=settings,
         output=target.label,
-        written=passed,
+        written=passed and result.write,
         timings_s=timer.done(),
     )
 
