@@ -531,6 +531,23 @@ def quantize(
             "--min-elements", help="Leave weights with fewer elements in float.", rich_help_panel=_QUANT
         ),
     ] = 1024,
+    sensitivity: Annotated[
+        bool,
+        typer.Option(
+            "--sensitivity",
+            help="Quantize one layer at a time and print each layer's cost; write nothing.",
+            rich_help_panel=_QUANT,
+        ),
+    ] = False,
+    fallback: Annotated[
+        bool,
+        typer.Option(
+            "--fallback/--no-fallback",
+            help="With --max-error/--min-cosine/--min-agreement: keep the most damaging layers in float "
+            "until the gates pass.",
+            rich_help_panel=_QUANT,
+        ),
+    ] = True,
     force: ForceOpt = False,
     external_data: ExternalDataOpt = None,
     data: DataOpt = None,
@@ -560,7 +577,9 @@ def quantize(
         "quantize",
         techniques.TECHNIQUES["quantize"],
         lambda: QuantizeConfig(
-            mode=mode, block_size=block_size, format=format_, op_types=_split_list(op_types), exclude=_split_list(exclude) or (), min_elements=min_elements
+            mode=mode, block_size=block_size, format=format_, op_types=_split_list(op_types),
+            exclude=_split_list(exclude) or (), min_elements=min_elements, sensitivity=sensitivity,
+            fallback=fallback,
         ),
         src,
         output,

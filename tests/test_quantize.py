@@ -21,6 +21,7 @@ from modelshrink import io
 from modelshrink.cli import app
 from modelshrink.errors import ConfigError
 from modelshrink.feeds import load_feeds
+from modelshrink.gates import Gates
 from modelshrink.pipeline import RunOptions, run_technique
 from modelshrink.techniques import TECHNIQUES
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
@@ -180,6 +181,136 @@ def test_gemm_transposes_and_conv_transpose_axes() -> None:
     assert axes == {"A": 1, "B": 0, "T": 1}
     x = rng.standard_normal((2, 32)).astype(np.float32)
     _toy_close(_run(proto, {"x": x}), _run(out, {"x": x}))
+
+
+# --- tolerance-driven fallback and --sensitivity ----------------------------------------------------
+
+TRANSFORMER = str(SAMPLES / "tiny_transformer.onnx")
+INT4_GATE = 0.3  # plain int4 measures 0.60 on the held-out data; the search must get under it
+
+
+def test_fallback_meets_a_gate_plain_quantization_misses(tmp_path: Path) -> None:
+    gates = Gates(max_error=INT4_GATE)
+    plain = run_technique(
+        "quantize",
+        quantize,
+        QuantizeConfig(mode="int4", fallback=False),
+        TRANSFORMER,
+        str(tmp_path / "plain.onnx"),
+        _opts("tiny_transformer", gates=gates),
+    )
+    assert not plain.passed and not plain.written
+    report = run_technique(
+        "quantize",
+        quantize,
+        QuantizeConfig(mode="int4"),
+        TRANSFORMER,
+        str(tmp_path / "q.onnx"),
+        _opts("tiny_transformer", gates=gates),
+    )
+    assert report.passed and report.written
+    assert report.fidelity is not None and report.fidelity.max_abs_error <= INT4_GATE
+    fallback = report.details["fallback"]
+    kept = fallback["kept_in_float"]
+    assert fallback["target_met"] and 0 < len(kept) < 13
+    assert kept[0] == "tok_emb_gather"  # the most damaging layer, by the sensitivity table
+    assert len(report.changes) == 13 - len(kept)
+    kept_skips = [s for s in report.skipped if "kept in float by the tolerance search" in s.reason]
+    assert [s.node for s in kept_skips] == kept
+    rows = report.details["sensitivity"]
+    assert len(rows) == 13 and rows[0]["layer"] == "tok_emb_gather"
+    assert [r["cost"] for r in rows] == sorted((r["cost"] for r in rows), reverse=True)
+    assert any("tolerance search: " in n for n in report.notes)
+    assert report.result.size_bytes < report.original.size_bytes * INT8_SIZE_RATIO["tiny_transformer"]
+
+
+def test_fallback_says_when_the_target_cannot_be_met(tmp_path: Path) -> None:
+    report = run_technique(
+        "quantize",
+        quantize,
+        QuantizeConfig(),
+        str(SAMPLES / "digits_mlp.onnx"),
+        str(tmp_path / "q.onnx"),
+        _opts("digits_mlp", gates=Gates(max_error=1e-6)),
+    )
+    assert not report.passed and not report.written
+    assert report.details["fallback"]["target_met"] is False
+    assert any("cannot be met" in n for n in report.notes)
+
+
+def test_fallback_not_needed_when_gates_pass(tmp_path: Path) -> None:
+    report = run_technique(
+        "quantize",
+        quantize,
+        QuantizeConfig(),
+        str(SAMPLES / "digits_cnn.onnx"),
+        str(tmp_path / "q.onnx"),
+        _opts("digits_cnn", gates=Gates(min_agreement=0.99, min_cosine=0.999)),
+    )
+    assert report.passed and report.written and "fallback" not in report.details
+    assert any("no layer had to stay in float" in n for n in report.notes)
+
+
+def test_min_agreement_without_class_output_is_a_usage_error(tmp_path: Path) -> None:
+    rng = np.random.default_rng(14)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["hidden"], name="mm")],
+        "hidden",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, 4, 64])],
+        [models.init("W", rng.standard_normal((64, 64)).astype(np.float32))],
+    )
+    src = models.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "h.onnx"
+    )
+    with pytest.raises(ConfigError, match="class scores"):
+        run_technique(
+            "quantize",
+            quantize,
+            QuantizeConfig(),
+            str(src),
+            str(tmp_path / "o.onnx"),
+            _opts(gates=Gates(min_agreement=0.9)),
+        )
+
+
+def test_cli_sensitivity_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(
+        app,
+        [
+            "quantize",
+            TRANSFORMER,
+            "-o",
+            str(out),
+            "--mode",
+            "int4",
+            "--sensitivity",
+            "--data",
+            str(SAMPLES / "tiny_transformer.npz"),
+            "--samples",
+            "32",
+            "--no-latency",
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert not out.exists() and "analysis only" in result.stderr
+    assert "tok_emb_gather" in result.stderr and "SNR dB" in result.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["output"]["written"] is False and len(doc["details"]["sensitivity"]) == 13
+    assert doc["changes"] == []
+
+
+def test_cli_fallback_flag(tmp_path: Path) -> None:
+    base = ["quantize", TRANSFORMER, "-o", str(tmp_path / "q.onnx"), "--mode", "int4", "--no-latency", "-q"]
+    gate = ["--data", str(SAMPLES / "tiny_transformer.npz"), "--samples", "64", "--max-error", str(INT4_GATE)]
+    assert CliRunner().invoke(app, [*base, *gate, "--no-fallback"]).exit_code == 3
+    assert not (tmp_path / "q.onnx").exists()
+    assert CliRunner().invoke(app, [*base, *gate]).exit_code == 0
+    assert (tmp_path / "q.onnx").exists()
+    assert CliRunner().invoke(app, [*base, "--sensitivity", "--mode", "fp16"]).exit_code == 2
 
 
 # --- int4 ------------------------------------------------------------------------------------------
@@ -709,6 +840,7 @@ def test_cli_gate_failure_writes_nothing(tmp_path: Path, snapshot) -> None:
             str(out_dir / "q.onnx"),
             "--max-error",
             "1e-6",
+            "--no-fallback",
             "--no-latency",
             "--json",
             "-q",

@@ -28,15 +28,24 @@ damaging layers in float until the gates pass (see ``search.py``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import onnx_ir as ir
 
 from modelshrink.graph import NameAuthority
-from modelshrink.techniques.base import TechniqueContext, TechniqueResult
+from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.fp16 import FLOAT32_OPS, convert_fp16
 from modelshrink.techniques.quantize.opset import raise_opset
 from modelshrink.techniques.quantize.plan import Plan, Unit, make_plan
+from modelshrink.techniques.quantize.search import (
+    Scored,
+    check_agreement_gate,
+    fallback_search,
+    format_table,
+    passes,
+    score_units,
+)
 from modelshrink.techniques.quantize.weightonly import Emitted, default_opset, quantize_int4, quantize_int8
 
 __all__ = ["QuantizeConfig", "quantize"]
@@ -169,9 +178,105 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
     base, notes = _prepare(model, config)
     result, plan, emitted = _apply_units(base, config, None)
     notes += _weight_only_notes(base, config, emitted)
+    if config.sensitivity:
+        return _sensitivity_only(base, config, context, result, plan, emitted, notes)
+    if config.fallback and context.gates.fidelity_gates and plan.units:
+        return _with_fallback(base, config, context, result, plan, emitted, notes)
+    return TechniqueResult(model=result, changed=emitted.changes, skipped=plan.skipped, notes=tuple(notes))
+
+
+def _builder(base: ir.Model, config: QuantizeConfig) -> Callable[[frozenset[int]], ir.Model]:
+    def build(keep: frozenset[int]) -> ir.Model:
+        return _apply_units(base, config, keep)[0]
+
+    return build
+
+
+def _table_rows(ranked: list[Scored]) -> list[dict[str, object]]:
+    return [s.row() for s in ranked]
+
+
+def _sensitivity_only(
+    base: ir.Model,
+    config: QuantizeConfig,
+    context: TechniqueContext,
+    result: ir.Model,
+    plan: Plan,
+    emitted: Emitted,
+    notes: list[str],
+) -> TechniqueResult:
+    """Score every layer alone; report the full quantization's figures; write nothing."""
+    ranked = score_units(plan.units, _builder(base, config), context)
+    table = format_table(ranked, with_cost=context.gates.fidelity_gates)
+    notes = [
+        "--sensitivity: each layer quantized alone, most damaging first; the report's figures are "
+        "for every layer quantized; nothing is written\n" + table,
+        *notes,
+    ]
+    del emitted  # the table lists every layer; the report's figures are the full quantization's
     return TechniqueResult(
         model=result,
-        changed=emitted.changes,
         skipped=plan.skipped,
         notes=tuple(notes),
+        details={"sensitivity": _table_rows(ranked)},
+        write=False,
     )
+
+
+def _with_fallback(
+    base: ir.Model,
+    config: QuantizeConfig,
+    context: TechniqueContext,
+    result: ir.Model,
+    plan: Plan,
+    emitted: Emitted,
+    notes: list[str],
+) -> TechniqueResult:
+    """Keep the most damaging layers in float until the fidelity gates pass."""
+    full = context.evaluate(result)
+    check_agreement_gate(full, context.gates)
+    if passes(full, context.gates):
+        notes.append("every layer quantized passes the fidelity gates: no layer had to stay in float")
+        return TechniqueResult(result, emitted.changes, plan.skipped, tuple(notes))
+    build = _builder(base, config)
+    ranked = score_units(plan.units, build, context)
+    search = fallback_search(ranked, build, context, full)
+    details: dict[str, object] = {
+        "sensitivity": _table_rows(ranked),
+        "fallback": {
+            "target_met": search.met,
+            "kept_in_float": [s.unit.layer for s in search.kept],
+            "evaluations": len(ranked) + search.evaluations + 1,
+        },
+    }
+    table = format_table(ranked, with_cost=True)
+    if not search.met:
+        notes.insert(
+            0,
+            "the fidelity gates cannot be met by keeping layers in float: even with only the least "
+            f"damaging layer ('{ranked[-1].unit.layer}') quantized the model fails them; the result "
+            "below quantizes every layer. Per-layer cost (each layer quantized alone):\n" + table,
+        )
+        return TechniqueResult(result, emitted.changes, plan.skipped, tuple(notes), details)
+    kept = {s.unit.index for s in search.kept}
+    chosen, _, chosen_emitted = _apply_units(base, config, frozenset(u.index for u in plan.units) - kept)
+    skips = list(plan.skipped)
+    for s in search.kept:
+        f = s.fidelity
+        skips.append(
+            Skip(
+                s.unit.layer,
+                s.unit.op_type,
+                f"'{s.unit.weight.name}': kept in float by the tolerance search (quantized alone: max |err| "
+                f"{f.max_abs_error:.4g}, cosine {f.cosine:.6f}"
+                + (f", top-1 {f.top1_agreement:.2%}" if f.top1_agreement is not None else "")
+                + f"; cost {s.cost:.3g} of the gates' allowance)",
+            )
+        )
+    notes.insert(
+        0,
+        f"tolerance search: {len(search.kept)} of {len(ranked)} layer(s) kept in float to pass the "
+        f"fidelity gates: {', '.join(s.unit.layer for s in search.kept)}. Per-layer cost (each layer "
+        "quantized alone):\n" + table,
+    )
+    return TechniqueResult(chosen, chosen_emitted.changes, tuple(skips), tuple(notes), details)
