@@ -484,7 +484,8 @@ def quantize(
         typer.Option(
             "--mode",
             help="int8: weight-only per channel (default); int4: weight-only block-wise for MatMul/Gemm/Gather; "
-            "fp16: weights and compute in float16.",
+            "fp16: weights and compute in float16; dynamic: int8 MatMul/Gemm with activations quantized at "
+            "run time; static: QDQ int8 calibrated on --data.",
             rich_help_panel=_QUANT,
         ),
     ] = "int8",
@@ -503,6 +504,15 @@ def quantize(
             "--format",
             help="int8: qdq (DequantizeLinear, default) or cast (Cast+Mul, folded at load). "
             "int4: nbits (MatMulNBits, default) or qdq (opset-21 DequantizeLinear).",
+            rich_help_panel=_QUANT,
+            show_default=False,
+        ),
+    ] = None,
+    calibration: Annotated[
+        Literal["minmax", "percentile", "entropy"] | None,
+        typer.Option(
+            "--calibration",
+            help="static: how activation ranges are set from --data (default minmax).",
             rich_help_panel=_QUANT,
             show_default=False,
         ),
@@ -579,7 +589,7 @@ def quantize(
         lambda: QuantizeConfig(
             mode=mode, block_size=block_size, format=format_, op_types=_split_list(op_types),
             exclude=_split_list(exclude) or (), min_elements=min_elements, sensitivity=sensitivity,
-            fallback=fallback,
+            fallback=fallback, calibration=calibration,
         ),
         src,
         output,

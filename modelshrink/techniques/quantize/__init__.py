@@ -27,6 +27,7 @@ damaging layers in float until the gates pass (see ``search.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -35,6 +36,7 @@ import onnx_ir as ir
 from modelshrink.graph import NameAuthority
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.config import QuantizeConfig
+from modelshrink.techniques.quantize.dynamic import quantize_dynamic
 from modelshrink.techniques.quantize.fp16 import FLOAT32_OPS, convert_fp16
 from modelshrink.techniques.quantize.opset import raise_opset
 from modelshrink.techniques.quantize.plan import Plan, Unit, make_plan
@@ -46,6 +48,7 @@ from modelshrink.techniques.quantize.search import (
     passes,
     score_units,
 )
+from modelshrink.techniques.quantize.static import quantize_static_qdq
 from modelshrink.techniques.quantize.weightonly import Emitted, default_opset, quantize_int4, quantize_int8
 
 __all__ = ["QuantizeConfig", "quantize"]
@@ -80,7 +83,9 @@ def _apply_units(
     plan = make_plan(model, config)
     units: list[Unit] = [u for u in plan.units if keep is None or u.index in keep]
     names = NameAuthority(model)
-    if config.mode == "int4":
+    if config.mode == "dynamic":
+        emitted = quantize_dynamic(model, units, names)
+    elif config.mode == "int4":
         emitted = quantize_int4(
             model,
             units,
@@ -101,6 +106,13 @@ def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted
         return notes
     if config.mode == "int4":
         notes.extend(_int4_notes(config, emitted))
+        return notes
+    if config.mode == "dynamic":
+        notes.append(
+            "dynamic: weights are int8 per output channel; each MatMul/Gemm input is quantized to "
+            "uint8 per tensor at run time (DynamicQuantizeLinear + MatMulInteger, fused by onnxruntime); "
+            "Conv stays in float (onnxruntime's ConvInteger is generally slower than float Conv on CPU)"
+        )
         return notes
     notes.append(
         "weight-only int8: weights are stored in int8 and turned back into float at run time, so "
@@ -142,6 +154,17 @@ def _int4_notes(config: QuantizeConfig, emitted: Emitted) -> list[str]:
     ]
 
 
+def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
+    out, changes, skips, notes = quantize_static_qdq(model, config, context)
+    if context.gates.fidelity_gates and config.fallback:
+        notes.append(
+            "the per-layer tolerance search covers --mode int8, int4 and dynamic; for static, "
+            "--exclude the layers that hurt (--mode dynamic --sensitivity ranks them)"
+        )
+    done = TechniqueResult(out, tuple(changes), tuple(skips), tuple(notes))
+    return _check_speed(model, done, context) if changes else done
+
+
 def _fp16(model: ir.Model, config: QuantizeConfig) -> TechniqueResult:
     model = model.clone()
     done = convert_fp16(model, config)
@@ -175,14 +198,59 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
     """
     if config.mode == "fp16":
         return _fp16(model, config)
+    if config.mode == "static":
+        return _static(model, config, context)
     base, notes = _prepare(model, config)
     result, plan, emitted = _apply_units(base, config, None)
     notes += _weight_only_notes(base, config, emitted)
     if config.sensitivity:
         return _sensitivity_only(base, config, context, result, plan, emitted, notes)
     if config.fallback and context.gates.fidelity_gates and plan.units:
-        return _with_fallback(base, config, context, result, plan, emitted, notes)
-    return TechniqueResult(model=result, changed=emitted.changes, skipped=plan.skipped, notes=tuple(notes))
+        done = _with_fallback(base, config, context, result, plan, emitted, notes)
+    else:
+        done = TechniqueResult(
+            model=result, changed=emitted.changes, skipped=plan.skipped, notes=tuple(notes)
+        )
+    if config.mode == "dynamic" and done.changed:
+        done = _check_speed(model, done, context)
+    return done
+
+
+# Interleaved timed runs of original and result when dynamic quantization is chosen; a short
+# budget, enough to tell "slower" from "faster" on a model where it matters.
+SPEED_CHECK_BUDGET_S = 1.0
+# Below this speedup the check calls the result slower (the rest is machine noise).
+SLOWER_BELOW = 0.97
+_MODE_WORDS = {"dynamic": "dynamic quantization", "static": "static quantization"}
+
+
+def done_mode(done: TechniqueResult) -> str:
+    """``static`` when the result came from the QDQ path, else ``dynamic``."""
+    return "static" if any(c.details.get("storage") == "QDQ" for c in done.changed) else "dynamic"
+
+
+def _check_speed(original: ir.Model, done: TechniqueResult, context: TechniqueContext) -> TechniqueResult:
+    """Time original and result once; say so in a note when the result is slower."""
+    from modelshrink.measure import measure_latency
+    from modelshrink.pipeline import session_for_model  # lazy: the pipeline imports techniques
+
+    sessions = [
+        session_for_model(original, context.runtime, label="original"),
+        session_for_model(done.model, context.runtime, label="dynamic candidate"),
+    ]
+    stats = measure_latency(sessions, context.feeds.samples[0], budget_s=SPEED_CHECK_BUDGET_S)
+    speedup = stats[0].p50_ms / stats[1].p50_ms if stats[1].p50_ms > 0 else float("inf")
+    notes = list(done.notes)
+    if speedup < SLOWER_BELOW:
+        notes.insert(
+            0,
+            f"{_MODE_WORDS[done_mode(done)]} made this model slower here ({1 / speedup:.2f}x the original's latency "
+            f"in a {SPEED_CHECK_BUDGET_S:g} s check): quantizing activations at run time costs more "
+            "than small layers save; --mode int8 shrinks the file without run-time cost, and "
+            "--min-speedup turns slowness into a failure",
+        )
+    details = {**done.details, "speed_check": {"speedup": round(speedup, 4), "runs": stats[0].runs}}
+    return dataclasses.replace(done, notes=tuple(notes), details=details)
 
 
 def _builder(base: ir.Model, config: QuantizeConfig) -> Callable[[frozenset[int]], ir.Model]:

@@ -94,8 +94,10 @@ class QuantizeConfig:
                 raise ConfigError(
                     f"--calibration must be one of {', '.join(get_args(Calibration))}, got '{self.calibration}'"
                 )
-        if self.sensitivity and self.mode not in ("int8", "int4"):
-            raise ConfigError(f"--sensitivity applies to --mode int8 and int4 (got --mode {self.mode})")
+        if self.sensitivity and self.mode not in ("int8", "int4", "dynamic"):
+            raise ConfigError(
+                f"--sensitivity applies to --mode int8, int4 and dynamic (got --mode {self.mode})"
+            )
         if self.min_elements < 0:
             raise ConfigError(f"--min-elements must be >= 0, got {self.min_elements}")
         if self.op_types is not None:

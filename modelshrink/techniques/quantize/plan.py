@@ -152,6 +152,22 @@ def _role_int4(node: ir.Node, index: int, shape: tuple[int, ...], config: Quanti
     return f"{op} is not quantized by --mode int4 (MatMul, Gemm, Gather only; use --mode int8)"
 
 
+def _role_dynamic(node: ir.Node, index: int, shape: tuple[int, ...]) -> Use | str:
+    """dynamic: MatMul/Gemm second input, 2-D; the axis is the output-channel axis N."""
+    op = op_key(node)
+    if op == "Gemm" and index == 2:
+        return "bias (C) of Gemm: kept in float"
+    if index != 1:
+        return f"{op} with a constant first input: dynamic quantization handles constant second inputs"
+    if len(shape) != 2:
+        return f"{op} weight of rank {len(shape)}: dynamic quantization handles 2-D weights"
+    if op == "Gemm":
+        if _attr_int(node, "transA", 0):
+            return "Gemm with transA=1: not handled by dynamic quantization"
+        return Use(node, index, 0 if _attr_int(node, "transB", 0) else 1, "matmul")
+    return Use(node, index, 1, "matmul")
+
+
 def excluded_by(patterns: Sequence[str], *names: str) -> str | None:
     """The first ``--exclude`` pattern matching any of ``names`` (glob, case-sensitive)."""
     for pattern in patterns:
@@ -164,13 +180,16 @@ def excluded_by(patterns: Sequence[str], *names: str) -> str | None:
 def _uses(w: Weight, relevant: list[tuple[ir.Node, int]], config: QuantizeConfig) -> list[Use] | str:
     if config.mode == "int4" and w.dtype == ir.DataType.BFLOAT16:
         return "bfloat16 weights: int4 handles float32 and float16 weights (use --mode int8)"
+    if config.mode == "dynamic" and w.dtype != ir.DataType.FLOAT:
+        return f"{w.dtype.name.lower()} weights: dynamic quantization needs float32 (DynamicQuantizeLinear)"
     uses: list[Use] = []
     for node, slot in relevant:
-        role = (
-            _role_int4(node, slot, w.shape, config)
-            if config.mode == "int4"
-            else _role_int8(node, slot, len(w.shape))
-        )
+        if config.mode == "int4":
+            role = _role_int4(node, slot, w.shape, config)
+        elif config.mode == "dynamic":
+            role = _role_dynamic(node, slot, w.shape)
+        else:
+            role = _role_int8(node, slot, len(w.shape))
         if isinstance(role, str):
             return role
         uses.append(role)
