@@ -48,7 +48,7 @@ TOY_FP16_MAX_ERROR = 0.02
 # dynamic (per-tensor uint8 activations) on the held-out data (measured: 0.03-0.10, >= 0.999988).
 DYNAMIC_MAX_ERROR = 0.3
 DYNAMIC_MIN_COSINE = 0.9999
-DYNAMIC_SIZE_RATIO = {"digits_mlp": 0.29, "digits_cnn": 0.52, "tiny_transformer": 0.37}
+DYNAMIC_SIZE_RATIO = {"digits_mlp": 0.29, "digits_cnn": 0.28, "tiny_transformer": 0.34}
 # static QDQ, minmax calibration on the CNN's held-out data (measured 0.33, 0.99994).
 STATIC_MAX_ERROR = 0.6
 STATIC_MIN_COSINE = 0.9995
@@ -533,11 +533,14 @@ def test_dynamic_samples(tmp_path: Path, sample: str) -> None:
     assert f is not None and f.max_abs_error <= DYNAMIC_MAX_ERROR and f.cosine >= DYNAMIC_MIN_COSINE
     assert f.top1_agreement == 1.0
     ops = _ops(out)
-    assert ops["MatMulInteger"] == len(report.changes) > 0
+    storages = Counter(c.details["storage"] for c in report.changes)
+    assert ops["MatMulInteger"] == storages["MatMulInteger"] > 0
     if sample == "tiny_transformer":  # q/k/v share one quantized activation: 4 per block
         assert ops["DynamicQuantizeLinear"] == 8 and ops["MatMulInteger"] == 12
-    if sample == "digits_cnn":
-        assert ops["ConvInteger"] == 0 and ops["Conv"] == 4  # Conv stays float
+        assert storages["Gather+Cast+Mul"] == 1  # the token table, as in --mode int8
+    if sample == "digits_cnn":  # Conv computes in float; its weights are int8 behind Cast + Mul
+        assert ops["ConvInteger"] == 0 and ops["Conv"] == 4
+        assert storages["Cast+Mul"] == 3
     check = report.details["speed_check"]
     assert check["speedup"] > 0 and check["runs"] >= 7
     slower = any("made this model slower" in n for n in report.notes)

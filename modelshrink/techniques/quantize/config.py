@@ -33,7 +33,7 @@ MODE_OPS: dict[str, tuple[str, ...]] = {
     "int8": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
     "int4": ("MatMul", "Gemm", "Gather"),
     "fp16": (),  # every op that is safe in float16; see fp16.py
-    "dynamic": ("MatMul", "Gemm"),
+    "dynamic": ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose"),
     "static": ("Conv", "MatMul", "Gemm"),
 }
 

@@ -26,10 +26,8 @@ from modelshrink.techniques.base import Change
 from modelshrink.techniques.quantize.plan import Unit
 from modelshrink.techniques.quantize.weightonly import (
     Emitted,
-    _bshape,
-    _float32,
     _initializer,
-    _snr_db,
+    _release,
     _Writer,
     symmetric_int8,
 )
@@ -89,15 +87,16 @@ def quantize_dynamic(model: ir.Model, units: Sequence[Unit], names: NameAuthorit
         arr = np.asarray(w.numpy())
         axis = unit.axis
         assert axis is not None and arr.ndim == 2
-        wk = arr.T if axis == 0 else arr  # [K, N]
-        q, scale = symmetric_int8(wk, 1, np.dtype(np.float32))
-        snr = _snr_db(wk, q.astype(np.float32) * _float32(scale).reshape(_bshape(2, 1)))
+        quantized = symmetric_int8(arr, axis, np.dtype(np.float32))
+        del arr
+        _release(w.tensor)
+        q = quantized.q.T if axis == 0 else quantized.q  # MatMulInteger reads [K, N]
+        scale, snr = quantized.scale, quantized.snr_db
         graph_w = w.graph
         q_value = _initializer(graph_w, names, f"{w.name}_quantized", np.ascontiguousarray(q))
         s_value = _initializer(graph_w, names, f"{w.name}_scale", scale)
-        zp_value = _initializer(graph_w, names, f"{w.name}_zero_point", np.zeros(scale.shape, np.int8))
         for use in unit.uses:
-            _rewrite(use.node, acts, names, q_value, s_value, zp_value, scale)
+            _rewrite(use.node, acts, names, q_value, s_value, scale)
         if not w.value.uses():
             if w.kind == "initializer":
                 graph_w.initializers.pop(w.value.name or "", None)
@@ -116,7 +115,7 @@ def quantize_dynamic(model: ir.Model, units: Sequence[Unit], names: NameAuthorit
                     "shape": list(w.shape),
                     "storage": "MatMulInteger",
                     "bytes_before": w.nbytes,
-                    "bytes_after": int(q.nbytes + 2 * scale.nbytes),
+                    "bytes_after": int(q.nbytes + scale.nbytes),
                     "weight_snr_db": snr,
                 },
             )
@@ -130,7 +129,6 @@ def _rewrite(
     names: NameAuthority,
     q_value: ir.Value,
     s_value: ir.Value,
-    zp_value: ir.Value,
     scale: np.ndarray,
 ) -> None:
     graph = node.graph
@@ -155,7 +153,7 @@ def _rewrite(
         ir.Node(
             "",
             "MatMulInteger",
-            [xq, q_value, xzp, zp_value],
+            [xq, q_value, xzp],
             outputs=[acc],
             name=names.fresh(f"{base}_MatMulInteger"),
         )

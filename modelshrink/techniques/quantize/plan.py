@@ -155,6 +155,8 @@ def _role_int4(node: ir.Node, index: int, shape: tuple[int, ...], config: Quanti
 def _role_dynamic(node: ir.Node, index: int, shape: tuple[int, ...]) -> Use | str:
     """dynamic: MatMul/Gemm second input, 2-D; the axis is the output-channel axis N."""
     op = op_key(node)
+    if op in ("Gather", "Conv", "ConvTranspose"):  # weight-only int8, as --mode int8 does
+        return _role_int8(node, index, len(shape))
     if op == "Gemm" and index == 2:
         return "bias (C) of Gemm: kept in float"
     if index != 1:
@@ -199,8 +201,8 @@ def _uses(w: Weight, relevant: list[tuple[ir.Node, int]], config: QuantizeConfig
             f"shared by {_node_name(a.node)} (axis {a.axis}) and {_node_name(b.node)} "
             f"(axis {b.axis}): no one quantization axis suits both readers"
         )
-    if config.mode == "int4" and len({u.kind for u in uses}) > 1:
-        return "shared by a Gather and a MatMul/Gemm, which need different int4 layouts"
+    if config.mode in ("int4", "dynamic") and len({u.kind for u in uses}) > 1:
+        return f"shared by a Gather and a MatMul/Gemm, which need different {config.mode} layouts"
     return uses
 
 

@@ -26,9 +26,10 @@ block-wise ``DequantizeLinear``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -39,7 +40,15 @@ from modelshrink.graph import NameAuthority, dtype_name
 from modelshrink.techniques.base import Change
 from modelshrink.techniques.quantize.plan import Unit
 
-__all__ = ["Emitted", "block_int4", "default_opset", "quantize_int4", "quantize_int8", "symmetric_int8"]
+__all__ = [
+    "Emitted",
+    "Int8Weight",
+    "block_int4",
+    "default_opset",
+    "quantize_int4",
+    "quantize_int8",
+    "symmetric_int8",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +73,34 @@ def _float32(arr: np.ndarray) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
+def _row_chunks(arr: np.ndarray) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` slices along axis 0 of at most ~_CHUNK_ELEMENTS elements each."""
+    rows = arr.shape[0] if arr.ndim else 1
+    per_row = max(1, arr.size // max(1, rows))
+    step = max(1, _CHUNK_ELEMENTS // per_row)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
 def _absmax(arr: np.ndarray, axis: int | None) -> np.ndarray:
-    """max |arr| per slice along ``axis`` (a scalar array for None), in float32, chunked."""
+    """max |arr| per slice along ``axis`` (a scalar array for None), in float32, by row chunks."""
+    if arr.ndim == 0:
+        return np.abs(np.asarray(arr, np.float32))
+    others = tuple(i for i in range(arr.ndim) if i != axis)
     if axis is None:
-        flat = arr.reshape(-1)
         best = np.float32(0)
-        for start in range(0, flat.size, _CHUNK_ELEMENTS):
-            best = max(best, np.abs(_float32(flat[start : start + _CHUNK_ELEMENTS])).max(initial=0))
+        for start, stop in _row_chunks(arr):
+            best = max(best, np.abs(_float32(arr[start:stop])).max(initial=0))
         return np.asarray(best, dtype=np.float32)
-    moved = np.moveaxis(arr, axis, 0)
-    out = np.empty(moved.shape[0], dtype=np.float32)
-    step = max(1, _CHUNK_ELEMENTS // max(1, moved[0].size))
-    for start in range(0, moved.shape[0], step):
-        part = _float32(moved[start : start + step]).reshape(min(step, moved.shape[0] - start), -1)
-        out[start : start + step] = np.abs(part).max(axis=1, initial=0)
-    return out
+    if axis == 0:
+        out = np.empty(arr.shape[0], dtype=np.float32)
+        for start, stop in _row_chunks(arr):
+            out[start:stop] = np.abs(_float32(arr[start:stop])).max(axis=others, initial=0)
+        return out
+    acc = np.zeros(arr.shape[axis], dtype=np.float32)
+    for start, stop in _row_chunks(arr):
+        np.maximum(acc, np.abs(_float32(arr[start:stop])).max(axis=others, initial=0), out=acc)
+    return acc
 
 
 def _bshape(ndim: int, axis: int | None) -> tuple[int, ...]:
@@ -88,41 +110,64 @@ def _bshape(ndim: int, axis: int | None) -> tuple[int, ...]:
     return tuple(-1 if i == axis else 1 for i in range(ndim))
 
 
-def symmetric_int8(arr: np.ndarray, axis: int | None, scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Int8Weight:
+    """A weight quantized to int8: values, scales (rounded to the weight's type), and its SNR."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    snr_db: float | None
+
+
+def symmetric_int8(arr: np.ndarray, axis: int | None, scale_dtype: np.dtype) -> Int8Weight:
     """Symmetric int8 quantization per slice along ``axis`` (per tensor for None).
 
-    Returns:
-        ``(q, scale)``: int8 values of ``arr``'s shape, and scales (1-D along ``axis``, or a
-        scalar) already rounded to ``scale_dtype`` so that ``q * scale`` is what runs.
+    Works through ``arr`` in row chunks (it may be a memory-mapped external tensor), and
+    measures the quantization's signal-to-noise ratio on the way.
     """
     amax = _absmax(arr, axis)
     scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(scale_dtype)
     s32 = _float32(scale).reshape(_bshape(arr.ndim, axis))
     q = np.empty(arr.shape, dtype=np.int8)
-    if axis is None or arr.ndim == 0:
-        flat_in, flat_out = arr.reshape(-1), q.reshape(-1)
-        for start in range(0, flat_in.size, _CHUNK_ELEMENTS):
-            part = _float32(flat_in[start : start + _CHUNK_ELEMENTS])
-            flat_out[start : start + _CHUNK_ELEMENTS] = np.clip(np.rint(part / s32), -127, 127)
-        return q, scale
-    src, dst = np.moveaxis(arr, axis, 0), np.moveaxis(q, axis, 0)
-    s_moved = np.moveaxis(s32, axis, 0)
-    step = max(1, _CHUNK_ELEMENTS // max(1, src[0].size))
-    for start in range(0, src.shape[0], step):
-        part = _float32(src[start : start + step])
-        dst[start : start + step] = np.clip(np.rint(part / s_moved[start : start + step]), -127, 127)
-    return q, scale
+    signal = noise = 0.0
+    if arr.ndim == 0:
+        chunks: Iterator[tuple[int, int]] = iter([(0, 1)])
+    else:
+        chunks = _row_chunks(arr)
+    for start, stop in chunks:
+        part = _float32(arr[start:stop] if arr.ndim else arr)
+        s = s32[start:stop] if axis == 0 else s32
+        scaled = part / s
+        rounded = np.clip(np.rint(scaled), -127, 127)
+        if arr.ndim:
+            q[start:stop] = rounded
+        else:
+            q[...] = rounded
+        scaled -= rounded
+        scaled *= s  # the error, in the weight's units
+        flat_err, flat_part = scaled.reshape(-1), part.reshape(-1)
+        noise += float(np.dot(flat_err, flat_err))
+        signal += float(np.dot(flat_part, flat_part))
+    snr = round(10 * math.log10(signal / noise), 2) if noise > 0 and signal > 0 else None
+    return Int8Weight(q, scale, snr)
 
 
 def _snr_db(original: np.ndarray, restored: np.ndarray) -> float | None:
     """Signal-to-noise ratio of a weight's quantization, in dB (None when exact)."""
-    ref = original.astype(np.float64).reshape(-1)
-    err = restored.astype(np.float64).reshape(-1) - ref
+    ref = _float32(original).reshape(-1)
+    err = _float32(restored).reshape(-1) - ref
     noise = float(np.dot(err, err))
     if noise == 0:
         return None
     signal = float(np.dot(ref, ref))
     return round(10 * math.log10(signal / noise), 2) if signal > 0 else None
+
+
+def _release(tensor: ir.TensorProtocol) -> None:
+    """Unmap an external tensor's pages once read (it maps itself again if read later)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still views it: leave it mapped
+            tensor.release()
 
 
 def _value(names: NameAuthority, base: str, dtype: ir.DataType, shape: Sequence[int]) -> ir.Value:
@@ -342,13 +387,10 @@ def quantize_int8(
     storages: set[str] = set()
     for unit in units:
         w = unit.weight
-        arr = w.numpy()
         dtype = w.dtype
-        scale_dtype = np.dtype(dtype.numpy())
-        q, scale = symmetric_int8(arr, unit.axis, scale_dtype)
-        restored = q.astype(np.float32) * _float32(scale).reshape(_bshape(q.ndim, unit.axis))
-        snr = _snr_db(arr, restored)
-        del restored
+        quantized = symmetric_int8(w.numpy(), unit.axis, np.dtype(dtype.numpy()))
+        _release(w.tensor)
+        q, scale, snr = quantized.q, quantized.scale, quantized.snr_db
         gather_only = all(u.kind == "gather" for u in unit.uses)
         dq_ok = (
             not cast
@@ -599,9 +641,9 @@ def quantize_int4(
         n, k = wt.shape
         scale_dtype = np.dtype(w.dtype.numpy())
         q, scales = block_int4(wt, block_size, scale_dtype)
-        restored = _dequant_int4(q, scales, block_size, k)
-        snr = _snr_db(np.asarray(wt), restored)
-        del restored
+        snr = _snr_db(wt, _dequant_int4(q, scales, block_size, k))
+        del arr, wt
+        _release(w.tensor)
         gather = unit.uses[0].kind == "gather"
         if fmt == "nbits":
             if gather:
