@@ -919,6 +919,26 @@ def test_input_untouched_and_output_deterministic(tmp_path: Path) -> None:
     assert src.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantizeConfig(mode="int4"),
+        QuantizeConfig(mode="int4", format="qdq"),
+        QuantizeConfig(mode="fp16"),
+        QuantizeConfig(mode="dynamic"),
+        QuantizeConfig(format="cast"),
+    ],
+    ids=["int4", "int4-qdq", "fp16", "dynamic", "int8-cast"],
+)
+def test_every_mode_is_deterministic_and_functional(config: QuantizeConfig) -> None:
+    loaded = io.load_model(TRANSFORMER)
+    before = io.model_bytes(loaded.model)
+    first = quantize(loaded.model, config, _context(loaded.model))
+    second = quantize(loaded.model, config, _context(loaded.model))
+    assert io.model_bytes(first.model) == io.model_bytes(second.model)
+    assert io.model_bytes(loaded.model) == before
+
+
 def test_registered() -> None:
     assert TECHNIQUES["quantize"] is quantize
 

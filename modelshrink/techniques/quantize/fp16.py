@@ -77,6 +77,12 @@ _CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _F32, _F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 
 
+def _retype(value: ir.Value, dtype: ir.DataType) -> None:
+    """Give ``value`` a new tensor type: ``value.dtype = ...`` would mutate a type object that
+    ``Model.clone()`` shares with the caller's model."""
+    value.type = ir.TensorType(dtype)
+
+
 @dataclass
 class Fp16Result:
     """What the conversion did."""
@@ -256,7 +262,7 @@ class _Converter:
             else:
                 assert w.node is not None
                 w.node.attributes["value"] = ir.AttrTensor("value", half)
-            w.value.dtype = _F16
+            _retype(w.value, _F16)
             self.half.add(id(w.value))
             readers = ", ".join(dict.fromkeys(n.name or n.op_type for n, _ in uses))
             self.result.changes.append(
@@ -359,7 +365,7 @@ class _Converter:
         if to is not None and to.as_int() == int(_F32):
             node.attributes["to"] = ir.AttrInt64("to", int(_F16))
             out = node.outputs[0]
-            out.dtype = _F16
+            _retype(out, _F16)
             self.half.add(id(out))
 
     def _half_node(self, node: ir.Node) -> None:
@@ -373,7 +379,7 @@ class _Converter:
                 node.replace_input_with(i, self.cast(value, _F16))
         for out, param in zip(node.outputs, binding.outputs, strict=True):
             if param in switched:
-                out.dtype = _F16
+                _retype(out, _F16)
                 self.half.add(id(out))
 
     def _neutral_node(self, node: ir.Node) -> None:
