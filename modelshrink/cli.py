@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from modelshrink import __version__, io
+from modelshrink import __version__, io, techniques
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
 from modelshrink.feeds import parse_input_shapes
 from modelshrink.gates import Gates
@@ -33,6 +33,7 @@ from modelshrink.report import Report, render_report
 from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques.base import Progress as ProgressSink
 from modelshrink.techniques.base import Technique, silent_progress
+from modelshrink.techniques.quantize import QuantizeConfig
 
 __all__ = ["app", "main"]
 
@@ -462,6 +463,145 @@ def compare(
         with progress_sink(quiet) as progress:
             report = compare_models(original, candidate, options, progress=progress)
         finish(report, json_=json_, report_file=report_file, quiet=quiet)
+
+
+_QUANT = "Quantization"
+
+
+def _split_list(values: list[str] | None) -> tuple[str, ...] | None:
+    """``--op-types MatMul,Gemm --op-types Conv`` -> ``("MatMul", "Gemm", "Conv")``."""
+    if values is None:
+        return None
+    return tuple(v.strip() for item in values for v in item.split(",") if v.strip())
+
+
+@app.command()
+def quantize(
+    src: InputArg,
+    output: OutputOpt,
+    mode: Annotated[
+        Literal["int8", "int4", "fp16", "dynamic", "static"],
+        typer.Option(
+            "--mode",
+            help="int8: weight-only per channel (default); int4: weight-only block-wise for MatMul/Gemm/Gather; "
+            "fp16: weights and compute in float16; dynamic: int8 MatMul/Gemm with activations quantized at "
+            "run time; static: QDQ int8 calibrated on --data.",
+            rich_help_panel=_QUANT,
+        ),
+    ] = "int8",
+    block_size: Annotated[
+        int | None,
+        typer.Option(
+            "--block-size",
+            help="int4: values per block along the reduction axis (power of two >= 16; default 32).",
+            rich_help_panel=_QUANT,
+            show_default=False,
+        ),
+    ] = None,
+    format_: Annotated[
+        Literal["qdq", "cast", "nbits"] | None,
+        typer.Option(
+            "--format",
+            help="int8: qdq (DequantizeLinear, default) or cast (Cast+Mul, folded at load). "
+            "int4: nbits (MatMulNBits, default) or qdq (opset-21 DequantizeLinear).",
+            rich_help_panel=_QUANT,
+            show_default=False,
+        ),
+    ] = None,
+    calibration: Annotated[
+        Literal["minmax", "percentile", "entropy"] | None,
+        typer.Option(
+            "--calibration",
+            help="static: how activation ranges are set from --data (default minmax).",
+            rich_help_panel=_QUANT,
+            show_default=False,
+        ),
+    ] = None,
+    op_types: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--op-types",
+            help="Only quantize weights of these ops, e.g. MatMul,Gemm (repeatable; default: all the mode handles).",
+            rich_help_panel=_QUANT,
+            show_default=False,
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            help="Leave alone: node name, weight name, op type or glob pattern (repeatable).",
+            rich_help_panel=_QUANT,
+            show_default=False,
+        ),
+    ] = None,
+    min_elements: Annotated[
+        int,
+        typer.Option(
+            "--min-elements", help="Leave weights with fewer elements in float.", rich_help_panel=_QUANT
+        ),
+    ] = 1024,
+    sensitivity: Annotated[
+        bool,
+        typer.Option(
+            "--sensitivity",
+            help="Quantize one layer at a time and print each layer's cost; write nothing.",
+            rich_help_panel=_QUANT,
+        ),
+    ] = False,
+    fallback: Annotated[
+        bool,
+        typer.Option(
+            "--fallback/--no-fallback",
+            help="With --max-error/--min-cosine/--min-agreement: keep the most damaging layers in float "
+            "until the gates pass.",
+            rich_help_panel=_QUANT,
+        ),
+    ] = True,
+    force: ForceOpt = False,
+    external_data: ExternalDataOpt = None,
+    data: DataOpt = None,
+    input_shape: InputShapeOpt = None,
+    seed: SeedOpt = 0,
+    samples: SamplesOpt = None,
+    max_error: MaxErrorOpt = None,
+    min_cosine: MinCosineOpt = None,
+    min_agreement: MinAgreementOpt = None,
+    max_size_ratio: MaxSizeRatioOpt = None,
+    min_speedup: MinSpeedupOpt = None,
+    provider: ProviderOpt = "cpu",
+    threads: ThreadsOpt = 1,
+    latency: LatencyOpt = True,
+    latency_runs: LatencyRunsOpt = None,
+    json_: JsonOpt = False,
+    report_file: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Quantize weights to int8 (default), keeping every output close to the original.
+
+    Example: modelshrink quantize sample_models/digits_cnn.onnx -o digits_cnn.int8.onnx
+    """
+    # fmt: off
+    run_command(
+        "quantize",
+        techniques.TECHNIQUES["quantize"],
+        lambda: QuantizeConfig(
+            mode=mode, block_size=block_size, format=format_, op_types=_split_list(op_types),
+            exclude=_split_list(exclude) or (), min_elements=min_elements, sensitivity=sensitivity,
+            fallback=fallback, calibration=calibration,
+        ),
+        src,
+        output,
+        lambda: run_options(
+            data=data, input_shape=input_shape, seed=seed, samples=samples,
+            max_error=max_error, min_cosine=min_cosine, min_agreement=min_agreement,
+            max_size_ratio=max_size_ratio, min_speedup=min_speedup,
+            provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
+        ),
+        force=force, external_data=external_data, json_=json_, report_file=report_file, quiet=quiet, verbose=verbose,
+    )
+    # fmt: on
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:

@@ -294,8 +294,14 @@ def run_technique(
             samples=options.samples,
         )
     with timer.phase("reference"):
-        orig_session = _original_session(loaded, options.runtime)
+        orig_session: Session | None = _original_session(loaded, options.runtime)
+        assert orig_session is not None
         reference = Reference(orig_session, feeds, loaded.model, _progress_fn(progress, "running original"))
+        if not options.latency:
+            # Only latency needs the original's session again; without it, free its memory
+            # (a copy of every weight) before the technique and the candidate need theirs.
+            reference.release_session()
+            orig_session = None
 
     def evaluate(model: ir.Model) -> Fidelity:
         return reference.compare(session_for_model(model, options.runtime))
@@ -325,12 +331,13 @@ def run_technique(
             res_stats = model_stats(result.model, source=target.label, files=staged.files())
         latency = None
         if options.latency:
+            assert orig_session is not None
             with timer.phase("latency"):
                 latency = _latency(orig_session, cand_session, feeds, options, progress)
         size_ratio = res_stats.size_bytes / orig_stats.size_bytes if orig_stats.size_bytes else None
         gates = _gate_results(options, fidelity, size_ratio, latency)
         passed = all(g.passed for g in gates)
-        if passed:
+        if passed and result.write:
             with timer.phase("write"):
                 staged.commit()
     finally:
@@ -351,7 +358,7 @@ def run_technique(
         warnings=feeds.warnings,
         settings=settings,
         output=target.label,
-        written=passed,
+        written=passed and result.write,
         timings_s=timer.done(),
     )
 

@@ -379,5 +379,7 @@ def render_report(report: Report, console: Console) -> None:
     if report.output is not None:
         if report.written:
             console.print(Text(f"wrote {report.output}", style="green"))
+        elif report.passed:
+            console.print(Text(f"nothing written to {report.output} (analysis only)", style="dim"))
         else:
             console.print(Text(f"nothing written to {report.output}", style="red"))

@@ -220,7 +220,8 @@ class Reference:
         model: ir.Model | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        self.session = session
+        self.session: Session | None = session
+        self.input_names = list(session.input_names)
         self.feeds = feeds
         self.output_names = list(session.output_names)
         producers: dict[str, str] = {}
@@ -241,6 +242,10 @@ class Reference:
             for name, arr in zip(self.output_names, first, strict=True)
         ]
 
+    def release_session(self) -> None:
+        """Drop the original's session (its outputs are cached); frees its weights' memory."""
+        self.session = None
+
     def compare(
         self,
         candidate: Session,
@@ -257,7 +262,7 @@ class Reference:
                 f"{candidate.label}: has no output '{missing_out[0]}' (it has: "
                 f"{', '.join(candidate.output_names)}); the models are not comparable"
             )
-        extra_in = [n for n in candidate.input_names if n not in self.session.input_names]
+        extra_in = [n for n in candidate.input_names if n not in self.input_names]
         if extra_in:
             raise MismatchError(
                 f"{candidate.label}: needs input '{extra_in[0]}', which the original does not "

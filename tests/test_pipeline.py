@@ -138,3 +138,18 @@ def test_stdout_output(tmp_path: Path, mlp_path: Path, monkeypatch) -> None:
     report = run_technique("scale", scale_weights, ScaleConfig(1.0), str(mlp_path), "-", FAST)
     assert report.written and report.output == "<stdout>"
     assert io.load_model("-", stdin=pyio.BytesIO(sink.getvalue())).model.graph is not None
+
+
+def test_analysis_only_result_writes_nothing(tmp_path: Path, mlp_path: Path, snapshot) -> None:
+    import dataclasses
+
+    def measure_only(model, config, context):  # type: ignore[no-untyped-def]
+        return dataclasses.replace(scale_weights(model, config, context), write=False)
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    report = run_technique(
+        "scale", measure_only, ScaleConfig(2.0), str(mlp_path), str(out_dir / "m.onnx"), FAST
+    )
+    assert report.passed and not report.written and report.fidelity is not None
+    assert snapshot(out_dir) == {}

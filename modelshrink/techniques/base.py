@@ -74,6 +74,8 @@ class TechniqueResult:
         notes: Facts the user should read (e.g. "dense kernels give no speed-up").
         details: Technique-specific, machine-readable extras for the JSON report (native JSON
             types only), e.g. a sensitivity table or a training history.
+        write: False when the run only measured (e.g. a sensitivity analysis): the pipeline
+            checks, verifies and reports ``model`` as usual but writes nothing.
     """
 
     model: ir.Model
@@ -81,6 +83,7 @@ class TechniqueResult:
     skipped: tuple[Skip, ...] = ()
     notes: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
+    write: bool = True
 
     @property
     def modified(self) -> bool:
