@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
-from modelshrink.techniques.base import Change, Skip, TechniqueContext, TechniqueResult
+from modelshrink.techniques.base import Change, Skip, Technique, TechniqueContext, TechniqueResult
+from modelshrink.techniques.prune import prune
 
-__all__ = ["Change", "Skip", "TechniqueContext", "TechniqueResult"]
+__all__ = ["TECHNIQUES", "Change", "Skip", "TechniqueContext", "TechniqueResult"]
+
+TECHNIQUES: dict[str, Technique] = {
+    "prune": prune,
+}

@@ -1,0 +1,432 @@
+"""``modelshrink prune``: exact sparsity, N:M patterns, structured surgery, skips, CLI contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import models
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from modelshrink import io
+from modelshrink.cli import app
+from modelshrink.feeds import load_feeds
+from modelshrink.gates import Gates
+from modelshrink.pipeline import session_for_model
+from modelshrink.runtime import RuntimeOptions
+from modelshrink.techniques.base import TechniqueContext, TechniqueResult
+from modelshrink.techniques.prune import PruneConfig, prune
+from modelshrink.verify import Fidelity, Reference
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+# Unpruned models must reproduce the original bit for bit; pruned-but-equivalent rewrites
+# (e.g. removing channels whose contribution is exactly zero) within float rounding.
+EXACT = 0.0
+REWRITE_ATOL = 1e-5
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def to_ir(proto: onnx.ModelProto) -> ir.Model:
+    return ir.serde.deserialize_model(proto)
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    return onnx.load_from_string(io.model_bytes(model))
+
+
+def context_for(
+    model: ir.Model, *, data: str | None = None, gates: Gates | None = None, samples: int = 4
+) -> TechniqueContext:
+    feeds = load_feeds(model, data=data, seed=0, samples=samples)
+    runtime = RuntimeOptions()
+    reference = Reference(session_for_model(model, runtime, label="original"), feeds, model)
+
+    def evaluate(candidate: ir.Model) -> Fidelity:
+        return reference.compare(session_for_model(candidate, runtime))
+
+    return TechniqueContext(feeds=feeds, evaluate=evaluate, gates=gates or Gates(), runtime=runtime)
+
+
+def run_prune(proto: onnx.ModelProto, config: PruneConfig, **ctx: object) -> TechniqueResult:
+    model = to_ir(proto)
+    return prune(model, config, context_for(model, **ctx))  # type: ignore[arg-type]
+
+
+def ort_run(model: ir.Model | onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    raw = io.model_bytes(model) if isinstance(model, ir.Model) else model.SerializeToString()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(raw, so, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def checked(model: ir.Model) -> onnx.ModelProto:
+    proto = to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def arrays(model: ir.Model) -> dict[str, np.ndarray]:
+    """Every weight by name (initializers of all graphs and Constant values)."""
+    from modelshrink.graph import weights
+
+    return {w.name: np.array(w.numpy()) for w in weights(model)}
+
+
+def sample(name: str) -> onnx.ModelProto:
+    return onnx.load(str(SAMPLES / f"{name}.onnx"))
+
+
+def sample_feed(name: str, count: int = 16) -> dict[str, np.ndarray]:
+    with np.load(SAMPLES / f"{name}.npz") as npz:
+        return {k: npz[k][:count] for k in npz.files if k != "labels"}
+
+
+def matmul_model(weights: dict[str, np.ndarray], *, gemm_trans_b: bool = False) -> onnx.ModelProto:
+    """x -> MatMul(W0) -> Relu -> Gemm(W1, transB as asked) -> y, shapes from the weights."""
+    w0, w1 = weights["W0"], weights["W1"]
+    k0 = w0.shape[0]
+    n1 = w1.shape[0] if gemm_trans_b else w1.shape[1]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W0"], ["h"], name="mm"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("Gemm", ["r", "W1"], ["y"], name="gemm", transB=int(gemm_trans_b)),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k0])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n1])],
+        [models.init("W0", w0), models.init("W1", w1)],
+    )
+    return models._model(graph)
+
+
+def random_weights(rng: np.random.Generator, *shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {f"W{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)}
+
+
+# --- unstructured ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.77, 0.95])
+def test_layer_sparsity_is_exact_per_tensor(sparsity: float) -> None:
+    rng = np.random.default_rng(1)
+    proto = matmul_model(random_weights(rng, (37, 53), (29, 53)), gemm_trans_b=True)
+    result = run_prune(proto, PruneConfig(sparsity=sparsity, min_elements=0))
+    after = arrays(result.model)
+    assert len(result.changed) == 2
+    for name in ("W0", "W1"):
+        zeros = int(np.sum(after[name] == 0))
+        assert abs(zeros - sparsity * after[name].size) <= 1, (name, zeros)
+    assert abs(result.details["achieved_sparsity"] - sparsity) <= 2 / (37 * 53 + 29 * 53)
+    layers = {row["weight"]: row for row in result.details["layers"]}
+    assert layers["W0"]["zeros"] == int(np.sum(after["W0"] == 0))
+    checked(result.model)
+
+
+def test_layer_sparsity_zeros_the_smallest_magnitudes() -> None:
+    rng = np.random.default_rng(2)
+    weights = random_weights(rng, (16, 64), (8, 64))
+    result = run_prune(matmul_model(weights, gemm_trans_b=True), PruneConfig(sparsity=0.6, min_elements=0))
+    after = arrays(result.model)
+    for name, before in weights.items():
+        pruned = after[name] == 0
+        assert np.abs(before[pruned]).max() <= np.abs(before[~pruned]).min()
+        np.testing.assert_array_equal(after[name][~pruned], before[~pruned])
+
+
+def test_global_scope_uses_one_threshold() -> None:
+    rng = np.random.default_rng(3)
+    weights = {"W0": rng.standard_normal((32, 40)).astype(np.float32)}
+    weights["W1"] = (0.1 * rng.standard_normal((10, 40))).astype(np.float32)  # small: loses more
+    result = run_prune(
+        matmul_model(weights, gemm_trans_b=True), PruneConfig(sparsity=0.5, scope="global", min_elements=0)
+    )
+    after = arrays(result.model)
+    total = sum(w.size for w in weights.values())
+    zeros = sum(int(np.sum(after[n] == 0)) for n in weights)
+    assert abs(zeros - 0.5 * total) <= len(weights)
+    pruned = np.concatenate([np.abs(weights[n][after[n] == 0]) for n in weights])
+    kept = np.concatenate([np.abs(weights[n][after[n] != 0]) for n in weights])
+    assert pruned.max() <= kept.min()
+    assert np.mean(after["W1"] == 0) > np.mean(after["W0"] == 0)
+
+
+def test_zero_sparsity_changes_nothing() -> None:
+    proto = sample("digits_cnn")
+    result = run_prune(proto, PruneConfig(sparsity=0.0, min_elements=0))
+    assert not result.changed
+    feed = sample_feed("digits_cnn")
+    for a, b in zip(ort_run(proto, feed), ort_run(result.model, feed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_input_model_is_not_modified() -> None:
+    model = to_ir(sample("digits_mlp"))
+    before = io.model_bytes(model)
+    prune(model, PruneConfig(sparsity=0.7, min_elements=0), context_for(model))
+    assert io.model_bytes(model) == before
+
+
+def test_two_runs_give_identical_bytes() -> None:
+    proto = sample("tiny_transformer")
+    one = run_prune(proto, PruneConfig(sparsity=0.6, scope="global"))
+    two = run_prune(proto, PruneConfig(sparsity=0.6, scope="global"))
+    assert io.model_bytes(one.model) == io.model_bytes(two.model)
+
+
+def test_note_says_no_dense_speedup() -> None:
+    result = run_prune(sample("digits_mlp"), PruneConfig(sparsity=0.8))
+    assert any("no speed-up" in note and "zlib" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "tiny_transformer"])
+def test_unstructured_on_sample_models_runs(name: str) -> None:
+    result = run_prune(sample(name), PruneConfig(sparsity=0.5))
+    assert result.changed
+    checked(result.model)
+    outputs = ort_run(result.model, sample_feed(name))
+    assert all(np.isfinite(o).all() for o in outputs)
+
+
+def test_constant_nodes_and_subgraphs_are_pruned_consistently() -> None:
+    proto = models.constant_and_subgraph()
+    result = run_prune(proto, PruneConfig(sparsity=0.5, min_elements=0))
+    after = arrays(result.model)
+    by_weight = {c.details["weight"]: c for c in result.changed}
+    assert set(by_weight) == {"w_const", "w_then"}
+    assert by_weight["w_const"].details["storage"] == "constant"
+    assert by_weight["w_const"].details["shared_by"] == ["main_mm", "else_mm"]
+    assert by_weight["w_then"].details["subgraph"] == "then"
+    assert np.sum(after["w_const"] == 0) == 32 and np.sum(after["w_then"] == 0) == 32
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    checked(result.model)
+    for flag, w2 in ((True, after["w_then"]), (False, after["w_const"])):
+        (y,) = ort_run(result.model, {"x": x, "flag": np.array(flag)})
+        np.testing.assert_allclose(y, (x @ after["w_const"]) @ w2, rtol=1e-5, atol=1e-5)
+
+
+def _skip_reasons(result: TechniqueResult) -> dict[str, str]:
+    return {s.node: s.reason for s in result.skipped}
+
+
+def test_skip_reasons() -> None:
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W_small"], ["a"], name="small"),
+            helper.make_node("MatMul", ["a", "W_input"], ["b"], name="overridable"),
+            helper.make_node("MatMul", ["b", "W_shared"], ["c"], name="shared"),
+            helper.make_node("Add", ["c", "W_shared"], ["d"], name="add_shared"),
+            helper.make_node("MatMul", ["d", "W_excl"], ["e"], name="head_proj"),
+            helper.make_node("MatMul", ["e", "W_ok"], ["f"], name="ok"),
+            helper.make_node("MatMul", ["xi", "W_int"], ["yi"], name="int_mm"),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 8]),
+            helper.make_tensor_value_info("W_input", TensorProto.FLOAT, [8, 8]),
+            helper.make_tensor_value_info("xi", TensorProto.INT32, [8, 8]),
+        ],
+        [
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, [8, 8]),
+            helper.make_tensor_value_info("yi", TensorProto.INT32, [8, 8]),
+        ],
+        [
+            models.init("W_small", w[:, :8]),
+            models.init("W_input", w),
+            models.init("W_shared", w),
+            models.init("W_excl", w),
+            models.init("W_ok", w),
+            models.init("W_int", np.arange(64, dtype=np.int32).reshape(8, 8)),
+        ],
+    )
+    proto = models._model(graph)
+    result = run_prune(proto, PruneConfig(sparsity=0.5, min_elements=64, exclude=("head*",)))
+    reasons = _skip_reasons(result)
+    assert [c.node for c in result.changed] == ["small", "ok"]
+    assert "also a graph input" in reasons["overridable"]
+    assert "also used by Add 'add_shared'" in reasons["shared"]
+    assert "excluded by --exclude 'head*'" in reasons["head_proj"]
+    assert "int32, not a float tensor" in reasons["int_mm"]
+    small = run_prune(proto, PruneConfig(sparsity=0.5, min_elements=65))
+    assert "fewer than --min-elements 65" in _skip_reasons(small)["small"]
+
+
+def test_exclude_matches_op_types_and_weight_names() -> None:
+    proto = sample("digits_cnn")
+    by_op = run_prune(proto, PruneConfig(exclude=("Conv",)))
+    assert {c.op_type for c in by_op.changed} == {"Gemm"}
+    by_weight = run_prune(proto, PruneConfig(exclude=("fc1.weight",)))
+    assert "fc1" not in {c.node for c in by_weight.changed}
+    assert "excluded by --exclude 'fc1.weight'" in _skip_reasons(by_weight)["fc1"]
+
+
+def test_op_types_widen_what_is_pruned() -> None:
+    proto = sample("tiny_transformer")
+    default = run_prune(proto, PruneConfig())
+    assert "tok_emb_gather" not in {c.node for c in default.changed}
+    wider = run_prune(proto, PruneConfig(op_types=("MatMul", "Gemm", "Gather"), min_elements=0))
+    assert "tok_emb_gather" in {c.node for c in wider.changed}
+
+
+# --- N:M ------------------------------------------------------------------------------------
+
+
+def _groups_ok(weight: np.ndarray, n: int, m: int) -> bool:
+    """Rows of a [rows, K] matrix: at most n non-zeros in every m consecutive entries."""
+    rows = weight.reshape(weight.shape[0], -1, m)
+    return bool((np.count_nonzero(rows, axis=-1) <= n).all())
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_nm_pattern_holds_along_the_reduction_dimension(n: int, m: int) -> None:
+    rng = np.random.default_rng(5)
+    # MatMul W0 [K=32, N=24] along K; Gemm with transB=1: W1 [N=16, K=24] along K (axis 1)
+    weights = random_weights(rng, (32, 24), (16, 24))
+    result = run_prune(
+        matmul_model(weights, gemm_trans_b=True), PruneConfig(pattern=f"{n}:{m}", min_elements=0)
+    )
+    after = arrays(result.model)
+    assert _groups_ok(after["W0"].T, n, m)  # columns of W0 are the K-rows
+    assert _groups_ok(after["W1"], n, m)
+    for name in weights:
+        assert np.sum(after[name] == 0) == after[name].size * (m - n) // m
+        # the kept ones in each group are the largest
+        rows = (after[name].T if name == "W0" else after[name]).reshape(-1, m)
+        orig = (weights[name].T if name == "W0" else weights[name]).reshape(-1, m)
+        for r, o in zip(rows, orig, strict=True):
+            assert np.abs(o[r == 0]).max() <= np.abs(o[r != 0]).min()
+    checked(result.model)
+
+
+def test_nm_gemm_without_transb_groups_along_axis0() -> None:
+    rng = np.random.default_rng(6)
+    weights = random_weights(rng, (8, 12), (12, 20))  # Gemm W1 [K=12, N=20]
+    result = run_prune(matmul_model(weights), PruneConfig(pattern="2:4", min_elements=0))
+    after = arrays(result.model)
+    assert _groups_ok(after["W1"].T, 2, 4)
+
+
+def test_nm_conv_groups_along_input_channels_times_kernel() -> None:
+    result = run_prune(sample("digits_cnn"), PruneConfig(pattern="2:4", min_elements=0))
+    after = arrays(result.model)
+    conv2 = after["conv2.weight"]  # [32, 16, 3, 3]: K = 16*3*3 = 144
+    assert _groups_ok(conv2.reshape(32, -1), 2, 4)
+    assert _groups_ok(after["fc1.weight"], 2, 4)  # Gemm transB=1: [64, K=1024]
+    reasons = _skip_reasons(result)
+    assert "conv1" in reasons and "K=9" in reasons["conv1"] and "not a multiple of M=4" in reasons["conv1"]
+    checked(result.model)
+
+
+def test_nm_skips_when_k_is_not_a_multiple_of_m() -> None:
+    rng = np.random.default_rng(7)
+    result = run_prune(
+        matmul_model(random_weights(rng, (30, 8), (8, 8))), PruneConfig(pattern="2:4", min_elements=0)
+    )
+    assert [c.node for c in result.changed] == ["gemm"]
+    assert "K=30) is not a multiple of M=4" in _skip_reasons(result)["mm"]
+
+
+def test_nm_on_transformer_everywhere() -> None:
+    result = run_prune(sample("tiny_transformer"), PruneConfig(pattern="2:4"))
+    after = arrays(result.model)
+    assert len(result.changed) == 12
+    for change in result.changed:
+        w = after[change.details["weight"]]
+        assert _groups_ok(w.T, 2, 4), change.node  # MatMul W[K, N]: along K
+    checked(result.model)
+
+
+# --- config and CLI -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"sparsity": 1.0}, "--sparsity must be in [0, 1)"),
+        ({"sparsity": -0.1}, "--sparsity must be in [0, 1)"),
+        ({"scope": "model"}, "--scope must be one of"),
+        ({"pattern": "2-4"}, "--pattern must look like N:M"),
+        ({"pattern": "4:4"}, "0 <= N < M"),
+        ({"pattern": "2:4", "sparsity": 0.5}, "drop --sparsity"),
+        ({"min_elements": -1}, "--min-elements must be >= 0"),
+        ({"op_types": ()}, "--op-types needs at least one"),
+    ],
+)
+def test_config_errors_name_the_flag(kwargs: dict, fragment: str) -> None:
+    from modelshrink.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=None) as info:
+        PruneConfig(**kwargs)
+    assert fragment in info.value.message
+
+
+def test_cli_prune_json(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "p.onnx"
+    result = runner.invoke(
+        app,
+        ["prune", str(SAMPLES / "digits_mlp.onnx"), "-o", str(out), "--sparsity", "0.8", "--json", "--no-latency",
+         "--data", str(SAMPLES / "digits_mlp.npz"), "--exclude", "fc3"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["command"] == "prune"
+    assert report["details"]["achieved_sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert report["ratios"]["size_zlib"] < 0.45
+    assert {c["node"] for c in report["changes"]} == {"fc1", "fc2"}
+    assert any("no speed-up" in n for n in report["notes"])
+    assert onnx.load(str(out)).metadata_props[0].key == "classes"
+
+
+def test_cli_usage_errors_exit_2(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "p.onnx"
+    for args in (["--sparsity", "1.5"], ["--pattern", "2:4", "--sparsity", "0.5"], ["--scope", "all"]):
+        result = runner.invoke(app, ["prune", str(SAMPLES / "digits_mlp.onnx"), "-o", str(out), *args])
+        assert result.exit_code == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: ")
+    assert not out.exists()
+
+
+def test_cli_gate_failure_writes_nothing(runner: CliRunner, tmp_path: Path, snapshot) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = runner.invoke(
+        app,
+        ["prune", str(SAMPLES / "digits_mlp.onnx"), "-o", str(out_dir / "p.onnx"), "--max-size-ratio", "0.5",
+         "--no-latency", "-q"],
+    )  # fmt: skip
+    assert result.exit_code == 3
+    assert "--max-size-ratio" in result.stderr
+    assert snapshot(out_dir) == {}
+
+
+@pytest.mark.slow
+def test_pipeline_through_stdin_and_stdout(tmp_path: Path) -> None:
+    src = (SAMPLES / "digits_cnn.onnx").read_bytes()
+    cmd = [sys.executable, "-m", "modelshrink"]
+    pruned = subprocess.run(
+        [*cmd, "prune", "-", "-o", "-", "--pattern", "2:4", "-q", "--no-latency"],
+        input=src, capture_output=True, check=False,
+    )  # fmt: skip
+    assert pruned.returncode == 0, pruned.stderr.decode()
+    (tmp_path / "p.onnx").write_bytes(pruned.stdout)
+    compared = subprocess.run(
+        [*cmd, "compare", str(SAMPLES / "digits_cnn.onnx"), "-", "--json", "--no-latency",
+         "--data", str(SAMPLES / "digits_cnn.npz")],
+        input=pruned.stdout, capture_output=True, check=False,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr.decode()
+    report = json.loads(compared.stdout)
+    assert report["result"]["size_zlib_bytes"] < report["original"]["size_zlib_bytes"]
+    assert report["fidelity"]["real_data"] is True
