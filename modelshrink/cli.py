@@ -479,6 +479,8 @@ def prune(
     sparsity: Annotated[float | None, typer.Option("--sparsity", help="Fraction to remove (default 0.5): of the weights, or of each channel group with --structured.", rich_help_panel=_PRUNE, show_default=False)] = None,
     scope: Annotated[str, typer.Option("--scope", help="layer: each tensor loses exactly --sparsity; global: one magnitude threshold over all.", rich_help_panel=_PRUNE)] = "layer",
     pattern: Annotated[str | None, typer.Option("--pattern", help="N:M, e.g. 2:4: at most N non-zeros in every M weights along the input dimension.", rich_help_panel=_PRUNE, show_default=False)] = None,
+    structured: Annotated[bool, typer.Option("--structured", help="Remove whole channels / hidden units so tensors shrink (and run faster).", rich_help_panel=_PRUNE)] = False,
+    importance: Annotated[str, typer.Option("--importance", help="Channel ranking for --structured: auto (activation with --data, else l1), l1, l2, activation.", rich_help_panel=_PRUNE)] = "auto",
     op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Op types whose weights are pruned (repeatable or comma-separated; default MatMul,Gemm,Conv).", rich_help_panel=_PRUNE, show_default=False)] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Node name, op type or weight name to leave alone; globs allowed (repeatable).", rich_help_panel=_PRUNE, show_default=False)] = None,
     min_elements: Annotated[int, typer.Option("--min-elements", help="Leave weights with fewer elements alone.", rich_help_panel=_PRUNE)] = 1024,
@@ -500,7 +502,8 @@ def prune(
     from modelshrink.techniques.prune import prune as prune_technique
 
     config = lambda: PruneConfig(  # noqa: E731
-        sparsity=sparsity, scope=scope, pattern=pattern, op_types=_flag_list(op_types) or DEFAULT_OP_TYPES,
+        sparsity=sparsity, scope=scope, pattern=pattern, structured=structured, importance=importance,
+        op_types=_flag_list(op_types) or DEFAULT_OP_TYPES,
         exclude=_flag_list(exclude), min_elements=min_elements,
     )  # fmt: skip
     options = lambda: run_options(  # noqa: E731

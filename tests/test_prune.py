@@ -430,3 +430,393 @@ def test_pipeline_through_stdin_and_stdout(tmp_path: Path) -> None:
     report = json.loads(compared.stdout)
     assert report["result"]["size_zlib_bytes"] < report["original"]["size_zlib_bytes"]
     assert report["fidelity"]["real_data"] is True
+
+
+# --- structured: generated architectures ------------------------------------------------------
+
+
+class Net:
+    """A tiny graph builder for CNN/MLP families with seeded weights.
+
+    With ``dead=True`` every odd output channel of every Conv/Gemm/MatMul has zero weights and
+    bias, so removing exactly those channels (what 50 % structured L1 pruning removes) must
+    leave the outputs unchanged up to float rounding: a check of the whole surgery.
+    """
+
+    def __init__(self, seed: int = 0, *, dead: bool = False) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.dead = dead
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.count = 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def weight(self, shape: tuple[int, ...], out_axis: int | None, scale: float = 0.5, per: int = 1) -> str:
+        """A weight; when dead, output channels o with (o // per) odd are zero (per: dw multiplier)."""
+        w = (scale * self.rng.standard_normal(shape) / np.sqrt(max(1, np.prod(shape[1:])))).astype(np.float32)
+        if self.dead and out_axis is not None:
+            dead = (np.arange(shape[out_axis]) // per) % 2 == 1
+            np.moveaxis(w, out_axis, 0)[dead] = 0
+        name = self.name("w")
+        self.inits.append(models.init(name, w))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs: object) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, *, group: int = 1, stride: int = 1) -> str:
+        per = cout // group if group > 1 else 1
+        w = self.weight((cout, cin // group, k, k), 0, per=per)
+        b = self.weight((cout,), 0, 0.1, per=per)
+        pad = k // 2
+        return self.node(
+            "Conv", [x, w, b], kernel_shape=[k, k], pads=[pad] * 4, strides=[stride] * 2, group=group
+        )
+
+    def deconv(self, x: str, cin: int, cout: int) -> str:
+        """ConvTranspose 2x2 stride 2 (weight [Cin, Cout, 2, 2])."""
+        w = self.weight((cin, cout, 2, 2), 1)
+        b = self.weight((cout,), 0, 0.1)
+        return self.node("ConvTranspose", [x, w, b], kernel_shape=[2, 2], strides=[2, 2])
+
+    def bn(self, x: str, c: int) -> str:
+        params = [
+            1 + 0.1 * self.rng.standard_normal(c),
+            0.1 * self.rng.standard_normal(c),
+            0.1 * self.rng.standard_normal(c),
+            1 + 0.1 * self.rng.random(c),
+        ]
+        names = []
+        for p in params:
+            names.append(self.name("bn_p"))
+            self.inits.append(models.init(names[-1], p.astype(np.float32)))
+        return self.node("BatchNormalization", [x, *names])
+
+    def gemm(self, x: str, n_in: int, n_out: int) -> str:
+        return self.node("Gemm", [x, self.weight((n_out, n_in), 0), self.weight((n_out,), 0, 0.1)], transB=1)
+
+    def matmul(self, x: str, n_in: int, n_out: int, bias: bool = True) -> str:
+        y = self.node("MatMul", [x, self.weight((n_in, n_out), 1)])
+        return self.node("Add", [y, self.weight((n_out,), 0, 0.1)]) if bias else y
+
+    def head(self, x: str, c: int, classes: int = 10) -> str:
+        pooled = self.node("GlobalAveragePool", [x])
+        flat = self.node("Flatten", [pooled])
+        return self.gemm(flat, c, classes)
+
+    def model(self, out: str, shape: list, *, inputs: list | None = None, opset: int = 17) -> onnx.ModelProto:
+        self.nodes.append(helper.make_node("Identity", [out], ["logits"], name="output"))
+        graph = helper.make_graph(
+            self.nodes,
+            "net",
+            inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)],
+            self.inits,
+        )
+        return models._model(graph, opset=opset)
+
+
+def resnet(dead: bool = False) -> onnx.ModelProto:
+    """Stem, an identity residual block, a downsampling block with a 1x1 shortcut; BN only if not dead."""
+    n = Net(1, dead=dead)
+    bn = (lambda x, c: x) if dead else n.bn
+    x = n.node("Relu", [bn(n.conv("x", 3, 16), 16)])
+    y = n.node("Relu", [bn(n.conv(x, 16, 16), 16)])
+    y = bn(n.conv(y, 16, 16), 16)
+    x = n.node("Relu", [n.node("Add", [x, y])])
+    y = n.node("Relu", [bn(n.conv(x, 16, 32, stride=2), 32)])
+    y = bn(n.conv(y, 32, 32), 32)
+    short = bn(n.conv(x, 16, 32, k=1, stride=2), 32)
+    x = n.node("Relu", [n.node("Add", [short, y])])
+    return n.model(n.head(x, 32), ["N", 10])
+
+
+def densenet(dead: bool = False) -> onnx.ModelProto:
+    """Two dense layers (Concat of all previous features), a 1x1 transition and pooling."""
+    n = Net(2, dead=dead)
+    x = n.node("Relu", [n.conv("x", 3, 16)])
+    y1 = n.node("Relu", [n.conv(x, 16, 8)])
+    c1 = n.node("Concat", [x, y1], axis=1)
+    y2 = n.node("Relu", [n.conv(c1, 24, 8)])
+    c2 = n.node("Concat", [x, y1, y2], axis=1)
+    t = n.node(
+        "AveragePool", [n.node("Relu", [n.conv(c2, 32, 16, k=1)])], kernel_shape=[2, 2], strides=[2, 2]
+    )
+    return n.model(n.head(t, 16), ["N", 10])
+
+
+def mobilenet(dead: bool = False) -> onnx.ModelProto:
+    """Depthwise-separable blocks, one depthwise Conv with channel multiplier 2."""
+    n = Net(3, dead=dead)
+    x = n.node("Relu", [n.conv("x", 3, 16)])
+    x = n.node("Relu", [n.conv(x, 16, 16, group=16)])  # depthwise: follows its input
+    x = n.node("Relu", [n.conv(x, 16, 32, k=1)])
+    x = n.node("Relu", [n.conv(x, 32, 64, group=32)])  # depthwise, multiplier 2
+    x = n.node("Relu", [n.conv(x, 64, 32, k=1)])
+    return n.model(n.head(x, 32), ["N", 10])
+
+
+def inception(dead: bool = False) -> onnx.ModelProto:
+    """Parallel 1x1 / 1x1-3x3 / pool-1x1 branches joined by Concat."""
+    n = Net(4, dead=dead)
+    x = n.node("Relu", [n.conv("x", 3, 16)])
+    b1 = n.node("Relu", [n.conv(x, 16, 8, k=1)])
+    b2 = n.node("Relu", [n.conv(n.node("Relu", [n.conv(x, 16, 8, k=1)]), 8, 8)])
+    pooled = n.node("MaxPool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    b3 = n.node("Relu", [n.conv(pooled, 16, 8, k=1)])
+    cat = n.node("Concat", [b1, b2, b3], axis=1)
+    y = n.node("Relu", [n.conv(cat, 24, 16)])
+    return n.model(n.head(y, 16), ["N", 10])
+
+
+def flatten_mlp(dead: bool = False, *, reshape: bool = False) -> onnx.ModelProto:
+    """Conv -> (Flatten | Reshape [-1, C*H*W]) -> MatMul+Add -> Relu -> Gemm: a channel is a block."""
+    n = Net(5, dead=dead)
+    x = n.node("MaxPool", [n.node("Relu", [n.conv("x", 3, 8)])], kernel_shape=[2, 2], strides=[2, 2])
+    if reshape:
+        shape = n.name("shape")
+        n.inits.append(models.init(shape, np.array([-1, 8 * 4 * 4], dtype=np.int64)))
+        flat = n.node("Reshape", [x, shape])
+    else:
+        flat = n.node("Flatten", [x])
+    h = n.node("Relu", [n.matmul(flat, 128, 32)])
+    return n.model(n.gemm(h, 32, 10), ["N", 10])
+
+
+def ffn(dead: bool = False) -> onnx.ModelProto:
+    """A transformer FFN block on [N, seq, 16]: MatMul 16->64 + Add + Gelu + MatMul 64->16 + residual."""
+    n = Net(6, dead=dead)
+    h = n.node("Gelu", [n.matmul("x", 16, 64)])
+    y = n.matmul(h, 64, 16)
+    out = n.node("Add", ["x", y])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])]
+    return n.model(out, ["N", 4, 16], inputs=inputs, opset=20)
+
+
+def squeeze_excite(dead: bool = False) -> onnx.ModelProto:
+    """Conv -> SE (GAP, 1x1 reduce, 1x1 expand, Sigmoid) -> Mul: the expand conv is tied to the trunk."""
+    n = Net(7, dead=dead)
+    x = n.node("Relu", [n.conv("x", 3, 16)])
+    s = n.node("GlobalAveragePool", [x])
+    s = n.node("Relu", [n.conv(s, 16, 8, k=1)])
+    s = n.node("Sigmoid", [n.conv(s, 8, 16, k=1)])
+    y = n.node("Mul", [x, s])
+    y = n.node("Relu", [n.conv(y, 16, 16)])
+    return n.model(n.head(y, 16), ["N", 10])
+
+
+def unet(dead: bool = False) -> onnx.ModelProto:
+    """Down (stride-2 Conv), up (ConvTranspose) and a skip Concat."""
+    n = Net(8, dead=dead)
+    x = n.node("Relu", [n.conv("x", 3, 8)])
+    d = n.node("Relu", [n.conv(x, 8, 16, stride=2)])
+    u = n.node("Relu", [n.deconv(d, 16, 8)])
+    y = n.node("Relu", [n.conv(n.node("Concat", [x, u], axis=1), 16, 8)])
+    return n.model(n.head(y, 8), ["N", 10])
+
+
+def reshaped_bias(dead: bool = False) -> onnx.ModelProto:
+    """Paddle-style: Conv without bias + Add(Reshape(bias [C], [1, C, 1, 1]))."""
+    n = Net(9, dead=dead)
+    x = "x"
+    for cin, cout in ((3, 16), (16, 16)):
+        w = n.weight((cout, cin, 3, 3), 0)
+        y = n.node("Conv", [x, w], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        shape = n.name("shape")
+        n.inits.append(models.init(shape, np.array([1, cout, 1, 1], dtype=np.int64)))
+        b = n.node("Reshape", [n.weight((cout,), 0, 0.1), shape])
+        x = n.node("Relu", [n.node("Add", [y, b])])
+    return n.model(n.head(x, 16), ["N", 10])
+
+
+ARCHITECTURES = {
+    "unet": unet,
+    "reshaped_bias": reshaped_bias,
+    "resnet": resnet,
+    "densenet": densenet,
+    "mobilenet": mobilenet,
+    "inception": inception,
+    "flatten_mlp": flatten_mlp,
+    "reshape_mlp": lambda dead=False: flatten_mlp(dead, reshape=True),
+    "ffn": ffn,
+    "squeeze_excite": squeeze_excite,
+}
+
+
+def _feed(proto: onnx.ModelProto, batch: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    feed = {}
+    for value in proto.graph.input:
+        dims = [d.dim_value or batch for d in value.type.tensor_type.shape.dim]
+        feed[value.name] = rng.standard_normal(dims).astype(np.float32)
+    return feed
+
+
+def _param_count(proto: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_structured_removing_dead_channels_keeps_outputs(arch: str) -> None:
+    proto = ARCHITECTURES[arch](True)
+    result = run_prune(proto, PruneConfig(structured=True, sparsity=0.5, min_elements=0, importance="l1"))
+    out = checked(result.model)
+    assert result.details["channels_removed"] > 0
+    assert _param_count(out) < _param_count(proto)
+    feed = _feed(proto)
+    for a, b in zip(ort_run(proto, feed), ort_run(out, feed), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, atol=REWRITE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_structured_zero_percent_is_identical(arch: str) -> None:
+    proto = ARCHITECTURES[arch]()
+    model = to_ir(proto)
+    result = prune(model, PruneConfig(structured=True, sparsity=0.0, min_elements=0), context_for(model))
+    assert not result.changed
+    assert io.model_bytes(result.model) == io.model_bytes(model)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_structured_half_runs_and_shrinks(arch: str) -> None:
+    proto = ARCHITECTURES[arch]()
+    result = run_prune(proto, PruneConfig(structured=True, sparsity=0.5, min_elements=0))
+    out = checked(result.model)
+    assert _param_count(out) < 0.75 * _param_count(proto)
+    feed = _feed(proto)
+    for a, b in zip(ort_run(proto, feed), ort_run(out, feed), strict=True):
+        assert a.shape == b.shape and np.isfinite(b).all()
+
+
+def _inits(model: ir.Model) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(v.const_value.shape) for name, v in model.graph.initializers.items() if v.const_value}
+
+
+def test_structured_sample_cnn_shapes() -> None:
+    result = run_prune(sample("digits_cnn"), PruneConfig(structured=True, sparsity=0.5, min_elements=0))
+    shapes = _inits(result.model)
+    assert shapes["conv1.weight"] == (8, 1, 3, 3)
+    assert shapes["conv2.weight"] == (16, 8, 3, 3)
+    assert shapes["res.weight"] == (16, 16, 3, 3)  # tied to conv2 by the residual Add
+    assert shapes["bn_res.mean"] == (16,) and shapes["bn2.var"] == (16,)
+    assert shapes["conv3.weight"] == (32, 16, 3, 3)
+    assert shapes["fc1.weight"] == (32, 32 * 4 * 4)  # Flatten: each channel is a block of 16
+    assert shapes["fc2.weight"] == (10, 32)
+    groups = result.details["groups"]
+    assert ["conv2", "res"] in [g["producers"] for g in groups]
+    assert "reach graph output 'logits'" in _skip_reasons(result)["fc2"]
+    out = checked(result.model)
+    (logits,) = ort_run(out, sample_feed("digits_cnn"))
+    assert logits.shape == (16, 10)
+
+
+def test_structured_prunes_the_transformer_ffn_only() -> None:
+    result = run_prune(sample("tiny_transformer"), PruneConfig(structured=True, sparsity=0.5))
+    shapes = _inits(result.model)
+    for block in (0, 1):
+        assert shapes[f"blocks.{block}.ffn.fc1.weight"] == (64, 128)
+        assert shapes[f"blocks.{block}.ffn.fc1.bias"] == (128,)
+        assert shapes[f"blocks.{block}.ffn.fc2.weight"] == (128, 64)
+        assert shapes[f"blocks.{block}.attn.q.weight"] == (64, 64)
+    reasons = _skip_reasons(result)
+    assert "splits or moves the channel axis" in reasons["blocks.0.attn.q_matmul"]
+    assert "attn_residual" in reasons["blocks.0.attn.o_matmul"]
+    out = checked(result.model)
+    feed = sample_feed("tiny_transformer")
+    logits, pooled = ort_run(out, feed)
+    assert logits.shape == (16, 4) and pooled.shape == (16, 64)
+
+
+def test_structured_keeps_value_info_right() -> None:
+    proto = onnx.shape_inference.infer_shapes(resnet())
+    assert len(proto.graph.value_info) > 10
+    result = run_prune(proto, PruneConfig(structured=True, sparsity=0.5, min_elements=0))
+    out = checked(result.model)
+    fresh = {v.name: v for v in onnx.shape_inference.infer_shapes(out, strict_mode=True).graph.value_info}
+    declared = {v.name: v for v in out.graph.value_info}
+    assert declared
+    for name, info in declared.items():
+        dims = [d.dim_value or d.dim_param for d in info.type.tensor_type.shape.dim]
+        want = [d.dim_value or d.dim_param for d in fresh[name].type.tensor_type.shape.dim]
+        assert dims == want or not dims, name
+
+
+def test_structured_weights_in_constant_nodes() -> None:
+    proto = models.mlp(sizes=(16, 32, 10))
+    w0 = next(t for t in proto.graph.initializer if t.name == "W0")
+    proto.graph.initializer.remove(w0)
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["W0"], name="w0_const", value=w0))
+    result = run_prune(proto, PruneConfig(structured=True, sparsity=0.5, min_elements=0))
+    const = next(n for n in result.model.graph if n.op_type == "Constant")
+    assert tuple(const.attributes["value"].as_tensor().shape) == (16, 16)
+    assert _inits(result.model)["W1"] == (16, 10)
+    checked(result.model)
+
+
+def test_structured_skips_with_reasons() -> None:
+    # main_mm's output is read inside an If branch, and its weight is shared with it
+    sub = run_prune(models.constant_and_subgraph(), PruneConfig(structured=True, min_elements=0))
+    assert "inside a subgraph" in _skip_reasons(sub)["main_mm"]
+    assert not sub.changed
+    # grouped Conv and a Split on the channels
+    n = Net(10)
+    stem = n.conv("x", 3, 16)
+    grouped = n.conv(n.node("Relu", [stem]), 16, 16, group=4)
+    last = n.conv(grouped, 16, 8)
+    a, b = "split_a", "split_b"
+    n.nodes.append(
+        helper.make_node("Split", [n.node("Relu", [last])], [a, b], name="split", axis=1, num_outputs=2)
+    )
+    z = n.node("Add", [a, b])
+    result = run_prune(
+        n.model(n.head(z, 4), ["N", 10], opset=18), PruneConfig(structured=True, min_elements=0)
+    )
+    reasons = _skip_reasons(result)
+    assert "grouped Conv (group=4)" in reasons[grouped]
+    assert "grouped Conv (group=4)" in reasons[stem]  # its channels are tied by group there
+    assert "Split 'split' splits the channels" in reasons[last]
+    assert not result.changed
+    checked(result.model)
+
+
+def test_structured_activation_importance_with_data() -> None:
+    data = str(SAMPLES / "digits_cnn.npz")
+    result = run_prune(
+        sample("digits_cnn"), PruneConfig(structured=True, sparsity=0.25), data=data, samples=16
+    )
+    assert result.details["importance"] == "activation"
+    weight_based = run_prune(
+        sample("digits_cnn"), PruneConfig(structured=True, sparsity=0.25, importance="l2")
+    )
+    assert weight_based.details["importance"] == "l2"
+    checked(result.model)
+
+
+def test_structured_two_runs_identical() -> None:
+    one = run_prune(sample("digits_cnn"), PruneConfig(structured=True, min_elements=0))
+    two = run_prune(sample("digits_cnn"), PruneConfig(structured=True, min_elements=0))
+    assert io.model_bytes(one.model) == io.model_bytes(two.model)
+
+
+def test_cli_structured(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "s.onnx"
+    result = runner.invoke(
+        app,
+        ["prune", str(SAMPLES / "digits_cnn.onnx"), "-o", str(out), "--structured", "--sparsity", "0.5",
+         "--min-elements", "0", "--json", "--no-latency", "--importance", "l1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ratios"]["params"] < 0.35 and report["ratios"]["size"] < 0.4
+    assert report["details"]["mode"] == "structured"
+    no_data = runner.invoke(
+        app, ["prune", str(SAMPLES / "digits_cnn.onnx"), "-o", str(out), "--force", "--structured",
+              "--importance", "activation"],
+    )  # fmt: skip
+    assert no_data.exit_code == 2 and "--importance activation needs real inputs" in no_data.stderr

@@ -25,7 +25,7 @@ import logging
 import onnx_ir as ir
 
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
-from modelshrink.techniques.prune import _unstructured
+from modelshrink.techniques.prune import _structured, _unstructured
 from modelshrink.techniques.prune._config import DEFAULT_OP_TYPES, PruneConfig
 
 __all__ = ["DEFAULT_OP_TYPES", "PruneConfig", "prune"]
@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 def prune(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> TechniqueResult:
     """Prune a copy of ``model`` as ``config`` says; the input is never modified."""
     model = model.clone()
+    if config.structured:
+        return _structured_result(model, config, context)
     outcome, _ = _unstructured.run(model, config)
     mode = f"{config.n_m[0]}:{config.n_m[1]}" if config.n_m else "unstructured"
     notes = [_unstructured.NO_SPEEDUP_NOTE.format(storage="")]
@@ -58,3 +60,24 @@ def prune(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> Te
         "layers": outcome.layers,
     }
     return TechniqueResult(model, tuple(outcome.changed), tuple(outcome.skipped), tuple(notes), details)
+
+
+def _structured_result(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> TechniqueResult:
+    the_plan, applied = _structured.run(model, config, context)
+    prunable = the_plan.prunable
+    notes = [
+        f"structured: removed {applied.channels_removed} channel(s) in {len(prunable)} group(s) "
+        f"(asked {100 * config.target_sparsity:.1f}% of each, importance {the_plan.importance}); "
+        f"pruned tensors {applied.params_before:,} → {applied.params_after:,} parameters"
+    ]
+    blocked = len(the_plan.groups) - len(prunable)
+    if blocked:
+        notes.append(f"{blocked} channel group(s) left whole; the skipped list says why")
+    details = {
+        "mode": "structured",
+        "requested_sparsity": config.target_sparsity,
+        "importance": the_plan.importance,
+        "channels_removed": applied.channels_removed,
+        "groups": applied.groups,
+    }
+    return TechniqueResult(model, tuple(applied.changed), tuple(the_plan.skipped), tuple(notes), details)
