@@ -820,3 +820,124 @@ def test_cli_structured(runner: CliRunner, tmp_path: Path) -> None:
               "--importance", "activation"],
     )  # fmt: skip
     assert no_data.exit_code == 2 and "--importance activation needs real inputs" in no_data.stderr
+
+
+# --- sparse storage ---------------------------------------------------------------------------
+
+
+def _sparse_constants(proto: onnx.ModelProto) -> int:
+    from modelshrink.io import _proto_graphs
+
+    return sum(
+        1
+        for g in _proto_graphs(proto.graph)
+        for n in g.node
+        if n.op_type == "Constant" and any(a.name == "sparse_value" for a in n.attribute)
+    )
+
+
+def test_sparse_storage_is_smaller_and_loads_in_onnxruntime() -> None:
+    proto = sample("digits_mlp")
+    dense = run_prune(proto, PruneConfig(sparsity=0.9))
+    sparse = run_prune(proto, PruneConfig(sparsity=0.9, sparse_storage=True))
+    dense_bytes, sparse_bytes = io.model_bytes(dense.model), io.model_bytes(sparse.model)
+    assert len(sparse_bytes) < 0.4 * len(dense_bytes)
+    out = onnx.load_from_string(sparse_bytes)
+    assert _sparse_constants(out) == 3
+    assert not any(t.metadata_props for t in out.graph.initializer)
+    onnx.checker.check_model(out, full_check=True)
+    feed = sample_feed("digits_mlp")
+    for a, b in zip(ort_run(onnx.load_from_string(dense_bytes), feed), ort_run(out, feed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert {row["stored"] for row in sparse.details["layers"]} == {"sparse"}
+    assert any("--sparse-storage" in n for n in sparse.notes)
+
+
+def test_sparse_storage_in_subgraphs_constants_and_float16() -> None:
+    proto = models.constant_and_subgraph()
+    result = run_prune(proto, PruneConfig(sparsity=0.9, min_elements=0, sparse_storage=True))
+    out = onnx.load_from_string(io.model_bytes(result.model))
+    assert _sparse_constants(out) == 2  # the main-graph Constant and the If branch initializer
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    dense = arrays(result.model)
+    for flag, w2 in ((True, dense["w_then"]), (False, dense["w_const"])):
+        (y,) = ort_run(out, {"x": x, "flag": np.array(flag)})
+        np.testing.assert_allclose(y, (x @ dense["w_const"]) @ w2, rtol=1e-5, atol=1e-5)
+    half = models.mlp(sizes=(64, 64, 10))
+    for t in half.graph.initializer:
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in [*half.graph.input, *half.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    result = run_prune(half, PruneConfig(sparsity=0.95, min_elements=0, sparse_storage=True))
+    out = onnx.load_from_string(io.model_bytes(result.model))
+    assert _sparse_constants(out) == 2
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float16)}
+    (y,) = ort_run(out, feed)
+    (want,) = ort_run(to_proto_dense(result.model), feed)
+    np.testing.assert_array_equal(y, want)
+
+
+def to_proto_dense(model: ir.Model) -> onnx.ModelProto:
+    """The model with sparse-storage marks ignored (every tensor dense)."""
+    proto = ir.serde.serialize_model(model)
+    from modelshrink.io import _proto_graphs
+
+    for g in _proto_graphs(proto.graph):
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    del a.t.metadata_props[:]
+    return proto
+
+
+def test_sparse_storage_keeps_dense_where_smaller() -> None:
+    result = run_prune(sample("digits_mlp"), PruneConfig(sparsity=0.5, sparse_storage=True))
+    rows = result.details["layers"]
+    assert {row["stored"] for row in rows} == {"dense"}
+    assert all(
+        "dense is smaller (50.0% zeros; sparse needs more than 67%)" in r["stored_dense_because"]
+        for r in rows
+    )
+    assert _sparse_constants(onnx.load_from_string(io.model_bytes(result.model))) == 0
+
+
+def test_models_with_sparse_tensors_can_be_read(runner: CliRunner, tmp_path: Path) -> None:
+    sparse_out = tmp_path / "sparse.onnx"
+    result = runner.invoke(
+        app,
+        ["prune", str(SAMPLES / "digits_mlp.onnx"), "-o", str(sparse_out), "--sparsity", "0.9",
+         "--sparse-storage", "-q", "--no-latency"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert _sparse_constants(onnx.load(str(sparse_out))) == 3
+    # read back: compare, and a second pass keeps the sparse Constants sparse
+    compared = runner.invoke(
+        app, ["compare", str(SAMPLES / "digits_mlp.onnx"), str(sparse_out), "--json", "--no-latency"]
+    )
+    assert compared.exit_code == 0, compared.stderr
+    loaded = io.load_model(str(sparse_out))
+    assert _sparse_constants(onnx.load_from_string(io.model_bytes(loaded.model))) == 3
+    # a graph-level sparse_initializer written by another tool is read as a dense initializer
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 4)).astype(np.float32)
+    w[np.abs(w) < 1] = 0
+    flat = w.reshape(-1)
+    nz = np.flatnonzero(flat)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+    graph.sparse_initializer.append(
+        helper.make_sparse_tensor(
+            onnx.numpy_helper.from_array(flat[nz], "W"),
+            onnx.numpy_helper.from_array(nz.astype(np.int64), ""),
+            [16, 4],
+        )
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    loaded = io.load_model(str(tmp_path / "other.onnx"))
+    np.testing.assert_array_equal(loaded.model.graph.initializers["W"].const_value.numpy(), w)

@@ -25,7 +25,7 @@ import logging
 import onnx_ir as ir
 
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
-from modelshrink.techniques.prune import _structured, _unstructured
+from modelshrink.techniques.prune import _sparse, _structured, _unstructured
 from modelshrink.techniques.prune._config import DEFAULT_OP_TYPES, PruneConfig
 
 __all__ = ["DEFAULT_OP_TYPES", "PruneConfig", "prune"]
@@ -38,9 +38,21 @@ def prune(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> Te
     model = model.clone()
     if config.structured:
         return _structured_result(model, config, context)
-    outcome, _ = _unstructured.run(model, config)
+    outcome, targets = _unstructured.run(model, config)
     mode = f"{config.n_m[0]}:{config.n_m[1]}" if config.n_m else "unstructured"
-    notes = [_unstructured.NO_SPEEDUP_NOTE.format(storage="")]
+    storage = ""
+    if config.sparse_storage:
+        pruned = {row["weight"] for row in outcome.layers}
+        stored = _sparse.store_sparse(model, [t for t in targets if t.name in pruned])
+        for row in outcome.layers:
+            row["stored"] = "sparse" if row["weight"] in stored.stored else "dense"
+            if row["weight"] in stored.dense:
+                row["stored_dense_because"] = stored.dense[row["weight"]]
+        storage = (
+            f" and, with --sparse-storage, in the file: {len(stored.stored)} tensor(s) stored as ONNX "
+            f"sparse tensors, {len(stored.dense)} kept dense (see details.layers)"
+        )
+    notes = [_unstructured.NO_SPEEDUP_NOTE.format(storage=storage)]
     if outcome.elements:
         notes.insert(
             0,
