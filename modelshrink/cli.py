@@ -484,6 +484,7 @@ def prune(
     op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Op types whose weights are pruned (repeatable or comma-separated; default MatMul,Gemm,Conv).", rich_help_panel=_PRUNE, show_default=False)] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Node name, op type or weight name to leave alone; globs allowed (repeatable).", rich_help_panel=_PRUNE, show_default=False)] = None,
     min_elements: Annotated[int, typer.Option("--min-elements", help="Leave weights with fewer elements alone.", rich_help_panel=_PRUNE)] = 1024,
+    search: Annotated[bool | None, typer.Option("--search/--no-search", help="Per-layer sensitivity search under the fidelity gates (default: on when --max-error, --min-cosine or --min-agreement is given).", rich_help_panel=_PRUNE, show_default=False)] = None,
     sparse_storage: Annotated[bool, typer.Option("--sparse-storage", help="Store pruned tensors as ONNX sparse tensors where smaller (file size only).", rich_help_panel=_PRUNE)] = False,
     force: ForceOpt = False, external_data: ExternalDataOpt = None,
     data: DataOpt = None, input_shape: InputShapeOpt = None, seed: SeedOpt = 0, samples: SamplesOpt = None,
@@ -505,7 +506,7 @@ def prune(
     config = lambda: PruneConfig(  # noqa: E731
         sparsity=sparsity, scope=scope, pattern=pattern, structured=structured, importance=importance,
         op_types=_flag_list(op_types) or DEFAULT_OP_TYPES,
-        exclude=_flag_list(exclude), min_elements=min_elements, sparse_storage=sparse_storage,
+        exclude=_flag_list(exclude), min_elements=min_elements, sparse_storage=sparse_storage, search=search,
     )  # fmt: skip
     options = lambda: run_options(  # noqa: E731
         data=data, input_shape=input_shape, seed=seed, samples=samples, max_error=max_error,

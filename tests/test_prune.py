@@ -941,3 +941,82 @@ def test_models_with_sparse_tensors_can_be_read(runner: CliRunner, tmp_path: Pat
     onnx.save(model, str(tmp_path / "other.onnx"))
     loaded = io.load_model(str(tmp_path / "other.onnx"))
     np.testing.assert_array_equal(loaded.model.graph.initializers["W"].const_value.numpy(), w)
+
+
+# --- tolerance-driven search ---------------------------------------------------------------------
+
+MLP_DATA = str(SAMPLES / "digits_mlp.npz")
+
+
+def test_search_meets_the_gate_and_reports_each_layer() -> None:
+    gates = Gates(min_cosine=0.995)
+    model = to_ir(sample("digits_mlp"))
+    context = context_for(model, data=MLP_DATA, gates=gates, samples=64)
+    result = prune(model, PruneConfig(sparsity=0.8), context)
+    search = result.details["search"]
+    assert search["evaluations"] > 3
+    assert [row["layer"] for row in search["layers"]] == ["fc1", "fc2", "fc3"]
+    assert all(row["scores"] for row in search["layers"])
+    chosen = {row["layer"]: row["chosen"] for row in search["layers"]}
+    layers = {row["node"]: row for row in result.details["layers"]}
+    for name, level in chosen.items():
+        if level > 0:
+            assert abs(layers[name]["zeros"] - level * layers[name]["elements"]) <= 1
+    fidelity = context.evaluate(result.model)
+    assert fidelity.cosine >= 0.995
+    assert 0 < search["achieved"] <= 0.8 + 1e-9
+
+
+def test_search_reaches_the_target_when_the_gate_allows() -> None:
+    model = to_ir(sample("digits_mlp"))
+    context = context_for(model, gates=Gates(max_error=1e9))
+    result = prune(model, PruneConfig(sparsity=0.6), context)
+    search = result.details["search"]
+    assert not search["limited_by_gates"]
+    # the level grid steps by 0.1; fc2 holds 65 % of the weights, so one step is 6.5 % overall
+    assert 0.6 <= search["achieved"] <= 0.6 + 0.1 * 32768 / 50432 + 1e-9
+
+
+def test_search_with_an_impossible_gate_prunes_nothing() -> None:
+    model = to_ir(sample("digits_mlp"))
+    result = prune(model, PruneConfig(sparsity=0.5), context_for(model, gates=Gates(max_error=0.0)))
+    assert not result.changed
+    assert result.details["search"]["limited_by_gates"]
+    assert "the sensitivity search left it whole" in _skip_reasons(result)["fc1"]
+
+
+def test_structured_search_meets_the_gate() -> None:
+    gates = Gates(min_agreement=0.98)
+    model = to_ir(sample("digits_cnn"))
+    context = context_for(model, data=str(SAMPLES / "digits_cnn.npz"), gates=gates, samples=64)
+    result = prune(model, PruneConfig(structured=True, sparsity=0.5, min_elements=0), context)
+    assert result.details["search"]["achieved"] > 0
+    fidelity = context.evaluate(result.model)
+    assert fidelity.top1_agreement is not None and fidelity.top1_agreement >= 0.98
+    checked(result.model)
+
+
+def test_cli_search_and_no_search(runner: CliRunner, tmp_path: Path, snapshot) -> None:
+    base = [
+        "prune",
+        str(SAMPLES / "digits_mlp.onnx"),
+        "--sparsity",
+        "0.9",
+        "--data",
+        MLP_DATA,
+        "--no-latency",
+    ]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    searched = runner.invoke(app, [*base, "-o", str(out_dir / "a.onnx"), "--min-agreement", "0.98", "--json"])
+    assert searched.exit_code == 0, searched.stderr
+    report = json.loads(searched.stdout)
+    assert report["gates"][0]["passed"] and "search" in report["details"]
+    uniform = runner.invoke(
+        app, [*base, "-o", str(out_dir / "b.onnx"), "--min-agreement", "0.98", "--no-search"]
+    )
+    assert uniform.exit_code == 3
+    assert "gate failed: --min-agreement" in uniform.stderr
+    assert sorted(snapshot(out_dir)) == ["a.onnx"]
+    no_gate = runner.invoke(app, [*base, "-o", str(out_dir / "c.onnx"), "--search"])
+    assert no_gate.exit_code == 2 and "--search needs a fidelity gate" in no_gate.stderr

@@ -118,7 +118,14 @@ class Plan:
     analysis: Analysis
     groups: list[Group]
     importance: str
+    shapes: tuple[dict[str, tuple[Dim, ...]], dict[str, ir.DataType]] = field(
+        default_factory=lambda: ({}, {})
+    )
     skipped: list[Skip] = field(default_factory=list)
+
+    def scores(self) -> dict[int, np.ndarray]:
+        """Channel scores per prunable group root."""
+        return {g.root: g.scores for g in self.prunable if g.scores is not None}
 
     @property
     def prunable(self) -> list[Group]:
@@ -134,12 +141,24 @@ def _resolve_importance(config: PruneConfig, context: TechniqueContext) -> str:
     return config.importance
 
 
-def plan(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> Plan:
-    """Analyse ``model`` and rank the channels of every prunable group."""
-    shapes, dtypes = shapes_of(model)
+def plan(
+    model: ir.Model,
+    config: PruneConfig,
+    context: TechniqueContext,
+    *,
+    shapes: tuple[dict[str, tuple[Dim, ...]], dict[str, ir.DataType]] | None = None,
+    scores: Mapping[int, np.ndarray] | None = None,
+    importance: str | None = None,
+) -> Plan:
+    """Analyse ``model`` and rank the channels of every prunable group.
+
+    ``shapes``, ``scores`` and ``importance`` reuse what an earlier plan of an identical model
+    computed (the sensitivity search plans each candidate copy).
+    """
+    known, dtypes = shapes if shapes is not None else shapes_of(model)
     source_ops = [op for op in config.op_types if op in SOURCE_OPS]
     analysis = analyze(
-        model, shapes, source_ops=source_ops, exclude=config.exclude, min_elements=config.min_elements
+        model, known, source_ops=source_ops, exclude=config.exclude, min_elements=config.min_elements
     )
     _check_widths(analysis)
     spaces = analysis.spaces
@@ -152,13 +171,14 @@ def plan(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> Pla
         group.producers.append(node_label(prod.node))
         group.producer_ops.append(op_key(prod.node))
     ordered = sorted(groups.values(), key=lambda g: g.root)
-    importance = _resolve_importance(config, context)
-    result = Plan(analysis, ordered, importance)
-    scores = (
-        _activation_scores(model, analysis, result.prunable, context, dtypes)
-        if importance == "activation"
-        else _weight_scores(analysis, result.prunable, importance)
-    )
+    importance = importance or _resolve_importance(config, context)
+    result = Plan(analysis, ordered, importance, shapes=(known, dtypes))
+    if scores is None:
+        scores = (
+            _activation_scores(model, analysis, result.prunable, context, dtypes)
+            if importance == "activation"
+            else _weight_scores(analysis, result.prunable, importance)
+        )
     for group in result.prunable:
         group.scores = scores[group.root]
     result.skipped = _skips(model, analysis, config)
@@ -283,7 +303,7 @@ def _activation_scores(
 def keep_indices(group: Group, ratio: float) -> np.ndarray:
     """The channels a group keeps at ``ratio`` removed (sorted, at least one)."""
     assert group.scores is not None
-    remove = min(round(ratio * group.channels), group.channels - 1)
+    remove = removed_channels(group.channels, ratio)
     if remove <= 0:
         return np.arange(group.channels)
     order = np.argsort(-group.scores, kind="stable")
@@ -421,6 +441,19 @@ def _fix_shapes(model: ir.Model, analysis: Analysis, keep: Mapping[int, np.ndarr
         unused = old is not None and old.is_initializer() and not old.uses()
         if unused and old is not None and not old.is_graph_output() and not old.is_graph_input():
             graph.initializers.pop(old.name or "")
+
+
+def replan(model: ir.Model, base: Plan, config: PruneConfig, context: TechniqueContext) -> Plan:
+    """The plan of a copy of the model ``base`` analysed (same groups, same rankings)."""
+    again = plan(model, config, context, shapes=base.shapes, scores=base.scores(), importance=base.importance)
+    if [(g.root, g.channels) for g in again.groups] != [(g.root, g.channels) for g in base.groups]:
+        raise AssertionError("structured pruning: a copy of the model analysed differently")
+    return again
+
+
+def removed_channels(channels: int, ratio: float) -> int:
+    """Channels a group of ``channels`` loses at ``ratio`` (at least one stays)."""
+    return max(0, min(round(ratio * channels), channels - 1))
 
 
 def run(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> tuple[Plan, Applied]:

@@ -211,7 +211,7 @@ def _apply_global(targets: Sequence[Target], sparsity: float) -> Outcome:
     return outcome
 
 
-def _apply_nm(targets: Sequence[Target], n: int, m: int) -> Outcome:
+def apply_nm(targets: Sequence[Target], n: int, m: int) -> Outcome:
     outcome = Outcome()
     for target in targets:
         assert target.view is not None
@@ -227,7 +227,7 @@ def run(model: ir.Model, config: PruneConfig) -> tuple[Outcome, list[Target]]:
     targets, skipped = find_targets(model, config)
     if config.n_m is not None:
         n, m = config.n_m
-        outcome = _apply_nm(targets, n, m)
+        outcome = apply_nm(targets, n, m)
     elif config.scope == "global":
         outcome = _apply_global(targets, config.target_sparsity)
     else:
