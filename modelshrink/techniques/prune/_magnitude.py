@@ -66,8 +66,8 @@ def select_smallest(mags: Sequence[np.ndarray], k: int) -> list[np.ndarray]:
 
 def prune_smallest(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """A copy of ``array`` with the flat positions in ``mask`` set to zero."""
-    out = np.array(array, copy=True)
-    out.reshape(-1)[mask] = 0
+    out = np.array(array, copy=True, order="C")
+    np.copyto(out.reshape(-1), np.zeros((), dtype=out.dtype), where=mask)
     return out
 
 
