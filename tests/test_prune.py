@@ -763,6 +763,7 @@ def test_structured_skips_with_reasons() -> None:
     # main_mm's output is read inside an If branch, and its weight is shared with it
     sub = run_prune(models.constant_and_subgraph(), PruneConfig(structured=True, min_elements=0))
     assert "inside a subgraph" in _skip_reasons(sub)["main_mm"]
+    assert "--structured prunes the main graph only" in _skip_reasons(sub)["then_mm"]
     assert not sub.changed
     # grouped Conv and a Split on the channels
     n = Net(10)

@@ -208,16 +208,29 @@ def _skips(model: ir.Model, analysis: Analysis, config: PruneConfig) -> list[Ski
             seen.add(id(prod.node))
             skipped.append(Skip(node_label(prod.node), op_key(prod.node), reason))
     producer_nodes = {id(p.node) for p in analysis.producers}
+    first_space: dict[str, int] = {}
+    for i, origin in enumerate(spaces.origin):
+        first_space.setdefault(origin, i)
     for node in model.graph:
         if node.op_type not in SOURCE_OPS or id(node) in producer_nodes:
             continue
-        for i in range(len(spaces.channels)):
-            if spaces.origin[i] == node_label(node):
-                reason = spaces.blocked(i)
-                if reason is not None and "--op-types" not in reason and id(node) not in seen:
-                    seen.add(id(node))
-                    skipped.append(Skip(node_label(node), op_key(node), reason))
-                break
+        index = first_space.get(node_label(node))
+        reason = spaces.blocked(index) if index is not None else None
+        if reason is not None and "--op-types" not in reason and id(node) not in seen:
+            seen.add(id(node))
+            skipped.append(Skip(node_label(node), op_key(node), reason))
+    for graph in model.graphs():
+        if graph is model.graph:
+            continue
+        for node in graph:
+            if node.op_type in config.op_types and node.op_type in SOURCE_OPS:
+                skipped.append(
+                    Skip(
+                        node_label(node),
+                        op_key(node),
+                        "inside a subgraph (If/Loop/Scan body): --structured prunes the main graph only",
+                    )
+                )
     for node, reason in analysis.skipped_nodes:
         if id(node) not in seen:
             seen.add(id(node))
