@@ -1021,3 +1021,35 @@ def test_cli_search_and_no_search(runner: CliRunner, tmp_path: Path, snapshot) -
     assert sorted(snapshot(out_dir)) == ["a.onnx"]
     no_gate = runner.invoke(app, [*base, "-o", str(out_dir / "c.onnx"), "--search"])
     assert no_gate.exit_code == 2 and "--search needs a fidelity gate" in no_gate.stderr
+
+
+def test_structured_blocks_channels_whose_count_is_read_at_run_time() -> None:
+    # Conv -> Shape -> Gather(1) (the channel count) used to reshape another tensor
+    n = Net(12)
+    y = n.node("Relu", [n.conv("x", 3, 16)])
+    z = n.node("Relu", [n.conv(y, 16, 16)])
+    index = n.name("idx")
+    n.inits.append(models.init(index, np.array([0], dtype=np.int64)))
+    batch = n.node("Gather", [n.node("Shape", [z]), index])  # reads only the batch size: safe
+    rest = n.name("rest")
+    n.inits.append(models.init(rest, np.array([-1], dtype=np.int64)))
+    flat = n.node("Reshape", [z, n.node("Concat", [batch, rest], axis=0)])
+    safe = run_prune(n.model(flat, ["N", 1024]), PruneConfig(structured=True, min_elements=0))
+    assert safe.details["channels_removed"] == 8  # the first conv; the second reaches the output
+    n = Net(12)
+    conv = n.conv("x", 3, 16)
+    y = n.node("Relu", [conv])
+    channels = n.name("ch")
+    n.inits.append(models.init(channels, np.array([1], dtype=np.int64)))
+    count = n.node("Gather", [n.node("Shape", [y]), channels])  # the channel count of y
+    other = n.node("Reshape", ["x", n.node("Concat", [count, rest_init(n)], axis=0)])
+    out = n.node("Add", [n.node("ReduceSum", [y], keepdims=0), n.node("ReduceSum", [other], keepdims=0)])
+    reads = run_prune(n.model(out, []), PruneConfig(structured=True, min_elements=0), samples=1)
+    assert "its channel count is read by Shape" in _skip_reasons(reads)[conv]
+    assert not reads.changed
+
+
+def rest_init(n: Net) -> str:
+    name = n.name("rest")
+    n.inits.append(models.init(name, np.array([-1], dtype=np.int64)))
+    return name

@@ -59,8 +59,6 @@ _REDUCE = frozenset(
     }
 )  # fmt: skip
 _SOFTMAX = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
-# Reading only the shape of a tensor: pruning changes the value they compute, never its layout.
-_SHAPE_READERS = frozenset({"Shape", "Size"})
 # Reduce ops whose ``axes`` moved from attribute to input at this opset.
 _AXES_INPUT_OPSET = {"ReduceSum": 13, "Squeeze": 13, "Unsqueeze": 13}
 _AXES_INPUT_OPSET_OTHER_REDUCE = 18
@@ -399,8 +397,8 @@ class _Walker:
             self.op_reduce(node, label)
         elif op in _SOFTMAX:
             self.op_softmax(node, label)
-        elif op in _SHAPE_READERS:
-            return
+        elif op == "Shape":
+            self.op_shape_reader(node, label)
         elif handler is not None and op not in SOURCE_OPS:
             handler(node, label)
         else:
@@ -666,6 +664,35 @@ class _Walker:
         self.add_slice(src, big[0], layout.moved(big[0] - len(src.shape)), node, 0)
         self.a.layouts[value] = layout.moved(p - rank)
         return True
+
+    def op_shape_reader(self, node: ir.Node, label: str) -> None:
+        """``Shape`` is harmless unless the channel count it reads is used: then block.
+
+        Safe when the channel axis is outside ``start:end``, or when every use of the result
+        is a ``Gather`` of constant indices that skip it (e.g. the batch size for a Reshape).
+        """
+        x = node.inputs[0]
+        lx, r = self.layout(x), self.rank(x)
+        if lx is None or r is None:
+            self.block_inputs(node, f"its channel count is read by {label} at run time")
+            return
+        p = self.pos(lx, r)
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", r)
+        start, end = (start + r if start < 0 else start), (end + r if end < 0 else end)
+        start, end = max(0, min(start, r)), max(0, min(end, r))
+        if not start <= p < end:
+            return
+        for use in node.outputs[0].uses():
+            user = use.node
+            indices = self.ints(user.inputs[1]) if user.op_type == "Gather" and use.idx == 0 else None
+            if indices is None or user.attributes.get_int("axis", 0) != 0:
+                self.block_inputs(node, f"its channel count is read by {label} at run time")
+                return
+            n = end - start
+            if p - start in [i + n if i < 0 else i for i in indices]:
+                self.block_inputs(node, f"its channel count is read by {label} at run time")
+                return
 
     def op_batchnormalization(self, node: ir.Node, label: str) -> None:
         self.per_channel_params(node, label, range(1, 5))
