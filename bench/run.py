@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 GROUPS = {
     "spine": "bench_spine",
     "quantize": "bench_quantize",
+    "prune": "bench_prune",
 }
 
 

@@ -602,6 +602,57 @@ def quantize(
         force=force, external_data=external_data, json_=json_, report_file=report_file, quiet=quiet, verbose=verbose,
     )
     # fmt: on
+_PRUNE = "Pruning"
+
+
+def _flag_list(values: list[str] | None) -> tuple[str, ...]:
+    """Repeatable, comma-separable flag values: ``--x a,b --x c`` -> ``("a", "b", "c")``."""
+    return tuple(p.strip() for v in values or () for p in v.split(",") if p.strip())
+
+
+@app.command()
+def prune(
+    src: InputArg,
+    output: OutputOpt,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Fraction to remove (default 0.5): of the weights, or of each channel group with --structured.", rich_help_panel=_PRUNE, show_default=False)] = None,
+    scope: Annotated[str, typer.Option("--scope", help="layer: each tensor loses exactly --sparsity; global: one magnitude threshold over all.", rich_help_panel=_PRUNE)] = "layer",
+    pattern: Annotated[str | None, typer.Option("--pattern", help="N:M, e.g. 2:4: at most N non-zeros in every M weights along the input dimension.", rich_help_panel=_PRUNE, show_default=False)] = None,
+    structured: Annotated[bool, typer.Option("--structured", help="Remove whole channels / hidden units so tensors shrink (and run faster).", rich_help_panel=_PRUNE)] = False,
+    importance: Annotated[str, typer.Option("--importance", help="Channel ranking for --structured: auto (activation with --data, else l1), l1, l2, activation.", rich_help_panel=_PRUNE)] = "auto",
+    op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Op types whose weights are pruned (repeatable or comma-separated; default MatMul,Gemm,Conv).", rich_help_panel=_PRUNE, show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Node name, op type or weight name to leave alone; globs allowed (repeatable).", rich_help_panel=_PRUNE, show_default=False)] = None,
+    min_elements: Annotated[int, typer.Option("--min-elements", help="Leave weights with fewer elements alone.", rich_help_panel=_PRUNE)] = 1024,
+    search: Annotated[bool | None, typer.Option("--search/--no-search", help="Per-layer sensitivity search under the fidelity gates (default: on when --max-error, --min-cosine or --min-agreement is given).", rich_help_panel=_PRUNE, show_default=False)] = None,
+    sparse_storage: Annotated[bool, typer.Option("--sparse-storage", help="Store pruned tensors as ONNX sparse tensors where smaller (file size only).", rich_help_panel=_PRUNE)] = False,
+    force: ForceOpt = False, external_data: ExternalDataOpt = None,
+    data: DataOpt = None, input_shape: InputShapeOpt = None, seed: SeedOpt = 0, samples: SamplesOpt = None,
+    max_error: MaxErrorOpt = None, min_cosine: MinCosineOpt = None, min_agreement: MinAgreementOpt = None,
+    max_size_ratio: MaxSizeRatioOpt = None, min_speedup: MinSpeedupOpt = None,
+    provider: ProviderOpt = "cpu", threads: ThreadsOpt = 1, latency: LatencyOpt = True, latency_runs: LatencyRunsOpt = None,
+    json_: JsonOpt = False, report_file: ReportOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = 0,
+) -> None:  # fmt: skip
+    """Prune weights: zero the smallest (unstructured or N:M) or remove whole channels (--structured).
+
+    Unstructured and N:M sparsity give no speed-up in onnxruntime (dense kernels); they show
+    in the zlib-compressed size. --structured makes tensors smaller and faster.
+
+    Example: modelshrink prune model.onnx -o pruned.onnx --sparsity 0.6
+    """
+    from modelshrink.techniques.prune import DEFAULT_OP_TYPES, PruneConfig
+    from modelshrink.techniques.prune import prune as prune_technique
+
+    config = lambda: PruneConfig(  # noqa: E731
+        sparsity=sparsity, scope=scope, pattern=pattern, structured=structured, importance=importance,
+        op_types=_flag_list(op_types) or DEFAULT_OP_TYPES,
+        exclude=_flag_list(exclude), min_elements=min_elements, sparse_storage=sparse_storage, search=search,
+    )  # fmt: skip
+    options = lambda: run_options(  # noqa: E731
+        data=data, input_shape=input_shape, seed=seed, samples=samples, max_error=max_error,
+        min_cosine=min_cosine, min_agreement=min_agreement, max_size_ratio=max_size_ratio,
+        min_speedup=min_speedup, provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
+    )  # fmt: skip
+    run_command("prune", prune_technique, config, src, output, options, force=force, external_data=external_data,
+                json_=json_, report_file=report_file, quiet=quiet, verbose=verbose)  # fmt: skip
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:

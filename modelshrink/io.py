@@ -30,6 +30,8 @@ from modelshrink.errors import ConfigError, InvalidModelError, OutputError
 
 __all__ = [
     "EXTERNAL_DATA_AUTO_BYTES",
+    "SPARSE_STORAGE_KEY",
+    "SPARSE_STORAGE_VALUE",
     "STDIO",
     "LoadedModel",
     "OutputTarget",
@@ -50,6 +52,12 @@ EXTERNAL_DATA_AUTO_BYTES = 1_800_000_000
 # Tensors at least this large go to the external data file when one is written.
 _EXTERNAL_THRESHOLD_BYTES = 1024
 _COPY_CHUNK = 1 << 20
+# A Constant whose tensor carries this metadata entry is written as an ONNX sparse tensor
+# (``sparse_value``) when that is smaller. Sparse tensors read from a model become dense ones
+# (onnx-ir has no sparse tensors) carrying the entry, so sparse Constants are written back
+# sparse; sparse initializers come back as dense initializers.
+SPARSE_STORAGE_KEY = "modelshrink.storage"
+SPARSE_STORAGE_VALUE = "sparse"
 
 
 @dataclass
@@ -212,6 +220,7 @@ def checker_message(exc: Exception) -> str:
 
 
 def _deserialize(proto: onnx.ModelProto, label: str) -> ir.Model:
+    _from_sparse_storage(proto)
     try:
         return ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises plain exceptions for malformed protos
@@ -219,6 +228,106 @@ def _deserialize(proto: onnx.ModelProto, label: str) -> ir.Model:
         while root.__cause__ is not None:  # SerdeError wraps the useful message
             root = root.__cause__
         raise InvalidModelError(f"{label}: cannot read the graph: {root}") from exc
+
+
+# --- sparse tensors ----------------------------------------------------------------------------
+
+
+def _proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _proto_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _proto_graphs(sub)
+
+
+def _is_constant(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+
+
+def _dense_of(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    tensor = onnx.numpy_helper.from_array(dense, sparse.values.name)
+    tensor.metadata_props.add(key=SPARSE_STORAGE_KEY, value=SPARSE_STORAGE_VALUE)
+    return tensor
+
+
+def _from_sparse_storage(proto: onnx.ModelProto) -> None:
+    """Sparse initializers and ``sparse_value`` Constants -> dense ones carrying the mark."""
+    for graph in _proto_graphs(proto.graph):
+        for sparse in graph.sparse_initializer:
+            graph.initializer.append(_dense_of(sparse))
+        del graph.sparse_initializer[:]
+        for node in graph.node:
+            if not _is_constant(node):
+                continue
+            for attr in node.attribute:
+                if attr.name == "sparse_value" and attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    dense = _dense_of(attr.sparse_tensor)
+                    attr.Clear()
+                    attr.CopyFrom(onnx.helper.make_attribute("value", dense))
+
+
+def _pop_mark(tensor: onnx.TensorProto) -> bool:
+    """Remove every sparse-storage entry (serialization may repeat it); True if one asked for it."""
+    keep = [(e.key, e.value) for e in tensor.metadata_props if e.key != SPARSE_STORAGE_KEY]
+    marked = any(
+        e.key == SPARSE_STORAGE_KEY and e.value == SPARSE_STORAGE_VALUE for e in tensor.metadata_props
+    )
+    if len(keep) != len(tensor.metadata_props):
+        del tensor.metadata_props[:]
+        for key, value in keep:
+            tensor.metadata_props.add(key=key, value=value)
+    return marked
+
+
+def _sparse_of(tensor: onnx.TensorProto) -> onnx.SparseTensorProto | None:
+    """The sparse form (flat int64 indices) of a tensor when it is smaller, else None."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    dense = onnx.numpy_helper.to_array(tensor)
+    flat = dense.reshape(-1)
+    nonzero = np.flatnonzero(flat)
+    values = onnx.numpy_helper.from_array(flat[nonzero], tensor.name)
+    indices = onnx.numpy_helper.from_array(nonzero.astype(np.int64), "")
+    sparse = onnx.helper.make_sparse_tensor(values, indices, list(tensor.dims))
+    return sparse if sparse.ByteSize() < tensor.ByteSize() else None
+
+
+def _to_sparse_storage(proto: onnx.ModelProto) -> None:
+    """Marked Constant tensors -> ``sparse_value`` where smaller; every mark removed."""
+    for graph in _proto_graphs(proto.graph):
+        for tensor in graph.initializer:
+            _pop_mark(tensor)
+        for node in graph.node:
+            if not _is_constant(node):
+                continue
+            for attr in node.attribute:
+                if attr.name != "value" or attr.type != onnx.AttributeProto.TENSOR or not _pop_mark(attr.t):
+                    continue
+                sparse = _sparse_of(attr.t)
+                if sparse is not None:
+                    attr.Clear()
+                    attr.CopyFrom(onnx.helper.make_attribute("sparse_value", sparse))
+
+
+def _has_sparse_marks(model: ir.Model) -> bool:
+    return any(t.metadata_props.get(SPARSE_STORAGE_KEY) for _, t in _all_tensors(model))
+
+
+def _serialized(model: ir.Model) -> onnx.ModelProto:
+    proto = ir.serde.serialize_model(model)
+    _to_sparse_storage(proto)
+    return proto
 
 
 # --- external data ---------------------------------------------------------------------------
@@ -533,12 +642,15 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
         copy = model.clone()
         _inline_external(copy, keep_large=external)
         data_name = name + ".data" if external else None
-        ir.save(
-            copy,
-            staged.path,
-            external_data=data_name,
-            size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES,
-        )
+        if not external and _has_sparse_marks(copy):
+            staged.path.write_bytes(_serialized(copy).SerializeToString())
+        else:
+            ir.save(
+                copy,
+                staged.path,
+                external_data=data_name,
+                size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES,
+            )
         if data_name is not None and (folder / data_name).exists():
             staged.data_path = folder / data_name
     except OSError as exc:
@@ -564,6 +676,8 @@ def model_bytes(model: ir.Model) -> bytes:
     """Serialize a model whose tensors all fit in one protobuf (for onnxruntime sessions)."""
     copy = model.clone()
     _inline_external(copy, keep_large=False)
+    if _has_sparse_marks(copy):
+        return _serialized(copy).SerializeToString()
     return ir.serde.serialize_model(copy).SerializeToString()
 
 

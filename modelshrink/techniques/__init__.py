@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from modelshrink.techniques.base import Change, Skip, Technique, TechniqueContext, TechniqueResult
 
-# Imported under private names so that ``modelshrink.techniques.quantize`` stays the module.
+# Imported under private names so that ``modelshrink.techniques.<name>`` stays the module.
+from modelshrink.techniques.prune import PruneConfig
+from modelshrink.techniques.prune import prune as _prune
 from modelshrink.techniques.quantize import QuantizeConfig
 from modelshrink.techniques.quantize import quantize as _quantize
 
 __all__ = [
     "TECHNIQUES",
     "Change",
+    "PruneConfig",
     "QuantizeConfig",
     "Skip",
     "TechniqueContext",
@@ -18,5 +21,6 @@ __all__ = [
 ]
 
 TECHNIQUES: dict[str, Technique] = {
+    "prune": _prune,
     "quantize": _quantize,
 }

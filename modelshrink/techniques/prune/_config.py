@@ -1,0 +1,110 @@
+"""``PruneConfig``: every flag of ``modelshrink prune``, validated once."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from modelshrink.errors import ConfigError
+
+__all__ = ["DEFAULT_OP_TYPES", "DEFAULT_SPARSITY", "IMPORTANCES", "SCOPES", "PruneConfig"]
+
+DEFAULT_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+DEFAULT_SPARSITY = 0.5
+SCOPES = ("layer", "global")
+IMPORTANCES = ("auto", "l1", "l2", "activation")
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How to prune.
+
+    Attributes:
+        sparsity: Fraction to remove: of the weights (unstructured), or of the channels of
+            each prunable channel group (``structured``). None means 0.5; with ``pattern``
+            it must stay None (the pattern fixes it at ``1 - N/M``).
+        scope: ``layer`` (each tensor loses exactly ``sparsity`` of its weights) or
+            ``global`` (one magnitude threshold across all eligible tensors).
+        pattern: ``"N:M"``: at most N non-zeros in every M consecutive weights along the
+            reduction (input) dimension.
+        structured: Remove whole channels / hidden units so tensors physically shrink.
+        importance: Channel ranking for ``structured``: ``l1``/``l2`` weight norms,
+            ``activation`` statistics on ``--data``, or ``auto`` (activation with real
+            data, else l1).
+        op_types: Op types whose weights are pruned.
+        exclude: Node names, op types or weight names (globs) to leave alone.
+        min_elements: Weights with fewer elements are left alone.
+        sparse_storage: Store a pruned tensor as an ONNX sparse tensor where smaller.
+        search: Per-layer sensitivity search under the fidelity gates; None means "when a
+            fidelity gate (--max-error/--min-cosine/--min-agreement) is given".
+    """
+
+    sparsity: float | None = None
+    scope: str = "layer"
+    pattern: str | None = None
+    structured: bool = False
+    importance: str = "auto"
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    exclude: tuple[str, ...] = ()
+    min_elements: int = 1024
+    sparse_storage: bool = False
+    search: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None and not (math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0):
+            raise ConfigError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"--scope must be one of {', '.join(SCOPES)}, got '{self.scope}'")
+        if self.importance not in IMPORTANCES:
+            raise ConfigError(
+                f"--importance must be one of {', '.join(IMPORTANCES)}, got '{self.importance}'"
+            )
+        if self.min_elements < 0:
+            raise ConfigError(f"--min-elements must be >= 0, got {self.min_elements}")
+        if not self.op_types or any(not op.strip() for op in self.op_types):
+            raise ConfigError("--op-types needs at least one op type, e.g. --op-types MatMul,Gemm")
+        if any(not p.strip() for p in self.exclude):
+            raise ConfigError("--exclude needs a node name, op type or glob, e.g. --exclude 'head*'")
+        if self.pattern is not None:
+            self.n_m  # validates  # noqa: B018
+            if self.sparsity is not None:
+                raise ConfigError("--pattern fixes the sparsity at 1 - N/M; drop --sparsity")
+            if self.structured:
+                raise ConfigError("--pattern and --structured exclude each other")
+            if self.scope != "layer":
+                raise ConfigError("--pattern applies per group of M weights; drop --scope global")
+        if self.structured and self.scope != "layer":
+            raise ConfigError(
+                "--structured prunes each channel group by its own ranking; drop --scope global"
+            )
+        if self.importance != "auto" and not self.structured:
+            raise ConfigError("--importance ranks channels for --structured; add --structured or drop it")
+        if self.sparse_storage and self.structured:
+            raise ConfigError("--sparse-storage stores zeroed weights; --structured removes them instead")
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """``(N, M)`` from ``pattern``, or None.
+
+        Raises:
+            ConfigError: Malformed pattern.
+        """
+        if self.pattern is None:
+            return None
+        match = _PATTERN.match(self.pattern)
+        if not match:
+            raise ConfigError(f"--pattern must look like N:M (e.g. 2:4), got '{self.pattern}'")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 <= n < m or m > 1024:
+            raise ConfigError(f"--pattern N:M needs 0 <= N < M <= 1024, got {n}:{m}")
+        return n, m
+
+    @property
+    def target_sparsity(self) -> float:
+        """The fraction to remove: ``sparsity``, ``1 - N/M`` for a pattern, else 0.5."""
+        if self.n_m is not None:
+            n, m = self.n_m
+            return 1.0 - n / m
+        return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity

@@ -1,0 +1,225 @@
+"""Tolerance-driven pruning: a per-layer sensitivity search under the fidelity gates.
+
+1. *Sensitivity*: each unit (a weight tensor, or a channel group for ``--structured``) is pruned
+   alone at increasing levels; every candidate is scored against the original outputs with
+   ``context.evaluate``. A score is the worst ratio of measured damage to what a gate allows
+   (``max_error / --max-error``, ``(1 - cosine) / (1 - --min-cosine)``,
+   ``(1 - agreement) / (1 - --min-agreement)``): below 1 the gates hold. The levels of a unit
+   stop at the first one that breaks a gate on its own.
+2. *Combination*: all (unit, level) steps are sorted by score (cheapest damage first, larger
+   gains first among equals) and taken in that order until the overall target ``--sparsity``
+   is reached (or the steps run out: "as much as the gates allow").
+3. *Verification*: the combined model is evaluated; if it breaks a gate, a binary search finds
+   the longest prefix of the sorted steps that holds them.
+
+The report lists, per unit, the level chosen and the score of every level tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from modelshrink.gates import Gates
+from modelshrink.techniques.base import TechniqueContext
+from modelshrink.verify import Fidelity
+
+__all__ = ["SearchResult", "Unit", "badness", "search"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Something the search sets a level for.
+
+    Attributes:
+        key: Identifier used in assignments.
+        label: Name for the report (node or producers).
+        op_type: Op type for the report.
+        size: Elements (unstructured) or channels (structured) the levels apply to.
+        levels: Levels to try, ascending, all > 0.
+        removed: How many of ``size`` a level removes.
+    """
+
+    key: int
+    label: str
+    op_type: str
+    size: int
+    levels: tuple[float, ...]
+    removed: Callable[[float], int]
+
+
+@dataclass
+class SearchResult:
+    """The per-unit levels chosen and how they were found."""
+
+    assignment: dict[int, float]
+    table: list[dict[str, Any]]
+    evaluations: int
+    achieved: float
+    target: float
+    fidelity: Fidelity | None = None
+    limited_by_gates: bool = False
+    steps_taken: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _ratio(used: float, allowed: float) -> float:
+    if used <= 0:
+        return 0.0
+    return used / allowed if allowed > 0 else math.inf
+
+
+def badness(fidelity: Fidelity, gates: Gates) -> float:
+    """Worst measured-damage / allowed-damage ratio over the fidelity gates (<= 1 passes)."""
+    parts = [0.0]
+    if gates.max_error is not None:
+        parts.append(_ratio(fidelity.max_abs_error, gates.max_error))
+    if gates.min_cosine is not None:
+        parts.append(_ratio(1.0 - fidelity.cosine, 1.0 - gates.min_cosine))
+    if gates.min_agreement is not None and fidelity.top1_agreement is not None:
+        parts.append(_ratio(1.0 - fidelity.top1_agreement, 1.0 - gates.min_agreement))
+    value = max(parts)
+    return value if not math.isnan(value) else math.inf
+
+
+def _passes(fidelity: Fidelity, gates: Gates) -> bool:
+    cosine = fidelity.cosine
+    return gates.passes_fidelity(
+        max_error=fidelity.max_abs_error,
+        cosine=cosine if not math.isnan(cosine) else -1.0,
+        agreement=fidelity.top1_agreement,
+    )
+
+
+def _overall(units: Sequence[Unit], assignment: dict[int, float]) -> float:
+    total = sum(u.size for u in units)
+    removed = sum(u.removed(assignment.get(u.key, 0.0)) for u in units)
+    return removed / total if total else 0.0
+
+
+def search(
+    units: Sequence[Unit],
+    build: Callable[[dict[int, float]], ir.Model],
+    context: TechniqueContext,
+    target: float,
+) -> SearchResult:
+    """Choose a level per unit reaching ``target`` overall while every fidelity gate holds."""
+    gates = context.gates
+    evaluations = 0
+
+    def score(assignment: dict[int, float]) -> tuple[Fidelity, float, bool]:
+        nonlocal evaluations
+        evaluations += 1
+        fidelity = context.evaluate(build(assignment))
+        return fidelity, badness(fidelity, gates), _passes(fidelity, gates)
+
+    table: list[dict[str, Any]] = []
+    steps: list[tuple[float, float, float, int, float]] = []
+    feasible: dict[int, list[float]] = {u.key: [] for u in units}
+    total_trials = sum(len(u.levels) for u in units)
+    done = 0
+    for unit in units:
+        tried: dict[str, float | None] = {}
+        worst = 0.0
+        for i, level in enumerate(unit.levels):
+            fidelity, value, ok = score({unit.key: level})
+            done += 1
+            context.progress("sensitivity search", done, total_trials)
+            tried[f"{level:g}"] = round(value, 6) if math.isfinite(value) else None
+            if not ok:
+                done += len(unit.levels) - i - 1
+                context.progress("sensitivity search", done, total_trials)
+                break
+            worst = max(worst, value)
+            feasible[unit.key].append(level)
+            gain = unit.removed(level) / max(sum(u.size for u in units), 1)
+            steps.append((worst, 1.0 - fidelity.cosine, -gain, unit.key, level))
+        table.append(
+            {"layer": unit.label, "op_type": unit.op_type, "size": unit.size, "scores": tried, "chosen": 0.0}
+        )
+    steps.sort()
+    assignment: dict[int, float] = {}
+    prefix: list[tuple[int, float]] = []
+    for _, _, _, key, level in steps:
+        if _overall(units, assignment) >= target:
+            break
+        current = assignment.get(key, 0.0)
+        if level <= current:
+            continue
+        # do not overshoot: the smallest feasible level of this unit that reaches the target
+        for smaller in feasible[key]:
+            if current < smaller < level and _overall(units, {**assignment, key: smaller}) >= target:
+                level = smaller
+                break
+        prefix.append((key, level))
+        assignment[key] = level
+
+    def assign(n: int) -> dict[int, float]:
+        chosen: dict[int, float] = {}
+        for key, level in prefix[:n]:
+            chosen[key] = max(chosen.get(key, 0.0), level)
+        return chosen
+
+    final: Fidelity | None = None
+    taken = len(prefix)
+    if prefix:
+        final, _, ok = score(assignment)
+        if not ok:
+            lo, hi = 0, len(prefix)
+            final = None
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                fidelity, _, ok = score(assign(mid))
+                context.progress("combining layers", hi - lo, len(prefix))
+                if ok:
+                    lo, final = mid, fidelity
+                else:
+                    hi = mid
+            taken = lo
+            assignment = assign(lo)
+    achieved = _overall(units, assignment)
+    by_key = {u.key: i for i, u in enumerate(units)}
+    for key, level in assignment.items():
+        table[by_key[key]]["chosen"] = level
+    result = SearchResult(
+        assignment=assignment,
+        table=table,
+        evaluations=evaluations,
+        achieved=achieved,
+        target=target,
+        fidelity=final,
+        limited_by_gates=achieved + 1e-12 < target,
+        steps_taken=taken,
+    )
+    logger.info(
+        "sensitivity search: %d evaluations, %.1f%% of %.1f%% reached",
+        evaluations,
+        100 * achieved,
+        100 * target,
+    )
+    return result
+
+
+def describe(result: SearchResult, unit_word: str) -> str:
+    """One note line about the search outcome."""
+    reached = f"reached {100 * result.achieved:.1f}% of the {unit_word} (asked {100 * result.target:.1f}%)"
+    why = "; the gates allowed no more" if result.limited_by_gates else ""
+    return (
+        f"sensitivity search ({result.evaluations} evaluations against the gates): {reached}{why}; "
+        "details.search lists the level chosen per layer"
+    )
+
+
+def levels_for(target: float, grid: Sequence[float], cap: float) -> tuple[float, ...]:
+    """Ascending levels from ``grid`` plus ``target`` itself, within (0, cap]."""
+    values = {round(x, 6) for x in grid if 0 < x <= cap}
+    if 0 < target <= cap:
+        values.add(round(target, 6))
+    return tuple(sorted(values))
