@@ -33,7 +33,7 @@ from modelshrink.report import Report, render_report
 from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques.base import Progress as ProgressSink
 from modelshrink.techniques.base import Technique, silent_progress
-from modelshrink.techniques.factorize import OP_TYPES as FACTORIZE_OP_TYPES
+from modelshrink.techniques.factorize import DEFAULT_OP_TYPES as FACTORIZE_OP_TYPES
 from modelshrink.techniques.factorize import FactorizeConfig
 from modelshrink.techniques.factorize import factorize as factorize_technique
 
@@ -481,7 +481,7 @@ def factorize(
     min_saving: Annotated[float, typer.Option("--min-saving", help="Factorize a layer only if it saves at least this share of its parameters.", rich_help_panel=_FACTORIZE)] = 0.2,
     conv: Annotated[str, typer.Option("--conv", help="Conv split: channel (k x k to r channels, then 1 x 1) or spatial (k x 1, then 1 x k).", rich_help_panel=_FACTORIZE)] = "channel",
     method: Annotated[str, typer.Option("--method", help="auto (data-aware with --data), svd, or data (needs --data).", rich_help_panel=_FACTORIZE)] = "auto",
-    op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Op types to factorize (repeatable or comma-separated; default MatMul,Gemm,Conv,Gather).", rich_help_panel=_FACTORIZE, show_default=False)] = None,
+    op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Op types to factorize, of MatMul, Gemm, Conv, Gather (repeatable or comma-separated; default MatMul,Gemm,Conv).", rich_help_panel=_FACTORIZE, show_default=False)] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Node name, op type or weight name to leave alone; globs allowed (repeatable).", rich_help_panel=_FACTORIZE, show_default=False)] = None,
     min_elements: Annotated[int, typer.Option("--min-elements", help="Leave weights with fewer elements alone.", rich_help_panel=_FACTORIZE)] = 1024,
     force: ForceOpt = False,

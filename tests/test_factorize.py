@@ -27,7 +27,7 @@ from modelshrink.pipeline import session_for_model
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.techniques import TECHNIQUES
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
-from modelshrink.techniques.factorize import FactorizeConfig, factorize
+from modelshrink.techniques.factorize import OP_TYPES, FactorizeConfig, factorize
 from modelshrink.techniques.factorize._activations import conv_patches
 from modelshrink.techniques.factorize._ranks import (
     Spectrum,
@@ -46,7 +46,7 @@ EXACT_ATOL = 2e-4
 # full rank through a whitened SVD (an extra eigendecomposition in float64, cast to float32)
 FULL_RANK_ATOL = 5e-4
 # Everything factorized, at full rank, every rank allowed: a pure rewrite check.
-FULL = FactorizeConfig(rank_ratio=1.0, rank_multiple=1, min_saving=-1.0, min_elements=0)
+FULL = FactorizeConfig(rank_ratio=1.0, rank_multiple=1, min_saving=-1.0, min_elements=0, op_types=OP_TYPES)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -228,11 +228,14 @@ def test_embedding_gather_becomes_gather_and_matmul() -> None:
     proto = models.token_model(vocab=64)
     table = next(t for t in proto.graph.initializer if t.name == "emb")
     table.CopyFrom(models.init("emb", _low_rank(rng, 64, 16, 4)))
-    result, original = _run(proto, FactorizeConfig(rank_ratio=0.25, rank_multiple=4, min_elements=0))
+    result, original = _run(
+        proto, FactorizeConfig(rank_ratio=0.25, rank_multiple=4, min_elements=0, op_types=OP_TYPES)
+    )
     changed = {c.node: c for c in result.changed}
     assert changed["embed"].details["rank"] == 4 and changed["embed"].params_after == 4 * (64 + 16)
     ops = _ops(result.model)
     assert ops["Gather"] == 1 and ops["MatMul"] == 2  # embedding lookup + projection, and the head
+    assert any("smaller, not faster" in n for n in result.notes)
     gather = next(n for n in result.model.graph if n.op_type == "Gather")
     assert gather.inputs[0] is not None and list(gather.inputs[0].const_value.shape) == [64, 4]  # type: ignore[union-attr]
     assert _max_diff(original, result.model, _feed(original)) < EXACT_ATOL
@@ -376,7 +379,7 @@ def _skip_zoo() -> onnx.ModelProto:
 
 def test_every_skip_reason_appears() -> None:
     proto = _skip_zoo()
-    config = FactorizeConfig(rank_ratio=0.25, min_elements=200, exclude=("excluded_*",))
+    config = FactorizeConfig(rank_ratio=0.25, min_elements=200, exclude=("excluded_*",), op_types=OP_TYPES)
     result, original = _run(proto, config)
     reasons = {s.node: s.reason for s in result.skipped}
     assert "also used by tr (Transpose), which cannot take factors" in reasons["shared_with_transpose"]
@@ -395,7 +398,9 @@ def test_every_skip_reason_appears() -> None:
     # op-types filters silently; exclude by op type
     result, _ = _run(proto, FactorizeConfig(rank_ratio=0.25, min_elements=200, op_types=("Conv",)))
     assert {s.op_type for s in result.skipped} == {"Conv"}
-    result, _ = _run(proto, FactorizeConfig(rank_ratio=0.25, min_elements=200, exclude=("MatMul",)))
+    result, _ = _run(
+        proto, FactorizeConfig(rank_ratio=0.25, min_elements=200, exclude=("MatMul",), op_types=OP_TYPES)
+    )
     assert all(s.reason.startswith("excluded") for s in result.skipped if s.op_type == "MatMul")
 
 
@@ -438,7 +443,7 @@ def test_tied_embedding_shared_with_transposed_gemm() -> None:
     proto = _model(
         nodes, [_vi("ids", [5], TensorProto.INT64)], [_vi("logits", [5, 64])], [models.init("E", table)]
     )
-    result, original = _run(proto, FactorizeConfig(rank_ratio=0.25, min_elements=0))
+    result, original = _run(proto, FactorizeConfig(rank_ratio=0.25, min_elements=0, op_types=OP_TYPES))
     assert [c.node for c in result.changed] == ["embed", "lm_head"]
     assert sorted(result.model.graph.initializers) == ["E_U", "E_V"]
     assert _max_diff(original, result.model, _feed(original)) < EXACT_ATOL
@@ -472,6 +477,8 @@ def test_input_untouched_and_same_flags_same_bytes() -> None:
     assert io.model_bytes(model) == before
     assert io.model_bytes(one.model) == io.model_bytes(two.model)
     assert TECHNIQUES["factorize"] is factorize
+    # embeddings are opt-in: by default the lookup stays a lookup
+    assert "tok_emb_gather" not in {c.node for c in one.changed}
 
 
 @pytest.mark.parametrize(

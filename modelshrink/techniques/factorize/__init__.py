@@ -15,7 +15,8 @@ Where it applies (``_layers`` has the table):
   dilation, auto_pad) then a ``1 x 1`` Conv to the outputs with the bias; or with
   ``conv="spatial"`` a ``kh x 1`` Conv to ``r`` channels then a ``1 x kw`` Conv (SVD of the
   kernel viewed as ``[I·kh, O·kw]``, the scheme of Tai et al. 2016).
-- ``Gather`` embedding tables (axis 0): ``Gather(P, ids)`` then ``MatMul(·, Q)``.
+- ``Gather`` embedding tables (axis 0), only when asked for in ``op_types``:
+  ``Gather(P, ids)`` then ``MatMul(·, Q)`` (fewer parameters, but never faster).
 
 A layer is factorized only where ``r (m + n) <= (1 - min_saving) m n``: by default it must
 save at least 20% of its parameters (and of its multiply-adds), otherwise it is left alone
@@ -55,11 +56,21 @@ from modelshrink.techniques.factorize._ranks import (
 )
 from modelshrink.techniques.factorize._search import SearchResult, search_ranks
 
-__all__ = ["DEFAULT_ENERGY", "DEFAULT_MIN_SAVING", "OP_TYPES", "FactorizeConfig", "factorize"]
+__all__ = [
+    "DEFAULT_ENERGY",
+    "DEFAULT_MIN_SAVING",
+    "DEFAULT_OP_TYPES",
+    "OP_TYPES",
+    "FactorizeConfig",
+    "factorize",
+]
 
 logger = logging.getLogger(__name__)
 
 OP_TYPES = ("Conv", "Gather", "Gemm", "MatMul")
+# Gather is opt-in: a factorized lookup saves parameters but adds a MatMul per token, so it
+# never saves time.
+DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul")
 DEFAULT_ENERGY = 0.95
 DEFAULT_MIN_SAVING = 0.2
 ConvMode = Literal["channel", "spatial"]
@@ -77,7 +88,7 @@ class FactorizeConfig:
         rank_multiple: Ranks are rounded up to a multiple of this (``--rank-multiple``).
         min_saving: A layer is factorized only when it saves at least this share of its
             parameters (``--min-saving``; -1 allows even full rank, for checks).
-        op_types: Op types to factorize (``--op-types``).
+        op_types: Op types to factorize (``--op-types``; Gather only when asked for).
         exclude: Node names, op types or weight names (globs) to leave alone (``--exclude``).
         min_elements: Weights with fewer elements are left alone (``--min-elements``).
         conv: Conv split: ``channel`` or ``spatial`` (``--conv``).
@@ -90,7 +101,7 @@ class FactorizeConfig:
     target_ratio: float | None = None
     rank_multiple: int = 8
     min_saving: float = DEFAULT_MIN_SAVING
-    op_types: tuple[str, ...] = OP_TYPES
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     exclude: tuple[str, ...] = ()
     min_elements: int = 1024
     conv: ConvMode = "channel"
@@ -336,6 +347,11 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
                     )
                 )
 
+    if any(c.op_type == "Gather" for c in changes):
+        notes.append(
+            "factorized embedding lookups (Gather) save parameters but add a MatMul per token: "
+            "they make the model smaller, not faster"
+        )
     if method == "data":
         notes.append(
             f"data-aware factors: each layer's output error is minimised on {len(context.feeds)} "
