@@ -606,6 +606,7 @@ def test_search_meets_the_gate_at_a_smaller_size() -> None:
     assert result.details["rule"] == "sensitivity search against the fidelity gates"
     combined = result.details["search"]["combined"]
     assert combined["max_abs_error"] <= 0.5
+    assert result.details["search"]["evaluations"] >= 4 and "refined" in result.details["search"]
     assert result.changed
     for change in result.changed:
         d = change.details

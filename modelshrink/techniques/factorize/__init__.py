@@ -371,6 +371,7 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
             "evaluations": search.evaluations,
             "threshold_gate_usage": search.threshold,
             "combined": search.combined,
+            "refined": search.refined,
         }
         notes.append(
             f"sensitivity search: {search.evaluations} candidate models scored; "

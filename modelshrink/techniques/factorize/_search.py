@@ -7,8 +7,9 @@
    stops at the first rank that breaks the gates alone (lower ranks only get worse).
 2. Combination: for a threshold ``t``, every layer takes its smallest rank with ``u <= t``
    (or stays dense). Errors add up, so the largest ``t`` whose combined model still passes
-   the gates is found by bisection over the measured ``u`` values; that gives the smallest
-   model the ladder offers under the gates.
+   the gates is found by bisection over the measured ``u`` values.
+3. Refinement: one greedy pass tries each factorized layer one rung lower (largest saving
+   first) and keeps the step when the combined model still passes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class SearchResult:
         evaluations: Models scored.
         threshold: The gate usage threshold chosen (None when nothing could be factorized).
         combined: Fidelity figures of the chosen combination.
+        refined: Layers moved one rung lower by the refinement pass.
     """
 
     ranks: list[int | None]
@@ -50,6 +52,7 @@ class SearchResult:
     evaluations: int = 0
     threshold: float | None = None
     combined: dict[str, Any] | None = None
+    refined: int = 0
 
 
 def _ratio(bad: float, allowed: float) -> float:
@@ -87,6 +90,7 @@ def ladder(spectrum: Spectrum, allowed: Sequence[int], multiple: int) -> list[in
     ranks = {
         round_rank(math.ceil(f * spectrum.max_rank), multiple, spectrum.max_rank) for f in LADDER_FRACTIONS
     }
+    ranks.add(round_rank(multiple, multiple, spectrum.max_rank))
     chosen = sorted(r for r in ranks if r in ok)
     if max(allowed) not in chosen:
         chosen.append(max(allowed))
@@ -154,10 +158,25 @@ def search_ranks(
             best = (chosen, _figures(fidelity, gates))
         else:
             hi = mid - 1
-    context.progress("sensitivity search", total, total)
     if lo >= 0 and best is not None:  # best is the assignment of thresholds[lo]
         result.threshold = thresholds[lo]
-        result.combined = best[1]
-        for g, rank in best[0].items():
+        chosen, figures = best
+        lower = {g: [r for r in ladders[g] if r < chosen[g]] for g in chosen}
+        order = sorted(
+            (g for g in chosen if lower[g]),
+            key=lambda g: (-(spectra[g].params(chosen[g]) - spectra[g].params(max(lower[g]))), g),
+        )
+        total += len(order)
+        for g in order:
+            trial = {**chosen, g: max(lower[g])}
+            fidelity = score(trial)
+            if gates.passes_fidelity(
+                max_error=fidelity.max_abs_error, cosine=fidelity.cosine, agreement=fidelity.top1_agreement
+            ):
+                chosen, figures = trial, _figures(fidelity, gates)
+                result.refined += 1
+        result.combined = figures
+        for g, rank in chosen.items():
             result.ranks[g] = rank
+    context.progress("sensitivity search", total, total)
     return result
