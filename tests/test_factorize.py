@@ -295,6 +295,10 @@ def test_target_ratio_spends_the_budget_where_it_costs_least() -> None:
     config = FactorizeConfig(target_ratio=0.5, rank_multiple=8, min_elements=0)
     result, _ = _run(proto, config)
     assert {c.node: c.details["rank"] for c in result.changed} == {"mm0": 8, "mm1": 8}
+    # out of reach: every layer at its smallest rank, and a note says so
+    result, _ = _run(proto, FactorizeConfig(target_ratio=0.1, rank_multiple=8, min_elements=0))
+    assert {c.node: c.details["rank"] for c in result.changed} == {"mm0": 8, "mm1": 8}
+    assert any("--target-ratio 0.1 is out of reach" in n and "(25.0%)" in n for n in result.notes)
 
 
 def test_budget_ranks_on_known_spectra() -> None:
@@ -664,7 +668,9 @@ def test_cli_gate_failure_writes_nothing(runner: CliRunner, tmp_path: Path, snap
         ],
     )  # fmt: skip
     assert result.exit_code == 3
-    assert json.loads(result.stdout)["gates"][0]["passed"] is False
+    doc = json.loads(result.stdout)
+    assert doc["gates"][0]["passed"] is False
+    assert any("do not steer the ranks" in n for n in doc["notes"])
     assert snapshot(out_dir) == {}
 
 

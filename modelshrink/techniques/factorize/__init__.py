@@ -234,8 +234,17 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
     allowed = [allowed_ranks(d.spectrum, config.rank_multiple, config.min_saving) for d in decomps]
 
     ranks: list[int | None] = [None] * len(groups)
-    reasons: dict[int, str] = {}
+    reasons: dict[int, str] = {
+        i: _too_small_reason(group, min(config.rank_multiple, group.rows, group.cols), config, rule)
+        for i, group in enumerate(groups)
+        if not allowed[i]
+    }
     search: SearchResult | None = None
+    if rule.kind != "search" and context.gates.fidelity_gates:
+        notes.append(
+            f"ranks follow {rule.describe()}; the fidelity gates are checked on the result but do not "
+            "steer the ranks (drop the rule to let a sensitivity search pick ranks that meet them)"
+        )
     if rule.kind in ("rank-ratio", "energy"):
         assert rule.value is not None
         for i, (group, d) in enumerate(zip(groups, decomps, strict=True)):
@@ -245,6 +254,7 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
                 r = rank_for_energy(d.spectrum, rule.value, config.rank_multiple)
             if r <= max_saving_rank(group.rows, group.cols, config.min_saving):
                 ranks[i] = r
+                reasons.pop(i, None)
             else:
                 reasons[i] = _too_small_reason(group, r, config, rule)
     elif rule.kind == "target-ratio":
@@ -265,7 +275,7 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
             )
         for i, picked in enumerate(chosen):
             ranks[i] = picked
-            if picked is None:
+            if picked is None and i not in reasons:
                 reasons[i] = (
                     "kept dense: the parameter budget was met by layers losing less energy per "
                     "parameter saved"
@@ -278,11 +288,9 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
         search = search_ranks(build, [d.spectrum for d in decomps], allowed, config.rank_multiple, context)
         ranks = list(search.ranks)
         for i in range(len(groups)):
-            if ranks[i] is None:
+            if ranks[i] is None and i not in reasons:
                 table = search.single[i]
-                if not table:
-                    reasons[i] = "no rank saves enough parameters to try"
-                else:
+                if table:
                     best = max(table)
                     fig = table[best]
                     alone = f"max |err| {fig['max_abs_error']:.3g}, cosine {fig['cosine']:.6f}" + (
@@ -298,10 +306,6 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
                             "kept dense by the sensitivity search: it did not fit the gates together "
                             f"with the layers that cost less error (alone at rank {best}: {alone})"
                         )
-    for i, group in enumerate(groups):
-        if ranks[i] is None and i not in reasons:
-            smallest = min(config.rank_multiple, group.rows, group.cols)
-            reasons[i] = _too_small_reason(group, smallest, config, rule)
 
     chosen_ranks = {i: r for i, r in enumerate(ranks) if r is not None}
     result_model, factor_names = _build(source, config, chosen_ranks, decomps)
