@@ -189,6 +189,15 @@ def test_gemm_every_trans_and_bias(trans_a: int, trans_b: int, bias: str) -> Non
     assert result.changed[0].params_after == 4 * (32 + 48)
 
 
+def test_gemm_before_opset_11_is_skipped_with_reason() -> None:
+    proto = _gemm(0, 1, "vector")
+    proto.opset_import[0].version = 9
+    result, original = _run(proto, FactorizeConfig(rank_ratio=0.125, rank_multiple=4, min_elements=0))
+    assert not result.changed
+    assert "before opset 11" in result.skipped[0].reason
+    assert io.model_bytes(result.model) == io.model_bytes(original)
+
+
 CONV_CASES = {
     "plain": {},
     "stride2-pad1": {"strides": [2, 2], "pads": [1, 1, 1, 1]},
@@ -395,7 +404,7 @@ def test_every_skip_reason_appears() -> None:
     assert "grouped Conv (group=4)" in reasons["grouped"]
     assert "only row lookups (axis 0)" in reasons["gather_axis1"]
     assert "graph input" in reasons["graph_input_weight"]
-    assert "is int64; only float weights" in reasons["int_table"]
+    assert "is int64; only float32/float16/float64 weights" in reasons["int_table"]
     assert "uses_transposed" not in reasons  # its weight is computed, not a constant
     assert not result.changed
     assert io.model_bytes(result.model) == io.model_bytes(original)

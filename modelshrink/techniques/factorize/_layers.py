@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 Kind = Literal["matmul", "gemm", "gather", "conv"]
 Mode = Literal["matrix", "channel", "spatial"]
 
-FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 # The operand index that holds the weight, per op type.
 _WEIGHT_INDEX = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
 # Operands that are never factorized and need no reason: biases and Gather's indices.
@@ -216,7 +216,10 @@ def _weight_skip_reason(weight: Weight, min_elements: int) -> str | None:
     if weight.value.is_graph_output():
         return f"weight '{weight.name}' is also a graph output"
     if weight.dtype not in FLOAT_TYPES:
-        return f"weight '{weight.name}' is {weight.dtype.name.lower()}; only float weights are factorized"
+        return (
+            f"weight '{weight.name}' is {weight.dtype.name.lower()}; only float32/float16/float64 "
+            "weights are factorized"
+        )
     if weight.size < min_elements:
         return f"weight '{weight.name}' has {weight.size} elements, fewer than --min-elements {min_elements}"
     return None
