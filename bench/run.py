@@ -24,6 +24,7 @@ GROUPS = {
     "spine": "bench_spine",
     "quantize": "bench_quantize",
     "prune": "bench_prune",
+    "factorize": "bench_factorize",
 }
 
 

@@ -33,6 +33,9 @@ from modelshrink.report import Report, render_report
 from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques.base import Progress as ProgressSink
 from modelshrink.techniques.base import Technique, silent_progress
+from modelshrink.techniques.factorize import DEFAULT_OP_TYPES as FACTORIZE_OP_TYPES
+from modelshrink.techniques.factorize import FactorizeConfig
+from modelshrink.techniques.factorize import factorize as factorize_technique
 from modelshrink.techniques.quantize import QuantizeConfig
 
 __all__ = ["app", "main"]
@@ -602,6 +605,8 @@ def quantize(
         force=force, external_data=external_data, json_=json_, report_file=report_file, quiet=quiet, verbose=verbose,
     )
     # fmt: on
+
+
 _PRUNE = "Pruning"
 
 
@@ -653,6 +658,73 @@ def prune(
     )  # fmt: skip
     run_command("prune", prune_technique, config, src, output, options, force=force, external_data=external_data,
                 json_=json_, report_file=report_file, quiet=quiet, verbose=verbose)  # fmt: skip
+
+
+_FACTORIZE = "Factorize"
+
+
+@app.command()
+def factorize(
+    src: InputArg,
+    output: OutputOpt,
+    rank_ratio: Annotated[float | None, typer.Option("--rank-ratio", help="Rank r = ratio x min(m, n) per layer.", rich_help_panel=_FACTORIZE, show_default=False)] = None,
+    energy: Annotated[float | None, typer.Option("--energy", help="Smallest rank keeping this share of the squared singular values (default 0.95 when no rule and no fidelity gate is given).", rich_help_panel=_FACTORIZE, show_default=False)] = None,
+    target_ratio: Annotated[float | None, typer.Option("--target-ratio", help="Model parameters at most this share of the original, ranks spread by least error per parameter saved.", rich_help_panel=_FACTORIZE, show_default=False)] = None,
+    rank_multiple: Annotated[int, typer.Option("--rank-multiple", help="Round ranks up to a multiple of this.", rich_help_panel=_FACTORIZE)] = 8,
+    min_saving: Annotated[float, typer.Option("--min-saving", help="Factorize a layer only if it saves at least this share of its parameters.", rich_help_panel=_FACTORIZE)] = 0.2,
+    conv: Annotated[str, typer.Option("--conv", help="Conv split: channel (k x k to r channels, then 1 x 1) or spatial (k x 1, then 1 x k).", rich_help_panel=_FACTORIZE)] = "channel",
+    method: Annotated[str, typer.Option("--method", help="auto (data-aware with --data), svd, or data (needs --data).", rich_help_panel=_FACTORIZE)] = "auto",
+    op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Op types to factorize, of MatMul, Gemm, Conv, Gather (repeatable or comma-separated; default MatMul,Gemm,Conv).", rich_help_panel=_FACTORIZE, show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Node name, op type or weight name to leave alone; globs allowed (repeatable).", rich_help_panel=_FACTORIZE, show_default=False)] = None,
+    min_elements: Annotated[int, typer.Option("--min-elements", help="Leave weights with fewer elements alone.", rich_help_panel=_FACTORIZE)] = 1024,
+    force: ForceOpt = False,
+    external_data: ExternalDataOpt = None,
+    data: DataOpt = None,
+    input_shape: InputShapeOpt = None,
+    seed: SeedOpt = 0,
+    samples: SamplesOpt = None,
+    max_error: MaxErrorOpt = None,
+    min_cosine: MinCosineOpt = None,
+    min_agreement: MinAgreementOpt = None,
+    max_size_ratio: MaxSizeRatioOpt = None,
+    min_speedup: MinSpeedupOpt = None,
+    provider: ProviderOpt = "cpu",
+    threads: ThreadsOpt = 1,
+    latency: LatencyOpt = True,
+    latency_runs: LatencyRunsOpt = None,
+    json_: JsonOpt = False,
+    report_file: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = 0,
+) -> None:  # fmt: skip
+    """Replace weight matrices by two thinner low-rank factors (truncated SVD; fitted to real activations with --data).
+
+    A fidelity gate without a rank rule makes a sensitivity search pick the per-layer ranks.
+
+    Example: modelshrink factorize model.onnx -o small.onnx --rank-ratio 0.25 --data inputs.npz
+    """
+
+    def listed(values: list[str] | None) -> tuple[str, ...]:
+        return tuple(t.strip() for v in values or [] for t in v.split(",") if t.strip())
+
+    run_command(
+        "factorize",
+        factorize_technique,
+        lambda: FactorizeConfig(
+            rank_ratio=rank_ratio, energy=energy, target_ratio=target_ratio, rank_multiple=rank_multiple,
+            min_saving=min_saving, conv=conv, method=method,  # type: ignore[arg-type]
+            op_types=listed(op_types) or FACTORIZE_OP_TYPES, exclude=listed(exclude), min_elements=min_elements,
+        ),
+        src,
+        output,
+        lambda: run_options(
+            data=data, input_shape=input_shape, seed=seed, samples=samples,
+            max_error=max_error, min_cosine=min_cosine, min_agreement=min_agreement,
+            max_size_ratio=max_size_ratio, min_speedup=min_speedup,
+            provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
+        ),
+        force=force, external_data=external_data, json_=json_, report_file=report_file, quiet=quiet, verbose=verbose,
+    )  # fmt: skip
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:

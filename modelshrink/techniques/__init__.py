@@ -5,6 +5,8 @@ from __future__ import annotations
 from modelshrink.techniques.base import Change, Skip, Technique, TechniqueContext, TechniqueResult
 
 # Imported under private names so that ``modelshrink.techniques.<name>`` stays the module.
+from modelshrink.techniques.factorize import FactorizeConfig
+from modelshrink.techniques.factorize import factorize as _factorize
 from modelshrink.techniques.prune import PruneConfig
 from modelshrink.techniques.prune import prune as _prune
 from modelshrink.techniques.quantize import QuantizeConfig
@@ -13,6 +15,7 @@ from modelshrink.techniques.quantize import quantize as _quantize
 __all__ = [
     "TECHNIQUES",
     "Change",
+    "FactorizeConfig",
     "PruneConfig",
     "QuantizeConfig",
     "Skip",
@@ -21,6 +24,7 @@ __all__ = [
 ]
 
 TECHNIQUES: dict[str, Technique] = {
+    "factorize": _factorize,
     "prune": _prune,
     "quantize": _quantize,
 }

@@ -1,0 +1,421 @@
+"""Low-rank factorization: replace a weight matrix by two thinner ones.
+
+Math. A layer's weight, viewed as a matrix ``S`` (``m x n``), is replaced by ``P`` (``m x r``)
+and ``Q`` (``r x n``) from its truncated SVD ``S = U Σ Vᵀ``: ``P = U_r Σ_r^½``,
+``Q = Σ_r^½ V_rᵀ`` (Eckart-Young: the best rank-r approximation in Frobenius norm; the
+singular values are split as square roots so both factors have the same scale). With
+``--data`` the factors instead minimise the error of the layer's *output* on the real
+activations ``X``: the SVD of the whitened matrix ``(XᵀX + λI)^½ S`` mapped back (see
+``_decompose``). Parameters and multiply-adds go from ``m n`` to ``r (m + n)``.
+
+Where it applies (``_layers`` has the table):
+- ``MatMul(X, W)`` and ``Gemm`` with a constant ``B`` (any transA/transB, alpha/beta, bias C)
+  become two MatMul / two Gemm (bias, alpha and beta on the second).
+- ``Conv`` (group 1): channel split, a ``k x k`` Conv to ``r`` channels (same stride, pads,
+  dilation, auto_pad) then a ``1 x 1`` Conv to the outputs with the bias; or with
+  ``conv="spatial"`` a ``kh x 1`` Conv to ``r`` channels then a ``1 x kw`` Conv (SVD of the
+  kernel viewed as ``[I·kh, O·kw]``, the scheme of Tai et al. 2016).
+- ``Gather`` embedding tables (axis 0), only when asked for in ``op_types``:
+  ``Gather(P, ids)`` then ``MatMul(·, Q)`` (fewer parameters, but never faster).
+
+A layer is factorized only where ``r (m + n) <= (1 - min_saving) m n``: by default it must
+save at least 20% of its parameters (and of its multiply-adds), otherwise it is left alone
+with a reason. Ranks are rounded up to ``rank_multiple``. Weights in ``Constant`` nodes and
+in ``If``/``Loop``/``Scan`` bodies are handled; a weight shared by several nodes gets one pair
+of factors used by all of them (or is skipped with a reason when a user cannot take factors).
+
+Rank rules (one of): ``rank_ratio`` (``r = ratio · min(m, n)``), ``energy`` (smallest ``r``
+keeping that share of ``Σ s_i²``), ``target_ratio`` (model parameters ≤ ratio × original,
+distributed greedily by least energy lost per parameter saved), or, when fidelity gates are
+given and no rule is, a sensitivity search for the smallest ranks that pass the gates
+(``_search``). Without any of these, ``energy = 0.95``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import onnx_ir as ir
+
+from modelshrink.errors import ConfigError
+from modelshrink.graph import NameAuthority, op_key, weights
+from modelshrink.techniques.base import Change, Skip, TechniqueContext, TechniqueResult
+from modelshrink.techniques.factorize._activations import collect_grams
+from modelshrink.techniques.factorize._decompose import Decomposition, decompose
+from modelshrink.techniques.factorize._layers import Discovery, Group, discover, node_label, rewrite_group
+from modelshrink.techniques.factorize._ranks import (
+    allowed_ranks,
+    budget_ranks,
+    max_saving_rank,
+    rank_for_energy,
+    rank_for_ratio,
+)
+from modelshrink.techniques.factorize._search import SearchResult, search_ranks
+
+__all__ = [
+    "DEFAULT_ENERGY",
+    "DEFAULT_MIN_SAVING",
+    "DEFAULT_OP_TYPES",
+    "OP_TYPES",
+    "FactorizeConfig",
+    "factorize",
+]
+
+logger = logging.getLogger(__name__)
+
+OP_TYPES = ("Conv", "Gather", "Gemm", "MatMul")
+# Gather is opt-in: a factorized lookup saves parameters but adds a MatMul per token, so it
+# never saves time.
+DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul")
+DEFAULT_ENERGY = 0.95
+DEFAULT_MIN_SAVING = 0.2
+ConvMode = Literal["channel", "spatial"]
+Method = Literal["auto", "svd", "data"]
+
+
+@dataclass(frozen=True)
+class FactorizeConfig:
+    """Settings of ``modelshrink factorize``.
+
+    Attributes:
+        rank_ratio: ``r = ratio · min(m, n)`` per layer (``--rank-ratio``).
+        energy: Smallest ``r`` keeping this share of the squared singular values (``--energy``).
+        target_ratio: Model parameters at most this share of the original (``--target-ratio``).
+        rank_multiple: Ranks are rounded up to a multiple of this (``--rank-multiple``).
+        min_saving: A layer is factorized only when it saves at least this share of its
+            parameters (``--min-saving``; -1 allows even full rank, for checks).
+        op_types: Op types to factorize (``--op-types``; Gather only when asked for).
+        exclude: Node names, op types or weight names (globs) to leave alone (``--exclude``).
+        min_elements: Weights with fewer elements are left alone (``--min-elements``).
+        conv: Conv split: ``channel`` or ``spatial`` (``--conv``).
+        method: ``auto`` (data-aware when ``--data`` is given), ``svd``, or ``data``
+            (require ``--data``) (``--method``).
+    """
+
+    rank_ratio: float | None = None
+    energy: float | None = None
+    target_ratio: float | None = None
+    rank_multiple: int = 8
+    min_saving: float = DEFAULT_MIN_SAVING
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    exclude: tuple[str, ...] = ()
+    min_elements: int = 1024
+    conv: ConvMode = "channel"
+    method: Method = "auto"
+
+    def __post_init__(self) -> None:
+        rules = [
+            f"--{n}" for n, v in (("rank-ratio", self.rank_ratio), ("energy", self.energy),
+                                  ("target-ratio", self.target_ratio)) if v is not None
+        ]  # fmt: skip
+        if len(rules) > 1:
+            raise ConfigError(f"{' and '.join(rules)} are alternatives; give at most one")
+        for flag, value in (
+            ("--rank-ratio", self.rank_ratio),
+            ("--energy", self.energy),
+            ("--target-ratio", self.target_ratio),
+        ):
+            if value is not None and not (0.0 < value <= 1.0 and math.isfinite(value)):
+                raise ConfigError(f"{flag} must be in (0, 1], got {value}")
+        if self.rank_multiple < 1:
+            raise ConfigError(f"--rank-multiple must be >= 1, got {self.rank_multiple}")
+        if not -1.0 <= self.min_saving < 1.0:
+            raise ConfigError(f"--min-saving must be in [-1, 1), got {self.min_saving}")
+        if self.min_elements < 0:
+            raise ConfigError(f"--min-elements must be >= 0, got {self.min_elements}")
+        unknown = [t for t in self.op_types if t not in OP_TYPES]
+        if unknown or not self.op_types:
+            raise ConfigError(
+                f"--op-types: {', '.join(unknown) or 'none given'}; choose from {', '.join(OP_TYPES)}"
+            )
+        object.__setattr__(self, "op_types", tuple(sorted(set(self.op_types))))
+        if self.conv not in ("channel", "spatial"):
+            raise ConfigError(f"--conv must be channel or spatial, got {self.conv}")
+        if self.method not in ("auto", "svd", "data"):
+            raise ConfigError(f"--method must be auto, svd or data, got {self.method}")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: Literal["rank-ratio", "energy", "target-ratio", "search"]
+    value: float | None
+    default: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "search":
+            return "sensitivity search against the fidelity gates"
+        text = f"--{self.kind} {self.value:g}"
+        return f"{text} (default)" if self.default else text
+
+
+def _rule(config: FactorizeConfig, context: TechniqueContext) -> _Rule:
+    if config.rank_ratio is not None:
+        return _Rule("rank-ratio", config.rank_ratio)
+    if config.energy is not None:
+        return _Rule("energy", config.energy)
+    if config.target_ratio is not None:
+        return _Rule("target-ratio", config.target_ratio)
+    if context.gates.fidelity_gates:
+        return _Rule("search", None)
+    return _Rule("energy", DEFAULT_ENERGY, default=True)
+
+
+def _discover(model: ir.Model, config: FactorizeConfig) -> Discovery:
+    return discover(
+        model,
+        op_types=config.op_types,
+        exclude=config.exclude,
+        min_elements=config.min_elements,
+        conv_mode=config.conv,
+    )
+
+
+def _build(
+    source: ir.Model, config: FactorizeConfig, ranks: Mapping[int, int], decomps: Sequence[Decomposition]
+) -> tuple[ir.Model, dict[int, list[str]]]:
+    """A clone of ``source`` with group ``i`` factorized at ``ranks[i]``; factor names per group."""
+    model = source.clone()
+    groups = _discover(model, config).groups
+    names = NameAuthority(model)
+    factor_names: dict[int, list[str]] = {}
+    for i, group in enumerate(groups):
+        if i in ranks:
+            p, q = decomps[i].factors(ranks[i])
+            factor_names[i] = rewrite_group(group, p, q, names)
+    return model, factor_names
+
+
+def _too_small_reason(group: Group, rank: int, config: FactorizeConfig, rule: _Rule) -> str:
+    m, n = group.rows, group.cols
+    after = rank * (m + n)
+    saving = 1 - after / (m * n)
+    hint = {
+        "rank-ratio": "lower --rank-ratio",
+        "energy": "lower --energy",
+    }.get(rule.kind, "")
+    extra = f"; {hint} or --rank-multiple" if hint else ""
+    return (
+        f"rank {rank} of {min(m, n)} would keep {after} of {m * n} params (saves {saving:.0%}, "
+        f"needs ≥ {config.min_saving:.0%}){extra}"
+    )
+
+
+def _method(config: FactorizeConfig, context: TechniqueContext) -> Literal["svd", "data"]:
+    if config.method == "data" and not context.feeds.real:
+        raise ConfigError("--method data needs real activations: pass --data")
+    if config.method == "svd" or not context.feeds.real:
+        return "svd"
+    return "data"
+
+
+def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContext) -> TechniqueResult:
+    """Replace eligible weights by low-rank factor pairs (see the module docstring)."""
+    source = model
+    work = model.clone()
+    found = _discover(work, config)
+    groups = found.groups
+    skipped = [Skip(node, op, reason) for node, op, reason in found.skipped]
+    notes: list[str] = []
+    rule = _rule(config, context)
+    method = _method(config, context)
+
+    grams: dict[int, Any] = {}
+    fallback: dict[int, str] = {}
+    if method == "data" and groups:
+        grams, fallback = collect_grams(work, groups, context.feeds, context.runtime, context.progress)
+    decomps: list[Decomposition] = []
+    for i, group in enumerate(groups):
+        decomps.append(decompose(group.matrix(), grams.get(i)))
+        context.progress("decomposing weights", i + 1, len(groups))
+    allowed = [allowed_ranks(d.spectrum, config.rank_multiple, config.min_saving) for d in decomps]
+
+    ranks: list[int | None] = [None] * len(groups)
+    reasons: dict[int, str] = {
+        i: _too_small_reason(group, min(config.rank_multiple, group.rows, group.cols), config, rule)
+        for i, group in enumerate(groups)
+        if not allowed[i]
+    }
+    search: SearchResult | None = None
+    if rule.kind != "search" and context.gates.fidelity_gates:
+        notes.append(
+            f"ranks follow {rule.describe()}; the fidelity gates are checked on the result but do not "
+            "steer the ranks (drop the rule to let a sensitivity search pick ranks that meet them)"
+        )
+    if rule.kind in ("rank-ratio", "energy"):
+        assert rule.value is not None
+        for i, (group, d) in enumerate(zip(groups, decomps, strict=True)):
+            if rule.kind == "rank-ratio":
+                r = rank_for_ratio(rule.value, d.spectrum.max_rank, config.rank_multiple)
+            else:
+                r = rank_for_energy(d.spectrum, rule.value, config.rank_multiple)
+            if r <= max_saving_rank(group.rows, group.cols, config.min_saving):
+                ranks[i] = r
+                reasons.pop(i, None)
+            else:
+                reasons[i] = _too_small_reason(group, r, config, rule)
+    elif rule.kind == "target-ratio":
+        assert rule.value is not None
+        total = sum(w.size for w in weights(work))
+        budget = math.floor(rule.value * total)
+        chosen = budget_ranks([d.spectrum for d in decomps], allowed, total - budget)
+        reachable = total - sum(
+            d.spectrum.dense_params - d.spectrum.params(min(a))
+            for d, a in zip(decomps, allowed, strict=True)
+            if a
+        )
+        if reachable > budget:
+            notes.append(
+                f"--target-ratio {rule.value:g} is out of reach: at the smallest allowed ranks the "
+                f"model keeps {reachable} of {total} params ({reachable / total:.1%}); that is what "
+                "was produced"
+            )
+        for i, picked in enumerate(chosen):
+            ranks[i] = picked
+            if picked is None and i not in reasons:
+                reasons[i] = (
+                    "kept dense: the parameter budget was met by layers losing less energy per "
+                    "parameter saved"
+                )
+    else:
+
+        def build(assignment: Mapping[int, int]) -> ir.Model:
+            return _build(source, config, assignment, decomps)[0]
+
+        search = search_ranks(build, [d.spectrum for d in decomps], allowed, config.rank_multiple, context)
+        ranks = list(search.ranks)
+        for i in range(len(groups)):
+            if ranks[i] is None and i not in reasons:
+                table = search.single[i]
+                if table:
+                    best = max(table)
+                    fig = table[best]
+                    alone = f"max |err| {fig['max_abs_error']:.3g}, cosine {fig['cosine']:.6f}" + (
+                        "" if fig["top1_agreement"] is None else f", top-1 {fig['top1_agreement']:.2%}"
+                    )
+                    if fig["gate_usage"] > 1:
+                        reasons[i] = (
+                            f"kept dense by the sensitivity search: even alone at rank {best} of "
+                            f"{decomps[i].spectrum.max_rank} it breaks the gates ({alone})"
+                        )
+                    else:
+                        reasons[i] = (
+                            "kept dense by the sensitivity search: it did not fit the gates together "
+                            f"with the layers that cost less error (alone at rank {best}: {alone})"
+                        )
+
+    chosen_ranks = {i: r for i, r in enumerate(ranks) if r is not None}
+    result_model, factor_names = _build(source, config, chosen_ranks, decomps)
+
+    changes: list[Change] = []
+    layers: list[dict[str, Any]] = []
+    for i, (group, d) in enumerate(zip(groups, decomps, strict=True)):
+        method_used = d.method
+        row = _layer_row(group, d, ranks[i], fallback.get(i), method, search, i)
+        layers.append(row)
+        if ranks[i] is None:
+            for c in group.consumers:
+                skipped.append(Skip(node_label(c.node), op_key(c.node), reasons[i]))
+            continue
+        rank = ranks[i]
+        assert rank is not None
+        spectrum = d.spectrum
+        change_details = {**row, "factors": factor_names.get(i, [])}
+        what = f"rank {rank} of {spectrum.max_rank}, {method_used}, energy {spectrum.energy_kept(rank):.1%}"
+        if group.mode != "matrix":
+            what = f"{group.mode} split, {what}"
+        for j, c in enumerate(group.consumers):
+            if j == 0:
+                changes.append(
+                    Change(
+                        node_label(c.node),
+                        op_key(c.node),
+                        what,
+                        spectrum.dense_params,
+                        spectrum.params(rank),
+                        change_details,
+                    )
+                )
+            else:
+                changes.append(
+                    Change(
+                        node_label(c.node),
+                        op_key(c.node),
+                        f"{what} (factors of '{group.weight.name}' shared with {group.label})",
+                        0,
+                        0,
+                        {**change_details, "shared_with": group.label},
+                    )
+                )
+
+    if any(c.op_type == "Gather" for c in changes):
+        notes.append(
+            "factorized embedding lookups (Gather) save parameters but add a MatMul per token: "
+            "they make the model smaller, not faster"
+        )
+    if method == "data":
+        notes.append(
+            f"data-aware factors: each layer's output error is minimised on {len(context.feeds)} "
+            "--data samples (activation-whitened SVD); see changes[].details.method per layer"
+        )
+    elif groups and config.method == "auto":
+        notes.append("plain SVD of the weights: pass --data for factors fitted to real activations")
+    details: dict[str, Any] = {
+        "rule": rule.describe(),
+        "method": "data-aware" if method == "data" else "svd",
+        "min_saving": config.min_saving,
+        "rank_multiple": config.rank_multiple,
+        "layers": layers,
+    }
+    if search is not None:
+        details["search"] = {
+            "evaluations": search.evaluations,
+            "threshold_gate_usage": search.threshold,
+            "combined": search.combined,
+            "refined": search.refined,
+        }
+        notes.append(
+            f"sensitivity search: {search.evaluations} candidate models scored; "
+            f"{len(chosen_ranks)} of {len(groups)} layers factorized within the gates"
+        )
+    return TechniqueResult(result_model, tuple(changes), tuple(skipped), notes=tuple(notes), details=details)
+
+
+def _layer_row(
+    group: Group,
+    d: Decomposition,
+    rank: int | None,
+    fallback: str | None,
+    method: str,
+    search: SearchResult | None,
+    index: int,
+) -> dict[str, Any]:
+    spectrum = d.spectrum
+    row: dict[str, Any] = {
+        "weight": group.weight.name,
+        "nodes": [node_label(c.node) for c in group.consumers],
+        "mode": group.mode,
+        "shape": list(group.weight.shape),
+        "matrix": [group.rows, group.cols],
+        "max_rank": spectrum.max_rank,
+        "rank": rank,
+        "method": d.method,
+        "error_of": "layer output on --data" if d.method == "data-aware" else "weight",
+        "energy_kept": None if rank is None else spectrum.energy_kept(rank),
+        "rel_error": None if rank is None else spectrum.rel_error(rank),
+        "params_before": spectrum.dense_params,
+        "params_after": spectrum.dense_params if rank is None else spectrum.params(rank),
+    }
+    if group.mode_note:
+        row["mode_note"] = group.mode_note
+    if method == "data" and fallback:
+        row["method_reason"] = f"plain SVD: {fallback}"
+    if search is not None:
+        table = search.single[index]
+        row["sensitivity"] = {str(r): fig for r, fig in sorted(table.items())}
+        if rank is not None and rank in table:
+            row["error_alone"] = table[rank]
+    return row

@@ -1,0 +1,197 @@
+"""Collect each layer's input statistics ``XᵀX`` by running the model on the real feeds.
+
+The model is copied with every layer input exposed as an extra graph output, run once per
+feed in onnxruntime, and the Gram matrices are accumulated in float64 (Conv inputs are
+unfolded into patches with the layer's own stride, padding and dilation; embedding lookups
+count tokens). Only inputs of the main graph can be exposed: layers inside ``If``/``Loop``
+bodies fall back to plain SVD with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from modelshrink.feeds import Feeds
+from modelshrink.runtime import RuntimeOptions
+from modelshrink.techniques.base import Progress
+from modelshrink.techniques.factorize._decompose import Gram
+from modelshrink.techniques.factorize._layers import Consumer, Group
+
+__all__ = ["collect_grams"]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_ROWS = 8192
+
+
+def _unavailable(c: Consumer, model: ir.Model) -> str | None:
+    if c.node.graph is not model.graph:
+        return "inside a subgraph, where activations are not collected"
+    x = c.data
+    if x is None or not x.name:
+        return "its input has no name"
+    if x.const_value is not None or (x.producer() is not None and x.producer().op_type == "Constant"):  # type: ignore[union-attr]
+        return "its input is a constant"
+    return None
+
+
+def _conv_pads(node: ir.Node, in_shape: Sequence[int], kernel: Sequence[int]) -> list[int]:
+    nd = len(kernel)
+    strides = _ints(node, "strides") or [1] * nd
+    dilations = _ints(node, "dilations") or [1] * nd
+    attr = node.attributes.get("auto_pad")
+    mode = attr.as_string() if attr is not None else "NOTSET"
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s, d in zip(in_shape, kernel, strides, dilations, strict=True):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            begins.append(small if mode == "SAME_UPPER" else total - small)
+            ends.append(total - begins[-1])
+        return begins + ends
+    if mode == "VALID":
+        return [0] * (2 * nd)
+    return _ints(node, "pads") or [0] * (2 * nd)
+
+
+def _trans_a(node: ir.Node) -> bool:
+    attr = node.attributes.get("transA")
+    return attr is not None and attr.as_int() != 0
+
+
+def _ints(node: ir.Node, name: str) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return None if attr is None else [int(v) for v in attr.as_ints()]
+
+
+def conv_patches(x: np.ndarray, node: ir.Node, kernel: Sequence[int]) -> np.ndarray:
+    """Unfold a Conv input ``[N, I, *spatial]`` into rows ``[N * out_positions, I * prod(kernel)]``.
+
+    The column order is ``(i, k_1, k_2, ...)``, matching ``W.reshape(O, -1)``.
+    """
+    nd = len(kernel)
+    strides = _ints(node, "strides") or [1] * nd
+    dilations = _ints(node, "dilations") or [1] * nd
+    pads = _conv_pads(node, x.shape[2:], kernel)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[a], pads[a + nd]) for a in range(nd)])
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations, strict=True)]
+    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
+    index = (
+        slice(None),
+        slice(None),
+        *(slice(None, None, s) for s in strides),
+        *(slice(None, None, d) for d in dilations),
+    )
+    win = win[index]
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    channels = x.shape[1]
+    return win.transpose(perm).reshape(-1, channels * int(np.prod(kernel)))
+
+
+def _accumulate(gram: np.ndarray, rows: np.ndarray) -> int:
+    for start in range(0, rows.shape[0], _CHUNK_ROWS):
+        block = rows[start : start + _CHUNK_ROWS].astype(np.float64)
+        gram += block.T @ block
+    return int(rows.shape[0])
+
+
+def collect_grams(
+    model: ir.Model,
+    groups: Sequence[Group],
+    feeds: Feeds,
+    runtime: RuntimeOptions,
+    progress: Progress,
+) -> tuple[dict[int, Gram], dict[int, str]]:
+    """Gram matrices for the groups that can have them, and why the others cannot.
+
+    Returns:
+        ``{group index: Gram}`` and ``{group index: reason plain SVD is used}``.
+    """
+    from modelshrink.pipeline import session_for_model  # the pipeline imports techniques
+
+    reasons: dict[int, str] = {}
+    wanted: dict[int, Group] = {}
+    for i, group in enumerate(groups):
+        if group.mode == "spatial":
+            reasons[i] = "spatial Conv split: its output error is not a whitened SVD"
+            continue
+        if group.orientation is None:
+            reasons[i] = "shared by nodes that read the weight in different orientations"
+            continue
+        why = next((w for c in group.consumers if (w := _unavailable(c, model))), None)
+        if why is not None:
+            reasons[i] = why
+            continue
+        wanted[i] = group
+    if not wanted:
+        return {}, reasons
+
+    probe = model.clone()
+    by_name: dict[str, ir.Value] = {}
+    for node in probe.graph:
+        for out in node.outputs:
+            if out.name:
+                by_name[out.name] = out
+    input_names = {v.name for v in probe.graph.inputs}
+    output_names = {v.name for v in probe.graph.outputs}
+    exposed: list[str] = []
+    for group in wanted.values():
+        for c in group.consumers:
+            name = c.data.name if c.data is not None else None
+            assert name is not None
+            if name in input_names or name in exposed:
+                continue
+            if name not in output_names:
+                probe.graph.outputs.append(by_name[name])
+            exposed.append(name)
+    session = session_for_model(probe, runtime, label="factorize activation probe")
+
+    grams: dict[int, np.ndarray] = {}
+    diags: dict[int, np.ndarray] = {}
+    seen: dict[int, int] = dict.fromkeys(wanted, 0)
+    total = len(feeds.samples)
+    for step, feed in enumerate(feeds.samples):
+        feed_in = {k: v for k, v in feed.items() if k in session.input_names}
+        values = dict(zip(exposed, session.run(feed_in, exposed), strict=True)) if exposed else {}
+        values.update({k: np.asarray(v) for k, v in feed.items()})
+        for i, group in wanted.items():
+            side_dim = group.cols if group.orientation else group.rows
+            for c in group.consumers:
+                assert c.data is not None and c.data.name is not None
+                x = np.asarray(values[c.data.name])
+                if c.kind == "gather":
+                    ids = x.astype(np.int64).ravel() % side_dim
+                    counts = np.bincount(ids, minlength=side_dim).astype(np.float64)
+                    diags[i] = diags.get(i, np.zeros(side_dim)) + counts
+                    seen[i] += int(ids.size)
+                    continue
+                if c.kind == "conv":
+                    rows = conv_patches(x, c.node, group.weight.shape[2:])
+                elif c.kind == "gemm" and _trans_a(c.node):
+                    rows = x.T
+                else:
+                    rows = x.reshape(-1, side_dim)
+                g = grams.setdefault(i, np.zeros((side_dim, side_dim)))
+                seen[i] += _accumulate(g, rows)
+        progress("collecting activations", step + 1, total)
+
+    result: dict[int, Gram] = {}
+    for i, group in wanted.items():
+        side: Literal["rows", "cols"] = "cols" if group.orientation else "rows"
+        if i in grams and i in diags:
+            grams[i][np.diag_indices_from(grams[i])] += diags[i]
+            result[i] = Gram(side, grams[i], None, seen[i])
+        elif i in grams:
+            result[i] = Gram(side, grams[i], None, seen[i])
+        else:
+            result[i] = Gram(side, None, diags[i], seen[i])
+        if seen[i] == 0:
+            reasons[i] = "no activations reached it"
+            del result[i]
+    return result, reasons
