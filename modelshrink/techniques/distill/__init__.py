@@ -1,0 +1,1 @@
+"""Knowledge distillation on stock onnxruntime (see :mod:`.technique`)."""
