@@ -531,12 +531,13 @@ def append_gradients(
     taken = _all_names(graph)
     builder = Builder(taken, opset, prefix)
     info = TypeInfo.from_model(model)
-    path_ids = {id(n) for n in gradient_path(graph.node, wrt, seeds, info, rules)}
+    nodes = list(graph.node)
+    on_path = {id(n) for n in gradient_path(nodes, wrt, seeds, info, rules)}
     prepared = []
     changed = False
-    for node in graph.node:
+    for node in nodes:
         rule = _rule_for(node, rules)
-        if id(node) in path_ids and rule is not None and rule.prepare is not None:
+        if id(node) in on_path and rule is not None and rule.prepare is not None:
             new = rule.prepare(node, builder)
             changed = changed or new is not node
             prepared.append(new)

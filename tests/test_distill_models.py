@@ -1,0 +1,187 @@
+"""Whole-model gradients of the three sample models, and the train step run by onnxruntime.
+
+- float64 copies of the sample MLP, CNN and transformer: the engine's gradient of every
+  trainable weight against central finite differences (onnx.reference);
+- the same gradient graph in float32 on onnxruntime against the float64 gradient;
+- one AdamW and one SGD step of the step model against a numpy re-implementation of the
+  update on the gradients.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_distill_rules import evaluator, gradient_check
+
+from modelshrink import io
+from modelshrink.techniques.distill.autodiff import append_gradients
+from modelshrink.techniques.distill.optim import OptimizerSpec
+from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+MODELS = ["digits_mlp", "digits_cnn", "tiny_transformer"]
+# float32 onnxruntime gradient vs float64 gradient, relative to the gradient's norm
+F32_GRAD_RTOL = 2e-4
+F32_GRAD_ATOL = 1e-5
+# one optimizer step from the ONNX graph vs numpy on the same gradient
+STEP_ATOL = 1e-6
+STEP_RTOL = 1e-5
+
+
+def _sample(name: str) -> ir.Model:
+    return io.load_model(str(SAMPLES / f"{name}.onnx")).model
+
+
+def _feeds(name: str, rows: int) -> dict[str, np.ndarray]:
+    with np.load(SAMPLES / f"{name}.npz") as npz:
+        return {k: npz[k][:rows] for k in npz.files if k != "labels"}
+
+
+def _to_float64(proto: onnx.ModelProto) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    g = model.graph
+    for init in g.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    for vi in [*g.input, *g.output]:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    del g.value_info[:]
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
+                attr.t.CopyFrom(
+                    numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float64), attr.t.name)
+                )
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.DOUBLE
+    return model
+
+
+def _prepared(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    student = prepare_student(_sample(name))
+    return student.proto, {p.name: p.value for p in student.params}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_whole_model_gradient_matches_finite_differences(name: str) -> None:
+    proto, params = _prepared(name)
+    feeds = {**_feeds(name, 2), **{k: v.astype(np.float64) for k, v in params.items()}}
+    feeds = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in feeds.items()}
+    model64 = _to_float64(proto)
+    # symbolic batch dims stay symbolic: the gradient graph must not need them
+    gradient_check(model64, feeds, list(params), static=False)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_float32_gradient_on_onnxruntime_matches_float64(name: str) -> None:
+    proto, params = _prepared(name)
+    inputs = _feeds(name, 4)
+    rng = np.random.default_rng(1)
+    outs = [o.name for o in proto.graph.output]
+    ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = ref.run(outs, {**inputs, **params})
+    seeds = {o: rng.standard_normal(v.shape).astype(np.float32) for o, v in zip(outs, values, strict=True)}
+
+    def grads_of(model: onnx.ModelProto, dtype: type, run: object) -> dict[str, np.ndarray]:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        for o, s in seeds.items():
+            m.graph.input.append(helper.make_tensor_value_info(f"seed__{o}", elem, list(s.shape)))
+        gm, grads, _ = append_gradients(m, wrt=list(params), seeds={o: f"seed__{o}" for o in outs})
+        del gm.graph.output[:]
+        for p, g in grads.items():
+            gm.graph.output.append(helper.make_tensor_value_info(g, elem, list(params[p].shape)))
+        feed = {**inputs, **{k: v.astype(dtype) for k, v in params.items()}}
+        feed = {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in feed.items()}
+        feed.update({f"seed__{o}": s.astype(dtype) for o, s in seeds.items()})
+        names = [grads[p] for p in params]
+        res = run(gm, names, feed)  # type: ignore[operator]
+        return dict(zip(params, res, strict=True))
+
+    def on_ort(m: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            names, feed
+        )
+
+    def on_ref(m: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return evaluator(m).run(names, feed)
+
+    g32 = grads_of(proto, np.float32, on_ort)
+    g64 = grads_of(_to_float64(proto), np.float64, on_ref)
+    # gradients that are zero in exact arithmetic (e.g. attention key biases, which softmax
+    # cancels) are float32 rounding noise: measure against the largest gradient's scale too
+    scale = max(np.linalg.norm(g) for g in g64.values())
+    for p in params:
+        err = np.linalg.norm(g32[p] - g64[p])
+        assert err <= F32_GRAD_RTOL * np.linalg.norm(g64[p]) + F32_GRAD_ATOL * scale, (
+            f"{name} {p}: error {err:.2e}"
+        )
+
+
+def _step_models(name: str, optimizer: OptimizerSpec):  # type: ignore[no-untyped-def]
+    student = prepare_student(_sample(name))
+    out = student.proto.graph.output[0]
+    spec = TargetSpec(outputs=((out.name, "mse", None, ("batch", 10)),))
+    return student, build_step(student, spec, optimizer)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_optimizer_step_matches_numpy(kind: str) -> None:
+    spec = OptimizerSpec(kind=kind, weight_decay=0.05, momentum=0.8)  # type: ignore[arg-type]
+    _student, models = _step_models("digits_mlp", spec)
+    x = _feeds("digits_mlp", 8)["input"]
+    target = np.random.default_rng(0).standard_normal((8, 10)).astype(np.float32)
+    params = {p.name: p.value for p in models.params}
+    rng = np.random.default_rng(3)
+    state = {
+        s: rng.random(params[n.param].shape).astype(np.float32) for n in models.slots for s in n.state_in
+    }
+    lr, t = 0.01, 3.0
+    feed = {"input": x, models.target_inputs["logits"]: target, **params, **state}
+    feed[models.lr] = np.asarray(lr, np.float32)
+    feed[models.step_input] = np.asarray(t, np.float32)
+    sess = ort.InferenceSession(models.step.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = (
+        [models.loss] + [n.param_out for n in models.slots] + [s for n in models.slots for s in n.state_out]
+    )
+    out = dict(zip(names, sess.run(names, feed), strict=True))
+    # the gradient of the same loss, from the gradient-only graph
+    g_model, grads, _ = append_gradients(_loss_model(models), wrt=list(params), seeds={models.loss: "one"})
+    for p in params:
+        g_model.graph.output.append(
+            helper.make_tensor_value_info(grads[p], TensorProto.FLOAT, list(params[p].shape))
+        )
+    g_sess = ort.InferenceSession(g_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    g_names = [grads[p] for p in params]
+    feed_g = {"input": x, models.target_inputs["logits"]: target, **params}
+    g = dict(zip(params, g_sess.run(g_names, feed_g), strict=True))
+    for n in models.slots:
+        p, grad = params[n.param], g[n.param]
+        decay = spec.weight_decay if p.ndim >= 2 else 0.0
+        if kind == "adamw":
+            m = 0.9 * state[n.state_in[0]] + 0.1 * grad
+            v = 0.999 * state[n.state_in[1]] + 0.001 * grad * grad
+            want = p * (1 - lr * decay) - lr / (1 - 0.9**t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999**t) + 1e-8)
+            np.testing.assert_allclose(out[n.state_out[0]], m, atol=STEP_ATOL)
+            np.testing.assert_allclose(out[n.state_out[1]], v, atol=STEP_ATOL)
+        else:
+            buf = 0.8 * state[n.state_in[0]] + grad + decay * p
+            want = p - lr * buf
+            np.testing.assert_allclose(out[n.state_out[0]], buf, atol=STEP_ATOL)
+        np.testing.assert_allclose(out[n.param_out], want, atol=STEP_ATOL, rtol=STEP_RTOL, err_msg=n.param)
+
+
+def _loss_model(models) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
+    m = onnx.ModelProto()
+    m.CopyFrom(models.eval)
+    m.graph.initializer.append(numpy_helper.from_array(np.asarray(1.0, np.float32), "one"))
+    return m
