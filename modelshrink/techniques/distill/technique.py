@@ -379,12 +379,7 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
                 f"--labels {data.labels_name}: values must be in [0, {classes}) for output '{out}'"
             )
         label_dims: tuple[int | str, ...] = ("batch", *[int(d) for d in data.labels.shape[1:]])
-        labels_spec: tuple[str, int, str | None, tuple[int | str, ...]] | None = (
-            out,
-            int(classes),
-            None,
-            label_dims,
-        )
+        labels_spec = (out, int(classes), None, label_dims)
     spec = TargetSpec(
         outputs=plan,
         temperature=config.temperature,
