@@ -287,10 +287,12 @@ class _RichProgress:
         self._tasks: dict[str, TaskID] = {}
 
     def __call__(self, description: str, done: int, total: int) -> None:
-        task = self._tasks.get(description)
+        # One bar per description; text after " · " is live figures (loss, ...) of the same bar.
+        key = description.split(" · ", 1)[0]
+        task = self._tasks.get(key)
         if task is None:
-            task = self._tasks[description] = self._progress.add_task(description, total=total)
-        self._progress.update(task, completed=done, total=total)
+            task = self._tasks[key] = self._progress.add_task(description, total=total)
+        self._progress.update(task, completed=done, total=total, description=description)
 
     def __enter__(self) -> _RichProgress:
         self._progress.start()
