@@ -7,6 +7,7 @@ the train-step model; :mod:`.trainer` runs it.
 
 from __future__ import annotations
 
+from modelshrink.techniques.distill.data import read_labels
 from modelshrink.techniques.distill.technique import (
     DistillConfig,
     Teacher,
@@ -15,4 +16,4 @@ from modelshrink.techniques.distill.technique import (
     training_data_from_feeds,
 )
 
-__all__ = ["DistillConfig", "Teacher", "TrainingData", "distill", "training_data_from_feeds"]
+__all__ = ["DistillConfig", "Teacher", "TrainingData", "distill", "read_labels", "training_data_from_feeds"]
