@@ -185,3 +185,25 @@ def _loss_model(models) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
     m.CopyFrom(models.eval)
     m.graph.initializer.append(numpy_helper.from_array(np.asarray(1.0, np.float32), "one"))
     return m
+
+
+def test_batchnorm_train_mode_gradient_matches_finite_differences() -> None:
+    from test_distill_rules import _r, float64_model
+
+    from modelshrink.techniques.distill.autodiff import Builder, TypeInfo
+    from modelshrink.techniques.distill.step import _rewrite_bn_train
+
+    feeds = {"x": _r(4, 3, 2, 2), "s": _r(3), "b": _r(3)}
+    stats = {"m": np.zeros(3), "v": np.ones(3)}
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn")
+    model = float64_model([node], feeds, ["y"], initializers=stats)
+    for vi in model.graph.input:
+        for d, size in zip(vi.type.tensor_type.shape.dim, feeds[vi.name].shape, strict=True):
+            d.dim_value = size
+    b = Builder({"x", "s", "b", "m", "v", "y"}, 18, "bn")
+    updates = _rewrite_bn_train(model, TypeInfo.from_model(model), b)
+    model.graph.initializer.extend(b.initializers)
+    assert set(updates) == {"m", "v"}
+    grads = gradient_check(model, feeds, ["x", "s", "b"])
+    # batch statistics: the input gradient sums to zero over each channel
+    assert np.allclose(grads["x"].sum(axis=(0, 2, 3)), 0.0, atol=1e-9)

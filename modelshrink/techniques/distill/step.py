@@ -240,6 +240,7 @@ def _rewrite_bn_train(proto: onnx.ModelProto, info: TypeInfo, b: Builder) -> dic
         if dims is None:
             raise GradientError(f"BatchNormalization '{node.name}': input rank unknown")
         rank = len(dims)
+        elem = info.elem.get(x, TensorProto.FLOAT)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         eps = float(attrs.get("epsilon", 1e-5))
         momentum = float(attrs.get("momentum", 0.9))
@@ -249,14 +250,14 @@ def _rewrite_bn_train(proto: onnx.ModelProto, info: TypeInfo, b: Builder) -> dic
         mean = b.reduce("ReduceMean", x, axes, keepdims=True)
         centered = b.op("Sub", [x, mean])
         var = b.reduce("ReduceMean", b.op("Mul", [centered, centered]), axes, keepdims=True)
-        inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.scalar(eps, TensorProto.FLOAT)])])])
+        inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.scalar(eps, elem)])])])
         normed = b.op("Mul", [centered, inv])
         scaled = b.op("Mul", [normed, b.op("Reshape", [scale, cshape])])
         b.op("Add", [scaled, b.op("Reshape", [bias, cshape])])
         b.nodes[-1].output[0] = node.output[0]
         flat = b.ints([-1])
-        keep = b.scalar(momentum, TensorProto.FLOAT)
-        take = b.scalar(1.0 - momentum, TensorProto.FLOAT)
+        keep = b.scalar(momentum, elem)
+        take = b.scalar(1.0 - momentum, elem)
         for buf, stat in ((mean_in, mean), (var_in, var)):
             if buf in updates or not buf:
                 continue

@@ -36,7 +36,7 @@ from modelshrink.feeds import Feeds
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.techniques.base import Change, Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.distill.optim import OptimizerSpec
-from modelshrink.techniques.distill.step import Parameter, TargetSpec, build_step, prepare_student
+from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
 from modelshrink.techniques.distill.trainer import LoopSettings, evaluate, train
 from modelshrink.verify import is_class_like
 
@@ -315,14 +315,14 @@ def _float_outputs(student: ir.Model, teacher: Teacher) -> list[str]:
     return shared
 
 
-def _write_back(model: ir.Model, params: Sequence[Parameter], values: Mapping[str, np.ndarray]) -> None:
-    by_name = {w_name: p for p in params for w_name in [p.name]}
-    for graph_value in list(model.graph.initializers.values()):
-        if graph_value.name in values and graph_value.name in by_name:
+def _write_back(model: ir.Model, values: Mapping[str, np.ndarray]) -> None:
+    """Replace the trained weights' values in the student's own graph, by name."""
+    for key, graph_value in list(model.graph.initializers.items()):
+        if key in values:
             old = graph_value.const_value
-            name = old.name if old is not None else graph_value.name
+            name = old.name if old is not None else key
             graph_value.const_value = ir.Tensor(
-                np.ascontiguousarray(values[graph_value.name], dtype=np.float32), name=name
+                np.ascontiguousarray(values[key], dtype=np.float32), name=name
             )
     for node in model.graph:
         out_name = node.outputs[0].name if node.outputs else None
@@ -443,7 +443,7 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
         eval_session, models, inputs, targets, labels, features,
         {**result.params, **frozen_values}, result.buffers, check_rows, batch_size, class_outputs,
     )  # fmt: skip
-    _write_back(model, models.params, {**result.params, **result.buffers})
+    _write_back(model, {**result.params, **result.buffers})
     return _result(
         model,
         config,
