@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE))
 
 GROUPS = {
     "spine": "bench_spine",
+    "distill": "bench_distill",
 }
 
 
