@@ -166,7 +166,7 @@ def _onnx_step(name: str) -> tuple[Any, dict[str, np.ndarray]]:
 
 def _torch_step(name: str) -> Any:
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
 
     torch.set_num_threads(1)
     model = onnx.load(str(SAMPLES / f"{name}.onnx"))
