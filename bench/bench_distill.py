@@ -237,7 +237,7 @@ def _torch_step(name: str) -> Any:
         loss = F.kl_div(s, log_t, log_target=True, reduction="batchmean") * TEMPERATURE**2
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
