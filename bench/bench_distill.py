@@ -138,19 +138,11 @@ def _onnx_step(name: str) -> tuple[Any, dict[str, np.ndarray]]:
     session = Session(models.step.SerializeToString(), RuntimeOptions(threads=1), label="step")
     teacher = np.random.default_rng(0).standard_normal((BATCH[name], classes)).astype(np.float32)
     feed: dict[str, np.ndarray] = {**_inputs(name), models.target_inputs["logits"]: teacher}
-    feed.update({p.name: p.value for p in models.params})
-    feed.update(
-        {
-            s: np.zeros_like(p.value)
-            for p, n in zip(models.params, models.slots, strict=True)
-            for s in n.state_in
-        }
-    )
+    feed[models.flat.param] = models.initial_flat()
+    feed.update({s: np.zeros_like(feed[models.flat.param]) for s in models.flat.state_in})
     feed[models.lr] = np.asarray(1e-4, np.float32)
-    outs = (
-        [models.loss] + [n.param_out for n in models.slots] + [s for n in models.slots for s in n.state_out]
-    )
-    names_in = [n.param for n in models.slots] + [s for n in models.slots for s in n.state_in]
+    outs = [models.loss, models.flat.param_out, *models.flat.state_out]
+    names_in = [models.flat.param, *models.flat.state_in]
     counter = [0]
 
     def step() -> float:

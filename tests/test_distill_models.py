@@ -142,17 +142,14 @@ def test_optimizer_step_matches_numpy(kind: str) -> None:
     target = np.random.default_rng(0).standard_normal((8, 10)).astype(np.float32)
     params = {p.name: p.value for p in models.params}
     rng = np.random.default_rng(3)
-    state = {
-        s: rng.random(params[n.param].shape).astype(np.float32) for n in models.slots for s in n.state_in
-    }
+    flat = models.initial_flat()
+    state = {s: rng.random(flat.shape).astype(np.float32) for s in models.flat.state_in}
     lr, t = 0.01, 3.0
-    feed = {"input": x, models.target_inputs["logits"]: target, **params, **state}
+    feed = {"input": x, models.target_inputs["logits"]: target, models.flat.param: flat, **state}
     feed[models.lr] = np.asarray(lr, np.float32)
     feed[models.step_input] = np.asarray(t, np.float32)
     sess = ort.InferenceSession(models.step.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = (
-        [models.loss] + [n.param_out for n in models.slots] + [s for n in models.slots for s in n.state_out]
-    )
+    names = [models.loss, models.flat.param_out, *models.flat.state_out]
     out = dict(zip(names, sess.run(names, feed), strict=True))
     # the gradient of the same loss, from the gradient-only graph
     g_model, grads, _ = append_gradients(_loss_model(models), wrt=list(params), seeds={models.loss: "one"})
@@ -161,23 +158,25 @@ def test_optimizer_step_matches_numpy(kind: str) -> None:
             helper.make_tensor_value_info(grads[p], TensorProto.FLOAT, list(params[p].shape))
         )
     g_sess = ort.InferenceSession(g_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    g_names = [grads[p] for p in params]
     feed_g = {"input": x, models.target_inputs["logits"]: target, **params}
-    g = dict(zip(params, g_sess.run(g_names, feed_g), strict=True))
-    for n in models.slots:
-        p, grad = params[n.param], g[n.param]
-        decay = spec.weight_decay if p.ndim >= 2 else 0.0
-        if kind == "adamw":
-            m = 0.9 * state[n.state_in[0]] + 0.1 * grad
-            v = 0.999 * state[n.state_in[1]] + 0.001 * grad * grad
-            want = p * (1 - lr * decay) - lr / (1 - 0.9**t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999**t) + 1e-8)
-            np.testing.assert_allclose(out[n.state_out[0]], m, atol=STEP_ATOL)
-            np.testing.assert_allclose(out[n.state_out[1]], v, atol=STEP_ATOL)
-        else:
-            buf = 0.8 * state[n.state_in[0]] + grad + decay * p
-            want = p - lr * buf
-            np.testing.assert_allclose(out[n.state_out[0]], buf, atol=STEP_ATOL)
-        np.testing.assert_allclose(out[n.param_out], want, atol=STEP_ATOL, rtol=STEP_RTOL, err_msg=n.param)
+    g = models.flatten(dict(zip(params, g_sess.run([grads[p] for p in params], feed_g), strict=True)))
+    decay = models.flatten(
+        {p: np.full(v.shape, spec.weight_decay if v.ndim >= 2 else 0.0) for p, v in params.items()}
+    )
+    s_in, s_out = models.flat.state_in, models.flat.state_out
+    if kind == "adamw":
+        m = 0.9 * state[s_in[0]] + 0.1 * g
+        v = 0.999 * state[s_in[1]] + 0.001 * g * g
+        want = flat * (1 - lr * decay) - lr / (1 - 0.9**t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999**t) + 1e-8)
+        np.testing.assert_allclose(out[s_out[0]], m, atol=STEP_ATOL)
+        np.testing.assert_allclose(out[s_out[1]], v, atol=STEP_ATOL)
+    else:
+        buf = 0.8 * state[s_in[0]] + g + decay * flat
+        want = flat - lr * buf
+        np.testing.assert_allclose(out[s_out[0]], buf, atol=STEP_ATOL, rtol=STEP_RTOL)
+    np.testing.assert_allclose(out[models.flat.param_out], want, atol=STEP_ATOL, rtol=STEP_RTOL)
+    # the flat vector maps back to the named weights
+    assert all(np.array_equal(models.unflatten(flat)[p], params[p]) for p in params)
 
 
 def _loss_model(models) -> onnx.ModelProto:  # type: ignore[no-untyped-def]

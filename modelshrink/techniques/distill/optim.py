@@ -9,8 +9,10 @@ Per parameter ``p`` with gradient ``g`` (masked so exact zeros stay zero when as
 - SGD with momentum (PyTorch semantics, no dampening):
   ``g = g + wd p``, ``buf = mu buf + g``, ``p = p - lr buf``.
 
-Weight decay applies to parameters of rank >= 2 (matrices, kernels, embeddings), not to
-biases and normalization scales.
+All trained parameters live in one flat vector (as do their states), so the update is a
+handful of element-wise ops however many tensors the student has. Weight decay is multiplied
+by a mask: 1 for parameters of rank >= 2 (matrices, kernels, embeddings), 0 for biases and
+normalization scales.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ class _Scalars:
         if key in self._cache:
             return self._cache[key]
         b, s = self.b, self.spec
-        if key == "decay":  # 1 - lr * wd
-            value = b.op("Sub", [self.f(1.0), b.op("Mul", [self.lr, self.f(s.weight_decay)])])
+        if key == "lr_wd":  # lr * wd
+            value = b.op("Mul", [self.lr, self.f(s.weight_decay)])
         elif key == "step_size":  # lr / (1 - b1^t)
             bc1 = b.op("Sub", [self.f(1.0), b.op("Pow", [self.f(s.beta1), self.step])])
             value = b.op("Div", [self.lr, bc1])
@@ -87,15 +89,15 @@ def emit_update(
     *,
     lr: str,
     step: str,
-    params: list[tuple[SlotNames, str, bool]],
+    params: list[tuple[SlotNames, str, str | None]],
 ) -> None:
-    """Emit the update of every ``(names, gradient, decays)``; outputs get the given names."""
+    """Emit the update of every ``(names, gradient, decay mask or None)``; outputs get the given names."""
     scalars = _Scalars(b, spec, lr, step)
-    for names, grad, decays in params:
+    for names, grad, decay in params:
         if spec.kind == "adamw":
-            _adamw(b, spec, scalars, names, grad, decays)
+            _adamw(b, spec, scalars, names, grad, decay)
         else:
-            _sgd(b, spec, scalars, names, grad, decays)
+            _sgd(b, spec, scalars, names, grad, decay)
 
 
 def _named(b: Builder, op_type: str, inputs: list[str], output: str) -> None:
@@ -106,7 +108,9 @@ def _named(b: Builder, op_type: str, inputs: list[str], output: str) -> None:
     del node_out
 
 
-def _adamw(b: Builder, spec: OptimizerSpec, sc: _Scalars, names: SlotNames, g: str, decays: bool) -> None:
+def _adamw(
+    b: Builder, spec: OptimizerSpec, sc: _Scalars, names: SlotNames, g: str, decay: str | None
+) -> None:
     m_in, v_in = names.state_in
     m_out, v_out = names.state_out
     m_scaled = b.op("Mul", [m_in, sc.f(spec.beta1)])
@@ -115,13 +119,16 @@ def _adamw(b: Builder, spec: OptimizerSpec, sc: _Scalars, names: SlotNames, g: s
     _named(b, "Add", [v_scaled, b.op("Mul", [b.op("Mul", [g, g]), sc.f(1.0 - spec.beta2)])], v_out)
     denom = b.op("Add", [b.op("Mul", [b.op("Sqrt", [v_out]), sc.get("inv_sqrt_bc2")]), sc.f(spec.eps)])
     update = b.op("Mul", [b.op("Div", [m_out, denom]), sc.get("step_size")])
-    base = b.op("Mul", [names.param, sc.get("decay")]) if decays and spec.weight_decay else names.param
+    base = names.param
+    if decay is not None and spec.weight_decay:  # p * (1 - lr * wd * mask)
+        factor = b.op("Sub", [sc.f(1.0), b.op("Mul", [sc.get("lr_wd"), decay])])
+        base = b.op("Mul", [names.param, factor])
     _named(b, "Sub", [base, update], names.param_out)
 
 
-def _sgd(b: Builder, spec: OptimizerSpec, sc: _Scalars, names: SlotNames, g: str, decays: bool) -> None:
-    if decays and spec.weight_decay:
-        g = b.op("Add", [g, b.op("Mul", [names.param, sc.f(spec.weight_decay)])])
+def _sgd(b: Builder, spec: OptimizerSpec, sc: _Scalars, names: SlotNames, g: str, decay: str | None) -> None:
+    if decay is not None and spec.weight_decay:  # g + wd * mask * p
+        g = b.op("Add", [g, b.op("Mul", [names.param, b.op("Mul", [decay, sc.f(spec.weight_decay)])])])
     (buf_in,) = names.state_in
     (buf_out,) = names.state_out
     if spec.momentum:

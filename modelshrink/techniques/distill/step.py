@@ -303,9 +303,9 @@ class StepModels:
         target_inputs: Student output -> teacher target input name.
         labels_input: Labels input name, or None.
         match_inputs: Student tensor -> teacher feature input name.
-        params: Parameters updated by the step, in order.
-        untrained: Parameters no gradient reaches (kept as they are).
-        slots: Per trained parameter, its input/output/state names.
+        params: Parameters updated by the step, in the order of the flat vector.
+        untrained: Parameters no gradient reaches (kept as they are, fed by name).
+        flat: Names of the flat parameter vector and its optimizer state, in and out.
         buffer_outputs: Buffer -> output name holding its update.
         loss: Loss output name.
         lr: Learning-rate input name.
@@ -320,12 +320,28 @@ class StepModels:
     match_inputs: dict[str, str]
     params: list[Parameter]
     untrained: list[Parameter]
-    slots: list[SlotNames]
+    flat: SlotNames
     buffer_outputs: dict[str, str]
     loss: str
     lr: str
     step_input: str
     eval_outputs: list[str]
+
+    def flatten(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The flat parameter vector from per-parameter arrays."""
+        return np.concatenate([np.asarray(values[p.name], dtype=np.float32).ravel() for p in self.params])
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-parameter arrays from the flat vector."""
+        out, offset = {}, 0
+        for p in self.params:
+            out[p.name] = flat[offset : offset + p.value.size].reshape(p.value.shape).copy()
+            offset += p.value.size
+        return out
+
+    def initial_flat(self) -> np.ndarray:
+        """The flat vector of the student's current values."""
+        return self.flatten({p.name: p.value for p in self.params})
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
@@ -433,32 +449,35 @@ def build_step(
     step_in = ob.fresh("step")
     grad_model.graph.input.append(helper.make_tensor_value_info(lr, TensorProto.FLOAT, []))
     grad_model.graph.input.append(helper.make_tensor_value_info(step_in, TensorProto.FLOAT, []))
-    trained, untrained, slots, updates = [], [], [], []
-    for p in student.params:
-        g = grads[p.name]
-        if g is None:
-            untrained.append(p)
-            continue
-        if keep_zeros and (p.value == 0).any():
-            g = ob.op("Mul", [g, ob.const((p.value != 0).astype(np.float32), "keep_zeros_mask")])
-        state_in = tuple(ob.fresh(f"{slot}_{p.name}") for slot in optimizer.slots())
-        state_out = tuple(ob.fresh(f"{slot}_out_{p.name}") for slot in optimizer.slots())
-        names = SlotNames(p.name, ob.fresh(f"new_{p.name}"), state_in, state_out)
-        for s in state_in:
-            grad_model.graph.input.append(
-                helper.make_tensor_value_info(s, TensorProto.FLOAT, list(p.value.shape))
-            )
-        slots.append(names)
-        trained.append(p)
-        updates.append((names, g, p.decays))
-    emit_update(ob, optimizer, lr=lr, step=step_in, params=updates)
+    trained = [p for p in student.params if grads[p.name] is not None]
+    untrained = [p for p in student.params if grads[p.name] is None]
+    if not trained:
+        raise GradientError("no trainable weight gets a gradient from the loss")
+    flat = SlotNames(
+        ob.fresh("params_flat"),
+        ob.fresh("params_flat_out"),
+        tuple(ob.fresh(f"{slot}_flat") for slot in optimizer.slots()),
+        tuple(ob.fresh(f"{slot}_flat_out") for slot in optimizer.slots()),
+    )
+    total = int(sum(p.value.size for p in trained))
+    _unflatten_params(grad_model, flat.param, trained, ob)
+    for name in flat.state_in:
+        grad_model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [total]))
+    pieces = [ob.op("Reshape", [grads[p.name], ob.ints([-1])]) for p in trained]  # type: ignore[list-item]
+    g_flat = pieces[0] if len(pieces) == 1 else ob.op("Concat", pieces, axis=0)
+    if keep_zeros and any((p.value == 0).any() for p in trained):
+        mask = np.concatenate([(p.value != 0).astype(np.float32).ravel() for p in trained])
+        g_flat = ob.op("Mul", [g_flat, ob.const(mask, "keep_zeros_mask")])
+    decay = None
+    if optimizer.weight_decay and any(p.decays for p in trained):
+        decay_mask = np.concatenate([np.full(p.value.size, float(p.decays), np.float32) for p in trained])
+        decay = ob.const(decay_mask if not decay_mask.all() else np.asarray(1.0, np.float32), "decay_mask")
+    emit_update(ob, optimizer, lr=lr, step=step_in, params=[(flat, g_flat, decay)])
     grad_model.graph.node.extend(ob.nodes)
     grad_model.graph.initializer.extend(ob.initializers)
     outs: list[tuple[str, int, list[int | str] | None]] = [(loss, TensorProto.FLOAT, [])]
-    for p, names in zip(trained, slots, strict=True):
-        shape = list(p.value.shape)
-        outs.append((names.param_out, TensorProto.FLOAT, shape))
-        outs.extend((s, TensorProto.FLOAT, shape) for s in names.state_out)
+    outs.append((flat.param_out, TensorProto.FLOAT, [total]))
+    outs.extend((s, TensorProto.FLOAT, [total]) for s in flat.state_out)
     for buf, out in buffer_outputs.items():
         outs.append((out, TensorProto.FLOAT, list(student.buffers[buf].shape)))
     _finish(grad_model, outs)
@@ -470,13 +489,38 @@ def build_step(
         match_inputs=match_inputs,
         params=trained,
         untrained=untrained,
-        slots=slots,
+        flat=flat,
         buffer_outputs=buffer_outputs,
         loss=loss,
         lr=lr,
         step_input=step_in,
         eval_outputs=[loss, *student_outs],
     )
+
+
+def _unflatten_params(model: onnx.ModelProto, flat: str, params: Sequence[Parameter], b: Builder) -> None:
+    """Make the trained parameters slices of one flat input (emitted before every other node)."""
+    graph = model.graph
+    total = int(sum(p.value.size for p in params))
+    names = {p.name for p in params}
+    kept = [vi for vi in graph.input if vi.name not in names]
+    del graph.input[:]
+    graph.input.extend(kept)
+    graph.input.append(helper.make_tensor_value_info(flat, TensorProto.FLOAT, [total]))
+    pre = Builder(b.taken, b.opset, "flat")
+    if len(params) == 1:
+        pieces = [flat]
+    else:
+        pieces = pre.op(
+            "Split", [flat, pre.ints([p.value.size for p in params])], axis=0, outputs=len(params)
+        )
+    for piece, p in zip(pieces, params, strict=True):
+        pre.op("Reshape", [piece, pre.ints(list(p.value.shape))])
+        pre.nodes[-1].output[0] = p.name
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*pre.nodes, *nodes])
+    graph.initializer.extend(pre.initializers)
 
 
 def _with_producers(spec: TargetSpec, producers: Mapping[str, str]) -> TargetSpec:

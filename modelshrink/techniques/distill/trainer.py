@@ -140,21 +140,17 @@ def train(
         else None
     )
     rng = np.random.default_rng(seed)
-    params = {p.name: p.value.copy() for p in models.params}
-    state = {s: np.zeros_like(params[n.param]) for n in models.slots for s in n.state_in}
+    flat = models.initial_flat()
+    state = {s: np.zeros_like(flat) for s in models.flat.state_in}
     bufs = {k: np.array(v, dtype=np.float32) for k, v in buffers.items()}
     frozen = {p.name: p.value for p in models.untrained}
-    out_names = [models.loss]
-    for n in models.slots:
-        out_names.append(n.param_out)
-        out_names.extend(n.state_out)
-    out_names.extend(models.buffer_outputs.values())
+    out_names = [models.loss, models.flat.param_out, *models.flat.state_out, *models.buffer_outputs.values()]
     per_epoch = len(_batches(train_rows, settings.batch_size, drop_last=settings.fixed_batch))
     total_steps = per_epoch * settings.epochs
     history: list[EpochRecord] = []
     best: tuple[float, float] | None = None
     best_epoch = 0
-    best_params, best_bufs = dict(params), dict(bufs)
+    best_flat, best_bufs = flat, dict(bufs)
     since_best = 0
     step = 0
     stopped = False
@@ -171,7 +167,7 @@ def train(
             feed.update(_feed(features, models.match_inputs, batch))
             if models.labels_input is not None and labels is not None:
                 feed[models.labels_input] = labels[batch]
-            feed.update(params)
+            feed[models.flat.param] = flat
             feed.update(state)
             feed.update(bufs)
             feed.update(frozen)
@@ -182,13 +178,11 @@ def train(
             if not math.isfinite(loss):
                 raise _diverged(epoch, step, settings.lr)
             losses.append(loss)
-            i = 1
-            for n in models.slots:
-                params[n.param] = outs[i]
+            flat = outs[1]
+            i = 2
+            for s in models.flat.state_in:
+                state[s] = outs[i]
                 i += 1
-                for s in n.state_in:
-                    state[s] = outs[i]
-                    i += 1
             for buf in models.buffer_outputs:
                 bufs[buf] = outs[i]
                 i += 1
@@ -206,7 +200,7 @@ def train(
                 targets,
                 labels,
                 features,
-                {**params, **frozen},
+                {**models.unflatten(flat), **frozen},
                 bufs,
                 val_rows,
                 settings.batch_size,
@@ -220,11 +214,11 @@ def train(
         )
         logger.info("epoch %s: train loss %s%s", epoch, history[-1].train_loss, val_text)
         if val_loss is None:
-            best_epoch, best_params, best_bufs = epoch, dict(params), dict(bufs)
+            best_epoch, best_flat, best_bufs = epoch, flat, dict(bufs)
             continue
         score = (-(val_agree if val_agree is not None else 0.0), val_loss)
         if best is None or score < best:
-            best, best_epoch, best_params, best_bufs = score, epoch, dict(params), dict(bufs)
+            best, best_epoch, best_flat, best_bufs = score, epoch, flat, dict(bufs)
             since_best = 0
         else:
             since_best += 1
@@ -232,7 +226,7 @@ def train(
                 stopped = epoch < settings.epochs
                 break
     progress(f"distilling: done, best epoch {best_epoch}{val_text}", total_steps, total_steps)
-    return TrainResult({**best_params}, best_bufs, history, best_epoch, stopped, step)
+    return TrainResult(models.unflatten(best_flat), best_bufs, history, best_epoch, stopped, step)
 
 
 def _diverged(epoch: int, step: int, lr: float) -> Exception:
