@@ -485,6 +485,8 @@ def _distill_config(
             "they must be representative of what the model will see; random inputs would "
             "teach it nothing useful"
         )
+    if teacher == io.STDIO:
+        raise ConfigError("--teacher must be a path (stdin is for the student, if anything)")
     loaded = io.load_model(teacher)
     feeds = load_feeds(
         loaded.model, data=data, input_shapes=parse_input_shapes(input_shape or []), samples=1 << 62

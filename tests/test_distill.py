@@ -451,3 +451,49 @@ def test_pipeline_through_stdin_and_stdout(pruned_file: Path) -> None:
     )  # fmt: skip
     before = json.loads(before_run.stdout)["fidelity"]["worst"]["top1_agreement"]
     assert after > before and math.isfinite(after)
+
+
+def test_old_opset_student_trains_through_a_converted_step_graph(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((3, 8)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], initializer=inits,
+    )  # fmt: skip
+    teacher = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    )
+    student = teacher.clone()
+    student.graph.initializers["w1"].const_value = ir.Tensor(
+        rng.standard_normal((8, 5)).astype(np.float32), name="w1"
+    )
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((64, 5)).astype(np.float32))
+    result = _run(student, teacher, tmp_path / "d.npz", epochs=3, lr=1e-2)
+    assert any("the train step ran at opset 13 (the student uses 11)" in n for n in result.notes)
+    assert ir.serde.serialize_model(result.model).opset_import[0].version == 11
+    fid = result.details["teacher_fidelity"]
+    assert fid["after"]["loss"] < fid["before"]["loss"]
+
+
+def test_fixed_batch_dimension_trains_at_that_size(mlp: ir.Model, tmp_path: Path) -> None:
+    proto = ir.serde.serialize_model(_pruned(mlp))
+    for vi in [*proto.graph.input, *proto.graph.output]:
+        vi.type.tensor_type.shape.dim[0].dim_value = 8
+    fixed = ir.serde.deserialize_model(proto)
+    result = _run(fixed, fixed, epochs=1, batch_size=32)
+    assert any("fixed at 8: trained with batches of 8" in n for n in result.notes)
+    assert result.details["steps"] == (360 - 32) // 8  # 32 validation rows: whole batches
+
+
+def test_cli_teacher_from_stdin_is_refused(pruned_file: Path, tmp_path: Path) -> None:
+    result = _cli(str(pruned_file), "--teacher", "-", "--data", str(MLP_DATA), "-o", str(tmp_path / "o.onnx"))
+    assert result.exit_code == 2 and "--teacher must be a path" in result.stderr

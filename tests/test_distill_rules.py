@@ -542,6 +542,19 @@ CASES = [
         {"x": _r(1, 2, 5, 5)},
         {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 1},
     ),
+    Case(
+        "avgpool_ceil",
+        "AveragePool",
+        {"x": _r(1, 2, 5, 5)},
+        {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
+    ),
+    Case(
+        "maxpool_ceil",
+        "MaxPool",
+        {"x": _r(1, 2, 5, 5)},
+        {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
+    ),
+    Case("avgpool_1d", "AveragePool", {"x": _r(2, 3, 7)}, {"kernel_shape": [3], "strides": [2]}),
     Case("global_avgpool", "GlobalAveragePool", {"x": _r(2, 3, 4, 5)}),
     # normalization
     Case(

@@ -403,6 +403,8 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
     rng = np.random.default_rng(context.seed)
     order = rng.permutation(rows)
     n_val = round(rows * config.val_split) if config.val_split > 0 else 0
+    if fixed is not None and n_val:  # whole batches only
+        n_val = min(max(fixed, round(n_val / fixed) * fixed), rows - fixed)
     val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
     batch_size = config.batch_size if fixed is None else fixed
     inputs = {k: v[:rows] for k, v in data.inputs.items()}
@@ -444,6 +446,11 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
         {**result.params, **frozen_values}, result.buffers, check_rows, batch_size, class_outputs,
     )  # fmt: skip
     _write_back(model, {**result.params, **result.buffers})
+    if fixed is not None and fixed != config.batch_size:
+        student.notes.append(
+            f"the student's batch dimension is fixed at {fixed}: trained with batches of {fixed}, "
+            f"not --batch-size {config.batch_size}"
+        )
     return _result(
         model,
         config,
