@@ -490,6 +490,8 @@ def _result(
     changed = []
     for p in models.params:
         new = result.params[p.name]
+        if np.array_equal(new, p.value):
+            continue
         delta = float(np.linalg.norm(new - p.value) / max(float(np.linalg.norm(p.value)), 1e-12))
         changed.append(
             Change(
@@ -502,6 +504,8 @@ def _result(
             )
         )
     for name in student.buffers:
+        if np.array_equal(result.buffers[name], student.buffers[name]):
+            continue
         changed.append(
             Change(name, "BatchNormalization", f"running statistics {name} updated", 0, 0, {"weight": name})
         )
@@ -513,6 +517,11 @@ def _result(
     notes = list(student.notes)
     b_loss, b_agree = before
     a_loss, a_agree = after
+    if result.best_epoch == 0:
+        notes.append(
+            "no epoch did better on the validation rows than the student as it came: its weights "
+            "are kept unchanged (try another --lr, more --epochs or more data)"
+        )
     if b_agree is not None and a_agree is not None:
         notes.append(
             f"top-1 agreement with the teacher on {check_count} {where}: {b_agree:.1%} before, "

@@ -155,6 +155,12 @@ def train(
     step = 0
     stopped = False
     val_text = ""
+    if eval_session is not None:  # epoch 0: the student as it came is a candidate too
+        loss0, agree0 = evaluate(
+            eval_session, models, inputs, targets, labels, features,
+            {**models.unflatten(flat), **frozen}, bufs, val_rows, settings.batch_size, class_outputs,
+        )  # fmt: skip
+        best = (-(agree0 if agree0 is not None else 0.0), loss0)
     for epoch in range(1, settings.epochs + 1):
         order = rng.permutation(train_rows) if settings.shuffle else train_rows
         losses = []
@@ -187,7 +193,7 @@ def train(
                 bufs[buf] = outs[i]
                 i += 1
             progress(
-                f"distilling: epoch {epoch}/{settings.epochs} loss {np.mean(losses):.4f}{val_text}",
+                f"distilling · epoch {epoch}/{settings.epochs} · loss {np.mean(losses):.4g}{val_text}",
                 step,
                 total_steps,
             )
@@ -206,8 +212,8 @@ def train(
                 settings.batch_size,
                 class_outputs,
             )
-            val_text = f" · val loss {val_loss:.4f}" + (
-                f" agreement {val_agree:.1%}" if val_agree is not None else ""
+            val_text = f" · val loss {val_loss:.4g}" + (
+                f" · agreement {val_agree:.1%}" if val_agree is not None else ""
             )
         history.append(
             EpochRecord(epoch, float(np.mean(losses)) if losses else math.nan, val_loss, val_agree, lr)
@@ -225,7 +231,7 @@ def train(
             if settings.patience is not None and since_best >= settings.patience:
                 stopped = epoch < settings.epochs
                 break
-    progress(f"distilling: done, best epoch {best_epoch}{val_text}", total_steps, total_steps)
+    progress(f"distilling · done, best epoch {best_epoch}{val_text}", total_steps, total_steps)
     return TrainResult(models.unflatten(best_flat), best_bufs, history, best_epoch, stopped, step)
 
 
