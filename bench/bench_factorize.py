@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from common import ROOT, run_cli
 from onnx import TensorProto, helper, numpy_helper
+
+from common import ROOT, run_cli
 
 SAMPLES = ROOT / "sample_models"
 SIZE_TARGET = 0.55

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from common import mlp_model, run_cli
 from onnx import TensorProto, helper, numpy_helper
+
+from common import mlp_model, run_cli
 
 STRUCTURED_LATENCY_RATIO = 0.6
 STRUCTURED_SIZE_RATIO = 0.35

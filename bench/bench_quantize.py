@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from common import ROOT, Run, mlp_model
 from onnx import TensorProto, helper
 
 from modelshrink.feeds import load_feeds
@@ -32,6 +31,8 @@ from modelshrink.report import Report
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.techniques import TECHNIQUES
 from modelshrink.techniques.quantize import QuantizeConfig
+
+from common import ROOT, Run, mlp_model
 
 # Targets from the issue.
 INT8_SIZE_TARGET = 0.26

@@ -25,6 +25,7 @@ GROUPS = {
     "quantize": "bench_quantize",
     "prune": "bench_prune",
     "factorize": "bench_factorize",
+    "distill": "bench_distill",
 }
 
 

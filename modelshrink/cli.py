@@ -24,7 +24,7 @@ from typer.exceptions import Abort, TyperException
 
 from modelshrink import __version__, io, techniques
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
-from modelshrink.feeds import parse_input_shapes
+from modelshrink.feeds import load_feeds, parse_input_shapes
 from modelshrink.gates import Gates
 from modelshrink.inspection import inspect_model, render_inspect
 from modelshrink.pipeline import RunOptions, run_technique
@@ -33,6 +33,7 @@ from modelshrink.report import Report, render_report
 from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques.base import Progress as ProgressSink
 from modelshrink.techniques.base import Technique, silent_progress
+from modelshrink.techniques.distill import DistillConfig, Teacher, read_labels, training_data_from_feeds
 from modelshrink.techniques.factorize import DEFAULT_OP_TYPES as FACTORIZE_OP_TYPES
 from modelshrink.techniques.factorize import FactorizeConfig
 from modelshrink.techniques.factorize import factorize as factorize_technique
@@ -291,10 +292,12 @@ class _RichProgress:
         self._tasks: dict[str, TaskID] = {}
 
     def __call__(self, description: str, done: int, total: int) -> None:
-        task = self._tasks.get(description)
+        # One bar per description; text after " · " is live figures (loss, ...) of the same bar.
+        key = description.split(" · ", 1)[0]
+        task = self._tasks.get(key)
         if task is None:
-            task = self._tasks[description] = self._progress.add_task(description, total=total)
-        self._progress.update(task, completed=done, total=total)
+            task = self._tasks[key] = self._progress.add_task(description, total=total)
+        self._progress.update(task, completed=done, total=total, description=description)
 
     def __enter__(self) -> _RichProgress:
         self._progress.start()
@@ -724,6 +727,199 @@ def factorize(
             provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
         ),
         force=force, external_data=external_data, json_=json_, report_file=report_file, quiet=quiet, verbose=verbose,
+    )  # fmt: skip
+
+
+_DISTILL = "Distillation"
+
+
+def _distill_config(
+    teacher: str,
+    data: str | None,
+    labels: str | None,
+    input_shape: list[str] | None,
+    matches: list[str] | None,
+    **settings: Any,
+) -> DistillConfig:
+    """Load the teacher and the training data (the technique itself reads no files)."""
+    if data is None:
+        raise ConfigError(
+            "distill needs --data: the student learns to copy the teacher on these inputs, so "
+            "they must be representative of what the model will see; random inputs would "
+            "teach it nothing useful"
+        )
+    if teacher == io.STDIO:
+        raise ConfigError("--teacher must be a path (stdin is for the student, if anything)")
+    loaded = io.load_model(teacher)
+    feeds = load_feeds(
+        loaded.model, data=data, input_shapes=parse_input_shapes(input_shape or []), samples=1 << 62
+    )
+    label_array = read_labels(data, labels) if labels else None
+    pairs = []
+    for item in matches or []:
+        student_tensor, sep, teacher_tensor = item.partition("=")
+        if not sep or not student_tensor or not teacher_tensor:
+            raise ConfigError(f"--match '{item}': expected STUDENT_TENSOR=TEACHER_TENSOR")
+        pairs.append((student_tensor, teacher_tensor))
+    return DistillConfig(
+        teacher=Teacher(loaded.model, loaded.label),
+        data=training_data_from_feeds(feeds, labels=label_array, labels_name=labels),
+        matches=tuple(pairs),
+        **settings,
+    )
+
+
+@app.command()
+def distill(
+    src: InputArg,
+    output: OutputOpt,
+    teacher: Annotated[
+        str,
+        typer.Option(
+            "--teacher", help="The teacher model (.onnx path).", rich_help_panel=_DISTILL, show_default=False
+        ),
+    ],
+    loss: Annotated[
+        str,
+        typer.Option(
+            "--loss", help="auto (KL for class scores, MSE otherwise), kl or mse.", rich_help_panel=_DISTILL
+        ),
+    ] = "auto",
+    temperature: Annotated[
+        float,
+        typer.Option(
+            "--temperature",
+            help="Softening temperature of the KL loss (scaled by T²).",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = 2.0,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            help="Array in --data holding integer class labels (adds cross-entropy).",
+            rich_help_panel=_DISTILL,
+            show_default=False,
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--alpha",
+            help="Weight of the label loss, 0..1 (default 0.5 with --labels).",
+            rich_help_panel=_DISTILL,
+            show_default=False,
+        ),
+    ] = None,
+    match: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--match",
+            help="Feature matching STUDENT_TENSOR=TEACHER_TENSOR (repeatable).",
+            rich_help_panel=_DISTILL,
+            show_default=False,
+        ),
+    ] = None,
+    optimizer: Annotated[
+        str, typer.Option("--optimizer", help="adamw or sgd (with momentum).", rich_help_panel=_DISTILL)
+    ] = "adamw",
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_DISTILL)] = 1e-3,
+    weight_decay: Annotated[
+        float,
+        typer.Option("--weight-decay", help="Weight decay on matrices/kernels.", rich_help_panel=_DISTILL),
+    ] = 0.01,
+    momentum: Annotated[
+        float, typer.Option("--momentum", help="SGD momentum.", rich_help_panel=_DISTILL)
+    ] = 0.9,
+    schedule: Annotated[
+        str, typer.Option("--schedule", help="cosine or constant learning rate.", rich_help_panel=_DISTILL)
+    ] = "cosine",
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Passes over the training rows.", rich_help_panel=_DISTILL)
+    ] = 10,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Rows per training step.", rich_help_panel=_DISTILL)
+    ] = 32,
+    train: Annotated[
+        str,
+        typer.Option(
+            "--train",
+            help="'all' or a glob on weight names to train; the rest stays frozen.",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = "all",
+    bn_mode: Annotated[
+        str,
+        typer.Option(
+            "--bn-mode",
+            help="BatchNormalization: frozen (running stats) or train (batch stats).",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = "frozen",
+    val_split: Annotated[
+        float,
+        typer.Option(
+            "--val-split", help="Share of rows held out to pick the best epoch.", rich_help_panel=_DISTILL
+        ),
+    ] = 0.1,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            "--patience",
+            help="Stop after N epochs without a better validation score.",
+            rich_help_panel=_DISTILL,
+            show_default=False,
+        ),
+    ] = None,
+    keep_zeros: Annotated[
+        bool,
+        typer.Option(
+            "--keep-zeros/--no-keep-zeros",
+            help="Weights that are exactly zero stay zero (pruned models stay pruned).",
+            rich_help_panel=_DISTILL,
+        ),
+    ] = True,
+    force: ForceOpt = False,
+    external_data: ExternalDataOpt = None,
+    data: DataOpt = None,
+    input_shape: InputShapeOpt = None,
+    seed: SeedOpt = 0,
+    samples: SamplesOpt = None,
+    max_error: MaxErrorOpt = None,
+    min_cosine: MinCosineOpt = None,
+    min_agreement: MinAgreementOpt = None,
+    max_size_ratio: MaxSizeRatioOpt = None,
+    min_speedup: MinSpeedupOpt = None,
+    provider: ProviderOpt = "cpu",
+    threads: ThreadsOpt = 1,
+    latency: LatencyOpt = True,
+    latency_runs: LatencyRunsOpt = None,
+    json_: JsonOpt = False,
+    report_file: ReportOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Train the student (SRC) to reproduce --teacher on --data; the training step runs on onnxruntime.
+
+    Example: modelshrink distill pruned.onnx --teacher model.onnx --data train.npz -o recovered.onnx
+    """
+    settings = dict(
+        loss=loss, temperature=temperature, alpha=alpha, optimizer=optimizer, lr=lr,
+        weight_decay=weight_decay, momentum=momentum, schedule=schedule, epochs=epochs,
+        batch_size=batch_size, train=train, bn_mode=bn_mode, val_split=val_split,
+        patience=patience, keep_zeros=keep_zeros,
+    )  # fmt: skip
+    run_command(
+        "distill", techniques.TECHNIQUES["distill"],
+        lambda: _distill_config(teacher, data, labels, input_shape, match, **settings), src, output,
+        lambda: run_options(
+            data=data, input_shape=input_shape, seed=seed, samples=samples,
+            max_error=max_error, min_cosine=min_cosine, min_agreement=min_agreement,
+            max_size_ratio=max_size_ratio, min_speedup=min_speedup,
+            provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
+        ),
+        force=force, external_data=external_data, json_=json_, report_file=report_file,
+        quiet=quiet, verbose=verbose,
     )  # fmt: skip
 
 

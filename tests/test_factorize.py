@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import models
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -37,6 +36,8 @@ from modelshrink.techniques.factorize._ranks import (
     rank_for_ratio,
 )
 from modelshrink.verify import Reference
+
+import models
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"

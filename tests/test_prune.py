@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -25,6 +24,8 @@ from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
 from modelshrink.techniques.prune import PruneConfig, prune
 from modelshrink.verify import Fidelity, Reference
+
+import models
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 # Removing channels whose contribution is exactly zero must keep the outputs up to float

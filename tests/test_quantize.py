@@ -8,7 +8,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import models
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -26,6 +25,8 @@ from modelshrink.pipeline import RunOptions, run_technique
 from modelshrink.techniques import TECHNIQUES
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize import QuantizeConfig, quantize
+
+import models
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

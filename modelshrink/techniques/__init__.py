@@ -5,6 +5,8 @@ from __future__ import annotations
 from modelshrink.techniques.base import Change, Skip, Technique, TechniqueContext, TechniqueResult
 
 # Imported under private names so that ``modelshrink.techniques.<name>`` stays the module.
+from modelshrink.techniques.distill import DistillConfig
+from modelshrink.techniques.distill import distill as _distill
 from modelshrink.techniques.factorize import FactorizeConfig
 from modelshrink.techniques.factorize import factorize as _factorize
 from modelshrink.techniques.prune import PruneConfig
@@ -15,6 +17,7 @@ from modelshrink.techniques.quantize import quantize as _quantize
 __all__ = [
     "TECHNIQUES",
     "Change",
+    "DistillConfig",
     "FactorizeConfig",
     "PruneConfig",
     "QuantizeConfig",
@@ -24,6 +27,7 @@ __all__ = [
 ]
 
 TECHNIQUES: dict[str, Technique] = {
+    "distill": _distill,
     "factorize": _factorize,
     "prune": _prune,
     "quantize": _quantize,

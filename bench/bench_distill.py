@@ -1,0 +1,293 @@
+"""Distillation benchmarks: recovery of a damaged classifier, and step time against PyTorch.
+
+    python bench/run.py distill
+
+1. Recovery. The sample digits MLP is magnitude-pruned (numpy, here) until its top-1
+   agreement with the original on held-out rows drops by at least 10 points; then
+   ``modelshrink distill`` trains it back against the original on the other rows (pruned
+   weights stay zero). Printed: agreement before/after and the share of lost points won back
+   (target >= 80 %).
+2. Step time. One training step (forward, KL loss, backward, AdamW) of the sample MLP (batch
+   128), CNN (batch 32) and transformer (batch 32, 16 tokens) as an onnxruntime graph against
+   the same model, batch and loss in PyTorch, both on one thread, interleaved rounds, median.
+   Targets: <= 1.3x PyTorch for the MLP and transformer, <= 1.6x for the CNN. PyTorch is not
+   a dependency: without it this part is skipped and says how to run it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from common import ROOT, run_cli
+
+SAMPLES = ROOT / "sample_models"
+HELD_OUT = 120  # rows of digits_mlp.npz kept for measuring agreement, never trained on
+RECOVERY_TARGET = 0.80
+STEP_TARGETS = {"digits_mlp": 1.3, "digits_cnn": 1.6, "tiny_transformer": 1.3}
+BATCH = {"digits_mlp": 128, "digits_cnn": 32, "tiny_transformer": 32}
+TEMPERATURE = 2.0
+TORCH_HOWTO = (
+    "python3 -m venv /tmp/distill-torch && /tmp/distill-torch/bin/pip install torch==2.13.0 "
+    "&& /tmp/distill-torch/bin/pip install -e . && /tmp/distill-torch/bin/python bench/run.py distill"
+)
+
+
+# --- recovery --------------------------------------------------------------------------------
+
+
+def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    src = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def _top1(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    return np.argmax(_session(model).run(["logits"], {"input": x})[0], axis=-1)
+
+
+def _prune(model: onnx.ModelProto, share: float) -> onnx.ModelProto:
+    damaged = onnx.ModelProto()
+    damaged.CopyFrom(model)
+    for init in damaged.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim >= 2:
+            thr = np.quantile(np.abs(w), share)
+            init.CopyFrom(
+                numpy_helper.from_array(np.where(np.abs(w) < thr, 0, w).astype(np.float32), init.name)
+            )
+    return damaged
+
+
+def recovery() -> bool:
+    original = onnx.load(str(SAMPLES / "digits_mlp.onnx"))
+    with np.load(SAMPLES / "digits_mlp.npz") as npz:
+        x, labels = npz["input"], npz["labels"]
+    order = np.random.default_rng(0).permutation(len(x))
+    held, train = order[:HELD_OUT], order[HELD_OUT:]
+    ref = _top1(original, x[held])
+    share, damaged, before = 0.0, original, 1.0
+    for share in np.arange(0.50, 0.991, 0.01):
+        damaged = _prune(original, float(share))
+        before = float(np.mean(_top1(damaged, x[held]) == ref))
+        if before <= 0.90:
+            break
+    print(f"recovery: digits_mlp magnitude-pruned to {share:.0%} of every matrix")
+    print(
+        f"  top-1 agreement with the original on {HELD_OUT} held-out rows: {before:.1%} (lost {1 - before:.1%})"
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
+        folder = Path(tmp)
+        (folder / "damaged.onnx").write_bytes(damaged.SerializeToString())
+        np.savez(folder / "train.npz", input=x[train], labels=labels[train])
+        start = time.perf_counter()
+        run = run_cli(
+            "distill", str(folder / "damaged.onnx"), "--teacher", str(SAMPLES / "digits_mlp.onnx"),
+            "--data", str(folder / "train.npz"), "-o", str(folder / "recovered.onnx"),
+            "--epochs", "30", "--lr", "2e-3", "--no-latency", "-q", "--json",
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        if run.returncode != 0:
+            print(f"  distill failed (exit {run.returncode}): {run.stderr.decode()[-500:]}")
+            return False
+        after = float(np.mean(_top1(folder / "recovered.onnx", x[held]) == ref))
+        recovered_model = onnx.load(str(folder / "recovered.onnx"))
+    zeros_kept = all(
+        np.array_equal(numpy_helper.to_array(a) == 0, numpy_helper.to_array(b) == 0)
+        for a, b in zip(damaged.graph.initializer, recovered_model.graph.initializer, strict=True)
+    )
+    won_back = (after - before) / (1.0 - before) if before < 1.0 else 1.0
+    ok = won_back >= RECOVERY_TARGET
+    print(f"  after distill (30 epochs on {len(train)} other rows, {seconds:.1f} s): {after:.1%}")
+    print(
+        f"  share of lost points recovered: {won_back:.0%} (target >= {RECOVERY_TARGET:.0%}) -> {'met' if ok else 'MISSED'}"
+    )
+    print(f"  pruned weights still zero after training: {zeros_kept}")
+    return ok and zeros_kept
+
+
+# --- step time -------------------------------------------------------------------------------
+
+
+def _inputs(name: str) -> dict[str, np.ndarray]:
+    with np.load(SAMPLES / f"{name}.npz") as npz:
+        return {k: npz[k][: BATCH[name]] for k in npz.files if k != "labels"}
+
+
+def _onnx_step(name: str) -> tuple[Any, dict[str, np.ndarray]]:
+    from modelshrink import io
+    from modelshrink.runtime import RuntimeOptions, Session
+    from modelshrink.techniques.distill.optim import OptimizerSpec
+    from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
+
+    student = prepare_student(io.load_model(str(SAMPLES / f"{name}.onnx")).model)
+    classes = 10 if name.startswith("digits") else 4
+    spec = TargetSpec(outputs=(("logits", "kl", None, ("batch", classes)),), temperature=TEMPERATURE)
+    models = build_step(student, spec, OptimizerSpec(weight_decay=0.0))
+    session = Session(models.step.SerializeToString(), RuntimeOptions(threads=1), label="step")
+    teacher = np.random.default_rng(0).standard_normal((BATCH[name], classes)).astype(np.float32)
+    feed: dict[str, np.ndarray] = {**_inputs(name), models.target_inputs["logits"]: teacher}
+    feed[models.flat.param] = models.initial_flat()
+    feed.update({s: np.zeros_like(feed[models.flat.param]) for s in models.flat.state_in})
+    feed[models.lr] = np.asarray(1e-4, np.float32)
+    outs = [models.loss, models.flat.param_out, *models.flat.state_out]
+    names_in = [models.flat.param, *models.flat.state_in]
+    counter = [0]
+
+    def step() -> float:
+        counter[0] += 1
+        feed[models.step_input] = np.asarray(counter[0], np.float32)
+        values = session.run(feed, outs)
+        for key, value in zip(names_in, values[1:], strict=True):
+            feed[key] = value
+        return float(values[0])
+
+    return step, feed
+
+
+def _torch_step(name: str) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    model = onnx.load(str(SAMPLES / f"{name}.onnx"))
+    raw = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            raw[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    frozen = {"attn_scale", "const_zero", "const_axis1", "shape_heads", "shape_model", "seq_axis"}
+    stats = {k for k in raw if k.endswith((".mean", ".var"))}
+    p = {
+        k: torch.tensor(
+            np.array(v), requires_grad=(k not in frozen and k not in stats and v.dtype == np.float32)
+        )
+        for k, v in raw.items()
+    }
+    params = [t for t in p.values() if t.requires_grad]
+    x = {k: torch.tensor(v) for k, v in _inputs(name).items()}
+    classes = 10 if name.startswith("digits") else 4
+    teacher = torch.tensor(
+        np.random.default_rng(0).standard_normal((BATCH[name], classes)).astype(np.float32)
+    )
+
+    def gemm(h: Any, w: str, b: str) -> Any:
+        return F.linear(h, p[w], p[b])
+
+    def bn(h: Any, n: str) -> Any:
+        return F.batch_norm(
+            h, p[f"{n}.mean"], p[f"{n}.var"], p[f"{n}.scale"], p[f"{n}.bias"], False, 0.0, 1e-5
+        )
+
+    def forward() -> Any:
+        if name == "digits_mlp":
+            h = F.relu(gemm(x["input"], "fc1.weight", "fc1.bias"))
+            h = F.relu(gemm(h, "fc2.weight", "fc2.bias"))
+            return gemm(h, "fc3.weight", "fc3.bias")
+        if name == "digits_cnn":
+            h = F.max_pool2d(F.relu(bn(F.conv2d(x["image"], p["conv1.weight"], padding=1), "bn1")), 2)
+            h = F.max_pool2d(F.relu(bn(F.conv2d(h, p["conv2.weight"], padding=1), "bn2")), 2)
+            h = F.relu(h + bn(F.conv2d(h, p["res.weight"], padding=1), "bn_res"))
+            h = F.relu(bn(F.conv2d(h, p["conv3.weight"], padding=1), "bn3")).flatten(1)
+            return gemm(F.relu(gemm(h, "fc1.weight", "fc1.bias")), "fc2.weight", "fc2.bias")
+        ids = x["input_ids"]
+        seq = ids.shape[1]
+        h = F.embedding(ids, p["tok_emb.weight"]) + p["pos_emb.weight"][:seq]
+        for i in range(2):
+            b = f"blocks.{i}"
+
+            def lin(t: Any, n: str, b: str = b) -> Any:
+                return t @ p[f"{b}.{n}.weight"] + p[f"{b}.{n}.bias"]
+
+            a = F.layer_norm(h, (64,), p[f"{b}.ln1.weight"], p[f"{b}.ln1.bias"], 1e-5)
+            q = lin(a, "attn.q").reshape(-1, seq, 4, 16).transpose(1, 2)
+            k = lin(a, "attn.k").reshape(-1, seq, 4, 16).permute(0, 2, 3, 1)
+            v = lin(a, "attn.v").reshape(-1, seq, 4, 16).transpose(1, 2)
+            ctx = torch.softmax((q @ k) * p["attn_scale"], -1) @ v
+            h = h + lin(ctx.transpose(1, 2).reshape(-1, seq, 64), "attn.o")
+            f = F.layer_norm(h, (64,), p[f"{b}.ln2.weight"], p[f"{b}.ln2.bias"], 1e-5)
+            h = h + lin(F.gelu(lin(f, "ffn.fc1")), "ffn.fc2")
+        pooled = F.layer_norm(h, (64,), p["ln_f.weight"], p["ln_f.bias"], 1e-5).mean(1)
+        return F.linear(pooled, p["head.weight"], p["head.bias"])
+
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    log_t = F.log_softmax(teacher / TEMPERATURE, -1)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        s = F.log_softmax(forward() / TEMPERATURE, -1)
+        loss = F.kl_div(s, log_t, log_target=True, reduction="batchmean") * TEMPERATURE**2
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _median_ms(step: Any, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def step_time() -> bool:
+    try:
+        import torch
+    except ImportError:
+        print("step time vs PyTorch: skipped (PyTorch is not installed in this environment; it is never")
+        print(f"  a dependency of modelshrink). To run the comparison: {TORCH_HOWTO}")
+        return True
+    print(
+        f"step time vs PyTorch {torch.__version__} (1 thread, forward + KL loss + backward + AdamW, median ms)"
+    )
+    ok = True
+    for name in ("digits_mlp", "digits_cnn", "tiny_transformer"):
+        ours, _ = _onnx_step(name)
+        theirs = _torch_step(name)
+        first_ours, first_theirs = ours(), theirs()
+        if not math.isclose(first_ours, first_theirs, rel_tol=1e-3):
+            print(f"  {name}: first-step loss differs: onnx {first_ours:.6f} vs torch {first_theirs:.6f}")
+            ok = False
+        for _ in range(5):
+            ours()
+            theirs()
+        a, b = [], []
+        for _ in range(5):  # interleaved rounds
+            a.append(_median_ms(ours, 20))
+            b.append(_median_ms(theirs, 20))
+        ma, mb = statistics.median(a), statistics.median(b)
+        ratio = ma / mb
+        target = STEP_TARGETS[name]
+        met = ratio <= target
+        ok = ok and met
+        print(
+            f"  {name:17s} batch {BATCH[name]:3d}: onnxruntime {ma:7.2f} ms, PyTorch {mb:7.2f} ms, "
+            f"ratio {ratio:.2f}x (target <= {target}x) -> {'met' if met else 'MISSED'}"
+        )
+    return ok
+
+
+def run() -> bool:
+    """Both benchmarks; True when every target was met."""
+    ok_recovery = recovery()
+    print()
+    ok_steps = step_time()
+    return ok_recovery and ok_steps
+
+
+if __name__ == "__main__":
+    sys.exit(0 if run() else 1)

@@ -1,0 +1,1044 @@
+"""Gradient rules: one op family per function, collected in :data:`RULES`.
+
+A rule receives the forward node and the gradients of its outputs (``dY``, None where no
+gradient flows) and returns one gradient per input (None where it emits none). Formulas, with
+``Y`` the forward output, are written next to each function; every rule emits standard ONNX
+ops only and is checked against float64 finite differences in ``tests/test_distill_rules.py``.
+
+Choices that matter for speed on onnxruntime's CPU kernels (see
+``shared/notes/training-engine.md``): masks as ``Mul(dY, Cast(Greater(X, 0)))`` rather than
+``Where``; Conv's input gradient as ``ConvTranspose`` with ``output_padding`` restoring the
+exact input size; Conv's weight gradient by im2col (strided ``Slice``s + one ``Gemm``/batched
+``MatMul``); MaxPool through its ``Indices`` and ``ScatterElements(reduction="add")``;
+embedding ``Gather`` through ``ScatterND(reduction="add")``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from modelshrink.techniques.distill.autodiff import Builder, Dim, GradientError, Rule, RuleContext
+
+__all__ = ["RULES"]
+
+Grads = list[str | None]
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _input(node: onnx.NodeProto, i: int) -> str:
+    return node.input[i] if i < len(node.input) else ""
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# --- pass-through ---------------------------------------------------------------------------
+
+
+def _identity(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Identity, Dropout (inference behaviour): dX = dY."""
+    return [dys[0]]
+
+
+def _cast(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Cast between float types: dX = Cast(dY, X's type)."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.op("Cast", [dy], to=ctx.elem(node.input[0]))]
+
+
+def _reshape_like_input(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Reshape, Flatten, Squeeze, Unsqueeze: dX = Reshape(dY, Shape(X))."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.reshape_like(dy, node.input[0])]
+
+
+def _transpose(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Transpose: dX = Transpose(dY, inverse(perm))."""
+    dy = dys[0]
+    assert dy is not None
+    perm = _attr(node, "perm") or list(reversed(range(ctx.rank(node.input[0]))))
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return [ctx.op("Transpose", [dy], perm=inverse)]
+
+
+def _expand(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Expand: dX = ReduceSum of dY over the broadcast axes."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.reduce_to(dy, ctx.dims(node.output[0]), node.input[0])]
+
+
+# --- element-wise arithmetic ----------------------------------------------------------------
+
+
+def _binary_grads(ctx: RuleContext, node: onnx.NodeProto, ga: str | None, gb: str | None) -> Grads:
+    out = ctx.dims(node.output[0])
+    da = ctx.reduce_to(ga, out, node.input[0]) if ga is not None and ctx.needs(node, 0) else None
+    db = ctx.reduce_to(gb, out, node.input[1]) if gb is not None and ctx.needs(node, 1) else None
+    return [da, db]
+
+
+def _add(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Add: dA = dY, dB = dY (summed over broadcast axes)."""
+    return _binary_grads(ctx, node, dys[0], dys[0])
+
+
+def _sub(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Sub: dA = dY, dB = -dY."""
+    dy = dys[0]
+    assert dy is not None
+    return _binary_grads(ctx, node, dy, ctx.op("Neg", [dy]) if ctx.needs(node, 1) else None)
+
+
+def _mul(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Mul: dA = dY * B, dB = dY * A."""
+    dy = dys[0]
+    assert dy is not None
+    a, b = node.input[0], node.input[1]
+    ga = ctx.op("Mul", [dy, b]) if ctx.needs(node, 0) else None
+    gb = ctx.op("Mul", [dy, a]) if ctx.needs(node, 1) else None
+    return _binary_grads(ctx, node, ga, gb)
+
+
+def _div(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Div: dA = dY / B, dB = -dY * Y / B."""
+    dy = dys[0]
+    assert dy is not None
+    b, y = node.input[1], node.output[0]
+    ga = ctx.op("Div", [dy, b]) if ctx.needs(node, 0) else None
+    gb = ctx.op("Neg", [ctx.op("Div", [ctx.op("Mul", [dy, y]), b])]) if ctx.needs(node, 1) else None
+    return _binary_grads(ctx, node, ga, gb)
+
+
+def _pow(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Pow: dA = dY * B * A^(B-1), dB = dY * Y * log(A)."""
+    dy = dys[0]
+    assert dy is not None
+    a, b, y = node.input[0], node.input[1], node.output[0]
+    ga = gb = None
+    if ctx.needs(node, 0):
+        exponent = ctx.const_value(b)
+        if exponent is not None and exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0:
+            ga = ctx.op("Mul", [dy, ctx.op("Mul", [a, ctx.scalar(2.0, a)])])
+        else:
+            bb = b if ctx.elem(b) == ctx.elem(a) else ctx.op("Cast", [b], to=ctx.elem(a))
+            power = ctx.op("Pow", [a, ctx.op("Sub", [bb, ctx.scalar(1.0, a)])])
+            ga = ctx.op("Mul", [dy, ctx.op("Mul", [bb, power])])
+    if ctx.needs(node, 1):
+        gb = ctx.op("Mul", [ctx.op("Mul", [dy, y]), ctx.op("Log", [a])])
+    return _binary_grads(ctx, node, ga, gb)
+
+
+def _sum(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Sum (variadic): dX_i = dY summed over X_i's broadcast axes."""
+    dy = dys[0]
+    assert dy is not None
+    out = ctx.dims(node.output[0])
+    return [ctx.reduce_to(dy, out, x) if ctx.needs(node, i) else None for i, x in enumerate(node.input)]
+
+
+def _where(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Where(C, X, Y): dX = dY where C, dY' = dY where not C."""
+    dy = dys[0]
+    assert dy is not None
+    cond = node.input[0]
+    zero = ctx.scalar(0.0, node.output[0])
+    out = ctx.dims(node.output[0])
+    gx = gy = None
+    if ctx.needs(node, 1):
+        gx = ctx.reduce_to(ctx.op("Where", [cond, dy, zero]), out, node.input[1])
+    if ctx.needs(node, 2):
+        gy = ctx.reduce_to(ctx.op("Where", [cond, zero, dy]), out, node.input[2])
+    return [None, gx, gy]
+
+
+def _neg(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Neg: dX = -dY."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.op("Neg", [dy])]
+
+
+def _abs(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Abs: dX = dY * sign(X)."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.op("Mul", [dy, ctx.op("Sign", [node.input[0]])])]
+
+
+def _reciprocal(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Reciprocal: dX = -dY * Y^2."""
+    dy = dys[0]
+    assert dy is not None
+    y = node.output[0]
+    return [ctx.op("Neg", [ctx.op("Mul", [dy, ctx.op("Mul", [y, y])])])]
+
+
+# --- element-wise activations ---------------------------------------------------------------
+
+
+def _mask(ctx: RuleContext, condition: str, like: str) -> str:
+    return ctx.op("Cast", [condition], to=ctx.elem(like))
+
+
+def _relu(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Relu: dX = dY * (X > 0)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    return [ctx.op("Mul", [dy, _mask(ctx, ctx.op("Greater", [x, ctx.scalar(0.0, x)]), x)])]
+
+
+def _leaky_relu(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """LeakyRelu: dX = dY * ((X > 0) * (1 - alpha) + alpha)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    alpha = float(_attr(node, "alpha", 0.01))
+    mask = _mask(ctx, ctx.op("Greater", [x, ctx.scalar(0.0, x)]), x)
+    slope = ctx.op("Add", [ctx.op("Mul", [mask, ctx.scalar(1.0 - alpha, x)]), ctx.scalar(alpha, x)])
+    return [ctx.op("Mul", [dy, slope])]
+
+
+def _sigmoid(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Sigmoid: dX = dY * Y * (1 - Y)."""
+    dy = dys[0]
+    assert dy is not None
+    y = node.output[0]
+    return [ctx.op("Mul", [dy, ctx.op("Mul", [y, ctx.op("Sub", [ctx.scalar(1.0, y), y])])])]
+
+
+def _tanh(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Tanh: dX = dY * (1 - Y^2)."""
+    dy = dys[0]
+    assert dy is not None
+    y = node.output[0]
+    return [ctx.op("Mul", [dy, ctx.op("Sub", [ctx.scalar(1.0, y), ctx.op("Mul", [y, y])])])]
+
+
+def _clip(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Clip: dX = dY * (min <= X <= max); no gradient to min/max."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    lo, hi = _input(node, 1), _input(node, 2)
+    if not lo and _attr(node, "min") is not None:
+        lo = ctx.scalar(float(_attr(node, "min")), x)
+    if not hi and _attr(node, "max") is not None:
+        hi = ctx.scalar(float(_attr(node, "max")), x)
+    conds = []
+    if lo:
+        conds.append(ctx.op("GreaterOrEqual", [x, lo]))
+    if hi:
+        conds.append(ctx.op("LessOrEqual", [x, hi]))
+    if not conds:
+        return [dy]
+    cond = conds[0] if len(conds) == 1 else ctx.op("And", conds)
+    return [ctx.op("Mul", [dy, _mask(ctx, cond, x)])]
+
+
+def _hard_sigmoid(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """HardSigmoid: with v = alpha*X + beta, dX = dY * alpha * (0 < v < 1)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    alpha = float(_attr(node, "alpha", 0.2))
+    beta = float(_attr(node, "beta", 0.5))
+    v = ctx.op("Add", [ctx.op("Mul", [x, ctx.scalar(alpha, x)]), ctx.scalar(beta, x)])
+    inside = ctx.op(
+        "And", [ctx.op("Greater", [v, ctx.scalar(0.0, x)]), ctx.op("Less", [v, ctx.scalar(1.0, x)])]
+    )
+    return [ctx.op("Mul", [dy, ctx.op("Mul", [_mask(ctx, inside, x), ctx.scalar(alpha, x)])])]
+
+
+def _hard_swish(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """HardSwish: Y = X * h(X), h = clip(X/6 + 1/2, 0, 1): dX = dY * (h + X/6 * (-3 < X < 3))."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    h = ctx.op("HardSigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
+    inside = ctx.op(
+        "And", [ctx.op("Greater", [x, ctx.scalar(-3.0, x)]), ctx.op("Less", [x, ctx.scalar(3.0, x)])]
+    )
+    slope = ctx.op("Mul", [ctx.op("Mul", [x, ctx.scalar(1.0 / 6.0, x)]), _mask(ctx, inside, x)])
+    return [ctx.op("Mul", [dy, ctx.op("Add", [h, slope])])]
+
+
+def _erf(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Erf: dX = dY * 2/sqrt(pi) * exp(-X^2)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    e = ctx.op("Exp", [ctx.op("Neg", [ctx.op("Mul", [x, x])])])
+    return [ctx.op("Mul", [dy, ctx.op("Mul", [e, ctx.scalar(2.0 / math.sqrt(math.pi), x)])])]
+
+
+def _gelu(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Gelu: exact dX = dY * (Phi(X) + X * phi(X)); tanh form differentiated as written."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    if _attr(node, "approximate", b"none") in (b"tanh", "tanh"):
+        c = math.sqrt(2.0 / math.pi)
+        x2 = ctx.op("Mul", [x, x])
+        inner = ctx.op(
+            "Mul",
+            [
+                ctx.op("Add", [x, ctx.op("Mul", [ctx.op("Mul", [x2, x]), ctx.scalar(0.044715, x)])]),
+                ctx.scalar(c, x),
+            ],
+        )
+        t = ctx.op("Tanh", [inner])
+        one = ctx.scalar(1.0, x)
+        left = ctx.op("Mul", [ctx.op("Add", [one, t]), ctx.scalar(0.5, x)])
+        dinner = ctx.op(
+            "Mul", [ctx.op("Add", [one, ctx.op("Mul", [x2, ctx.scalar(3 * 0.044715, x)])]), ctx.scalar(c, x)]
+        )
+        right = ctx.op(
+            "Mul",
+            [
+                ctx.op(
+                    "Mul",
+                    [ctx.op("Mul", [x, ctx.scalar(0.5, x)]), ctx.op("Sub", [one, ctx.op("Mul", [t, t])])],
+                ),
+                dinner,
+            ],
+        )
+        return [ctx.op("Mul", [dy, ctx.op("Add", [left, right])])]
+    cdf = ctx.op(
+        "Mul",
+        [
+            ctx.op(
+                "Add",
+                [
+                    ctx.op("Erf", [ctx.op("Mul", [x, ctx.scalar(1.0 / math.sqrt(2.0), x)])]),
+                    ctx.scalar(1.0, x),
+                ],
+            ),
+            ctx.scalar(0.5, x),
+        ],
+    )
+    pdf = ctx.op(
+        "Mul",
+        [
+            ctx.op("Exp", [ctx.op("Mul", [ctx.op("Mul", [x, x]), ctx.scalar(-0.5, x)])]),
+            ctx.scalar(1.0 / math.sqrt(2.0 * math.pi), x),
+        ],
+    )
+    return [ctx.op("Mul", [dy, ctx.op("Add", [cdf, ctx.op("Mul", [x, pdf])])])]
+
+
+def _sqrt(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Sqrt: dX = dY * 0.5 / Y."""
+    dy = dys[0]
+    assert dy is not None
+    y = node.output[0]
+    return [ctx.op("Div", [ctx.op("Mul", [dy, ctx.scalar(0.5, y)]), y])]
+
+
+def _exp(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Exp: dX = dY * Y."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.op("Mul", [dy, node.output[0]])]
+
+
+def _log(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Log: dX = dY / X."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.op("Div", [dy, node.input[0]])]
+
+
+# --- softmax ----------------------------------------------------------------------------------
+
+
+def _softmax(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Softmax: dX = Y * (dY - sum(dY * Y, axis))."""
+    dy = dys[0]
+    assert dy is not None
+    y = node.output[0]
+    axis = _axis(int(_attr(node, "axis", -1)), ctx.rank(y))
+    dyy = ctx.op("Mul", [dy, y])
+    s = ctx.b.reduce("ReduceSum", dyy, [axis], keepdims=True)
+    return [ctx.op("Sub", [dyy, ctx.op("Mul", [y, s])])]
+
+
+def _log_softmax(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """LogSoftmax: dX = dY - exp(Y) * sum(dY, axis)."""
+    dy = dys[0]
+    assert dy is not None
+    y = node.output[0]
+    axis = _axis(int(_attr(node, "axis", -1)), ctx.rank(y))
+    s = ctx.b.reduce("ReduceSum", dy, [axis], keepdims=True)
+    return [ctx.op("Sub", [dy, ctx.op("Mul", [ctx.op("Exp", [y]), s])])]
+
+
+# --- reductions -------------------------------------------------------------------------------
+
+
+def _reduce_axes(ctx: RuleContext, node: onnx.NodeProto) -> list[int] | None:
+    """Normalized reduce axes; None means 'identity' (empty axes with noop_with_empty_axes)."""
+    rank = ctx.rank(node.input[0])
+    axes_attr = _attr(node, "axes")
+    if axes_attr is not None:
+        axes = [int(a) for a in axes_attr]
+    elif _input(node, 1):
+        value = ctx.const_value(node.input[1])
+        if value is None:
+            raise GradientError("reduce axes come from a computed tensor; only constant axes are supported")
+        axes = [int(a) for a in value.reshape(-1)]
+    else:
+        axes = []
+    if not axes:
+        if int(_attr(node, "noop_with_empty_axes", 0)):
+            return None
+        axes = list(range(rank))
+    return sorted(_axis(a, rank) for a in axes)
+
+
+def _reduce_sum_mean(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """ReduceSum: dX = Expand(dY, Shape(X)); ReduceMean divides by the reduced count."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    axes = _reduce_axes(ctx, node)
+    if axes is None:
+        return [dy]
+    if not int(_attr(node, "keepdims", 1)):
+        dy = ctx.op("Unsqueeze", [dy, ctx.b.ints(axes)])
+    if node.op_type == "ReduceMean":
+        dy = ctx.op("Mul", [dy, ctx.op("Reciprocal", [ctx.count(x, node.output[0])])])
+    return [ctx.op("Expand", [dy, ctx.shape_of(x)])]
+
+
+# --- linear algebra -------------------------------------------------------------------------
+
+
+def _matmul(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """MatMul: dA = dY @ B^T, dB = A^T @ dY, each summed over broadcast batch axes."""
+    dy = dys[0]
+    assert dy is not None
+    a, b = node.input[0], node.input[1]
+    adims, bdims = ctx.dims(a), ctx.dims(b)
+    ydims = ctx.dims(node.output[0])
+    need_a, need_b = ctx.needs(node, 0), ctx.needs(node, 1)
+    a2, b2, dy2 = a, b, dy
+    a2dims, b2dims, y2dims = adims, bdims, ydims
+    if len(adims) == 1:  # [k] -> [1, k]; Y lost the m axis
+        a2 = ctx.op("Unsqueeze", [a, ctx.b.ints([0])])
+        a2dims = (1, adims[0])
+        dy2 = ctx.op("Unsqueeze", [dy2, ctx.b.ints([-2 if len(bdims) > 1 else -1])])
+        y2dims = (*ydims[:-1], 1, ydims[-1]) if len(bdims) > 1 else (*ydims, 1)
+    if len(bdims) == 1:  # [k] -> [k, 1]; Y lost the n axis
+        b2 = ctx.op("Unsqueeze", [b, ctx.b.ints([-1])])
+        b2dims = (bdims[0], 1)
+        if len(adims) > 1:
+            dy2 = ctx.op("Unsqueeze", [dy2, ctx.b.ints([-1])])
+            y2dims = (*ydims, 1)
+        else:
+            y2dims = (1, 1)
+            dy2 = ctx.op("Reshape", [dy, ctx.b.ints([1, 1])])
+    ra, rb = len(a2dims), len(b2dims)
+    da = db = None
+    if need_a:
+        if ra == 2 and rb == 2:
+            da = ctx.op("Gemm", [dy2, b2], transB=1)
+        else:
+            bt = ctx.op("Transpose", [b2], perm=[*range(rb - 2), rb - 1, rb - 2])
+            da = ctx.op("MatMul", [dy2, bt])
+            da_dims = (*y2dims[:-2], *a2dims[-2:])
+            da = ctx.reduce_to(da, da_dims, a2) if a2 == a else _reduce_virtual(ctx, da, da_dims, a2dims)
+        if a2 != a:
+            da = ctx.reshape_like(da, a)
+    if need_b:
+        if rb == 2:
+            k, n = b2dims
+            if ra == 2:
+                db = ctx.op("Gemm", [a2, dy2], transA=1)
+            else:
+                a_flat = ctx.op(
+                    "Reshape", [a2, ctx.b.ints([-1, k]) if isinstance(k, int) else _last_dim_shape(ctx, a2)]
+                )
+                dy_flat = ctx.op(
+                    "Reshape", [dy2, ctx.b.ints([-1, n]) if isinstance(n, int) else _last_dim_shape(ctx, dy2)]
+                )
+                db = ctx.op("Gemm", [a_flat, dy_flat], transA=1)
+        else:
+            at = ctx.op("Transpose", [a2], perm=[*range(ra - 2), ra - 1, ra - 2])
+            db = ctx.op("MatMul", [at, dy2])
+            db_dims = (*y2dims[:-2], *b2dims[-2:])
+            db = ctx.reduce_to(db, db_dims, b2) if b2 == b else _reduce_virtual(ctx, db, db_dims, b2dims)
+        if b2 != b:
+            db = ctx.reshape_like(db, b)
+    return [da, db]
+
+
+def _last_dim_shape(ctx: RuleContext, x: str) -> str:
+    """``[-1, last]`` as a tensor, for flattening all but the last axis of a value."""
+    last = ctx.op("Slice", [ctx.op("Shape", [x]), ctx.b.ints([-1]), ctx.b.ints([2**62])])
+    return ctx.op("Concat", [ctx.b.ints([-1]), last], axis=0)
+
+
+def _reduce_virtual(
+    ctx: RuleContext, grad: str, grad_dims: tuple[Dim, ...], target_dims: tuple[Dim, ...]
+) -> str:
+    """Sum leading broadcast axes of a gradient whose target is an unsqueezed 2-D operand."""
+    lead = len(grad_dims) - len(target_dims)
+    if lead <= 0:
+        return grad
+    return ctx.b.reduce("ReduceSum", grad, list(range(lead)), keepdims=False)
+
+
+def _gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Gemm Y = alpha * A' @ B' + beta * C: gradients through transposed Gemms."""
+    dy = dys[0]
+    assert dy is not None
+    a, b = node.input[0], node.input[1]
+    alpha = float(_attr(node, "alpha", 1.0))
+    beta = float(_attr(node, "beta", 1.0))
+    ta, tb = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+    da = db = dc = None
+    if ctx.needs(node, 0):
+        if ta:
+            da = ctx.op("Gemm", [b, dy], alpha=alpha, transA=tb, transB=1)
+        else:
+            da = ctx.op("Gemm", [dy, b], alpha=alpha, transB=0 if tb else 1)
+    if ctx.needs(node, 1):
+        if tb:
+            db = ctx.op("Gemm", [dy, a], alpha=alpha, transA=1, transB=ta)
+        else:
+            db = ctx.op("Gemm", [a, dy], alpha=alpha, transA=0 if ta else 1)
+    if ctx.needs(node, 2):
+        g = dy if beta == 1.0 else ctx.op("Mul", [dy, ctx.scalar(beta, node.output[0])])
+        dc = ctx.reduce_to(g, ctx.dims(node.output[0]), node.input[2])
+    return [da, db, dc]
+
+
+# --- convolution ----------------------------------------------------------------------------
+
+
+def _conv_geometry(ctx: RuleContext, node: onnx.NodeProto, x: str, w_shape: Sequence[int]) -> dict[str, Any]:
+    xshape = ctx.dims(x)
+    spatial = [d for d in xshape[2:]]
+    if not all(isinstance(d, int) for d in spatial):
+        raise GradientError(
+            f"needs static spatial dims for its gradient; input '{x}' has {list(xshape)} "
+            "(give the student a fixed input size)"
+        )
+    nd = len(spatial)
+    kernel = list(_attr(node, "kernel_shape") or w_shape[2:])
+    strides = list(_attr(node, "strides") or [1] * nd)
+    dilations = list(_attr(node, "dilations") or [1] * nd)
+    pads = list(_attr(node, "pads") or [0] * (2 * nd))
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    ceil_mode = int(_attr(node, "ceil_mode", 0))
+    out: list[int] = []
+    for i in range(nd):
+        size = int(spatial[i])  # type: ignore[arg-type]
+        eff = (kernel[i] - 1) * dilations[i] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            o = -(-size // strides[i])
+            total = max((o - 1) * strides[i] + eff - size, 0)
+            small = total // 2
+            pads[i], pads[nd + i] = (
+                (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+            )
+        elif auto_pad == "VALID":
+            pads[i] = pads[nd + i] = 0
+        span = size + pads[i] + pads[nd + i] - eff
+        o = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
+        if ceil_mode and (o - 1) * strides[i] >= size + pads[i]:
+            o -= 1  # the last window must start inside the input or the left padding
+        out.append(o)
+    # ConvTranspose restores the exact input size with output_padding; windows that run past
+    # the end padding (ceil_mode) count as extra end padding.
+    end_pads = list(pads[nd:])
+    output_padding = []
+    for i in range(nd):
+        eff = (kernel[i] - 1) * dilations[i] + 1
+        covered = strides[i] * (out[i] - 1) + eff
+        extra = int(spatial[i]) + pads[i] + end_pads[i] - covered  # type: ignore[arg-type]
+        if extra < 0:
+            end_pads[i] -= extra
+            extra = 0
+        output_padding.append(extra)
+    return {
+        "spatial": [int(s) for s in spatial],  # type: ignore[arg-type]
+        "kernel": kernel,
+        "strides": strides,
+        "dilations": dilations,
+        "pads": pads,
+        "tpads": pads[:nd] + end_pads,
+        "out": out,
+        "output_padding": output_padding,
+        "nd": nd,
+    }
+
+
+def _conv(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Conv: dX = ConvTranspose(dY, W); dW by im2col and one Gemm (batched MatMul for groups); dB = sum(dY)."""
+    dy = dys[0]
+    assert dy is not None
+    x, w = node.input[0], node.input[1]
+    w_shape = ctx.static_shape(w)
+    if w_shape is None:
+        raise GradientError(f"weight '{w}' needs a static shape")
+    group = int(_attr(node, "group", 1))
+    geo = _conv_geometry(ctx, node, x, w_shape)
+    nd = geo["nd"]
+    dx = dw = db = None
+    if ctx.needs(node, 0):
+        dx = ctx.op(
+            "ConvTranspose",
+            [dy, w],
+            group=group,
+            kernel_shape=geo["kernel"],
+            strides=geo["strides"],
+            dilations=geo["dilations"],
+            pads=geo["tpads"],
+            output_padding=geo["output_padding"],
+        )
+    if ctx.needs(node, 1):
+        dw = _conv_weight_grad(ctx, x, dy, w_shape, group, geo)
+    if len(node.input) > 2 and ctx.needs(node, 2):
+        db = ctx.b.reduce("ReduceSum", dy, [0, *range(2, 2 + nd)], keepdims=False)
+    return [dx, dw, db]
+
+
+def _conv_weight_grad(
+    ctx: RuleContext, x: str, dy: str, w_shape: Sequence[int], group: int, geo: dict[str, Any]
+) -> str:
+    """dW[o, c, k] = sum over (n, out positions) of dY[n, o, p] * Xpad[n, c, p*s + k*d]."""
+    nd = geo["nd"]
+    channels_out = w_shape[0]
+    cg = w_shape[1]
+    channels_in = cg * group
+    kernel, strides, dilations, pads, out = (
+        geo["kernel"],
+        geo["strides"],
+        geo["dilations"],
+        geo["pads"],
+        geo["out"],
+    )
+    xt = ctx.op("Transpose", [x], perm=[1, 0, *range(2, 2 + nd)])  # [C, N, *spatial]
+    pad_begin, pad_end = pads[:nd], list(pads[nd:])
+    for i in range(nd):  # ceil-mode windows may read past the end padding
+        need = (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+        pad_end[i] = max(pad_end[i], need - geo["spatial"][i] - pad_begin[i])
+    if any(pad_begin) or any(pad_end):
+        xt = ctx.op("Pad", [xt, ctx.b.ints([0, 0, *pad_begin, 0, 0, *pad_end])])
+    offsets = list(itertools.product(*[range(k) for k in kernel]))
+    identity_window = (
+        len(offsets) == 1 and all(s == 1 for s in strides) and not any(pad_begin) and not any(pad_end)
+    )
+    if identity_window:
+        cols = xt
+    else:
+        pieces = []
+        axes = list(range(2, 2 + nd))
+        for off in offsets:
+            starts = [off[i] * dilations[i] for i in range(nd)]
+            ends = [starts[i] + strides[i] * (out[i] - 1) + 1 for i in range(nd)]
+            pieces.append(
+                ctx.op(
+                    "Slice", [xt, ctx.b.ints(starts), ctx.b.ints(ends), ctx.b.ints(axes), ctx.b.ints(strides)]
+                )
+            )
+        cols = pieces[0] if len(pieces) == 1 else ctx.op("Concat", pieces, axis=1)  # [C, K*N, *out]
+    kk = len(offsets)
+    dyt = ctx.op("Transpose", [dy], perm=[1, 0, *range(2, 2 + nd)])  # [O, N, *out]
+    if group == 1:
+        cols2 = ctx.op("Reshape", [cols, ctx.b.ints([channels_in * kk, -1])])
+        dy2 = ctx.op("Reshape", [dyt, ctx.b.ints([channels_out, -1])])
+        dw2 = ctx.op("Gemm", [dy2, cols2], transB=1)
+    else:
+        cols3 = ctx.op("Reshape", [cols, ctx.b.ints([group, cg * kk, -1])])
+        dy3 = ctx.op("Reshape", [dyt, ctx.b.ints([group, channels_out // group, -1])])
+        dw2 = ctx.op("MatMul", [dy3, ctx.op("Transpose", [cols3], perm=[0, 2, 1])])
+    return ctx.op("Reshape", [dw2, ctx.b.ints(list(w_shape))])
+
+
+# --- pooling ----------------------------------------------------------------------------------
+
+
+def _prepare_maxpool(node: onnx.NodeProto, builder: Builder) -> onnx.NodeProto:
+    """Ask MaxPool for its Indices output (only in the step graph: it costs time)."""
+    if len(node.output) > 1 and node.output[1]:
+        return node
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    del new.output[:]
+    new.output.extend([node.output[0], builder.fresh("maxpool_indices")])
+    return new
+
+
+def _flat_scatter_add(ctx: RuleContext, like: str, indices: str, updates: str) -> str:
+    """Zeros shaped like ``like``, flattened, plus ``updates`` scattered at flat ``indices``."""
+    size = ctx.op("Reshape", [ctx.op("Size", [like]), ctx.b.ints([1])])
+    value = onnx.numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(ctx.elem(like))))
+    zeros = ctx.op("ConstantOfShape", [size], value=value)
+    flat_i = ctx.op("Reshape", [indices, ctx.b.ints([-1])])
+    flat_u = ctx.op("Reshape", [updates, ctx.b.ints([-1])])
+    scattered = ctx.op("ScatterElements", [zeros, flat_i, flat_u], axis=0, reduction="add")
+    return ctx.reshape_like(scattered, like)
+
+
+def _maxpool(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """MaxPool: dX = ScatterElements(zeros, Indices, dY, reduction='add')."""
+    dy = dys[0]
+    assert dy is not None
+    if int(_attr(node, "storage_order", 0)):
+        raise GradientError("storage_order=1 (column-major indices) is not supported")
+    return [_flat_scatter_add(ctx, node.input[0], node.output[1], dy)]
+
+
+def _pool_divisors(geo: dict[str, Any], include_pad: bool) -> np.ndarray:
+    """Per output position, the number of elements AveragePool divides by."""
+    per_dim = []
+    for i in range(geo["nd"]):
+        size, k, s, d = geo["spatial"][i], geo["kernel"][i], geo["strides"][i], geo["dilations"][i]
+        pb, pe = geo["pads"][i], geo["pads"][geo["nd"] + i]
+        counts = []
+        for o in range(geo["out"][i]):
+            pos = [o * s - pb + j * d for j in range(k)]
+            if include_pad:
+                counts.append(sum(1 for p in pos if p < size + pe))
+            else:
+                counts.append(sum(1 for p in pos if 0 <= p < size))
+        per_dim.append(np.asarray(counts, dtype=np.float64))
+    grid = per_dim[0]
+    for c in per_dim[1:]:
+        grid = np.multiply.outer(grid, c)
+    return grid
+
+
+def _average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """AveragePool: dX = ConvTranspose(dY / divisors, ones), depthwise."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    xdims = ctx.dims(x)
+    channels = xdims[1]
+    if not isinstance(channels, int):
+        raise GradientError(f"needs a static channel count; input '{x}' has {list(xdims)}")
+    geo = _conv_geometry(ctx, node, x, [channels, 1, *_attr(node, "kernel_shape")])
+    dtype = helper.tensor_dtype_to_np_dtype(ctx.elem(x))
+    inv = (1.0 / _pool_divisors(geo, bool(_attr(node, "count_include_pad", 0)))).astype(dtype)
+    scaled = ctx.op("Mul", [dy, ctx.b.const(inv.reshape(1, 1, *inv.shape), "pool_inv_count")])
+    ones = ctx.b.const(np.ones((channels, 1, *geo["kernel"]), dtype=dtype), "pool_ones")
+    dx = ctx.op(
+        "ConvTranspose",
+        [scaled, ones],
+        group=channels,
+        kernel_shape=geo["kernel"],
+        strides=geo["strides"],
+        dilations=geo["dilations"],
+        pads=geo["tpads"],
+        output_padding=geo["output_padding"],
+    )
+    return [dx]
+
+
+def _global_average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """GlobalAveragePool: dX = Expand(dY / (H*W), Shape(X))."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    scaled = ctx.op("Mul", [dy, ctx.op("Reciprocal", [ctx.count(x, node.output[0])])])
+    return [ctx.op("Expand", [scaled, ctx.shape_of(x)])]
+
+
+# --- normalization --------------------------------------------------------------------------
+
+
+def _channel_shape(rank: int) -> list[int]:
+    return [-1] + [1] * (rank - 2)
+
+
+def _batch_norm(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """BatchNormalization with frozen statistics: Y = a*(X - mean) + B, a = scale/sqrt(var + eps).
+
+    dX = dY * a; dscale = sum(dY * (X - mean) / sqrt(var + eps)); dB = sum(dY). The running
+    statistics get no gradient (``--bn-mode train`` rewrites the node before differentiation).
+    """
+    dy = dys[0]
+    assert dy is not None
+    if int(_attr(node, "training_mode", 0)) or len([o for o in node.output if o]) > 1:
+        raise GradientError("training-mode BatchNormalization must be rewritten before differentiation")
+    x, scale, _bias, mean, var = node.input[:5]
+    rank = ctx.rank(x)
+    eps = float(_attr(node, "epsilon", 1e-5))
+    cshape = ctx.b.ints(_channel_shape(rank))
+    inv_std = ctx.op("Reciprocal", [ctx.op("Sqrt", [ctx.op("Add", [var, ctx.scalar(eps, x)])])])
+    axes = [0, *range(2, rank)]
+    dx = dscale = dbias = None
+    if ctx.needs(node, 0):
+        a = ctx.op("Reshape", [ctx.op("Mul", [scale, inv_std]), cshape])
+        dx = ctx.op("Mul", [dy, a])
+    if ctx.needs(node, 1):
+        xhat = ctx.op(
+            "Mul",
+            [ctx.op("Sub", [x, ctx.op("Reshape", [mean, cshape])]), ctx.op("Reshape", [inv_std, cshape])],
+        )
+        dscale = ctx.b.reduce("ReduceSum", ctx.op("Mul", [dy, xhat]), axes, keepdims=False)
+    if ctx.needs(node, 2):
+        dbias = ctx.b.reduce("ReduceSum", dy, axes, keepdims=False)
+    return [dx, dscale, dbias, None, None]
+
+
+def _prepare_layer_norm(node: onnx.NodeProto, builder: Builder) -> onnx.NodeProto:
+    """Ask LayerNormalization for its Mean and InvStdDev outputs."""
+    outputs = list(node.output) + [""] * (3 - len(node.output))
+    if all(outputs):
+        return node
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    del new.output[:]
+    new.output.extend(
+        [outputs[0], outputs[1] or builder.fresh("ln_mean"), outputs[2] or builder.fresh("ln_inv_std")]
+    )
+    return new
+
+
+def _layer_norm(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """LayerNormalization over axes [axis, rank): with xh = (X - mean) * inv_std, g = dY * scale,
+    dX = inv_std * (g - mean(g) - xh * mean(g * xh)); dscale = sum(dY * xh); dB = sum(dY).
+    """
+    dy = dys[0]
+    assert dy is not None
+    x, scale = node.input[0], node.input[1]
+    rank = ctx.rank(x)
+    axis = _axis(int(_attr(node, "axis", -1)), rank)
+    naxes = list(range(axis, rank))
+    elem = ctx.elem(x)
+    mean = ctx.op("Cast", [node.output[1]], to=elem)
+    inv_std = ctx.op("Cast", [node.output[2]], to=elem)
+    xhat = ctx.op("Mul", [ctx.op("Sub", [x, mean]), inv_std])
+    ydims = ctx.dims(node.output[0])
+    dx = dscale = dbias = None
+    if ctx.needs(node, 0):
+        g = ctx.op("Mul", [dy, scale])
+        xdims = ctx.dims(x)
+        normalized = xdims[axis:]
+        static = [d for d in normalized if isinstance(d, int)]
+        if len(static) == len(normalized):
+            inv_n = ctx.scalar(1.0 / math.prod(static), x)
+        else:
+            inv_n = ctx.op("Reciprocal", [ctx.count(x, node.output[1])])
+        mean_g = ctx.op("Mul", [ctx.b.reduce("ReduceSum", g, naxes, keepdims=True), inv_n])
+        mean_gx = ctx.op(
+            "Mul", [ctx.b.reduce("ReduceSum", ctx.op("Mul", [g, xhat]), naxes, keepdims=True), inv_n]
+        )
+        inner = ctx.op("Sub", [ctx.op("Sub", [g, mean_g]), ctx.op("Mul", [xhat, mean_gx])])
+        dx = ctx.op("Mul", [inner, inv_std])
+    if ctx.needs(node, 1):
+        dscale = ctx.reduce_to(ctx.op("Mul", [dy, xhat]), ydims, scale)
+    if len(node.input) > 2 and ctx.needs(node, 2):
+        dbias = ctx.reduce_to(dy, ydims, node.input[2])
+    return [dx, dscale, dbias]
+
+
+# --- indexing, joining, slicing -------------------------------------------------------------
+
+
+def _gather(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Gather (embeddings): dData = ScatterND(zeros, indices, dY, reduction='add')."""
+    dy = dys[0]
+    assert dy is not None
+    data, indices = node.input[0], node.input[1]
+    rank = ctx.rank(data)
+    q = ctx.rank(indices)
+    axis = _axis(int(_attr(node, "axis", 0)), rank)
+    shape = ctx.op("Shape", [data])
+    dim = ctx.op("Gather", [shape, ctx.b.const(np.asarray(axis, dtype=np.int64))])  # scalar
+    fixed = ctx.op(
+        "Where",
+        [
+            ctx.op("Less", [indices, ctx.b.const(np.asarray(0, dtype=_np_int(ctx, indices)))]),
+            ctx.op("Add", [indices, _cast_like(ctx, dim, indices)]),
+            indices,
+        ],
+    )
+    if _np_int(ctx, indices) != np.int64:
+        fixed = ctx.op("Cast", [fixed], to=onnx.TensorProto.INT64)
+    idx = ctx.op("Unsqueeze", [fixed, ctx.b.ints([-1])])
+    if axis == 0:
+        zeros = ctx.zeros_like(data)
+        return [ctx.op("ScatterND", [zeros, idx, dy], reduction="add"), None]
+    perm = [axis, *range(axis), *range(axis + 1, rank)]
+    inverse = [0] * rank
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    yperm = [*range(axis, axis + q), *range(axis), *range(axis + q, rank - 1 + q)]
+    dyt = ctx.op("Transpose", [dy], perm=yperm)
+    tshape = ctx.op("Gather", [shape, ctx.b.ints(perm)])
+    value = onnx.numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(ctx.elem(data))))
+    zeros = ctx.op("ConstantOfShape", [tshape], value=value)
+    scattered = ctx.op("ScatterND", [zeros, idx, dyt], reduction="add")
+    return [ctx.op("Transpose", [scattered], perm=inverse), None]
+
+
+def _np_int(ctx: RuleContext, name: str) -> Any:
+    return helper.tensor_dtype_to_np_dtype(ctx.elem(name))
+
+
+def _cast_like(ctx: RuleContext, value: str, like: str) -> str:
+    return value if ctx.elem(like) == onnx.TensorProto.INT64 else ctx.op("Cast", [value], to=ctx.elem(like))
+
+
+def _concat(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Concat: dX_i = the matching Split of dY along the axis."""
+    dy = dys[0]
+    assert dy is not None
+    rank = ctx.rank(node.output[0])
+    axis = _axis(int(_attr(node, "axis")), rank)
+    sizes = [ctx.dims(x)[axis] for x in node.input]
+    if all(isinstance(s, int) for s in sizes):
+        split = ctx.b.ints([int(s) for s in sizes])  # type: ignore[arg-type]
+    else:
+        split = ctx.op(
+            "Concat",
+            [ctx.op("Gather", [ctx.op("Shape", [x]), ctx.b.ints([axis])]) for x in node.input],
+            axis=0,
+        )
+    if len(node.input) == 1:
+        return [dy]
+    parts = ctx.op("Split", [dy, split], axis=axis, outputs=len(node.input))
+    return [p if ctx.needs(node, i) else None for i, p in enumerate(parts)]
+
+
+def _split(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Split: dX = Concat(dY_i, zeros where an output has no gradient)."""
+    rank = ctx.rank(node.input[0])
+    axis = _axis(int(_attr(node, "axis", 0)), rank)
+    parts = [dy if dy is not None else ctx.zeros_like(out) for dy, out in zip(dys, node.output, strict=True)]
+    return [parts[0] if len(parts) == 1 else ctx.op("Concat", parts, axis=axis), None]
+
+
+def _slice(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Slice: dX = Pad(dY) for constant unit-step slices, else a scatter through an index map."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    consts = [ctx.const_value(_input(node, i)) for i in range(1, 5)]
+    starts, ends = consts[0], consts[1]
+    if (
+        starts is not None
+        and ends is not None
+        and (not _input(node, 3) or consts[2] is not None)
+        and (not _input(node, 4) or consts[3] is not None)
+    ):
+        rank = ctx.rank(x)
+        axes = [int(a) for a in consts[2].reshape(-1)] if consts[2] is not None else list(range(len(starts)))
+        steps = [int(s) for s in consts[3].reshape(-1)] if consts[3] is not None else [1] * len(axes)
+        xdims = ctx.dims(x)
+        axes = [_axis(a, rank) for a in axes]
+        if all(s == 1 for s in steps) and all(isinstance(xdims[a], int) for a in axes):
+            pads = [0] * (2 * rank)
+            for a, st, en in zip(axes, starts.reshape(-1), ends.reshape(-1), strict=True):
+                size = int(xdims[a])  # type: ignore[arg-type]
+                b = int(st) + size if int(st) < 0 else int(st)
+                e = int(en) + size if int(en) < 0 else int(en)
+                b = min(max(b, 0), size)
+                e = min(max(e, b), size)
+                pads[a] = b
+                pads[rank + a] = size - e
+            return [ctx.op("Pad", [dy, ctx.b.ints(pads)])]
+    size = ctx.op("Size", [x])
+    index_map = ctx.op(
+        "Reshape",
+        [
+            ctx.op(
+                "Range", [ctx.b.const(np.asarray(0, np.int64)), size, ctx.b.const(np.asarray(1, np.int64))]
+            ),
+            ctx.shape_of(x),
+        ],
+    )
+    picked = ctx.op("Slice", [index_map, *node.input[1:]])
+    return [_flat_scatter_add(ctx, x, picked, dy)]
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def _unary(fn: Any, **kw: Any) -> Rule:
+    return Rule(fn, inputs=(0,), outputs=(0,), **kw)
+
+
+RULES: dict[str, Rule] = {
+    # pass-through and shape
+    "Identity": _unary(_identity),
+    "Dropout": _unary(_identity),
+    "Cast": _unary(_cast),
+    "Reshape": _unary(_reshape_like_input),
+    "Flatten": _unary(_reshape_like_input),
+    "Squeeze": _unary(_reshape_like_input),
+    "Unsqueeze": _unary(_reshape_like_input),
+    "Transpose": _unary(_transpose),
+    "Expand": _unary(_expand),
+    # arithmetic
+    "Add": Rule(_add),
+    "Sub": Rule(_sub),
+    "Mul": Rule(_mul),
+    "Div": Rule(_div),
+    "Pow": Rule(_pow),
+    "Sum": Rule(_sum),
+    "Where": Rule(_where, inputs=(1, 2)),
+    "Neg": _unary(_neg),
+    "Abs": _unary(_abs),
+    "Reciprocal": _unary(_reciprocal),
+    # activations
+    "Relu": _unary(_relu),
+    "LeakyRelu": _unary(_leaky_relu),
+    "Sigmoid": _unary(_sigmoid),
+    "Tanh": _unary(_tanh),
+    "Clip": _unary(_clip),
+    "HardSigmoid": _unary(_hard_sigmoid),
+    "HardSwish": _unary(_hard_swish),
+    "Erf": _unary(_erf),
+    "Gelu": _unary(_gelu),
+    "Sqrt": _unary(_sqrt),
+    "Exp": _unary(_exp),
+    "Log": _unary(_log),
+    "Softmax": _unary(_softmax),
+    "LogSoftmax": _unary(_log_softmax),
+    # reductions
+    "ReduceSum": _unary(_reduce_sum_mean),
+    "ReduceMean": _unary(_reduce_sum_mean),
+    # linear algebra
+    "MatMul": Rule(_matmul),
+    "Gemm": Rule(_gemm),
+    "Conv": Rule(_conv),
+    # pooling
+    "MaxPool": Rule(_maxpool, inputs=(0,), outputs=(0,), prepare=_prepare_maxpool, min_opset=16),
+    "AveragePool": _unary(_average_pool),
+    "GlobalAveragePool": _unary(_global_average_pool),
+    # normalization
+    "BatchNormalization": Rule(_batch_norm, inputs=(0, 1, 2), outputs=(0,)),
+    "LayerNormalization": Rule(_layer_norm, inputs=(0, 1, 2), outputs=(0,), prepare=_prepare_layer_norm),
+    # indexing, joining, slicing
+    "Gather": Rule(_gather, inputs=(0,), min_opset=16),
+    "Concat": Rule(_concat),
+    "Split": Rule(_split, inputs=(0,)),
+    "Slice": Rule(_slice, inputs=(0,)),
+}

@@ -1,0 +1,569 @@
+"""Knowledge distillation: train the student to reproduce the teacher on the user's data.
+
+The student's trainable weights ``w`` minimise, over batches of the training data ``x``,
+
+    L(w) = (1 - alpha) * sum_o D_o(student_o(x; w), teacher_o(x)) + alpha * CE(student(x; w), y)
+           + sum_(s, t) mean((student_s(x; w) - teacher_t(x))^2)
+
+where ``D_o`` is the temperature-softened KL divergence (times ``T^2``) for class-like outputs
+and the mean squared error otherwise, ``CE`` is the cross-entropy with labels ``y`` (only with
+``--labels``) and the last sum is feature matching (``--match``). The gradient comes from
+reverse-mode differentiation of the student's own ONNX graph (:mod:`.autodiff`), and each
+step (forward, loss, backward, AdamW or SGD update) is one ONNX model run by onnxruntime
+(:mod:`.step`). The trained values are written back into the student's graph by name, so the
+result is the student with new weights: same nodes, names, opsets and metadata.
+
+It applies when a student (a compressed copy, or any smaller model with the same inputs and
+outputs) should win back agreement with a teacher, and representative inputs are available:
+the data decides what the student learns, so random inputs would teach it nothing useful.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper
+
+from modelshrink.errors import ConfigError, DataError, UnsupportedModelError
+from modelshrink.feeds import Feeds
+from modelshrink.runtime import RuntimeOptions, Session
+from modelshrink.techniques.base import Change, Skip, TechniqueContext, TechniqueResult
+from modelshrink.techniques.distill.optim import OptimizerSpec
+from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
+from modelshrink.techniques.distill.trainer import LoopSettings, evaluate, train
+from modelshrink.verify import is_class_like
+
+__all__ = ["DistillConfig", "Teacher", "TrainingData", "distill", "training_data_from_feeds"]
+
+logger = logging.getLogger(__name__)
+
+
+class Teacher:
+    """The teacher model (loaded by the CLI). ``deepcopy`` returns it as is and ``str`` is a
+    short label, so the report can list the configuration without copying a model."""
+
+    def __init__(self, model: ir.Model, label: str) -> None:
+        self.model = model
+        self.label = label
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Teacher:
+        return self
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+class TrainingData:
+    """Training inputs (batch-major arrays, one per model input) and optional labels.
+
+    Like :class:`Teacher`, copies are the object itself and ``str`` is a summary.
+    """
+
+    def __init__(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        source: str,
+        labels: np.ndarray | None = None,
+        labels_name: str | None = None,
+        warnings: Sequence[str] = (),
+    ) -> None:
+        rows = {len(v) for v in inputs.values()}
+        if len(rows) != 1:
+            raise DataError(f"--data {source}: inputs have different numbers of rows")
+        self.inputs = dict(inputs)
+        self.rows = rows.pop()
+        if labels is not None and len(labels) != self.rows:
+            raise DataError(
+                f"--labels {labels_name}: {len(labels)} labels for {self.rows} input rows in {source}"
+            )
+        self.labels = labels
+        self.labels_name = labels_name
+        self.source = source
+        self.warnings = tuple(warnings)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TrainingData:
+        return self
+
+    def __repr__(self) -> str:
+        labels = f", labels '{self.labels_name}'" if self.labels_name else ""
+        return f"{self.source}: {self.rows} rows{labels}"
+
+
+def training_data_from_feeds(
+    feeds: Feeds, *, labels: np.ndarray | None = None, labels_name: str | None = None
+) -> TrainingData:
+    """Join feeds (each a batch along axis 0) into one array per input."""
+    if not feeds.samples:
+        raise DataError(f"--data {feeds.source}: no samples")
+    names = list(feeds.samples[0])
+    arrays = {}
+    for name in names:
+        parts = [np.asarray(s[name]) for s in feeds.samples]
+        if len({p.shape[1:] for p in parts}) != 1 or parts[0].ndim == 0:
+            raise DataError(
+                f"--data {feeds.source}: '{name}' has samples of different shapes; distillation "
+                "batches rows along the first axis, so every row must have the same shape"
+            )
+        arrays[name] = np.concatenate(parts, axis=0)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu":
+            raise DataError(f"--labels {labels_name}: labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64)
+    return TrainingData(
+        arrays, source=feeds.source, labels=labels, labels_name=labels_name, warnings=feeds.warnings
+    )
+
+
+LossChoice = Literal["auto", "kl", "mse"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of ``modelshrink distill`` (the teacher and data are loaded by the caller).
+
+    Attributes:
+        teacher: The teacher model.
+        data: Training inputs and optional labels.
+        loss: ``auto`` (KL for class-like outputs, MSE otherwise), ``kl`` or ``mse``.
+        temperature: Softening temperature of the KL loss (``--temperature``).
+        alpha: Weight of the cross-entropy with labels (default 0.5 when labels are given).
+        matches: ``(student tensor, teacher tensor)`` pairs for feature matching.
+        optimizer: ``adamw`` or ``sgd`` (with momentum).
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay (AdamW) or L2 (SGD), on rank >= 2 weights.
+        momentum: SGD momentum.
+        schedule: ``cosine`` (decay to 0 over all steps) or ``constant``.
+        epochs: Passes over the training rows.
+        batch_size: Rows per step.
+        train: ``all`` or a glob on weight names; the rest stays frozen.
+        bn_mode: ``frozen`` (running statistics, eval behaviour) or ``train`` (batch statistics,
+            running statistics updated).
+        val_split: Share of rows held out for validation (0 disables it).
+        patience: Stop after this many epochs without a better validation score (None: never).
+        keep_zeros: Weights that are exactly zero stay zero (keeps pruned models pruned).
+    """
+
+    teacher: Teacher
+    data: TrainingData
+    loss: LossChoice = "auto"
+    temperature: float = 2.0
+    alpha: float | None = None
+    matches: tuple[tuple[str, str], ...] = ()
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    schedule: Literal["cosine", "constant"] = "cosine"
+    epochs: int = 10
+    batch_size: int = 32
+    train: str = "all"
+    bn_mode: Literal["frozen", "train"] = "frozen"
+    val_split: float = 0.1
+    patience: int | None = None
+    keep_zeros: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.loss in ("auto", "kl", "mse"), f"--loss must be auto, kl or mse, got {self.loss!r}"),
+            (
+                self.temperature > 0 and math.isfinite(self.temperature),
+                f"--temperature must be > 0, got {self.temperature}",
+            ),
+            (self.alpha is None or 0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
+            (
+                self.alpha is None or self.data.labels is not None,
+                "--alpha mixes in the label loss; it needs --labels NAME",
+            ),
+            (self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, got {self.optimizer!r}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (
+                self.schedule in ("cosine", "constant"),
+                f"--schedule must be cosine or constant, got {self.schedule!r}",
+            ),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (bool(self.train), "--train needs 'all' or a glob pattern on weight names"),
+            (self.bn_mode in ("frozen", "train"), f"--bn-mode must be frozen or train, got {self.bn_mode!r}"),
+            (0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1), got {self.val_split}"),
+            (self.patience is None or self.patience >= 1, f"--patience must be >= 1, got {self.patience}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.val_split > 0 and round(self.data.rows * self.val_split) < 1:
+            raise ConfigError(
+                f"--val-split {self.val_split}: {self.data.rows} rows leave no validation row; "
+                "use more data or --val-split 0"
+            )
+        if self.val_split > 0 and self.data.rows - round(self.data.rows * self.val_split) < 1:
+            raise ConfigError(f"--val-split {self.val_split} leaves no training row")
+        if self.patience is not None and self.val_split == 0:
+            raise ConfigError("--patience needs validation rows; set --val-split above 0")
+
+    @property
+    def label_weight(self) -> float:
+        """Weight of the label loss."""
+        if self.data.labels is None:
+            return 0.0
+        return 0.5 if self.alpha is None else self.alpha
+
+
+# --- the technique ---------------------------------------------------------------------------
+
+
+def _teacher_session(teacher: Teacher, extra_outputs: Sequence[str], runtime: RuntimeOptions) -> Session:
+    proto = ir.serde.serialize_model(teacher.model)
+    existing = {o.name for o in proto.graph.output}
+    produced = {o for n in proto.graph.node for o in n.output}
+    for name in extra_outputs:
+        if name in existing:
+            continue
+        if name not in produced:
+            raise ConfigError(f"--match: the teacher has no tensor named '{name}'")
+        proto.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return Session(proto.SerializeToString(), runtime, label=f"teacher {teacher.label}")
+
+
+def _run_in_chunks(
+    session: Session, inputs: Mapping[str, np.ndarray], names: Sequence[str], rows: int, chunk: int
+) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for start in range(0, rows, chunk):
+        feed = {k: v[start : start + chunk] for k, v in inputs.items() if k in session.input_names}
+        for name, value in zip(names, session.run(feed, names), strict=True):
+            parts[name].append(np.asarray(value))
+    return {n: np.concatenate(p, axis=0) for n, p in parts.items()}
+
+
+def _check_inputs(student: ir.Model, teacher: Teacher, data: TrainingData) -> None:
+    s_inputs = [v.name for v in student.graph.inputs if not v.is_initializer()]
+    t_inputs = {v.name for v in teacher.model.graph.inputs if not v.is_initializer()}
+    for name in s_inputs:
+        if name not in t_inputs:
+            raise UnsupportedModelError(
+                f"the student's input '{name}' is not an input of the teacher {teacher.label}; "
+                "distillation feeds both the same batch"
+            )
+        if name not in data.inputs:
+            raise DataError(f"--data {data.source}: no array for the student's input '{name}'")
+
+
+def _batch_dim_of(student: ir.Model) -> int | None:
+    for v in student.graph.inputs:
+        if v.is_initializer() or v.shape is None or len(v.shape) == 0:
+            continue
+        d = v.shape[0]
+        if isinstance(d, int):
+            return d
+    return None
+
+
+def _producer_ops(model: ir.Model) -> dict[str, str]:
+    return {v.name or "": node.op_type for node in model.graph for v in node.outputs}
+
+
+def _dims_with_batch(arr: np.ndarray) -> tuple[int | str, ...]:
+    return ("batch", *[int(d) for d in arr.shape[1:]])
+
+
+def _plan_outputs(
+    config: DistillConfig, student: ir.Model, targets: Mapping[str, np.ndarray]
+) -> tuple[tuple[tuple[str, Literal["kl", "mse"], str | None, tuple[int | str, ...]], ...], list[str]]:
+    producers = _producer_ops(student)
+    plan: list[tuple[str, Literal["kl", "mse"], str | None, tuple[int | str, ...]]] = []
+    class_outputs = []
+    for name, arr in targets.items():
+        class_like = is_class_like(name, arr.shape, arr.dtype, producers.get(name))
+        if config.loss == "auto":
+            kind: Literal["kl", "mse"] = "kl" if class_like else "mse"
+        else:
+            kind = config.loss
+        if kind == "kl" and (arr.ndim < 1 or arr.shape[-1] < 2):
+            raise ConfigError(
+                f"--loss kl: output '{name}' of shape {list(arr.shape)} has no class axis; use --loss mse"
+            )
+        plan.append((name, kind, producers.get(name), _dims_with_batch(arr)))
+        if class_like:
+            class_outputs.append(name)
+    return tuple(plan), class_outputs
+
+
+def _float_outputs(student: ir.Model, teacher: Teacher) -> list[str]:
+    t_out = {v.name for v in teacher.model.graph.outputs}
+    shared = []
+    for v in student.graph.outputs:
+        dtype = v.dtype
+        if v.name in t_out and (dtype is None or dtype == ir.DataType.FLOAT):
+            shared.append(v.name or "")
+    if not shared:
+        names = ", ".join(v.name or "?" for v in student.graph.outputs)
+        raise UnsupportedModelError(
+            f"the student and the teacher share no float32 output by name (student outputs: {names}); "
+            "distillation compares outputs of the same name"
+        )
+    return shared
+
+
+def _write_back(model: ir.Model, values: Mapping[str, np.ndarray]) -> None:
+    """Replace the trained weights' values in the student's own graph, by name."""
+    for key, graph_value in list(model.graph.initializers.items()):
+        if key in values:
+            old = graph_value.const_value
+            name = old.name if old is not None else key
+            graph_value.const_value = ir.Tensor(
+                np.ascontiguousarray(values[key], dtype=np.float32), name=name
+            )
+    for node in model.graph:
+        out_name = node.outputs[0].name if node.outputs else None
+        if node.op_type == "Constant" and out_name is not None and out_name in values:
+            attr = node.attributes.get("value")
+            old_name = attr.as_tensor().name if attr is not None else None
+            tensor = ir.Tensor(np.ascontiguousarray(values[out_name], dtype=np.float32), name=old_name)
+            node.attributes["value"] = ir.AttrTensor("value", tensor)
+
+
+def _fidelity_dict(loss: float, agreement: float | None, rows: int, where: str) -> dict[str, Any]:
+    return {"loss": loss, "top1_agreement": agreement, "rows": rows, "rows_from": where}
+
+
+def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -> TechniqueResult:
+    """Train ``model`` (the student) to match ``config.teacher`` on ``config.data``.
+
+    Raises:
+        ConfigError: Flags that contradict the models or data.
+        UnsupportedModelError: Models that cannot be distilled (no shared output, an op on the
+            gradient path without a rule, ...).
+    """
+    model = model.clone()
+    data = config.data
+    _check_inputs(model, config.teacher, data)
+    shared = _float_outputs(model, config.teacher)
+    teacher_features = [t for _, t in config.matches]
+    produced = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
+    for s, _ in config.matches:
+        if s not in produced:
+            raise ConfigError(f"--match: the student has no tensor named '{s}'")
+    context.progress("distilling · running the teacher", 0, 1)
+    session = _teacher_session(config.teacher, teacher_features, context.runtime)
+    chunk = max(config.batch_size, 64)
+    fixed = _batch_dim_of(model)
+    if fixed is not None:
+        chunk = fixed
+    computed = _run_in_chunks(
+        session, data.inputs, [*shared, *teacher_features], _usable_rows(data.rows, fixed), chunk
+    )
+    targets = {k: computed[k] for k in shared}
+    features = {s: computed[t] for s, t in config.matches}
+    context.progress("distilling · running the teacher", 1, 1)
+
+    plan, class_outputs = _plan_outputs(config, model, targets)
+    labels_spec: tuple[str, int, str | None, tuple[int | str, ...]] | None = None
+    if data.labels is not None:
+        if not class_outputs:
+            raise ConfigError("--labels: no student output looks like class scores to apply labels to")
+        out = class_outputs[0]
+        classes = targets[out].shape[-1]
+        if data.labels.min() < 0 or data.labels.max() >= classes:
+            raise DataError(
+                f"--labels {data.labels_name}: values must be in [0, {classes}) for output '{out}'"
+            )
+        label_dims: tuple[int | str, ...] = ("batch", *[int(d) for d in data.labels.shape[1:]])
+        labels_spec = (out, int(classes), None, label_dims)
+    spec = TargetSpec(
+        outputs=plan,
+        temperature=config.temperature,
+        labels=labels_spec,
+        alpha=config.label_weight,
+        matches=tuple((s, _dims_with_batch(features[s])) for s, _ in config.matches),
+    )
+    student = prepare_student(model, train=config.train, bn_mode=config.bn_mode)
+    if not student.params:
+        raise ConfigError(
+            f"--train {config.train}: no trainable weight (float32, non-scalar, main graph) matches"
+            if config.train != "all"
+            else "the student has no trainable float32 weight"
+        )
+    optimizer = OptimizerSpec(
+        kind=config.optimizer, weight_decay=config.weight_decay, momentum=config.momentum
+    )
+    models = build_step(student, spec, optimizer, bn_mode=config.bn_mode, keep_zeros=config.keep_zeros)
+
+    rows = _usable_rows(data.rows, fixed)
+    rng = np.random.default_rng(context.seed)
+    order = rng.permutation(rows)
+    n_val = round(rows * config.val_split) if config.val_split > 0 else 0
+    if fixed is not None and n_val:  # whole batches only
+        n_val = min(max(fixed, round(n_val / fixed) * fixed), rows - fixed)
+    val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
+    batch_size = config.batch_size if fixed is None else fixed
+    inputs = {k: v[:rows] for k, v in data.inputs.items()}
+    labels = data.labels[:rows] if data.labels is not None else None
+    settings = LoopSettings(
+        epochs=config.epochs,
+        batch_size=batch_size,
+        lr=config.lr,
+        schedule=config.schedule,
+        patience=config.patience,
+        fixed_batch=fixed is not None,
+    )
+    eval_session = Session(models.eval.SerializeToString(), context.runtime, label="distill validation")
+    check_rows = val_rows if len(val_rows) else train_rows
+    where = "validation split" if len(val_rows) else "training rows (no --val-split)"
+    frozen_values = {p.name: p.value for p in models.untrained}
+    before = evaluate(
+        eval_session, models, inputs, targets, labels, features,
+        {**{p.name: p.value for p in models.params}, **frozen_values}, student.buffers,
+        check_rows, batch_size, class_outputs,
+    )  # fmt: skip
+    result = train(
+        models,
+        inputs=inputs,
+        targets=targets,
+        labels=labels,
+        features=features,
+        buffers=student.buffers,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        settings=settings,
+        class_outputs=class_outputs,
+        runtime=context.runtime,
+        seed=context.seed,
+        progress=context.progress,
+    )
+    after = evaluate(
+        eval_session, models, inputs, targets, labels, features,
+        {**result.params, **frozen_values}, result.buffers, check_rows, batch_size, class_outputs,
+    )  # fmt: skip
+    _write_back(model, {**result.params, **result.buffers})
+    if fixed is not None and fixed != config.batch_size:
+        student.notes.append(
+            f"the student's batch dimension is fixed at {fixed}: trained with batches of {fixed}, "
+            f"not --batch-size {config.batch_size}"
+        )
+    return _result(
+        model,
+        config,
+        student,
+        models,
+        result,
+        before,
+        after,
+        where,
+        len(check_rows),
+        len(train_rows),
+        class_outputs,
+        plan,
+    )
+
+
+def _usable_rows(rows: int, fixed: int | None) -> int:
+    if fixed is None:
+        return rows
+    return rows - rows % fixed
+
+
+def _result(
+    model: ir.Model,
+    config: DistillConfig,
+    student: Any,
+    models: Any,
+    result: Any,
+    before: tuple[float, float | None],
+    after: tuple[float, float | None],
+    where: str,
+    check_count: int,
+    train_count: int,
+    class_outputs: Sequence[str],
+    plan: Sequence[tuple[str, str, str | None, Any]],
+) -> TechniqueResult:
+    changed = []
+    for p in models.params:
+        new = result.params[p.name]
+        if np.array_equal(new, p.value):
+            continue
+        delta = float(np.linalg.norm(new - p.value) / max(float(np.linalg.norm(p.value)), 1e-12))
+        changed.append(
+            Change(
+                p.consumer,
+                p.op_type,
+                f"trained {p.name}",
+                p.value.size,
+                p.value.size,
+                {"weight": p.name, "relative_change": delta},
+            )
+        )
+    for name in student.buffers:
+        if np.array_equal(result.buffers[name], student.buffers[name]):
+            continue
+        changed.append(
+            Change(name, "BatchNormalization", f"running statistics {name} updated", 0, 0, {"weight": name})
+        )
+    skipped = [Skip(cname, op, f"{name}: {reason}") for name, cname, op, reason in student.frozen]
+    skipped += [
+        Skip(p.consumer, p.op_type, f"{p.name}: no gradient reaches it from the loss")
+        for p in models.untrained
+    ]
+    notes = list(student.notes)
+    b_loss, b_agree = before
+    a_loss, a_agree = after
+    if result.best_epoch == 0:
+        notes.append(
+            "no epoch did better on the validation rows than the student as it came: its weights "
+            "are kept unchanged (try another --lr, more --epochs or more data)"
+        )
+    if b_agree is not None and a_agree is not None:
+        notes.append(
+            f"top-1 agreement with the teacher on {check_count} {where}: {b_agree:.1%} before, "
+            f"{a_agree:.1%} after (best epoch {result.best_epoch} of {len(result.history)})"
+        )
+    notes.append(
+        f"distillation loss against the teacher on {check_count} {where}: {b_loss:.4g} before, {a_loss:.4g} after"
+    )
+    notes.append(
+        "the fidelity table above compares the result with the student before training, not with the teacher"
+    )
+    if result.stopped_early:
+        notes.append(f"stopped early after epoch {len(result.history)} (--patience {config.patience})")
+    details = {
+        "teacher": config.teacher.label,
+        "data": {
+            "source": config.data.source,
+            "rows": config.data.rows,
+            "train_rows": train_count,
+            "check_rows": check_count,
+            "check_rows_from": where,
+        },
+        "losses": [{"output": o, "loss": k} for o, k, *_ in plan],
+        "class_outputs": list(class_outputs),
+        "teacher_fidelity": {
+            "before": _fidelity_dict(b_loss, b_agree, check_count, where),
+            "after": _fidelity_dict(a_loss, a_agree, check_count, where),
+        },
+        "history": [
+            {
+                "epoch": h.epoch,
+                "train_loss": h.train_loss,
+                "val_loss": h.val_loss,
+                "val_top1_agreement": h.val_agreement,
+                "lr": h.lr,
+            }
+            for h in result.history
+        ],
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "steps": result.steps,
+        "trained_weights": len(models.params),
+        "trained_params": int(sum(p.value.size for p in models.params)),
+    }
+    return TechniqueResult(model, tuple(changed), tuple(skipped), tuple(notes), details)
