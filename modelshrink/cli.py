@@ -22,9 +22,9 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from modelshrink import __version__, io, techniques
+from modelshrink import __version__, api, io, techniques
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
-from modelshrink.feeds import load_feeds, parse_input_shapes
+from modelshrink.feeds import parse_input_shapes
 from modelshrink.gates import Gates
 from modelshrink.inspection import inspect_model, render_inspect
 from modelshrink.pipeline import RunOptions, run_technique
@@ -33,10 +33,11 @@ from modelshrink.report import Report, render_report
 from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques.base import Progress as ProgressSink
 from modelshrink.techniques.base import Technique, silent_progress
-from modelshrink.techniques.distill import DistillConfig, Teacher, read_labels, training_data_from_feeds
+from modelshrink.techniques.distill import DistillConfig
 from modelshrink.techniques.factorize import DEFAULT_OP_TYPES as FACTORIZE_OP_TYPES
 from modelshrink.techniques.factorize import FactorizeConfig
-from modelshrink.techniques.factorize import factorize as factorize_technique
+from modelshrink.techniques.prune import DEFAULT_OP_TYPES as PRUNE_OP_TYPES
+from modelshrink.techniques.prune import PruneConfig
 from modelshrink.techniques.quantize import QuantizeConfig
 
 __all__ = ["app", "main"]
@@ -254,6 +255,27 @@ def run_options(
     )
 
 
+RUN_OPTION_FLAGS = (
+    "data", "input_shape", "seed", "samples", "max_error", "min_cosine", "min_agreement",
+    "max_size_ratio", "min_speedup", "provider", "threads", "latency", "latency_runs",
+)  # fmt: skip
+
+
+def shared_options(flags: dict[str, Any]) -> Any:
+    """A zero-argument factory of :class:`RunOptions` from a command's ``locals()``.
+
+    Every command declares the shared flags under the same names; this picks them so each
+    command does not repeat the list (and errors surface inside ``run_command``).
+    """
+    picked = {name: flags[name] for name in RUN_OPTION_FLAGS}
+    return lambda: run_options(**picked)
+
+
+def flag_list(values: list[str] | None) -> tuple[str, ...]:
+    """Repeatable, comma-separable flag values: ``--x a,b --x c`` -> ``("a", "b", "c")``."""
+    return tuple(p.strip() for v in values or () for p in v.split(",") if p.strip())
+
+
 # --- plumbing -------------------------------------------------------------------------------
 
 
@@ -458,27 +480,16 @@ def compare(
 
     Example: modelshrink compare model.onnx model.int8.onnx --data inputs.npz --max-error 0.05
     """
+    flags = locals()
     _setup_logging(verbose, quiet)
     with user_errors():
-        options = run_options(
-            data=data, input_shape=input_shape, seed=seed, samples=samples,
-            max_error=max_error, min_cosine=min_cosine, min_agreement=min_agreement,
-            max_size_ratio=max_size_ratio, min_speedup=min_speedup,
-            provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
-        )  # fmt: skip
+        options = shared_options(flags)()
         with progress_sink(quiet) as progress:
             report = compare_models(original, candidate, options, progress=progress)
         finish(report, json_=json_, report_file=report_file, quiet=quiet)
 
 
 _QUANT = "Quantization"
-
-
-def _split_list(values: list[str] | None) -> tuple[str, ...] | None:
-    """``--op-types MatMul,Gemm --op-types Conv`` -> ``("MatMul", "Gemm", "Conv")``."""
-    if values is None:
-        return None
-    return tuple(v.strip() for item in values for v in item.split(",") if v.strip())
 
 
 @app.command()
@@ -588,34 +599,25 @@ def quantize(
 
     Example: modelshrink quantize sample_models/digits_cnn.onnx -o digits_cnn.int8.onnx
     """
+    flags = locals()
     # fmt: off
     run_command(
         "quantize",
         techniques.TECHNIQUES["quantize"],
         lambda: QuantizeConfig(
-            mode=mode, block_size=block_size, format=format_, op_types=_split_list(op_types),
-            exclude=_split_list(exclude) or (), min_elements=min_elements, sensitivity=sensitivity,
+            mode=mode, block_size=block_size, format=format_, op_types=flag_list(op_types) or None,
+            exclude=flag_list(exclude), min_elements=min_elements, sensitivity=sensitivity,
             fallback=fallback, calibration=calibration,
         ),
         src,
         output,
-        lambda: run_options(
-            data=data, input_shape=input_shape, seed=seed, samples=samples,
-            max_error=max_error, min_cosine=min_cosine, min_agreement=min_agreement,
-            max_size_ratio=max_size_ratio, min_speedup=min_speedup,
-            provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
-        ),
+        shared_options(flags),
         force=force, external_data=external_data, json_=json_, report_file=report_file, quiet=quiet, verbose=verbose,
     )
     # fmt: on
 
 
 _PRUNE = "Pruning"
-
-
-def _flag_list(values: list[str] | None) -> tuple[str, ...]:
-    """Repeatable, comma-separable flag values: ``--x a,b --x c`` -> ``("a", "b", "c")``."""
-    return tuple(p.strip() for v in values or () for p in v.split(",") if p.strip())
 
 
 @app.command()
@@ -646,20 +648,15 @@ def prune(
 
     Example: modelshrink prune model.onnx -o pruned.onnx --sparsity 0.6
     """
-    from modelshrink.techniques.prune import DEFAULT_OP_TYPES, PruneConfig
-    from modelshrink.techniques.prune import prune as prune_technique
+    flags = locals()
 
     config = lambda: PruneConfig(  # noqa: E731
         sparsity=sparsity, scope=scope, pattern=pattern, structured=structured, importance=importance,
-        op_types=_flag_list(op_types) or DEFAULT_OP_TYPES,
-        exclude=_flag_list(exclude), min_elements=min_elements, sparse_storage=sparse_storage, search=search,
+        op_types=flag_list(op_types) or PRUNE_OP_TYPES,
+        exclude=flag_list(exclude), min_elements=min_elements, sparse_storage=sparse_storage, search=search,
     )  # fmt: skip
-    options = lambda: run_options(  # noqa: E731
-        data=data, input_shape=input_shape, seed=seed, samples=samples, max_error=max_error,
-        min_cosine=min_cosine, min_agreement=min_agreement, max_size_ratio=max_size_ratio,
-        min_speedup=min_speedup, provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
-    )  # fmt: skip
-    run_command("prune", prune_technique, config, src, output, options, force=force, external_data=external_data,
+    options = shared_options(flags)
+    run_command("prune", techniques.TECHNIQUES["prune"], config, src, output, options, force=force, external_data=external_data,
                 json_=json_, report_file=report_file, quiet=quiet, verbose=verbose)  # fmt: skip
 
 
@@ -706,26 +703,18 @@ def factorize(
 
     Example: modelshrink factorize model.onnx -o small.onnx --rank-ratio 0.25 --data inputs.npz
     """
-
-    def listed(values: list[str] | None) -> tuple[str, ...]:
-        return tuple(t.strip() for v in values or [] for t in v.split(",") if t.strip())
-
+    flags = locals()
     run_command(
         "factorize",
-        factorize_technique,
+        techniques.TECHNIQUES["factorize"],
         lambda: FactorizeConfig(
             rank_ratio=rank_ratio, energy=energy, target_ratio=target_ratio, rank_multiple=rank_multiple,
             min_saving=min_saving, conv=conv, method=method,  # type: ignore[arg-type]
-            op_types=listed(op_types) or FACTORIZE_OP_TYPES, exclude=listed(exclude), min_elements=min_elements,
+            op_types=flag_list(op_types) or FACTORIZE_OP_TYPES, exclude=flag_list(exclude), min_elements=min_elements,
         ),
         src,
         output,
-        lambda: run_options(
-            data=data, input_shape=input_shape, seed=seed, samples=samples,
-            max_error=max_error, min_cosine=min_cosine, min_agreement=min_agreement,
-            max_size_ratio=max_size_ratio, min_speedup=min_speedup,
-            provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
-        ),
+        shared_options(flags),
         force=force, external_data=external_data, json_=json_, report_file=report_file, quiet=quiet, verbose=verbose,
     )  # fmt: skip
 
@@ -742,29 +731,12 @@ def _distill_config(
     **settings: Any,
 ) -> DistillConfig:
     """Load the teacher and the training data (the technique itself reads no files)."""
-    if data is None:
-        raise ConfigError(
-            "distill needs --data: the student learns to copy the teacher on these inputs, so "
-            "they must be representative of what the model will see; random inputs would "
-            "teach it nothing useful"
-        )
-    if teacher == io.STDIO:
-        raise ConfigError("--teacher must be a path (stdin is for the student, if anything)")
-    loaded = io.load_model(teacher)
-    feeds = load_feeds(
-        loaded.model, data=data, input_shapes=parse_input_shapes(input_shape or []), samples=1 << 62
-    )
-    label_array = read_labels(data, labels) if labels else None
-    pairs = []
-    for item in matches or []:
-        student_tensor, sep, teacher_tensor = item.partition("=")
-        if not sep or not student_tensor or not teacher_tensor:
-            raise ConfigError(f"--match '{item}': expected STUDENT_TENSOR=TEACHER_TENSOR")
-        pairs.append((student_tensor, teacher_tensor))
-    return DistillConfig(
-        teacher=Teacher(loaded.model, loaded.label),
-        data=training_data_from_feeds(feeds, labels=label_array, labels_name=labels),
-        matches=tuple(pairs),
+    return api.distill_config(
+        teacher,
+        data,
+        labels=labels,
+        input_shapes=parse_input_shapes(input_shape or []),
+        matches=matches or (),
         **settings,
     )
 
@@ -903,6 +875,7 @@ def distill(
 
     Example: modelshrink distill pruned.onnx --teacher model.onnx --data train.npz -o recovered.onnx
     """
+    flags = locals()
     settings = dict(
         loss=loss, temperature=temperature, alpha=alpha, optimizer=optimizer, lr=lr,
         weight_decay=weight_decay, momentum=momentum, schedule=schedule, epochs=epochs,
@@ -912,12 +885,7 @@ def distill(
     run_command(
         "distill", techniques.TECHNIQUES["distill"],
         lambda: _distill_config(teacher, data, labels, input_shape, match, **settings), src, output,
-        lambda: run_options(
-            data=data, input_shape=input_shape, seed=seed, samples=samples,
-            max_error=max_error, min_cosine=min_cosine, min_agreement=min_agreement,
-            max_size_ratio=max_size_ratio, min_speedup=min_speedup,
-            provider=provider, threads=threads, latency=latency, latency_runs=latency_runs,
-        ),
+        shared_options(flags),
         force=force, external_data=external_data, json_=json_, report_file=report_file,
         quiet=quiet, verbose=verbose,
     )  # fmt: skip

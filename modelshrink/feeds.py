@@ -365,7 +365,8 @@ def _split(
         raise DataError(f"--data {label}: '{name}' is empty")
     rank = None if spec.dims is None else len(spec.dims)
     if rank is None or array.ndim == rank + 1:
-        items = [array[i] for i in range(array.shape[0])]
+        # np.asarray: a row of a 1-D array is a numpy scalar, which onnxruntime rejects
+        items = [np.asarray(array[i]) for i in range(array.shape[0])]
     elif array.ndim == rank:
         if rank == 0:
             items = [array]

@@ -22,18 +22,21 @@ from modelshrink.feeds import input_specs
 from modelshrink.graph import Weight, all_nodes, dtype_name, in_subgraph, op_histogram, op_key, weights
 from modelshrink.io import LoadedModel
 from modelshrink.report import SCHEMA_VERSION, human_bytes, human_count, jsonable, tool_versions
+from modelshrink.techniques.factorize import DEFAULT_OP_TYPES as FACTORIZE_OP_TYPES
+from modelshrink.techniques.prune import DEFAULT_OP_TYPES as PRUNE_OP_TYPES
+from modelshrink.techniques.quantize.config import MODE_OPS as QUANTIZE_MODE_OPS
 
 __all__ = ["InspectReport", "inspect_model", "render_inspect"]
 
 _TOP_WEIGHTS = 10
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
-# Which weights each technique can act on, by the rule the technique applies: float weights
-# of at least this many elements consumed only by these ops.
+# Which weights each technique can act on with its default settings: float weights of at least
+# this many elements consumed only by the op types the technique handles by default.
 _MIN_ELEMENTS = 1024
 _TECHNIQUE_OPS: dict[str, frozenset[str]] = {
-    "quantize": frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"}),
-    "prune": frozenset({"MatMul", "Gemm", "Conv"}),
-    "factorize": frozenset({"MatMul", "Gemm", "Conv", "Gather"}),
+    "quantize": frozenset(QUANTIZE_MODE_OPS["int8"]),
+    "prune": frozenset(PRUNE_OP_TYPES),
+    "factorize": frozenset(FACTORIZE_OP_TYPES),
 }
 
 

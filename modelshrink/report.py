@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -339,6 +338,25 @@ def _changes_table(changes: Sequence[Change]) -> Table:
     return table
 
 
+def skip_lines(skipped: Sequence[Skip], limit: int = _MAX_ROWS) -> list[str]:
+    """One line per distinct reason, naming the nodes: ``fc1 (Gemm): reason`` or ``3 × reason: a, b, c``."""
+    by_reason: dict[str, list[Skip]] = {}
+    for skip in skipped:
+        by_reason.setdefault(skip.reason, []).append(skip)
+    ranked = sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+    lines = []
+    for reason, skips in ranked[:limit]:
+        if len(skips) == 1:
+            s = skips[0]
+            lines.append(f"{s.node} ({s.op_type}): {reason}")
+        else:
+            names = ", ".join(s.node for s in skips[:3]) + (f", +{len(skips) - 3}" if len(skips) > 3 else "")
+            lines.append(f"{len(skips)} × {reason}: {names}")
+    if len(ranked) > limit:
+        lines.append(f"... {len(ranked) - limit} more reasons (see --json)")
+    return lines
+
+
 def render_report(report: Report, console: Console) -> None:
     """Print the report for people (to a stderr console)."""
     title = f"modelshrink {report.command}: {report.original.source} → {report.result.source}"
@@ -365,10 +383,9 @@ def render_report(report: Report, console: Console) -> None:
         console.print(Text(f"changed {len(report.changes)} node(s):", style="bold"))
         console.print(_changes_table(report.changes))
     if report.skipped:
-        reasons = Counter(s.reason for s in report.skipped)
         console.print(Text(f"skipped {len(report.skipped)} node(s):", style="bold"))
-        for reason, count in reasons.most_common(_MAX_ROWS):
-            console.print(f"  {count} × {reason}", markup=False, highlight=False)
+        for line in skip_lines(report.skipped):
+            console.print(Text(f"  {line}"))
     for note in report.notes:
         console.print(Text(f"note: {note}", style="cyan"))
     for warning in report.warnings:

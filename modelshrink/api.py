@@ -1,0 +1,170 @@
+"""The Python API: the same jobs as the CLI, without argv, terminals or exit codes.
+
+    from modelshrink import quantize, QuantizeConfig, RunOptions
+    report = quantize("model.onnx", "model.int8.onnx", QuantizeConfig(mode="int8"),
+                      RunOptions(data="inputs.npz", latency=False))
+    print(report.passed, report.ratios()["size"])
+
+Every function returns the :class:`~modelshrink.report.Report` (``report.written`` says
+whether the output was written: not when a gate failed) and raises
+:class:`~modelshrink.errors.ModelshrinkError` subclasses for bad input, data or flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from modelshrink import io
+from modelshrink.errors import ConfigError
+from modelshrink.feeds import load_feeds
+from modelshrink.inspection import InspectReport, inspect_model
+from modelshrink.pipeline import RunOptions, run_technique
+from modelshrink.pipeline import compare as _compare
+from modelshrink.report import Report
+from modelshrink.techniques import TECHNIQUES, DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
+from modelshrink.techniques.base import Progress, silent_progress
+from modelshrink.techniques.distill import Teacher, read_labels, training_data_from_feeds
+
+__all__ = [
+    "compare",
+    "distill",
+    "distill_config",
+    "factorize",
+    "inspect",
+    "prune",
+    "quantize",
+]
+
+
+def _run(
+    name: str,
+    config: Any,
+    src: str,
+    output: str,
+    options: RunOptions | None,
+    force: bool,
+    external_data: bool | None,
+    progress: Progress,
+) -> Report:
+    return run_technique(
+        name,
+        TECHNIQUES[name],
+        config,
+        src,
+        output,
+        options or RunOptions(),
+        force=force,
+        external_data=external_data,
+        progress=progress,
+    )
+
+
+def quantize(
+    src: str,
+    output: str,
+    config: QuantizeConfig | None = None,
+    options: RunOptions | None = None,
+    *,
+    force: bool = False,
+    external_data: bool | None = None,
+    progress: Progress = silent_progress,
+) -> Report:
+    """``modelshrink quantize``: see :class:`QuantizeConfig`."""
+    return _run("quantize", config or QuantizeConfig(), src, output, options, force, external_data, progress)
+
+
+def prune(
+    src: str,
+    output: str,
+    config: PruneConfig | None = None,
+    options: RunOptions | None = None,
+    *,
+    force: bool = False,
+    external_data: bool | None = None,
+    progress: Progress = silent_progress,
+) -> Report:
+    """``modelshrink prune``: see :class:`PruneConfig`."""
+    return _run("prune", config or PruneConfig(), src, output, options, force, external_data, progress)
+
+
+def factorize(
+    src: str,
+    output: str,
+    config: FactorizeConfig | None = None,
+    options: RunOptions | None = None,
+    *,
+    force: bool = False,
+    external_data: bool | None = None,
+    progress: Progress = silent_progress,
+) -> Report:
+    """``modelshrink factorize``: see :class:`FactorizeConfig`."""
+    return _run(
+        "factorize", config or FactorizeConfig(), src, output, options, force, external_data, progress
+    )
+
+
+def distill_config(
+    teacher: str,
+    data: str | None,
+    *,
+    labels: str | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    matches: Sequence[str] = (),
+    **settings: Any,
+) -> DistillConfig:
+    """Load the teacher and all training rows of ``data`` into a :class:`DistillConfig`.
+
+    ``settings`` are the remaining DistillConfig fields (``epochs``, ``lr``, ``loss``, ...);
+    ``matches`` are ``STUDENT_TENSOR=TEACHER_TENSOR`` strings.
+
+    Raises:
+        ConfigError: No data, the teacher from stdin, or a malformed match.
+    """
+    if data is None:
+        raise ConfigError(
+            "distill needs --data: the student learns to copy the teacher on these inputs, so "
+            "they must be representative of what the model will see; random inputs would "
+            "teach it nothing useful"
+        )
+    if teacher == io.STDIO:
+        raise ConfigError("--teacher must be a path (stdin is for the student, if anything)")
+    loaded = io.load_model(teacher)
+    feeds = load_feeds(loaded.model, data=data, input_shapes=input_shapes, samples=1 << 62)
+    label_array = read_labels(data, labels) if labels else None
+    pairs = []
+    for item in matches:
+        student_tensor, sep, teacher_tensor = item.partition("=")
+        if not sep or not student_tensor or not teacher_tensor:
+            raise ConfigError(f"--match '{item}': expected STUDENT_TENSOR=TEACHER_TENSOR")
+        pairs.append((student_tensor, teacher_tensor))
+    return DistillConfig(
+        teacher=Teacher(loaded.model, loaded.label),
+        data=training_data_from_feeds(feeds, labels=label_array, labels_name=labels),
+        matches=tuple(pairs),
+        **settings,
+    )
+
+
+def distill(
+    src: str,
+    output: str,
+    config: DistillConfig,
+    options: RunOptions | None = None,
+    *,
+    force: bool = False,
+    external_data: bool | None = None,
+    progress: Progress = silent_progress,
+) -> Report:
+    """``modelshrink distill``: build ``config`` with :func:`distill_config`."""
+    return _run("distill", config, src, output, options, force, external_data, progress)
+
+
+def compare(original: str, candidate: str, options: RunOptions | None = None) -> Report:
+    """``modelshrink compare``."""
+    return _compare(original, candidate, options or RunOptions())
+
+
+def inspect(model: str) -> InspectReport:
+    """``modelshrink inspect``."""
+    return inspect_model(io.load_model(model))
