@@ -7,9 +7,10 @@ of an ``If``/``Loop``/``Scan`` body) or the ``value`` of a ``Constant`` node. Te
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +22,7 @@ __all__ = [
     "Weight",
     "all_nodes",
     "dtype_name",
+    "excluded_by",
     "graph_inputs",
     "in_subgraph",
     "op_histogram",
@@ -58,6 +60,15 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     """Node count per op type (``domain::Op`` outside the default domain), sorted by name."""
     counts = Counter(op_key(node) for _, node in all_nodes(model))
     return dict(sorted(counts.items()))
+
+
+def excluded_by(patterns: Sequence[str], *names: str) -> str | None:
+    """The first ``--exclude`` pattern (exact name or glob, case-sensitive) matching any name."""
+    for pattern in patterns:
+        for name in names:
+            if name and fnmatch.fnmatchcase(name, pattern):
+                return pattern
+    return None
 
 
 def graph_inputs(graph: ir.Graph) -> list[ir.Value]:

@@ -83,6 +83,12 @@ class RunOptions:
         if self.gates.min_speedup is not None and not self.latency:
             raise ConfigError("--min-speedup needs latency; drop --no-latency")
 
+    def feeds_for(self, model: ir.Model) -> Feeds:
+        """The feeds these options describe for ``model`` (real data or synthetic)."""
+        return load_feeds(
+            model, data=self.data, input_shapes=self.input_shapes, seed=self.seed, samples=self.samples
+        )
+
     def settings(self) -> dict[str, Any]:
         """Flags as a plain dict for the report."""
         return {
@@ -219,13 +225,7 @@ def compare(
         original = io.load_model(original_src)
         candidate = io.load_model(candidate_src)
     with timer.phase("feeds"):
-        feeds = load_feeds(
-            original.model,
-            data=options.data,
-            input_shapes=options.input_shapes,
-            seed=options.seed,
-            samples=options.samples,
-        )
+        feeds = options.feeds_for(original.model)
     with timer.phase("verify"):
         orig_session = _original_session(original, options.runtime)
         cand_session = _original_session(candidate, options.runtime)
@@ -286,13 +286,7 @@ def run_technique(
         loaded = io.load_model(source)
     target = io.check_output_target(output, force=force, external_data=external_data, inputs=(loaded,))
     with timer.phase("feeds"):
-        feeds = load_feeds(
-            loaded.model,
-            data=options.data,
-            input_shapes=options.input_shapes,
-            seed=options.seed,
-            samples=options.samples,
-        )
+        feeds = options.feeds_for(loaded.model)
     with timer.phase("reference"):
         orig_session: Session | None = _original_session(loaded, options.runtime)
         assert orig_session is not None

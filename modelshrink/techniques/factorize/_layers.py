@@ -19,7 +19,6 @@ factor tensors, so sharing is kept; this works whenever every consumer is one of
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import NameAuthority, Weight, op_key, weights
+from modelshrink.graph import NameAuthority, Weight, excluded_by, op_key, weights
 
 __all__ = ["Consumer", "Discovery", "Group", "discover", "node_label", "rewrite_group"]
 
@@ -135,7 +134,7 @@ def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
 
 
 def _matches(patterns: Sequence[str], *names: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns for name in names if name)
+    return excluded_by(patterns, *names) is not None
 
 
 def _consumer(node: ir.Node, index: int, weight: Weight, model_opset: int) -> Consumer | str:

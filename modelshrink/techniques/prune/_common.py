@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import Weight, op_key
+from modelshrink.graph import Weight, excluded_by, op_key
 
 __all__ = [
     "FLOAT_TYPES",
@@ -65,15 +64,6 @@ def weight_uses(
         else:
             other.append((node, idx))
     return wanted, other
-
-
-def excluded_by(patterns: Sequence[str], *names: str) -> str | None:
-    """The first ``--exclude`` pattern matching any of ``names`` (node, op type, weight)."""
-    for pattern in patterns:
-        for name in names:
-            if name and fnmatch.fnmatchcase(name, pattern):
-                return pattern
-    return None
 
 
 @dataclass(frozen=True)

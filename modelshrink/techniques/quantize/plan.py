@@ -8,13 +8,11 @@ the same for a model and its clones, so a search can plan once and build many ca
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from modelshrink.graph import Weight, op_key, weights
+from modelshrink.graph import Weight, excluded_by, op_key, weights
 from modelshrink.techniques.base import Skip
 from modelshrink.techniques.quantize.config import MODE_OPS, QuantizeConfig
 
@@ -168,15 +166,6 @@ def _role_dynamic(node: ir.Node, index: int, shape: tuple[int, ...]) -> Use | st
             return "Gemm with transA=1: not handled by dynamic quantization"
         return Use(node, index, 0 if _attr_int(node, "transB", 0) else 1, "matmul")
     return Use(node, index, 1, "matmul")
-
-
-def excluded_by(patterns: Sequence[str], *names: str) -> str | None:
-    """The first ``--exclude`` pattern matching any of ``names`` (glob, case-sensitive)."""
-    for pattern in patterns:
-        for name in names:
-            if name and fnmatch.fnmatchcase(name, pattern):
-                return pattern
-    return None
 
 
 def _uses(w: Weight, relevant: list[tuple[ir.Node, int]], config: QuantizeConfig) -> list[Use] | str:
