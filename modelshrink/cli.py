@@ -281,10 +281,16 @@ def flag_list(values: list[str] | None) -> tuple[str, ...]:
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = RichHandler(console=err_console, show_time=False, show_path=verbose >= 2)
     root = logging.getLogger("modelshrink")
-    root.handlers[:] = [RichHandler(console=err_console, show_time=False, show_path=verbose >= 2)]
+    root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # Libraries we call log through the root logger; their chatter is ours to show or hide.
+    logging.getLogger().handlers[:] = [handler]
+    logging.getLogger().setLevel(
+        logging.ERROR if quiet else (logging.ERROR, logging.WARNING, logging.DEBUG)[min(verbose, 2)]
+    )
 
 
 @contextlib.contextmanager

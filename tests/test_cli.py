@@ -364,3 +364,23 @@ def test_inspect_external_data(runner: CliRunner, tmp_path: Path) -> None:
     assert (
         doc["technique_bytes"]["prune"] == (8 * 3 * 3 * 3 + 10 * 128) * 4 - 8 * 27 * 4
     )  # conv_w < 1024 elements
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["quantize"],
+        ["quantize", "--mode", "fp16"],
+        ["prune", "--structured", "--sparsity", "0.25"],
+        ["factorize", "--rank-ratio", "0.5"],
+    ],
+)
+def test_quiet_means_silent(runner: CliRunner, tmp_path: Path, args: list[str]) -> None:
+    """-q: nothing on stderr, not even warnings logged by the libraries we call."""
+    model = SAMPLES / "digits_cnn.onnx"
+    result = runner.invoke(app, [*args, str(model), "-o", str(tmp_path / "o.onnx"), "-q", "--no-latency"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""

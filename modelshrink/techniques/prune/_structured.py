@@ -379,6 +379,8 @@ def apply_plan(model: ir.Model, the_plan: Plan, ratios: Mapping[int, float]) -> 
             continue
         set_weight(weight, array)
         value.shape = ir.Shape(array.shape)
+        if value.type is None:  # a shape without a type is dropped (with a warning) on save
+            value.type = ir.TensorType(weight.dtype)
         total_before += before_size
         total_after += int(array.size)
         users = [u.node for u in value.uses()]
