@@ -39,7 +39,7 @@ from modelshrink.techniques.factorize import FactorizeConfig
 from modelshrink.techniques.prune import DEFAULT_OP_TYPES as PRUNE_OP_TYPES
 from modelshrink.techniques.prune import PruneConfig
 from modelshrink.techniques.quantize import QuantizeConfig
-from modelshrink.techniques.quantize.config import DEFAULT_QAT_BATCH, DEFAULT_QAT_EPOCHS, DEFAULT_QAT_LR
+from modelshrink.techniques.quantize.config import DEFAULT_QAT_BATCH, DEFAULT_QAT_EPOCHS
 
 __all__ = ["app", "main"]
 
@@ -634,8 +634,15 @@ def quantize(
         int, typer.Option("--epochs", help="--qat: passes over the --data rows.", rich_help_panel=_QAT)
     ] = DEFAULT_QAT_EPOCHS,
     lr: Annotated[
-        float, typer.Option("--lr", help="--qat: peak learning rate (AdamW, cosine).", rich_help_panel=_QAT)
-    ] = DEFAULT_QAT_LR,
+        float | None,
+        typer.Option(
+            "--lr",
+            help="--qat: peak learning rate (AdamW, cosine; default 2e-3 / 2^(bits-1): 2e-3 at 1 bit, "
+            "2.5e-4 at 4 bits).",
+            rich_help_panel=_QAT,
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="--qat: rows per training step.", rich_help_panel=_QAT)
     ] = DEFAULT_QAT_BATCH,

@@ -510,3 +510,17 @@ def test_cli_pipeline_stdin_stdout() -> None:
     doc = json.loads(second.stdout)
     assert doc["fidelity"]["worst"]["cosine"] >= PACKED_MIN_COSINE[4]
     assert doc["ratios"]["size"] <= 0.2
+
+
+def test_sensitivity_ranks_layers_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    report = run_technique(
+        "quantize",
+        quantize,
+        QuantizeConfig(mode="int2", sensitivity=True),
+        str(SAMPLES / "digits_mlp.onnx"),
+        str(out),
+        RunOptions(data=str(SAMPLES / "digits_mlp.npz"), latency=False, samples=64),
+    )
+    assert not report.written and not out.exists()
+    assert {row["layer"] for row in report.details["sensitivity"]} == {"fc1", "fc2", "fc3"}

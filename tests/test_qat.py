@@ -49,8 +49,8 @@ EDGE_MARGIN = 0.05
 EXPORT_MAX_DIFF = 1e-4
 # QAT vs PTQ on digits_cnn, trained on the first 240 held-out rows, scored on the other 120
 # (measured, seeds 0-2: 1 bit 95.8-97.5 % vs 72.5 % top-1 agreement, cosine 0.96 vs 0.80;
-# 2 bits 96.7-97.5 % vs 95.0 %, cosine 0.98 vs 0.93).
-QAT_DISAGREEMENT_RATIO = {1: 0.3, 2: 0.7}  # QAT's disagreements / PTQ's, at most
+# 2 bits 98.3 % vs 95.0 %, cosine 0.991 vs 0.930).
+QAT_DISAGREEMENT_RATIO = {1: 0.3, 2: 0.6}  # QAT's disagreements / PTQ's, at most
 QAT_COSINE_GAIN = {1: 0.1, 2: 0.03}
 TRAIN_ROWS = 240
 

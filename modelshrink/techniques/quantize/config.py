@@ -53,9 +53,11 @@ MODE_OPS: dict[str, tuple[str, ...]] = {
     "static": ("Conv", "MatMul", "Gemm"),
 }
 
-# --qat defaults (measured on the sample digits models, see bench/bench_lowbit.py).
+# --qat defaults (measured on the sample models, see bench/bench_lowbit.py). The default peak
+# learning rate halves with every extra bit, like the grid step: 2e-3 at 1 bit, 2.5e-4 at 4 bits
+# (at 4 bits, 2e-3 moved the weights off a good post-training grid and never came back).
 DEFAULT_QAT_EPOCHS = 20
-DEFAULT_QAT_LR = 2e-3
+DEFAULT_QAT_LR_1BIT = 2e-3
 DEFAULT_QAT_BATCH = 32
 
 
@@ -67,23 +69,27 @@ class QatSettings:
         data: Training inputs (every row of ``--data``).
         teacher: The float model the student learns to copy (None: the input model itself).
         epochs: Passes over the training rows.
-        lr: Peak learning rate (AdamW, cosine decay).
+        lr: Peak learning rate (AdamW, cosine decay); None: ``2e-3 / 2^(bits - 1)``.
         batch_size: Rows per training step.
     """
 
     data: TrainingData
     teacher: Teacher | None = None
     epochs: int = DEFAULT_QAT_EPOCHS
-    lr: float = DEFAULT_QAT_LR
+    lr: float | None = None
     batch_size: int = DEFAULT_QAT_BATCH
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+    def lr_for(self, bits: int) -> float:
+        """The peak learning rate at ``bits``: ``lr``, or the default for that width."""
+        return self.lr if self.lr is not None else DEFAULT_QAT_LR_1BIT / (1 << (bits - 1))
 
 
 @dataclass(frozen=True)

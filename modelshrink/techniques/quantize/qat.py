@@ -55,6 +55,7 @@ from modelshrink.techniques.quantize.lowbit import (
     to_codes,
 )
 from modelshrink.techniques.quantize.plan import Plan, make_plan
+from modelshrink.techniques.quantize.weightonly import Emitted
 
 __all__ = ["FakeQuant", "FakeQuantModel", "export", "fake_quantize", "quantize_aware"]
 
@@ -214,7 +215,7 @@ def _initializer_values(model: ir.Model, names: Sequence[str]) -> dict[str, np.n
     return {name: np.asarray(inits[name].const_value.numpy(), np.float32) for name in names}  # type: ignore[union-attr]
 
 
-def export(trained: ir.Model, fakes: Sequence[FakeQuant], config: QuantizeConfig) -> tuple[ir.Model, Any]:
+def export(trained: ir.Model, fakes: Sequence[FakeQuant], config: QuantizeConfig) -> tuple[ir.Model, Emitted]:
     """The packed model from a (trained) fake-quantized model: codes from its weights and scales.
 
     Returns:
@@ -278,24 +279,42 @@ def quantize_aware(model: ir.Model, config: QuantizeConfig, context: TechniqueCo
         teacher=teacher,
         data=qat.data,
         epochs=qat.epochs,
-        lr=qat.lr,
+        lr=qat.lr_for(config.width),
         batch_size=qat.batch_size,
         weight_decay=0.0,
     )
     trained = run_distill(fq.model, distill_config, context)
     packed, emitted = export(trained.model, fq.fakes, config)
+    if context.gates.fidelity_gates and config.fallback:
+        notes.append(
+            "--qat: the per-layer fallback search does not run on a trained model; the gates still "
+            "apply to the result (without --qat, --fallback keeps the most damaging layers in float)"
+        )
     details: dict[str, Any] = dict(trained.details)
     return TechniqueResult(
         packed,
         emitted.changes,
         (*fq.plan.skipped, *fq.post_training),
         tuple(notes + _qat_notes(config, teacher, trained, emitted.changes, len(fq.fakes))),
-        {"packing": summarize(config.width, emitted.changes).as_dict(), "qat": _qat_details(details)},
+        {
+            "packing": summarize(config.width, emitted.changes).as_dict(),
+            "qat": {**_qat_details(details), "lr": qat.lr_for(config.width)},
+        },
     )
 
 
 def _qat_details(details: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("teacher", "data", "losses", "teacher_fidelity", "history", "best_epoch", "steps")
+    keep = (
+        "teacher",
+        "data",
+        "losses",
+        "teacher_fidelity",
+        "history",
+        "best_epoch",
+        "steps",
+        "trained_weights",
+        "trained_params",
+    )
     return {k: details[k] for k in keep if k in details} | {
         "scales": "learned (LSQ-style), one float32 per output channel or block",
         "rounding_gradient": "straight-through (Round: dX = dY; Clip: zero outside the grid)",
