@@ -8,7 +8,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from modelshrink.api import compare, distill, distill_config, factorize, inspect, prune, quantize
+from modelshrink.api import (
+    compare,
+    distill,
+    distill_config,
+    factorize,
+    inspect,
+    prune,
+    qat_settings,
+    quantize,
+)
 from modelshrink.errors import ModelshrinkError
 from modelshrink.gates import Gates
 from modelshrink.pipeline import RunOptions
@@ -33,5 +42,6 @@ __all__ = [
     "factorize",
     "inspect",
     "prune",
+    "qat_settings",
     "quantize",
 ]

@@ -25,6 +25,7 @@ from modelshrink.report import Report
 from modelshrink.techniques import TECHNIQUES, DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
 from modelshrink.techniques.base import Progress, silent_progress
 from modelshrink.techniques.distill import Teacher, read_labels, training_data_from_feeds
+from modelshrink.techniques.quantize import QatSettings
 
 __all__ = [
     "compare",
@@ -33,6 +34,7 @@ __all__ = [
     "factorize",
     "inspect",
     "prune",
+    "qat_settings",
     "quantize",
 ]
 
@@ -72,6 +74,44 @@ def quantize(
 ) -> Report:
     """``modelshrink quantize``: see :class:`QuantizeConfig`."""
     return _run("quantize", config or QuantizeConfig(), src, output, options, force, external_data, progress)
+
+
+def qat_settings(
+    src: str,
+    data: str | None,
+    *,
+    teacher: str | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    **training: Any,
+) -> QatSettings:
+    """Load the teacher and every row of ``data`` into :class:`QatSettings` for ``--qat``.
+
+    ``data`` is read against the teacher's inputs, or the model's (``src``) when no teacher is
+    given (then the input model is its own teacher). ``training`` are the other QatSettings
+    fields (``epochs``, ``lr``, ``batch_size``).
+
+    Raises:
+        ConfigError: No data, or the model on stdin without a teacher.
+    """
+    if data is None:
+        raise ConfigError(
+            "--qat needs --data: the quantized model is trained to copy the float model on these "
+            "inputs, so they must be representative of what the model will see"
+        )
+    if teacher == io.STDIO:
+        raise ConfigError("--teacher must be a path (stdin is for the model, if anything)")
+    if teacher is None and src == io.STDIO:
+        raise ConfigError(
+            "--qat with the model on stdin needs --teacher PATH (the float model to copy): stdin "
+            "cannot be read twice"
+        )
+    loaded = io.load_model(teacher if teacher is not None else src)
+    feeds = load_feeds(loaded.model, data=data, input_shapes=input_shapes, samples=1 << 62)
+    return QatSettings(
+        data=training_data_from_feeds(feeds),
+        teacher=Teacher(loaded.model, loaded.label) if teacher is not None else None,
+        **training,
+    )
 
 
 def prune(

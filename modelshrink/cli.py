@@ -39,6 +39,7 @@ from modelshrink.techniques.factorize import FactorizeConfig
 from modelshrink.techniques.prune import DEFAULT_OP_TYPES as PRUNE_OP_TYPES
 from modelshrink.techniques.prune import PruneConfig
 from modelshrink.techniques.quantize import QuantizeConfig
+from modelshrink.techniques.quantize.config import DEFAULT_QAT_BATCH, DEFAULT_QAT_EPOCHS
 
 __all__ = ["app", "main"]
 
@@ -496,6 +497,28 @@ def compare(
 
 
 _QUANT = "Quantization"
+_QAT = "Quantization-aware training"
+
+
+def _quantize_config(
+    src: str,
+    settings: dict[str, Any],
+    *,
+    qat: bool,
+    teacher: str | None,
+    data: str | None,
+    input_shape: list[str] | None,
+    **training: Any,
+) -> QuantizeConfig:
+    """QuantizeConfig from the flags; with --qat, load the teacher and every row of --data."""
+    if not qat:
+        if teacher is not None:
+            raise ConfigError("--teacher applies to --qat only")
+        return QuantizeConfig(**settings)
+    shapes = parse_input_shapes(input_shape or [])
+    return QuantizeConfig(
+        **settings, qat=api.qat_settings(src, data, teacher=teacher, input_shapes=shapes, **training)
+    )
 
 
 @app.command()
@@ -503,20 +526,33 @@ def quantize(
     src: InputArg,
     output: OutputOpt,
     mode: Annotated[
-        Literal["int8", "int4", "fp16", "dynamic", "static"],
+        Literal["int8", "int4", "int2", "binary", "fp16", "bf16", "dynamic", "static"],
         typer.Option(
             "--mode",
             help="int8: weight-only per channel (default); int4: weight-only block-wise for MatMul/Gemm/Gather; "
-            "fp16: weights and compute in float16; dynamic: int8 MatMul/Gemm with activations quantized at "
-            "run time; static: QDQ int8 calibrated on --data.",
+            "int2 / binary: 2-bit / 1-bit (sign x scale) weights packed at that width (= --bits 2 / 1); "
+            "fp16: weights and compute in float16; bf16: weights stored in bfloat16, float32 compute; "
+            "dynamic: int8 MatMul/Gemm with activations quantized at run time; static: QDQ int8 calibrated "
+            "on --data.",
             rich_help_panel=_QUANT,
         ),
     ] = "int8",
+    bits: Annotated[
+        int | None,
+        typer.Option(
+            "--bits",
+            help="Weight-only width 1..8, packed at that width in the file and unpacked by ops onnxruntime "
+            "folds at load (replaces the 8 of --mode int8; --mode int2 / binary are --bits 2 / 1).",
+            rich_help_panel=_QUANT,
+            show_default=False,
+        ),
+    ] = None,
     block_size: Annotated[
         int | None,
         typer.Option(
             "--block-size",
-            help="int4: values per block along the reduction axis (power of two >= 16; default 32).",
+            help="Values per scale (power of two >= 16). int4: blocks along the reduction axis (default 32); "
+            "--bits / int2 / binary: blocks along each output channel (default: one scale per channel).",
             rich_help_panel=_QUANT,
             show_default=False,
         ),
@@ -526,7 +562,8 @@ def quantize(
         typer.Option(
             "--format",
             help="int8: qdq (DequantizeLinear, default) or cast (Cast+Mul, folded at load). "
-            "int4: nbits (MatMulNBits, default) or qdq (opset-21 DequantizeLinear).",
+            "int4: nbits (MatMulNBits, default) or qdq (opset-21 DequantizeLinear). "
+            "--bits / int2 / binary: cast only (BitShift+Cast+Mul, folded at load).",
             rich_help_panel=_QUANT,
             show_default=False,
         ),
@@ -581,6 +618,40 @@ def quantize(
             rich_help_panel=_QUANT,
         ),
     ] = True,
+    qat: Annotated[
+        bool,
+        typer.Option(
+            "--qat",
+            help="Quantization-aware training (with --bits / int2 / binary): train the model on --data to "
+            "copy --teacher through fake-quantized weights, then pack the trained weights.",
+            rich_help_panel=_QAT,
+        ),
+    ] = False,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--teacher",
+            help="--qat: the float model to copy (.onnx path; default: the input model itself).",
+            rich_help_panel=_QAT,
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="--qat: passes over the --data rows.", rich_help_panel=_QAT)
+    ] = DEFAULT_QAT_EPOCHS,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="--qat: peak learning rate (AdamW, cosine; default 2e-3 / 2^(bits-1): 2e-3 at 1 bit, "
+            "2.5e-4 at 4 bits).",
+            rich_help_panel=_QAT,
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="--qat: rows per training step.", rich_help_panel=_QAT)
+    ] = DEFAULT_QAT_BATCH,
     force: ForceOpt = False,
     external_data: ExternalDataOpt = None,
     data: DataOpt = None,
@@ -601,20 +672,22 @@ def quantize(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Quantize weights to int8 (default), keeping every output close to the original.
+    """Quantize weights to int8 (default), 8..1 bits (--bits, --qat), 16-bit floats, or int8 compute.
 
     Example: modelshrink quantize sample_models/digits_cnn.onnx -o digits_cnn.int8.onnx
     """
     flags = locals()
     # fmt: off
+    settings = dict(
+        mode=mode, bits=bits, block_size=block_size, format=format_, op_types=flag_list(op_types) or None,
+        exclude=flag_list(exclude), min_elements=min_elements, sensitivity=sensitivity,
+        fallback=fallback, calibration=calibration,
+    )
+    training = dict(epochs=epochs, lr=lr, batch_size=batch_size)
     run_command(
         "quantize",
         techniques.TECHNIQUES["quantize"],
-        lambda: QuantizeConfig(
-            mode=mode, block_size=block_size, format=format_, op_types=flag_list(op_types) or None,
-            exclude=flag_list(exclude), min_elements=min_elements, sensitivity=sensitivity,
-            fallback=fallback, calibration=calibration,
-        ),
+        lambda: _quantize_config(src, settings, qat=qat, teacher=teacher, data=data, input_shape=input_shape, **training),
         src,
         output,
         shared_options(flags),

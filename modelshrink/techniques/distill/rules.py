@@ -184,6 +184,16 @@ def _abs(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     return [ctx.op("Mul", [dy, ctx.op("Sign", [node.input[0]])])]
 
 
+def _straight_through(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Round: the straight-through estimator dX = dY (Bengio et al. 2013).
+
+    Round's derivative is 0 wherever it exists, which would stop every gradient; quantization-
+    aware training (``quantize --qat``) differentiates rounding as the identity and zeroes the
+    gradient outside the grid with a Clip before the Round.
+    """
+    return [dys[0]]
+
+
 def _reciprocal(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     """Reciprocal: dX = -dY * Y^2."""
     dy = dys[0]
@@ -1007,6 +1017,7 @@ RULES: dict[str, Rule] = {
     "Neg": _unary(_neg),
     "Abs": _unary(_abs),
     "Reciprocal": _unary(_reciprocal),
+    "Round": _unary(_straight_through),
     # activations
     "Relu": _unary(_relu),
     "LeakyRelu": _unary(_leaky_relu),

@@ -12,7 +12,11 @@ Modes:
   consumer (``Cast + Mul`` on opsets without per-axis DequantizeLinear, < 13). About 4x
   smaller; compute stays in float, so no speed-up is expected.
 - ``int4``: block-wise weight-only for MatMul/Gemm/Gather (see ``weightonly.py``).
+- ``int2``, ``binary`` and ``--bits N`` (1..8): weight-only at that width, packed at that
+  width in the file and rebuilt by standard ops that onnxruntime folds at load (see
+  ``lowbit.py``); with ``--qat`` the model is first trained for the grid (see ``qat.py``).
 - ``fp16``: weights and compute in float16 with float32 inputs/outputs (see ``fp16.py``).
+- ``bf16``: weights stored in bfloat16, compute in float32 (see ``bf16.py``).
 - ``dynamic`` / ``static``: int8 activations too, through onnxruntime's quantizers.
 
 Applies to float weights (float32/float16/bfloat16) of at least ``--min-elements`` elements
@@ -35,9 +39,11 @@ import onnx_ir as ir
 
 from modelshrink.graph import NameAuthority
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
-from modelshrink.techniques.quantize.config import QuantizeConfig
+from modelshrink.techniques.quantize.bf16 import BF16_NOTES, store_bf16
+from modelshrink.techniques.quantize.config import QatSettings, QuantizeConfig
 from modelshrink.techniques.quantize.dynamic import quantize_dynamic
 from modelshrink.techniques.quantize.fp16 import FLOAT32_OPS, convert_fp16
+from modelshrink.techniques.quantize.lowbit import UNPACK_MIN_OPSET, packed_notes, quantize_packed, summarize
 from modelshrink.techniques.quantize.opset import raise_opset
 from modelshrink.techniques.quantize.plan import Plan, Unit, make_plan
 from modelshrink.techniques.quantize.search import (
@@ -51,7 +57,7 @@ from modelshrink.techniques.quantize.search import (
 from modelshrink.techniques.quantize.static import quantize_static_qdq
 from modelshrink.techniques.quantize.weightonly import Emitted, default_opset, quantize_int4, quantize_int8
 
-__all__ = ["QuantizeConfig", "quantize"]
+__all__ = ["QatSettings", "QuantizeConfig", "quantize"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,13 @@ QDQ_INT4_OPSET = 21
 def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[str]]:
     """The model every candidate starts from (opset raised where the mode needs it), and notes."""
     opset = default_opset(model)
+    if config.width is not None and opset < UNPACK_MIN_OPSET:
+        why = f"{config.width}-bit packed weights (BitShift)"
+        raised = raise_opset(model, UNPACK_MIN_OPSET, why=why)
+        return raised, [
+            f"raised the opset from {opset} to {UNPACK_MIN_OPSET} with onnx's version converter: the "
+            "BitShift that unpacks the weights needs it"
+        ]
     if config.mode == "int4" and config.storage == "qdq" and opset < QDQ_INT4_OPSET:
         why = "--mode int4 --format qdq (block-wise int4 DequantizeLinear)"
         raised = raise_opset(model, QDQ_INT4_OPSET, why=why)
@@ -93,6 +106,10 @@ def _apply_units(
         changes = {c.details["weight"]: c for c in parts}
         ordered = tuple(changes[u.weight.name] for u in units if u.weight.name in changes)
         emitted = Emitted(ordered, dense.storages | rows.storages | convs.storages)
+    elif config.width is not None:
+        emitted = quantize_packed(model, units, names, bits=config.width, block=config.block_size)
+    elif config.mode == "bf16":
+        emitted = store_bf16(model, units, names)
     elif config.mode == "int4":
         emitted = quantize_int4(
             model,
@@ -111,6 +128,12 @@ def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted
     notes: list[str] = []
     if not emitted.changes:
         notes.append("nothing was quantized: see the skipped list for why each weight was left alone")
+        return notes
+    if config.width is not None:
+        notes.extend(packed_notes(summarize(config.width, emitted.changes), qat=config.qat is not None))
+        return notes
+    if config.mode == "bf16":
+        notes.extend(BF16_NOTES)
         return notes
     if config.mode == "int4":
         notes.extend(_int4_notes(config, emitted))
@@ -211,6 +234,10 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
         return _fp16(model, config)
     if config.mode == "static":
         return _static(model, config, context)
+    if config.qat is not None:
+        from modelshrink.techniques.quantize.qat import quantize_aware  # imports the training engine
+
+        return quantize_aware(model, config, context)
     base, notes = _prepare(model, config)
     result, plan, emitted = _apply_units(base, config, None)
     notes += _weight_only_notes(base, config, emitted)
@@ -224,7 +251,34 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
         )
     if config.mode == "dynamic" and done.changed:
         done = _check_speed(model, done, context)
+    if config.width is not None and done.changed:
+        done = _packed_result(done, config, context)
     return done
+
+
+# Post-training quantization at 3-4 bits "lost accuracy" below these (then the report suggests --qat).
+POOR_COSINE = 0.995
+POOR_AGREEMENT = 0.99
+
+
+def _packed_result(
+    done: TechniqueResult, config: QuantizeConfig, context: TechniqueContext
+) -> TechniqueResult:
+    """Packing figures in the details; at 3-4 bits, a measured word on fidelity and --qat."""
+    assert config.width is not None
+    details = {**done.details, "packing": summarize(config.width, done.changed).as_dict()}
+    notes = list(done.notes)
+    if 3 <= config.width <= 4 and not context.gates.fidelity_gates:
+        f = context.evaluate(done.model)
+        poor = f.cosine < POOR_COSINE or (f.top1_agreement is not None and f.top1_agreement < POOR_AGREEMENT)
+        if poor:
+            top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+            notes.insert(
+                0,
+                f"post-training quantization to {config.width} bits lost accuracy here (cosine "
+                f"{f.cosine:.4f}{top1} on the feeds): --qat --data TRAIN.npz trains the model for this grid",
+            )
+    return dataclasses.replace(done, notes=tuple(notes), details=details)
 
 
 # Interleaved timed runs of original and result when dynamic quantization is chosen; a short

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from modelshrink.errors import ConfigError
+
+if TYPE_CHECKING:
+    from modelshrink.techniques.distill import Teacher, TrainingData
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_MIN_ELEMENTS",
     "MODE_FORMATS",
     "MODE_OPS",
+    "PACKED_MODES",
     "Calibration",
     "Format",
     "Mode",
+    "QatSettings",
     "QuantizeConfig",
 ]
 
-Mode = Literal["int8", "int4", "fp16", "dynamic", "static"]
+Mode = Literal["int8", "int4", "int2", "binary", "fp16", "bf16", "dynamic", "static"]
 Format = Literal["qdq", "cast", "nbits"]
 Calibration = Literal["minmax", "percentile", "entropy"]
 
@@ -26,16 +32,64 @@ DEFAULT_BLOCK_SIZE = 32
 DEFAULT_MIN_ELEMENTS = 1024
 
 # --format choices per mode; the first is the default.
-MODE_FORMATS: dict[str, tuple[str, ...]] = {"int8": ("qdq", "cast"), "int4": ("nbits", "qdq")}
+MODE_FORMATS: dict[str, tuple[str, ...]] = {
+    "int8": ("qdq", "cast"),
+    "int4": ("nbits", "qdq"),
+    "int2": ("cast",),
+    "binary": ("cast",),
+}
+# Modes stored packed at their true width, and their width (see lowbit.py).
+PACKED_MODES: dict[str, int] = {"int2": 2, "binary": 1}
 
 # Op types whose weights each mode can quantize (the default for --op-types).
 MODE_OPS: dict[str, tuple[str, ...]] = {
     "int8": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
     "int4": ("MatMul", "Gemm", "Gather"),
+    "int2": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
+    "binary": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
     "fp16": (),  # every op that is safe in float16; see fp16.py
+    "bf16": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
     "dynamic": ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose"),
     "static": ("Conv", "MatMul", "Gemm"),
 }
+
+# --qat defaults (measured on the sample models, see bench/bench_lowbit.py). The default peak
+# learning rate halves with every extra bit, like the grid step: 2e-3 at 1 bit, 2.5e-4 at 4 bits
+# (at 4 bits, 2e-3 moved the weights off a good post-training grid and never came back).
+DEFAULT_QAT_EPOCHS = 20
+DEFAULT_QAT_LR_1BIT = 2e-3
+DEFAULT_QAT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class QatSettings:
+    """What ``--qat`` trains with (the teacher and data are loaded by the caller).
+
+    Attributes:
+        data: Training inputs (every row of ``--data``).
+        teacher: The float model the student learns to copy (None: the input model itself).
+        epochs: Passes over the training rows.
+        lr: Peak learning rate (AdamW, cosine decay); None: ``2e-3 / 2^(bits - 1)``.
+        batch_size: Rows per training step.
+    """
+
+    data: TrainingData
+    teacher: Teacher | None = None
+    epochs: int = DEFAULT_QAT_EPOCHS
+    lr: float | None = None
+    batch_size: int = DEFAULT_QAT_BATCH
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+    def lr_for(self, bits: int) -> float:
+        """The peak learning rate at ``bits``: ``lr``, or the default for that width."""
+        return self.lr if self.lr is not None else DEFAULT_QAT_LR_1BIT / (1 << (bits - 1))
 
 
 @dataclass(frozen=True)
@@ -44,9 +98,14 @@ class QuantizeConfig:
 
     Attributes:
         mode: ``int8`` (weight-only, per channel), ``int4`` (weight-only, block-wise),
-            ``fp16``, ``dynamic`` (int8 weights, activations quantized at run time) or
-            ``static`` (QDQ with calibration data).
-        block_size: int4 block size along the reduction axis (int4 only; default 32).
+            ``int2`` / ``binary`` (weight-only, 2 / 1 bit, packed at that width), ``fp16``,
+            ``bf16`` (bfloat16 storage, float32 compute), ``dynamic`` (int8 weights,
+            activations quantized at run time) or ``static`` (QDQ with calibration data).
+        bits: Weight-only width 1..8 stored packed at that width (see ``lowbit.py``); with
+            ``mode`` int8 (the default) it replaces the 8, and it must agree with int2 (2)
+            and binary (1); other modes do not take it.
+        block_size: Values per scale: int4 blocks along the reduction axis (default 32);
+            packed widths: blocks along each output channel (default: one scale per channel).
         format: Storage. int8: ``qdq`` (``DequantizeLinear``, default) or ``cast``
             (``Cast + Mul``, which onnxruntime folds at load). int4: ``nbits`` (onnxruntime
             ``MatMulNBits`` / ``GatherBlockQuantized``, default) or ``qdq`` (standard opset-21
@@ -58,9 +117,11 @@ class QuantizeConfig:
         sensitivity: Only measure each layer's cost (no model is written).
         fallback: With fidelity gates set, keep the most damaging layers in float until the
             gates pass.
+        qat: Quantization-aware training settings (packed widths only), or None.
     """
 
     mode: Mode = "int8"
+    bits: int | None = None
     block_size: int | None = None
     format: Format | None = None
     op_types: tuple[str, ...] | None = None
@@ -69,23 +130,30 @@ class QuantizeConfig:
     calibration: Calibration | None = None
     sensitivity: bool = False
     fallback: bool = True
+    qat: QatSettings | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in get_args(Mode):
             raise ConfigError(f"--mode must be one of {', '.join(get_args(Mode))}, got '{self.mode}'")
+        self._check_bits()
         if self.block_size is not None:
-            if self.mode != "int4":
-                raise ConfigError(f"--block-size applies to --mode int4 only (got --mode {self.mode})")
+            if self.mode != "int4" and self.width is None:
+                raise ConfigError(
+                    f"--block-size applies to --mode int4, int2, binary and --bits (got --mode {self.mode})"
+                )
             bs = self.block_size
             if bs < 16 or bs & (bs - 1):
                 raise ConfigError(f"--block-size must be a power of two >= 16, got {bs}")
         if self.format is not None:
-            formats = MODE_FORMATS.get(self.mode)
+            formats = ("cast",) if self.width is not None else MODE_FORMATS.get(self.mode)
             if formats is None:
-                raise ConfigError(f"--format applies to --mode int8 and int4 only (got --mode {self.mode})")
-            if self.format not in formats:
                 raise ConfigError(
-                    f"--format for --mode {self.mode} must be one of {', '.join(formats)}, got '{self.format}'"
+                    f"--format applies to --mode int8, int4, int2, binary and --bits (got --mode {self.mode})"
+                )
+            if self.format not in formats:
+                what = f"--bits {self.width}" if self.width is not None else f"--mode {self.mode}"
+                raise ConfigError(
+                    f"--format for {what} must be one of {', '.join(formats)}, got '{self.format}'"
                 )
         if self.calibration is not None:
             if self.mode != "static":
@@ -94,10 +162,18 @@ class QuantizeConfig:
                 raise ConfigError(
                     f"--calibration must be one of {', '.join(get_args(Calibration))}, got '{self.calibration}'"
                 )
-        if self.sensitivity and self.mode not in ("int8", "int4", "dynamic"):
+        if self.sensitivity and self.mode not in ("int8", "int4", "int2", "binary", "dynamic"):
             raise ConfigError(
-                f"--sensitivity applies to --mode int8, int4 and dynamic (got --mode {self.mode})"
+                f"--sensitivity applies to --mode int8, int4, int2, binary and dynamic (got --mode {self.mode})"
             )
+        if self.qat is not None:
+            if self.width is None:
+                raise ConfigError(
+                    f"--qat trains weights packed at a width: add --bits N (1..8), --mode int2 or "
+                    f"--mode binary (got --mode {self.mode}; int8 loses little without training)"
+                )
+            if self.sensitivity:
+                raise ConfigError("--sensitivity only measures post-training quantization; drop --qat")
         if self.min_elements < 0:
             raise ConfigError(f"--min-elements must be >= 0, got {self.min_elements}")
         if self.op_types is not None:
@@ -114,6 +190,27 @@ class QuantizeConfig:
             if not pattern.strip():
                 raise ConfigError("--exclude needs a node name, op type or glob pattern, got ''")
 
+    def _check_bits(self) -> None:
+        if self.bits is None:
+            return
+        if not 1 <= self.bits <= 8:
+            raise ConfigError(f"--bits must be in 1..8, got {self.bits}")
+        implied = PACKED_MODES.get(self.mode)
+        if implied is not None and implied != self.bits:
+            raise ConfigError(f"--mode {self.mode} is {implied}-bit; it contradicts --bits {self.bits}")
+        if implied is None and self.mode != "int8":
+            raise ConfigError(
+                f"--bits sets the width of packed weight-only quantization; it does not combine with "
+                f"--mode {self.mode} (use --bits alone, or --mode int2 / binary)"
+            )
+
+    @property
+    def width(self) -> int | None:
+        """The packed width in bits (``--bits``, int2, binary), or None for the other modes."""
+        if self.bits is not None:
+            return self.bits
+        return PACKED_MODES.get(self.mode)
+
     @property
     def ops(self) -> tuple[str, ...]:
         """The op types this run quantizes."""
@@ -125,8 +222,15 @@ class QuantizeConfig:
         return self.block_size if self.block_size is not None else DEFAULT_BLOCK_SIZE
 
     @property
+    def plan_mode(self) -> str:
+        """The mode whose rules plan the weights (packed widths plan like int8: per channel)."""
+        return "int8" if self.width is not None else self.mode
+
+    @property
     def storage(self) -> str:
         """The storage format in effect (``--format`` or the mode's default)."""
         if self.format is not None:
             return self.format
+        if self.width is not None:
+            return "cast"
         return MODE_FORMATS.get(self.mode, ("",))[0]

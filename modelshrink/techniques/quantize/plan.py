@@ -171,6 +171,8 @@ def _role_dynamic(node: ir.Node, index: int, shape: tuple[int, ...]) -> Use | st
 def _uses(w: Weight, relevant: list[tuple[ir.Node, int]], config: QuantizeConfig) -> list[Use] | str:
     if config.mode == "int4" and w.dtype == ir.DataType.BFLOAT16:
         return "bfloat16 weights: int4 handles float32 and float16 weights (use --mode int8)"
+    if config.mode == "bf16" and w.dtype != ir.DataType.FLOAT:
+        return f"{w.dtype.name.lower()} weights are already 16-bit"
     if config.mode == "dynamic" and w.dtype != ir.DataType.FLOAT:
         return f"{w.dtype.name.lower()} weights: dynamic quantization needs float32 (DynamicQuantizeLinear)"
     uses: list[Use] = []
