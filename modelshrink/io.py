@@ -27,6 +27,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from modelshrink.errors import ConfigError, InvalidModelError, OutputError
+from modelshrink.graph import allow_plain_initializers
 
 __all__ = [
     "EXTERNAL_DATA_AUTO_BYTES",
@@ -640,6 +641,7 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
     staged = StagedModel(target, folder, folder / name, None)
     try:
         copy = model.clone()
+        allow_plain_initializers(copy)
         _inline_external(copy, keep_large=external)
         data_name = name + ".data" if external else None
         if not external and _has_sparse_marks(copy):
@@ -675,6 +677,7 @@ def staged(model: ir.Model, target: OutputTarget) -> Iterator[StagedModel]:
 def model_bytes(model: ir.Model) -> bytes:
     """Serialize a model whose tensors all fit in one protobuf (for onnxruntime sessions)."""
     copy = model.clone()
+    allow_plain_initializers(copy)
     _inline_external(copy, keep_large=False)
     if _has_sparse_marks(copy):
         return _serialized(copy).SerializeToString()
