@@ -32,8 +32,11 @@ import logging
 from collections.abc import Callable
 
 import onnx_ir as ir
+from onnxruntime import __version__ as ort_version
 
+from modelshrink.errors import UnsupportedModelError
 from modelshrink.graph import NameAuthority
+from modelshrink.runtime import runs_qdq
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.dynamic import quantize_dynamic
@@ -62,9 +65,25 @@ INT4_ACCURACY_LEVEL = 4
 QDQ_INT4_OPSET = 21
 
 
+# The lowest ai.onnx opset at which onnxruntime has kernels for every op a mode emits:
+# onnxruntime implements ai.onnx from opset 7 (an opset-6 Mul or Add has no kernel, so Cast +
+# Mul rebuilding an int8 weight would not load), and DynamicQuantizeLinear arrived in opset 11.
+MIN_OPSET = {"int8": 7, "int4": 7, "dynamic": 11}
+_MIN_OPSET_WHY = {
+    "int8": "onnxruntime has no opset-{opset} kernel for the Mul that rebuilds int8 weights",
+    "int4": "onnxruntime has no opset-{opset} kernel for the Add that applies Gemm biases",
+    "dynamic": "DynamicQuantizeLinear, which quantizes activations at run time, needs it",
+}
+
+
 def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[str]]:
     """The model every candidate starts from (opset raised where the mode needs it), and notes."""
     opset = default_opset(model)
+    if config.mode == "int4" and config.storage == "qdq" and not runs_qdq(max(opset, QDQ_INT4_OPSET)):
+        raise UnsupportedModelError(
+            f"--mode int4 --format qdq: onnxruntime {ort_version} has no DequantizeLinear kernel at opset "
+            f"{opset}; use --format nbits"
+        )
     if config.mode == "int4" and config.storage == "qdq" and opset < QDQ_INT4_OPSET:
         why = "--mode int4 --format qdq (block-wise int4 DequantizeLinear)"
         raised = raise_opset(model, QDQ_INT4_OPSET, why=why)
@@ -72,6 +91,11 @@ def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[st
             f"raised the opset from {opset} to {QDQ_INT4_OPSET} with onnx's version converter: block-wise "
             "int4 DequantizeLinear needs it (and IR version 10)"
         ]
+    target = MIN_OPSET.get(config.mode, 0)
+    if opset < target and make_plan(model, config).units:
+        raised = raise_opset(model, target, why=f"--mode {config.mode}")
+        why = _MIN_OPSET_WHY[config.mode].format(opset=opset)
+        return raised, [f"raised the opset from {opset} to {target} with onnx's version converter: {why}"]
     return model, []
 
 
@@ -137,9 +161,15 @@ def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted
             "--format cast stores the same int8 weights behind Cast + Mul, which onnxruntime folds "
             "once at load: no run-time cost, float-sized weights in memory at run time"
         )
-    if "Cast+Mul" in emitted.storages and config.storage != "cast":
+    opset = default_opset(model)
+    if "Cast+Mul" in emitted.storages and config.storage != "cast" and not runs_qdq(opset):
         notes.append(
-            f"opset {default_opset(model)} has no per-channel DequantizeLinear for these weights "
+            f"onnxruntime {ort_version} has no DequantizeLinear kernel at opset {opset}: weights are "
+            "rebuilt with Cast + Mul, which gives the same values"
+        )
+    elif "Cast+Mul" in emitted.storages and config.storage != "cast":
+        notes.append(
+            f"opset {opset} has no per-channel DequantizeLinear for these weights "
             "(it needs opset 13, or 19 for float16/bfloat16 scales): they are rebuilt with Cast + "
             "Mul, which gives the same values; the opset was not raised"
         )
@@ -237,7 +267,11 @@ _MODE_WORDS = {"dynamic": "dynamic quantization", "static": "static quantization
 
 def done_mode(done: TechniqueResult) -> str:
     """``static`` when the result came from the QDQ path, else ``dynamic``."""
-    return "static" if any(c.details.get("storage") == "QDQ" for c in done.changed) else "dynamic"
+    return (
+        "static"
+        if any(str(c.details.get("storage", "")).startswith("QDQ") for c in done.changed)
+        else "dynamic"
+    )
 
 
 def _check_speed(original: ir.Model, done: TechniqueResult, context: TechniqueContext) -> TechniqueResult:
@@ -247,7 +281,7 @@ def _check_speed(original: ir.Model, done: TechniqueResult, context: TechniqueCo
 
     sessions = [
         session_for_model(original, context.runtime, label="original"),
-        session_for_model(done.model, context.runtime, label="dynamic candidate"),
+        session_for_model(done.model, context.runtime, label=f"{done_mode(done)} candidate"),
     ]
     stats = measure_latency(sessions, context.feeds.samples[0], budget_s=SPEED_CHECK_BUDGET_S)
     speedup = stats[0].p50_ms / stats[1].p50_ms if stats[1].p50_ms > 0 else float("inf")

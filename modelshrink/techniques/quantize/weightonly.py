@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelshrink.graph import NameAuthority, dtype_name
+from modelshrink.runtime import runs_qdq
 from modelshrink.techniques.base import Change
 from modelshrink.techniques.quantize.plan import Unit
 
@@ -396,6 +397,7 @@ def quantize_int8(
             not cast
             and opset >= (13 if unit.axis is not None else 10)
             and (dtype == ir.DataType.FLOAT or opset >= 19)
+            and runs_qdq(opset)
         )
         if gather_only:
             storage = _emit_gather_first(unit, names, writer, q, scale)
