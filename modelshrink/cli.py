@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
+import onnxruntime as ort
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -285,6 +286,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [RichHandler(console=err_console, show_time=False, show_path=verbose >= 2)]
     root.setLevel(level)
     root.propagate = False
+    # onnxruntime's native log goes straight to fd 2; every failure it logs also reaches us as
+    # an exception that becomes the one `error:` line, so keep it quiet unless -vv.
+    ort.set_default_logger_severity(1 if verbose >= 2 else 4)
 
 
 @contextlib.contextmanager

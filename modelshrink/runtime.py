@@ -146,7 +146,7 @@ class Session:
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures come back as exceptions, turned into one line
         so.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if options.optimize
