@@ -26,6 +26,7 @@ GROUPS = {
     "prune": "bench_prune",
     "factorize": "bench_factorize",
     "distill": "bench_distill",
+    "conformance": "bench_conformance",
 }
 
 
