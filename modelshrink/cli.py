@@ -286,6 +286,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [RichHandler(console=err_console, show_time=False, show_path=verbose >= 2)]
     root.setLevel(level)
     root.propagate = False
+    # Libraries' own warnings would reach stderr through logging's last-resort handler as bare
+    # lines; they are for developers (-vv), not part of a command's output.
+    for library in ("onnx_ir", "onnxscript"):
+        logging.getLogger(library).setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
     # onnxruntime's native log goes straight to fd 2; every failure it logs also reaches us as
     # an exception that becomes the one `error:` line, so keep it quiet unless -vv.
     ort.set_default_logger_severity(1 if verbose >= 2 else 4)
