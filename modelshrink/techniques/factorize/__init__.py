@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
@@ -48,6 +49,7 @@ from modelshrink.techniques.factorize._activations import collect_grams
 from modelshrink.techniques.factorize._decompose import Decomposition, decompose
 from modelshrink.techniques.factorize._layers import Discovery, Group, discover, node_label, rewrite_group
 from modelshrink.techniques.factorize._ranks import (
+    Spectrum,
     allowed_ranks,
     budget_ranks,
     max_saving_rank,
@@ -228,10 +230,21 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
     if method == "data" and groups:
         grams, fallback = collect_grams(work, groups, context.feeds, context.runtime, context.progress)
     decomps: list[Decomposition] = []
+    non_finite: set[int] = set()  # NaN/inf weights: no SVD (it would not converge), left as is
     for i, group in enumerate(groups):
-        decomps.append(decompose(group.matrix(), grams.get(i)))
+        matrix = group.matrix()
+        if np.isfinite(matrix).all():
+            decomps.append(decompose(matrix, grams.get(i)))
+        else:
+            non_finite.add(i)
+            empty = Spectrum(np.zeros(0), group.rows, group.cols)
+            decomps.append(Decomposition(empty, "svd", np.zeros((group.rows, 0)), np.zeros((0, group.cols))))
+        del matrix
         context.progress("decomposing weights", i + 1, len(groups))
-    allowed = [allowed_ranks(d.spectrum, config.rank_multiple, config.min_saving) for d in decomps]
+    allowed = [
+        [] if i in non_finite else allowed_ranks(d.spectrum, config.rank_multiple, config.min_saving)
+        for i, d in enumerate(decomps)
+    ]
 
     ranks: list[int | None] = [None] * len(groups)
     reasons: dict[int, str] = {
@@ -239,6 +252,10 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
         for i, group in enumerate(groups)
         if not allowed[i]
     }
+    for i in non_finite:
+        reasons[i] = (
+            f"weight '{groups[i].weight.name}' has NaN or infinite values, which no factorization holds"
+        )
     search: SearchResult | None = None
     if rule.kind != "search" and context.gates.fidelity_gates:
         notes.append(
@@ -248,6 +265,8 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
     if rule.kind in ("rank-ratio", "energy"):
         assert rule.value is not None
         for i, (group, d) in enumerate(zip(groups, decomps, strict=True)):
+            if i in non_finite:
+                continue
             if rule.kind == "rank-ratio":
                 r = rank_for_ratio(rule.value, d.spectrum.max_rank, config.rank_multiple)
             else:

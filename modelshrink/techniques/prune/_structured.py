@@ -20,6 +20,7 @@ activations are updated, or dropped where they cannot be (never left wrong).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,7 +241,11 @@ def _skips(model: ir.Model, analysis: Analysis, config: PruneConfig) -> list[Ski
 
 def _normalized(values: np.ndarray) -> np.ndarray:
     mean = float(np.mean(values)) if values.size else 0.0
-    return values / mean if mean > 0 else np.ones_like(values)
+    if math.isfinite(mean) and mean > 0:
+        return values / mean
+    if not np.isfinite(values).all():  # NaN/inf weights: those channels rank first (kept)
+        return np.where(np.isfinite(values), values, np.inf)
+    return np.ones_like(values)
 
 
 def _weight_scores(analysis: Analysis, groups: Sequence[Group], norm: str) -> dict[int, np.ndarray]:
@@ -379,6 +384,8 @@ def apply_plan(model: ir.Model, the_plan: Plan, ratios: Mapping[int, float]) -> 
             continue
         set_weight(weight, array)
         value.shape = ir.Shape(array.shape)
+        if value.type is None:  # a Constant's output: a shape without a type cannot be written
+            value.dtype = weight.dtype
         total_before += before_size
         total_after += int(array.size)
         users = [u.node for u in value.uses()]

@@ -116,7 +116,11 @@ def _apply_units(
         parts = (*dense.changes, *rows.changes, *convs.changes)
         changes = {c.details["weight"]: c for c in parts}
         ordered = tuple(changes[u.weight.name] for u in units if u.weight.name in changes)
-        emitted = Emitted(ordered, dense.storages | rows.storages | convs.storages)
+        emitted = Emitted(
+            ordered,
+            dense.storages | rows.storages | convs.storages,
+            dense.skipped + rows.skipped + convs.skipped,
+        )
     elif config.mode == "int4":
         emitted = quantize_int4(
             model,
@@ -250,7 +254,7 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
         done = _with_fallback(base, config, context, result, plan, emitted, notes)
     else:
         done = TechniqueResult(
-            model=result, changed=emitted.changes, skipped=plan.skipped, notes=tuple(notes)
+            model=result, changed=emitted.changes, skipped=plan.skipped + emitted.skipped, notes=tuple(notes)
         )
     if config.mode == "dynamic" and done.changed:
         done = _check_speed(model, done, context)
@@ -326,10 +330,10 @@ def _sensitivity_only(
         "for every layer quantized; nothing is written\n" + table,
         *notes,
     ]
-    del emitted  # the table lists every layer; the report's figures are the full quantization's
+    # the table lists every layer; the report's figures are the full quantization's
     return TechniqueResult(
         model=result,
-        skipped=plan.skipped,
+        skipped=plan.skipped + emitted.skipped,
         notes=tuple(notes),
         details={"sensitivity": _table_rows(ranked)},
         write=False,
@@ -350,7 +354,7 @@ def _with_fallback(
     check_agreement_gate(full, context.gates)
     if passes(full, context.gates):
         notes.append("every layer quantized passes the fidelity gates: no layer had to stay in float")
-        return TechniqueResult(result, emitted.changes, plan.skipped, tuple(notes))
+        return TechniqueResult(result, emitted.changes, plan.skipped + emitted.skipped, tuple(notes))
     build = _builder(base, config)
     ranked = score_units(plan.units, build, context)
     search = fallback_search(ranked, build, context, full)
@@ -370,10 +374,10 @@ def _with_fallback(
             f"damaging layer ('{ranked[-1].unit.layer}') quantized the model fails them; the result "
             "below quantizes every layer. Per-layer cost (each layer quantized alone):\n" + table,
         )
-        return TechniqueResult(result, emitted.changes, plan.skipped, tuple(notes), details)
+        return TechniqueResult(result, emitted.changes, plan.skipped + emitted.skipped, tuple(notes), details)
     kept = {s.unit.index for s in search.kept}
     chosen, _, chosen_emitted = _apply_units(base, config, frozenset(u.index for u in plan.units) - kept)
-    skips = list(plan.skipped)
+    skips = list(plan.skipped + chosen_emitted.skipped)
     for s in search.kept:
         f = s.fidelity
         skips.append(
