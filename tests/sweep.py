@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import hashlib
+import logging
 import shutil
 import tempfile
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,7 +266,7 @@ def known_reason(message: str) -> str | None:
 _CACHE = Path(tempfile.mkdtemp(prefix="modelshrink-sweep-cache-"))
 atexit.register(shutil.rmtree, _CACHE, True)
 _COPIES: dict[tuple[Path, int], Path | None] = {}
-_REFERENCES: dict[tuple[Path, int], list[list[np.ndarray]]] = {}
+_REFERENCES: dict[str, list[list[np.ndarray]]] = {}
 
 
 def _source(path: Path, exercised: bool, fold_max: int) -> Path | None:
@@ -276,7 +279,12 @@ def _source(path: Path, exercised: bool, fold_max: int) -> Path | None:
 
 def _reference(source: Path, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """The original's outputs on ``feeds`` (cached: every setting compares with the same ones)."""
-    key = (source, len(feeds))
+    digest = hashlib.sha1(source.read_bytes())  # a path may be rewritten, two models may be equal
+    for feed in feeds:
+        for name in sorted(feed):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(feed[name]).tobytes())
+    key = digest.hexdigest()
     if key not in _REFERENCES:
         session = _session(source)
         _REFERENCES[key] = [session.run(None, feed) for feed in feeds]
@@ -286,6 +294,32 @@ def _reference(source: Path, feeds: list[dict[str, np.ndarray]]) -> list[list[np
 def samples_for(path: Path) -> int:
     """Feeds per run: one for the 224x224 light models, two elsewhere."""
     return 1 if path.parent.name == "light" else 2
+
+
+class _Noise(logging.Handler):
+    """Collects what a run would print on stderr besides its one line: Python warnings (numpy's
+    RuntimeWarnings) and warnings logged by onnx-ir (the CLI silences the logger, but each one
+    points at a model written in a way that onnx-ir had to patch up)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught: list[warnings.WarningMessage] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}")
+
+    def __enter__(self) -> _Noise:
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        logging.getLogger("onnx_ir").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("onnx_ir").removeHandler(self)
+        self._warnings.__exit__(*exc)
+        self.lines += [f"{w.category.__name__}: {w.message}" for w in self._caught]
 
 
 def run_one(path: Path, setting: Setting, *, exercised: bool, fold_max: int = FOLD_MAX_ELEMENTS) -> Outcome:
@@ -303,8 +337,10 @@ def run_model(source: Path, setting: Setting, config: Any, *, data: str | None, 
         out_dir = Path(tmp)
         output = out_dir / "result.onnx"
         options = RunOptions(data=data, latency=False, samples=samples)
+        noise = _Noise()
         try:
-            report = getattr(api, setting.command)(str(source), str(output), config, options)
+            with noise:
+                report = getattr(api, setting.command)(str(source), str(output), config, options)
         except ModelshrinkError as exc:
             left = sorted(p.name for p in out_dir.iterdir())
             if left:
@@ -318,6 +354,8 @@ def run_model(source: Path, setting: Setting, config: Any, *, data: str | None, 
         except Exception as exc:  # a traceback: the bug this sweep exists to find
             tb = traceback.format_exception(exc)
             return Outcome("violation", f"{type(exc).__name__}: {exc} | {''.join(tb[-3:])}")
+        if noise.lines:
+            return Outcome("violation", f"warnings that would reach stderr: {noise.lines[:3]}")
         if not report.written or not output.exists():
             return Outcome("violation", "the run succeeded but wrote nothing")
         feeds = load_feeds(msio.load_model(str(source)).model, data=data, samples=samples).samples

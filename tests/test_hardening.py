@@ -8,6 +8,9 @@
 - Weights made at run time (ConstantOfShape, Transpose of a constant) get a skip reason in
   every technique instead of silence.
 - DequantizeLinear is not emitted at an opset where onnxruntime has no kernel for it.
+- NaN/inf weights: left alone with a reason by quantize and factorize (SVD raised), without
+  numpy warnings on stderr; structured pruning of a Constant-node weight keeps its type.
+- A sparse tensor declaring a huge dense form over a few bytes is refused, not allocated.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelshrink import api
-from modelshrink.errors import UnsupportedModelError
+from modelshrink.errors import InvalidModelError, UnsupportedModelError
 from modelshrink.feeds import load_feeds
 from modelshrink.io import load_model
 from modelshrink.pipeline import RunOptions
@@ -280,3 +283,62 @@ def test_no_dequantize_linear_where_onnxruntime_cannot_run_it(tmp_path: Path) ->
     with pytest.raises(UnsupportedModelError, match="use --format nbits"):
         api.quantize(str(src), str(out), QuantizeConfig(mode="int4", format="qdq"), OPTIONS)
     assert not out.exists()
+
+
+def _with_non_finite_weight(value: float) -> onnx.ModelProto:
+    proto = models.mlp(sizes=(64, 64, 10))
+    w = numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w[3, 5] = value
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W0"))
+    return proto
+
+
+NON_FINITE = {
+    "quantize int8": ("quantize", QuantizeConfig(min_elements=0)),
+    "quantize int4": ("quantize", QuantizeConfig(mode="int4", min_elements=0)),
+    "quantize dynamic": ("quantize", QuantizeConfig(mode="dynamic", min_elements=0)),
+    "factorize": ("factorize", FactorizeConfig(min_elements=0)),
+    "factorize data-aware": ("factorize", FactorizeConfig(min_elements=0, method="data")),
+}
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("name", sorted(NON_FINITE))
+def test_non_finite_weights_are_left_alone_with_a_reason(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, name: str, value: float
+) -> None:
+    command, config = NON_FINITE[name]
+    src = models.save(_with_non_finite_weight(value), tmp_path / "m.onnx")
+    options = RunOptions(data=_data_file(src), latency=False) if "data" in name else OPTIONS
+    report = getattr(api, command)(str(src), str(tmp_path / "out.onnx"), config, options)
+    reasons = [s.reason for s in report.skipped if "W0" in s.reason]
+    assert reasons and "NaN or infinite" in reasons[0], report.skipped
+    assert "W0" not in {c.details.get("weight") for c in report.changes}
+    assert not [
+        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
+    ]
+
+
+def test_structured_pruning_of_a_constant_weight_keeps_its_type(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """onnx-ir warned (on stderr, through logging) that it dropped the shape of a typeless value."""
+    src = models.save(models.every_weight_kind(), tmp_path / "m.onnx")
+    out = tmp_path / "p.onnx"
+    with caplog.at_level("WARNING", logger="onnx_ir"):
+        report = api.prune(str(src), str(out), PruneConfig(structured=True, min_elements=0), OPTIONS)
+    assert "mm_const" in {c.node for c in report.changes}
+    assert not [r for r in caplog.records if r.name.startswith("onnx_ir")]
+    const = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "Constant")
+    assert list(const.attribute[0].t.dims) == [16, 16]
+
+
+def test_sparse_tensor_declaring_gigabytes_is_refused(tmp_path: Path) -> None:
+    proto = models.mlp()
+    del proto.graph.initializer[0]
+    values = numpy_helper.from_array(np.array([1.0], np.float32), "W0")
+    indices = numpy_helper.from_array(np.array([0], np.int64), "")
+    proto.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [50000, 50000]))
+    src = models.save(proto, tmp_path / "m.onnx")
+    with pytest.raises(InvalidModelError, match=r"declares dims \[50000, 50000\] \(10 GB dense\)"):
+        load_model(str(src))
