@@ -7,6 +7,7 @@ of an ``If``/``Loop``/``Scan`` body) or the ``value`` of a ``Constant`` node. Te
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 from collections import Counter
@@ -29,6 +30,7 @@ __all__ = [
     "in_subgraph",
     "op_histogram",
     "op_key",
+    "release",
     "run_time_weights",
     "weights",
 ]
@@ -158,6 +160,14 @@ def weights(model: ir.Model) -> list[Weight]:
                 if attr is not None and attr.type == ir.AttributeType.TENSOR and node.outputs:
                     found.append(Weight(node.outputs[0], attr.as_tensor(), "constant", graph, node))
     return found
+
+
+def release(tensor: ir.TensorProtocol) -> None:
+    """Unmap an external tensor's pages once read: techniques that go tensor by tensor keep
+    only what they wrote in memory (it maps itself again if read later)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still views it: leave it mapped
+            tensor.release()
 
 
 def in_subgraph(weight: Weight, model: ir.Model) -> bool:

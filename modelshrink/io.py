@@ -40,6 +40,7 @@ __all__ = [
     "check_output_target",
     "checker_message",
     "load_model",
+    "load_staged",
     "stage_model",
     "total_tensor_bytes",
     "write_text_atomic",
@@ -687,6 +688,20 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
         staged.discard()
         raise
     return staged
+
+
+def load_staged(staged_model: StagedModel) -> ir.Model:
+    """The staged model read back with its tensors memory-mapped from the staged data file.
+
+    After staging with external data, this lets the in-memory copies a technique made go
+    before onnxruntime loads its own (holding both took twice the model's size). The mapping
+    survives the move into place (same inode) and the removal of the temporary folder.
+    """
+    proto = onnx.ModelProto()
+    proto.ParseFromString(staged_model.path.read_bytes())
+    model = _deserialize(proto, staged_model.target.label)
+    ir.external_data.set_base_dir(model.graph, str(staged_model.folder.resolve()))
+    return model
 
 
 @contextlib.contextmanager
