@@ -27,6 +27,7 @@ GROUPS = {
     "factorize": "bench_factorize",
     "distill": "bench_distill",
     "conformance": "bench_conformance",
+    "big": "bench_big",
 }
 
 
