@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint fmt typecheck bench samples smoke check clean
+.PHONY: help install demo test test-fast lint fmt typecheck bench conformance samples smoke check clean
 
 help:
 	@echo "make demo     install, then run modelshrink on a bundled sample model"
 	@echo "make test     install, then run the whole test suite"
 	@echo "make lint     ruff (format + lint) and mypy"
 	@echo "make bench    benchmarks: figures and ratios measured in one run"
+	@echo "make conformance  every command over onnx's shipped models: a table of outcomes"
 	@echo "make samples  regenerate sample_models/ and check they are byte-identical"
 
 $(STAMP): pyproject.toml
@@ -61,6 +62,9 @@ smoke: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+conformance: install
+	$(BIN)/python bench/run.py conformance
 
 samples: install
 	$(BIN)/python sample_models/make_samples.py

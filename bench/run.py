@@ -27,6 +27,8 @@ GROUPS = {
     "prune": "bench_prune",
     "factorize": "bench_factorize",
     "distill": "bench_distill",
+    "conformance": "bench_conformance",
+    "big": "bench_big",
 }
 
 

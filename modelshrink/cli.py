@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
+import onnxruntime as ort
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -292,6 +293,13 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger().setLevel(
         logging.ERROR if quiet else (logging.ERROR, logging.WARNING, logging.DEBUG)[min(verbose, 2)]
     )
+    # Libraries' own warnings would reach stderr through logging's last-resort handler as bare
+    # lines; they are for developers (-vv), not part of a command's output.
+    for library in ("onnx_ir", "onnxscript"):
+        logging.getLogger(library).setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
+    # onnxruntime's native log goes straight to fd 2; every failure it logs also reaches us as
+    # an exception that becomes the one `error:` line, so keep it quiet unless -vv.
+    ort.set_default_logger_severity(1 if verbose >= 2 else 4)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -49,8 +50,13 @@ logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
 Dim = int | str | None
-# Refuse synthetic or loaded inputs beyond this many elements (hostile declared shapes).
-_MAX_FEED_ELEMENTS = 1 << 28
+# Synthetic inputs follow the declared shapes, which a hostile or careless model can make huge:
+# a feed (all inputs of one sample) over _MAX_FEED_BYTES is refused, and fewer samples than
+# asked are drawn when together they would pass _MAX_SYNTHETIC_BYTES (a warning says so).
+# Values are drawn in chunks straight into the input's dtype (no float64 copy of the whole).
+_MAX_FEED_BYTES = 1 << 28
+_MAX_SYNTHETIC_BYTES = 1 << 29
+_DRAW_CHUNK = 1 << 20
 DEFAULT_SYNTHETIC_SAMPLES = 8
 DEFAULT_MAX_REAL_SAMPLES = 128
 
@@ -247,9 +253,23 @@ def _synthetic_array(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Gen
     return np.asarray(_draw(spec, spec.dtype, shape, rng), dtype=spec.dtype)
 
 
+def _chunked(shape: tuple[int, ...], dtype: np.dtype, draw: Any) -> np.ndarray:
+    """``draw(n)`` called on consecutive chunks, written into one array of ``dtype``.
+
+    The generator's stream is the same as one ``draw(size)`` call, without a full-size
+    temporary in the draw's own dtype (float64 for normals: twice a float32 input).
+    """
+    out = np.empty(shape, dtype=dtype)
+    flat = out.reshape(-1)
+    for start in range(0, flat.size, _DRAW_CHUNK):
+        n = min(_DRAW_CHUNK, flat.size - start)
+        flat[start : start + n] = draw(n)
+    return out
+
+
 def _draw(spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return _chunked(shape, dtype, lambda n: rng.random(n) < 0.5)
     if np.issubdtype(dtype, np.integer):
         if spec.index_bound is not None:
             high = max(spec.index_bound, 1)
@@ -259,21 +279,35 @@ def _draw(spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...], rng: np.rand
             high = 256
         else:
             high = 2
-        return rng.integers(0, high, size=shape).astype(dtype)
+        return _chunked(shape, dtype, lambda n: rng.integers(0, high, size=n))
     if np.issubdtype(dtype, np.floating) or dtype.kind == "V" or "float" in str(dtype):
-        return rng.standard_normal(shape).astype(dtype)
+        return _chunked(shape, dtype, lambda n: np.asarray(rng.standard_normal(n)).astype(dtype))
     raise UnsupportedModelError(
         f"input '{spec.name}' has type {spec.type_name}, which cannot be generated; pass --data"
     )
 
 
-def _check_elements(name: str, shape: tuple[int, ...]) -> None:
-    count = int(np.prod(shape, dtype=np.float64))
-    if count > _MAX_FEED_ELEMENTS:
+def _feed_bytes(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Bytes of one synthetic feed; refuses one that is too big to draw."""
+    total = 0
+    for spec in specs:
+        shape = shapes[spec.name]
+        assert spec.dtype is not None
+        count = float(np.prod(shape, dtype=np.float64))
+        nbytes = count * spec.dtype.itemsize
+        if nbytes > _MAX_FEED_BYTES:
+            raise DataError(
+                f"input '{spec.name}' of shape {list(shape)} has {count:.3g} elements ({nbytes / 1e6:,.0f} MB), "
+                f"too many for a test feed (at most {_MAX_FEED_BYTES / 1e6:,.0f} MB); set a smaller "
+                "--input-shape or pass --data"
+            )
+        total += int(nbytes)
+    if total > _MAX_FEED_BYTES:
         raise DataError(
-            f"input '{name}' of shape {list(shape)} has {count:.3g} elements, too many for a "
-            "test feed; set a smaller --input-shape"
+            f"the inputs of one feed take {total / 1e6:,.0f} MB, too many for a test feed (at most "
+            f"{_MAX_FEED_BYTES / 1e6:,.0f} MB); set smaller --input-shape values or pass --data"
         )
+    return total
 
 
 def synthetic_feeds(
@@ -292,7 +326,14 @@ def synthetic_feeds(
                 f"input '{spec.name}' has type {spec.type_name}, which cannot be generated; pass --data"
             )
         shapes[spec.name] = _resolve_dims(spec, input_shapes.get(spec.name), warnings)
-        _check_elements(spec.name, shapes[spec.name])
+    per_feed = _feed_bytes(specs, shapes)
+    fit = max(1, _MAX_SYNTHETIC_BYTES // max(per_feed, 1))
+    if samples > fit:
+        warnings.append(
+            f"synthetic feeds of {per_feed / 1e6:,.0f} MB each: drawing {fit} instead of {samples} to stay "
+            f"under {_MAX_SYNTHETIC_BYTES / 1e6:,.0f} MB (pass --data for more)"
+        )
+        samples = fit
     rng = np.random.default_rng(seed)
     feeds = tuple(
         {spec.name: _synthetic_array(spec, shapes[spec.name], rng) for spec in specs} for _ in range(samples)

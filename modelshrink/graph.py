@@ -7,6 +7,7 @@ of an ``If``/``Loop``/``Scan`` body) or the ``value`` of a ``Constant`` node. Te
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 from collections import Counter
@@ -18,15 +19,19 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "PLAIN_INITIALIZERS_IR_VERSION",
     "NameAuthority",
     "Weight",
     "all_nodes",
+    "allow_plain_initializers",
     "dtype_name",
     "excluded_by",
     "graph_inputs",
     "in_subgraph",
     "op_histogram",
     "op_key",
+    "release",
+    "run_time_weights",
     "weights",
 ]
 
@@ -157,6 +162,14 @@ def weights(model: ir.Model) -> list[Weight]:
     return found
 
 
+def release(tensor: ir.TensorProtocol) -> None:
+    """Unmap an external tensor's pages once read: techniques that go tensor by tensor keep
+    only what they wrote in memory (it maps itself again if read later)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # an array still views it: leave it mapped
+            tensor.release()
+
+
 def in_subgraph(weight: Weight, model: ir.Model) -> bool:
     """True when the weight's graph is not the model's main graph."""
     return weight.graph is not model.graph
@@ -187,3 +200,103 @@ class NameAuthority:
             name = f"{base}_{self._counters[base]}"
         self._taken.add(name)
         return name
+
+
+# The operand that holds the weight, for the ops the techniques compress.
+WEIGHT_OPERAND = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+# Ops without inputs whose output is not a constant.
+_RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
+)
+# How far back a weight operand is traced (nodes) before giving up.
+_TRACE_LIMIT = 64
+
+
+def _computed_from_constants(value: ir.Value) -> bool:
+    """True when ``value`` is computed at run time from constants only (no input reaches it)."""
+    stack, seen, visited = [value], {id(value)}, 0
+    while stack:
+        v = stack.pop()
+        if v.is_initializer() and v.const_value is not None:
+            continue  # a stored constant (IR < 4 lists every initializer as an input too)
+        if v.is_graph_input():
+            return False
+        node = v.producer()
+        if node is None:
+            return False
+        if node.op_type in _RANDOM_OPS or any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()
+        ):
+            return False
+        visited += 1
+        if visited > _TRACE_LIMIT:
+            return False
+        for inp in node.inputs:
+            if inp is not None and id(inp) not in seen:
+                seen.add(id(inp))
+                stack.append(inp)
+    return True
+
+
+def run_time_weights(
+    model: ir.Model, op_types: Sequence[str], exclude: Sequence[str] = ()
+) -> list[tuple[ir.Node, str]]:
+    """Nodes of ``op_types`` whose weight operand is computed at run time from constants only.
+
+    Such a weight is not stored as a tensor (the ``light`` models of the ONNX model zoo make
+    every weight with ``ConstantOfShape``; old exporters put a ``Transpose`` between an
+    initializer and its ``MatMul``), so no technique sees it. Returns ``(node, reason)`` for
+    each, the reason saying why it is left alone and what to do; nodes matched by an
+    ``exclude`` pattern (node name, op type or weight name) are left out.
+    """
+    found: list[tuple[ir.Node, str]] = []
+    wanted = set(op_types)
+    for _, node in all_nodes(model):
+        key = op_key(node)
+        slot = WEIGHT_OPERAND.get(key)
+        if key not in wanted or slot is None or len(node.inputs) <= slot:
+            continue
+        value = node.inputs[slot]
+        producer = value.producer() if value is not None else None
+        if value is None or producer is None or producer.op_type == "Constant":
+            continue  # an input, an initializer or a Constant: a weight, or not one
+        name = value.name or "<unnamed>"
+        if excluded_by(exclude, node.name or "", key, name) is not None or not _computed_from_constants(
+            value
+        ):
+            continue
+        if producer.op_type == "ConstantOfShape":
+            reason = (
+                f"weight '{name}' is made at run time by ConstantOfShape: one value repeated, no "
+                "stored weights to compress (folding it would write every value and make the "
+                "file larger)"
+            )
+        else:
+            reason = (
+                f"weight '{name}' is computed at run time from constants by {producer.op_type} "
+                f"'{producer.name or producer.op_type}'; fold constants first (e.g. with onnxslim) "
+                "so that it is stored as a weight"
+            )
+        found.append((node, reason))
+    return found
+
+
+# IR version 3 requires every initializer to be listed as a graph input; IR 4 lifted that.
+PLAIN_INITIALIZERS_IR_VERSION = 4
+
+
+def allow_plain_initializers(model: ir.Model) -> bool:
+    """Raise an IR 3 model to IR 4 when it has initializers that are not graph inputs.
+
+    Techniques add initializers (quantized weights, scales, factors) without listing them as
+    graph inputs, which would make them overridable; IR 3 forbids that, IR 4 (a superset)
+    allows it. Returns True when the version was raised.
+    """
+    if model.ir_version >= PLAIN_INITIALIZERS_IR_VERSION:
+        return False
+    for graph in model.graphs():
+        listed = {id(v) for v in graph.inputs}
+        if any(id(v) not in listed for v in graph.initializers.values()):
+            model.ir_version = PLAIN_INITIALIZERS_IR_VERSION
+            return True
+    return False

@@ -27,6 +27,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from modelshrink.errors import ConfigError, InvalidModelError, OutputError
+from modelshrink.graph import allow_plain_initializers
 
 __all__ = [
     "EXTERNAL_DATA_AUTO_BYTES",
@@ -39,6 +40,7 @@ __all__ = [
     "check_output_target",
     "checker_message",
     "load_model",
+    "load_staged",
     "stage_model",
     "total_tensor_bytes",
     "write_text_atomic",
@@ -57,6 +59,12 @@ _COPY_CHUNK = 1 << 20
 # (onnx-ir has no sparse tensors) carrying the entry, so sparse Constants are written back
 # sparse; sparse initializers come back as dense initializers.
 SPARSE_STORAGE_KEY = "modelshrink.storage"
+# A sparse tensor is densified when read: refused when its dense form would pass 2 GiB (one
+# protobuf could not hold it anyway), or 256 MiB and 1000x the bytes it stores (a tiny file
+# declaring huge dims must not become a multi-GB allocation).
+_MAX_DENSE_BYTES = 1 << 31
+_SMALL_DENSE_BYTES = 1 << 28
+_MAX_DENSE_RATIO = 1000
 SPARSE_STORAGE_VALUE = "sparse"
 
 
@@ -220,7 +228,7 @@ def checker_message(exc: Exception) -> str:
 
 
 def _deserialize(proto: onnx.ModelProto, label: str) -> ir.Model:
-    _from_sparse_storage(proto)
+    _from_sparse_storage(proto, label)
     try:
         return ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises plain exceptions for malformed protos
@@ -248,6 +256,23 @@ def _is_constant(node: onnx.NodeProto) -> bool:
     return node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
 
+def _check_dense_size(sparse: onnx.SparseTensorProto, where: str) -> None:
+    """Refuse a sparse tensor whose declared dense form would be a huge allocation from little data."""
+    try:
+        itemsize = ir.DataType(sparse.values.data_type).itemsize
+    except ValueError as exc:
+        raise InvalidModelError(
+            f"{where}: sparse tensor '{sparse.values.name}' has unknown data type {sparse.values.data_type}"
+        ) from exc
+    dense = float(np.prod(list(sparse.dims), dtype=np.float64)) * itemsize
+    stored = sparse.values.ByteSize() + sparse.indices.ByteSize()
+    if dense > _MAX_DENSE_BYTES or (dense > _SMALL_DENSE_BYTES and dense > _MAX_DENSE_RATIO * stored):
+        raise InvalidModelError(
+            f"{where}: sparse tensor '{sparse.values.name}' declares dims {list(sparse.dims)} "
+            f"({dense / 1e9:.3g} GB dense) for {stored} bytes of values; refusing to densify it"
+        )
+
+
 def _dense_of(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
     values = onnx.numpy_helper.to_array(sparse.values)
     indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
@@ -261,10 +286,11 @@ def _dense_of(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
     return tensor
 
 
-def _from_sparse_storage(proto: onnx.ModelProto) -> None:
+def _from_sparse_storage(proto: onnx.ModelProto, label: str) -> None:
     """Sparse initializers and ``sparse_value`` Constants -> dense ones carrying the mark."""
     for graph in _proto_graphs(proto.graph):
         for sparse in graph.sparse_initializer:
+            _check_dense_size(sparse, label)
             graph.initializer.append(_dense_of(sparse))
         del graph.sparse_initializer[:]
         for node in graph.node:
@@ -272,6 +298,7 @@ def _from_sparse_storage(proto: onnx.ModelProto) -> None:
                 continue
             for attr in node.attribute:
                 if attr.name == "sparse_value" and attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    _check_dense_size(attr.sparse_tensor, label)
                     dense = _dense_of(attr.sparse_tensor)
                     attr.Clear()
                     attr.CopyFrom(onnx.helper.make_attribute("value", dense))
@@ -640,6 +667,7 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
     staged = StagedModel(target, folder, folder / name, None)
     try:
         copy = model.clone()
+        allow_plain_initializers(copy)
         _inline_external(copy, keep_large=external)
         data_name = name + ".data" if external else None
         if not external and _has_sparse_marks(copy):
@@ -662,6 +690,20 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
     return staged
 
 
+def load_staged(staged_model: StagedModel) -> ir.Model:
+    """The staged model read back with its tensors memory-mapped from the staged data file.
+
+    After staging with external data, this lets the in-memory copies a technique made go
+    before onnxruntime loads its own (holding both took twice the model's size). The mapping
+    survives the move into place (same inode) and the removal of the temporary folder.
+    """
+    proto = onnx.ModelProto()
+    proto.ParseFromString(staged_model.path.read_bytes())
+    model = _deserialize(proto, staged_model.target.label)
+    ir.external_data.set_base_dir(model.graph, str(staged_model.folder.resolve()))
+    return model
+
+
 @contextlib.contextmanager
 def staged(model: ir.Model, target: OutputTarget) -> Iterator[StagedModel]:
     """Stage ``model``; discard it on exit unless it was committed."""
@@ -675,6 +717,7 @@ def staged(model: ir.Model, target: OutputTarget) -> Iterator[StagedModel]:
 def model_bytes(model: ir.Model) -> bytes:
     """Serialize a model whose tensors all fit in one protobuf (for onnxruntime sessions)."""
     copy = model.clone()
+    allow_plain_initializers(copy)
     _inline_external(copy, keep_large=False)
     if _has_sparse_marks(copy):
         return _serialized(copy).SerializeToString()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import shutil
 import tempfile
@@ -227,9 +228,13 @@ def compare(
     with timer.phase("feeds"):
         feeds = options.feeds_for(original.model)
     with timer.phase("verify"):
-        orig_session = _original_session(original, options.runtime)
-        cand_session = _original_session(candidate, options.runtime)
+        orig_session: Session | None = _original_session(original, options.runtime)
+        assert orig_session is not None
         reference = Reference(orig_session, feeds, original.model, _progress_fn(progress, "running original"))
+        if not options.latency:  # one model's session in memory at a time (2x the size otherwise)
+            reference.release_session()
+            orig_session = None
+        cand_session = _original_session(candidate, options.runtime)
         fidelity = reference.compare(cand_session, _progress_fn(progress, "running candidate"))
     with timer.phase("measure"):
         orig_stats = model_stats(
@@ -240,6 +245,7 @@ def compare(
         )
     latency = None
     if options.latency:
+        assert orig_session is not None
         with timer.phase("latency"):
             latency = _latency(orig_session, cand_session, feeds, options, progress)
     size_ratio = cand_stats.size_bytes / orig_stats.size_bytes if orig_stats.size_bytes else None
@@ -314,6 +320,11 @@ def run_technique(
         raise AssertionError(f"technique {command} returned its input model; it must clone it")
     with timer.phase("save"):
         staged = io.stage_model(result.model, target)
+        if staged.data_path is not None:
+            # Its tensors are on disk now: read them from there and free the technique's copies
+            # before onnxruntime loads the candidate (both at once took 2x the model's size).
+            result = dataclasses.replace(result, model=io.load_staged(staged))
+            gc.collect()  # a graph is full of reference cycles: free the arrays now, not later
     try:
         with timer.phase("check"):
             _check_candidate(staged.path, command)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ __all__ = [
     "Session",
     "clean_ort_message",
     "create_session",
+    "runs_qdq",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,7 +146,7 @@ class Session:
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures come back as exceptions, turned into one line
         so.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if options.optimize
@@ -180,3 +182,40 @@ class Session:
 def create_session(model: str | Path | bytes, options: RuntimeOptions, *, label: str) -> Session:
     """A session for a model path (external data resolved beside it) or serialized bytes."""
     return Session(model, options, label=label)
+
+
+@functools.cache
+def runs_qdq(opset: int) -> bool:
+    """Whether onnxruntime's CPU provider runs int8 QuantizeLinear/DequantizeLinear at ``opset``.
+
+    Its kernel registry can claim an open-ended version range and still lack the newest
+    schema (onnxruntime 1.32 loads opset-28 models but has no opset-28 DequantizeLinear), so
+    this loads the smallest such model once per opset.
+    """
+    from onnx import TensorProto, helper  # lazy: only the quantizers need it
+
+    tensors = [
+        helper.make_tensor("s", TensorProto.FLOAT, [], [0.5]),
+        helper.make_tensor("z", TensorProto.INT8, [], [0]),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        tensors,
+    )
+    try:
+        opsets = [helper.make_opsetid("", opset)]
+        model = helper.make_model(graph, opset_imports=opsets)
+        model.ir_version = max(helper.find_min_ir_version_for(opsets), 7)
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception:  # any failure means: not here
+        return False
+    return True

@@ -153,6 +153,148 @@ def token_model(seed: int = 0, vocab: int = 50) -> onnx.ModelProto:
     return _model(graph)
 
 
+def every_weight_kind(opset: int = OPSET, ir_version: int | None = None, seed: int = 0) -> onnx.ModelProto:
+    """Conv -> Relu -> Flatten -> Gemm -> Relu -> MatMul -> MatMul -> Add, valid at opsets 7..28.
+
+    Weights as initializers (``conv_w``, ``fc_w``), in a ``Constant`` node (``const_w``) and as
+    a graph input with an initializer default (``w_in``, which callers may override). Input
+    ``x`` [1, 3, 8, 8]; output ``y`` [1, 16]. ``ir_version`` defaults to the lowest the opset
+    allows, but at least 4; IR 3 lists every initializer as a graph input, as it must.
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        init("conv_w", (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)),
+        init("conv_b", (0.1 * rng.standard_normal(8)).astype(np.float32)),
+        init("fc_w", (rng.standard_normal((512, 32)) / np.sqrt(512)).astype(np.float32)),
+        init("fc_b", (0.1 * rng.standard_normal(32)).astype(np.float32)),
+        init("w_in", (rng.standard_normal((16, 16)) / 4).astype(np.float32)),
+        init("bias", (0.1 * rng.standard_normal(16)).astype(np.float32)),
+    ]
+    const_w = (rng.standard_normal((32, 16)) / np.sqrt(32)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["g"], name="fc"),
+        helper.make_node("Relu", ["g"], ["h"], name="relu2"),
+        helper.make_node("Constant", [], ["const_w"], name="const", value=numpy_helper.from_array(const_w)),
+        helper.make_node("MatMul", ["h", "const_w"], ["m"], name="mm_const"),
+        helper.make_node("MatMul", ["m", "w_in"], ["o"], name="mm_input"),
+        helper.make_node("Add", ["o", "bias"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "kinds",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [16, 16]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        inits,
+    )
+    lowest = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    ir_version = ir_version or max(lowest, 4)
+    if ir_version < 4:  # IR 3: every initializer must also be a graph input
+        listed = {i.name for i in graph.input}
+        for tensor in inits:
+            if tensor.name not in listed:
+                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return _model(graph, opset=opset, ir_version=ir_version)
+
+
+def loop_model(seed: int = 0) -> onnx.ModelProto:
+    """A Loop (3 trips) whose body multiplies the carried state by a body initializer ``w_body``."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+            helper.make_node("MatMul", ["v_in", "w_body"], ["mv"], name="body_mm"),
+            helper.make_node("Tanh", ["mv"], ["v_out"], name="body_tanh"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [2, 16]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2, 16]),
+        ],
+        [init("w_body", (rng.standard_normal((16, 16)) / 4).astype(np.float32))],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "go", "x"], ["y"], name="loop", body=body)],
+        "loop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        [init("trips", np.array(3, np.int64)), init("go", np.array(True))],
+    )
+    return _model(graph)
+
+
+def scan_model(seed: int = 0) -> onnx.ModelProto:
+    """A Scan over 4 steps: state += x_t @ w_scan (a body initializer); outputs the final state."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "w_scan"], ["m"], name="scan_mm"),
+            helper.make_node("Add", ["s_in", "m"], ["s_out"], name="scan_add"),
+            helper.make_node("Relu", ["m"], ["y_t"], name="scan_relu"),
+        ],
+        "scan_body",
+        [
+            helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [16]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [16]),
+        ],
+        [
+            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [16]),
+            helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [16]),
+        ],
+        [init("w_scan", (rng.standard_normal((16, 16)) / 4).astype(np.float32))],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["s0", "xs"], ["s", "ys"], name="scan", body=body, num_scan_inputs=1)],
+        "scan",
+        [helper.make_tensor_value_info("xs", TensorProto.FLOAT, [4, 16])],
+        [
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, [16]),
+            helper.make_tensor_value_info("ys", TensorProto.FLOAT, [4, 16]),
+        ],
+        [init("s0", np.zeros(16, np.float32))],
+    )
+    return _model(graph)
+
+
+def run_time_weights_model(seed: int = 0) -> onnx.ModelProto:
+    """Weights made at run time: a Conv kernel by ConstantOfShape, a MatMul weight by Transpose."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node(
+            "ConstantOfShape",
+            ["k_shape"],
+            ["conv_w"],
+            name="fill",
+            value=numpy_helper.from_array(np.array([0.02], np.float32)),
+        ),
+        helper.make_node("Conv", ["x", "conv_w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+        helper.make_node("Transpose", ["w_t"], ["fc_w"], name="tr"),
+        helper.make_node("MatMul", ["f", "fc_w"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "run_time",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [
+            init("k_shape", np.array([32, 3, 3, 3], np.int64)),
+            init("w_t", (rng.standard_normal((10, 32 * 64)) * 0.02).astype(np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     """Write a model file for a test."""
     onnx.save(model, str(path))

@@ -406,7 +406,8 @@ def test_every_skip_reason_appears() -> None:
     assert "only row lookups (axis 0)" in reasons["gather_axis1"]
     assert "graph input" in reasons["graph_input_weight"]
     assert "is int64; only float32/float16/float64 weights" in reasons["int_table"]
-    assert "uses_transposed" not in reasons  # its weight is computed, not a constant
+    # its weight is Transpose(constant): computed at run time, named with what to do
+    assert "computed at run time from constants by Transpose" in reasons["uses_transposed"]
     assert not result.changed
     assert io.model_bytes(result.model) == io.model_bytes(original)
     # op-types filters silently; exclude by op type

@@ -33,21 +33,24 @@ given and no rule is, a sensitivity search for the smallest ranks that pass the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
-from modelshrink.graph import NameAuthority, op_key, weights
+from modelshrink.graph import NameAuthority, op_key, release, weights
 from modelshrink.techniques.base import Change, Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.factorize._activations import collect_grams
 from modelshrink.techniques.factorize._decompose import Decomposition, decompose
 from modelshrink.techniques.factorize._layers import Discovery, Group, discover, node_label, rewrite_group
 from modelshrink.techniques.factorize._ranks import (
+    Spectrum,
     allowed_ranks,
     budget_ranks,
     max_saving_rank,
@@ -204,6 +207,28 @@ def _too_small_reason(group: Group, rank: int, config: FactorizeConfig, rule: _R
     )
 
 
+def _usable_rank(rule: _Rule, spectrum: Spectrum, config: FactorizeConfig) -> int:
+    """The largest rank a later step may ask of a layer with this spectrum (0: none)."""
+    allowed = allowed_ranks(spectrum, config.rank_multiple, config.min_saving)
+    if not allowed:
+        return 0
+    limit = max_saving_rank(spectrum.rows, spectrum.cols, config.min_saving)
+    if rule.kind in ("rank-ratio", "energy"):
+        assert rule.value is not None
+        if rule.kind == "rank-ratio":
+            r = rank_for_ratio(rule.value, spectrum.max_rank, config.rank_multiple)
+        else:
+            r = rank_for_energy(spectrum, rule.value, config.rank_multiple)
+        return r if r <= limit else 0
+    return max(allowed)  # a budget or a search picks among the allowed ranks
+
+
+def _truncated(d: Decomposition, rank: int) -> Decomposition:
+    """``d`` with the singular vectors up to ``rank`` only (copies, so the rest is freed)."""
+    # copies (ascontiguousarray would return views of row slices, keeping the full arrays)
+    return dataclasses.replace(d, u=d.u[:, :rank].copy(), vt=d.vt[:rank].copy())
+
+
 def _method(config: FactorizeConfig, context: TechniqueContext) -> Literal["svd", "data"]:
     if config.method == "data" and not context.feeds.real:
         raise ConfigError("--method data needs real activations: pass --data")
@@ -228,10 +253,26 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
     if method == "data" and groups:
         grams, fallback = collect_grams(work, groups, context.feeds, context.runtime, context.progress)
     decomps: list[Decomposition] = []
+    non_finite: set[int] = set()  # NaN/inf weights: no SVD (it would not converge), left as is
     for i, group in enumerate(groups):
-        decomps.append(decompose(group.matrix(), grams.get(i)))
+        matrix = group.matrix()
+        release(group.weight.tensor)
+        if np.isfinite(matrix).all():
+            # keep only the singular vectors a rank can use: all of them for every group at once
+            # took 2 x 8 bytes x n^2 per n x n weight (5.6x the model's size in memory)
+            d = decompose(matrix, grams.get(i))
+            decomps.append(_truncated(d, _usable_rank(rule, d.spectrum, config)))
+            del d
+        else:
+            non_finite.add(i)
+            empty = Spectrum(np.zeros(0), group.rows, group.cols)
+            decomps.append(Decomposition(empty, "svd", np.zeros((group.rows, 0)), np.zeros((0, group.cols))))
+        del matrix
         context.progress("decomposing weights", i + 1, len(groups))
-    allowed = [allowed_ranks(d.spectrum, config.rank_multiple, config.min_saving) for d in decomps]
+    allowed = [
+        [] if i in non_finite else allowed_ranks(d.spectrum, config.rank_multiple, config.min_saving)
+        for i, d in enumerate(decomps)
+    ]
 
     ranks: list[int | None] = [None] * len(groups)
     reasons: dict[int, str] = {
@@ -239,6 +280,10 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
         for i, group in enumerate(groups)
         if not allowed[i]
     }
+    for i in non_finite:
+        reasons[i] = (
+            f"weight '{groups[i].weight.name}' has NaN or infinite values, which no factorization holds"
+        )
     search: SearchResult | None = None
     if rule.kind != "search" and context.gates.fidelity_gates:
         notes.append(
@@ -248,6 +293,8 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
     if rule.kind in ("rank-ratio", "energy"):
         assert rule.value is not None
         for i, (group, d) in enumerate(zip(groups, decomps, strict=True)):
+            if i in non_finite:
+                continue
             if rule.kind == "rank-ratio":
                 r = rank_for_ratio(rule.value, d.spectrum.max_rank, config.rank_multiple)
             else:

@@ -97,7 +97,8 @@ def conv_patches(x: np.ndarray, node: ir.Node, kernel: Sequence[int]) -> np.ndar
 def _accumulate(gram: np.ndarray, rows: np.ndarray) -> int:
     for start in range(0, rows.shape[0], _CHUNK_ROWS):
         block = rows[start : start + _CHUNK_ROWS].astype(np.float64)
-        gram += block.T @ block
+        with np.errstate(invalid="ignore", over="ignore"):  # inf activations: decompose() drops the Gram
+            gram += block.T @ block
     return int(rows.shape[0])
 
 

@@ -102,6 +102,10 @@ def _roots(gram: Gram) -> tuple[np.ndarray, np.ndarray]:
 def decompose(matrix: np.ndarray, gram: Gram | None) -> Decomposition:
     """SVD of ``matrix`` (float64), whitened by ``gram`` when given."""
     rows, cols = matrix.shape
+    if gram is not None and not all(
+        np.isfinite(a).all() for a in (gram.matrix, gram.diagonal) if a is not None
+    ):
+        gram = None  # non-finite activations (NaN/inf upstream): plain SVD of the weight
     if gram is None:
         u, s, vt = _svd(matrix)
         return Decomposition(Spectrum(s, rows, cols), "svd", u, vt)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import NameAuthority, Weight, excluded_by, op_key, weights
+from modelshrink.graph import NameAuthority, Weight, excluded_by, op_key, run_time_weights, weights
 
 __all__ = ["Consumer", "Discovery", "Group", "discover", "node_label", "rewrite_group"]
 
@@ -240,6 +240,8 @@ def discover(
     """
     found = Discovery()
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    for computed, why in run_time_weights(model, [op for op in op_types if op in _WEIGHT_INDEX], exclude):
+        found.skipped.append((node_label(computed), op_key(computed), why))
     for weight in weights(model):
         uses = weight.consumers()
         relevant = [

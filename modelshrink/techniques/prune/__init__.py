@@ -25,6 +25,7 @@ Modes (``PruneConfig``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -32,10 +33,10 @@ from typing import Any
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
-from modelshrink.graph import weights
+from modelshrink.graph import op_key, run_time_weights, weights
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.prune import _search, _sparse, _structured, _unstructured
-from modelshrink.techniques.prune._common import set_weight
+from modelshrink.techniques.prune._common import node_label, set_weight
 from modelshrink.techniques.prune._config import DEFAULT_OP_TYPES, PruneConfig
 from modelshrink.techniques.prune._magnitude import magnitude, nm_prune, prune_smallest, select_smallest
 
@@ -66,9 +67,17 @@ def prune(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> Te
     """Prune a copy of ``model`` as ``config`` says; the input is never modified."""
     model = model.clone()
     searching = _wants_search(config, context)
+    computed = [
+        Skip(node_label(n), op_key(n), why)
+        for n, why in run_time_weights(model, config.op_types, config.exclude)
+    ]
     if config.structured:
-        return _structured_result(model, config, context, searching)
-    return _unstructured_result(model, config, context, searching)
+        result = _structured_result(model, config, context, searching)
+    else:
+        result = _unstructured_result(model, config, context, searching)
+    named = {s.node for s in result.skipped}
+    extra = tuple(s for s in computed if s.node not in named)
+    return dataclasses.replace(result, skipped=result.skipped + extra) if extra else result
 
 
 # --- unstructured and N:M -----------------------------------------------------------------

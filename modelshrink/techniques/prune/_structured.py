@@ -20,6 +20,7 @@ activations are updated, or dropped where they cannot be (never left wrong).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
-from modelshrink.graph import NameAuthority, op_key
+from modelshrink.graph import NameAuthority, op_key, release
 from modelshrink.techniques.base import Change, Skip, TechniqueContext
 from modelshrink.techniques.prune._channels import SOURCE_OPS, Analysis, Dim, analyze
 from modelshrink.techniques.prune._common import node_label, set_weight
@@ -240,7 +241,11 @@ def _skips(model: ir.Model, analysis: Analysis, config: PruneConfig) -> list[Ski
 
 def _normalized(values: np.ndarray) -> np.ndarray:
     mean = float(np.mean(values)) if values.size else 0.0
-    return values / mean if mean > 0 else np.ones_like(values)
+    if math.isfinite(mean) and mean > 0:
+        return values / mean
+    if not np.isfinite(values).all():  # NaN/inf weights: those channels rank first (kept)
+        return np.where(np.isfinite(values), values, np.inf)
+    return np.ones_like(values)
 
 
 def _weight_scores(analysis: Analysis, groups: Sequence[Group], norm: str) -> dict[int, np.ndarray]:
@@ -253,6 +258,8 @@ def _weight_scores(analysis: Analysis, groups: Sequence[Group], norm: str) -> di
         rows = w.reshape(w.shape[0], -1)
         per = np.abs(rows).sum(axis=1) if norm == "l1" else np.sqrt((rows * rows).sum(axis=1))
         wanted[root] += _normalized(per)
+        del w, rows
+        release(prod.weight.tensor)
     return wanted
 
 
@@ -365,6 +372,7 @@ def apply_plan(model: ir.Model, the_plan: Plan, ratios: Mapping[int, float]) -> 
     total_before = total_after = 0
     for value, specs in analysis.slices.items():
         weight = analysis.weights[value]
+        original = weight.tensor
         array = np.asarray(weight.numpy())
         before_size = array.size
         notes = []
@@ -378,6 +386,7 @@ def apply_plan(model: ir.Model, the_plan: Plan, ratios: Mapping[int, float]) -> 
         if array.size == before_size:
             continue
         set_weight(weight, array)
+        release(original)  # tensor by tensor: only the smaller copies stay in memory
         value.shape = ir.Shape(array.shape)
         if value.type is None:  # a shape without a type is dropped (with a warning) on save
             value.type = ir.TensorType(weight.dtype)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import in_subgraph, op_key, weights
+from modelshrink.graph import in_subgraph, op_key, release, weights
 from modelshrink.techniques.base import Change, Skip
 from modelshrink.techniques.prune._common import (
     FLOAT_TYPES,
@@ -190,12 +190,15 @@ def apply_layer_sparsities(targets: Sequence[Target], sparsities: Sequence[float
         if s <= 0:
             continue
         w = target.eligible.weight
+        old = w.tensor
         before = w.numpy()
         k = round(s * before.size)
         (mask,) = select_smallest([magnitude(before)], k)
         after = prune_smallest(before, mask)
         set_weight(w, after)
         _record(outcome, target, before, after, f"layer, asked {100 * s:.1f}%")
+        del before, mask
+        release(old)
     return outcome
 
 
@@ -215,10 +218,13 @@ def apply_nm(targets: Sequence[Target], n: int, m: int) -> Outcome:
     outcome = Outcome()
     for target in targets:
         assert target.view is not None
+        old = target.eligible.weight.tensor
         before = target.eligible.weight.numpy()
         after = nm_prune(before, target.view, n, m)
         set_weight(target.eligible.weight, after)
         _record(outcome, target, before, after, f"{n}:{m} along {target.view.describe}")
+        del before
+        release(old)
     return outcome
 
 

@@ -36,8 +36,11 @@ import logging
 from collections.abc import Callable
 
 import onnx_ir as ir
+from onnxruntime import __version__ as ort_version
 
+from modelshrink.errors import UnsupportedModelError
 from modelshrink.graph import NameAuthority
+from modelshrink.runtime import runs_qdq
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.bf16 import BF16_NOTES, store_bf16
 from modelshrink.techniques.quantize.config import QatSettings, QuantizeConfig
@@ -68,6 +71,17 @@ INT4_ACCURACY_LEVEL = 4
 QDQ_INT4_OPSET = 21
 
 
+# The lowest ai.onnx opset at which onnxruntime has kernels for every op a mode emits:
+# onnxruntime implements ai.onnx from opset 7 (an opset-6 Mul or Add has no kernel, so Cast +
+# Mul rebuilding an int8 weight would not load), and DynamicQuantizeLinear arrived in opset 11.
+MIN_OPSET = {"int8": 7, "int4": 7, "dynamic": 11}
+_MIN_OPSET_WHY = {
+    "int8": "onnxruntime has no opset-{opset} kernel for the Mul that rebuilds int8 weights",
+    "int4": "onnxruntime has no opset-{opset} kernel for the Add that applies Gemm biases",
+    "dynamic": "DynamicQuantizeLinear, which quantizes activations at run time, needs it",
+}
+
+
 def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[str]]:
     """The model every candidate starts from (opset raised where the mode needs it), and notes."""
     opset = default_opset(model)
@@ -78,6 +92,11 @@ def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[st
             f"raised the opset from {opset} to {UNPACK_MIN_OPSET} with onnx's version converter: the "
             "BitShift that unpacks the weights needs it"
         ]
+    if config.mode == "int4" and config.storage == "qdq" and not runs_qdq(max(opset, QDQ_INT4_OPSET)):
+        raise UnsupportedModelError(
+            f"--mode int4 --format qdq: onnxruntime {ort_version} has no DequantizeLinear kernel at opset "
+            f"{opset}; use --format nbits"
+        )
     if config.mode == "int4" and config.storage == "qdq" and opset < QDQ_INT4_OPSET:
         why = "--mode int4 --format qdq (block-wise int4 DequantizeLinear)"
         raised = raise_opset(model, QDQ_INT4_OPSET, why=why)
@@ -85,6 +104,11 @@ def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[st
             f"raised the opset from {opset} to {QDQ_INT4_OPSET} with onnx's version converter: block-wise "
             "int4 DequantizeLinear needs it (and IR version 10)"
         ]
+    target = MIN_OPSET.get(config.mode, 0)
+    if opset < target and make_plan(model, config).units:
+        raised = raise_opset(model, target, why=f"--mode {config.mode}")
+        why = _MIN_OPSET_WHY[config.mode].format(opset=opset)
+        return raised, [f"raised the opset from {opset} to {target} with onnx's version converter: {why}"]
     return model, []
 
 
@@ -105,7 +129,11 @@ def _apply_units(
         parts = (*dense.changes, *rows.changes, *convs.changes)
         changes = {c.details["weight"]: c for c in parts}
         ordered = tuple(changes[u.weight.name] for u in units if u.weight.name in changes)
-        emitted = Emitted(ordered, dense.storages | rows.storages | convs.storages)
+        emitted = Emitted(
+            ordered,
+            dense.storages | rows.storages | convs.storages,
+            dense.skipped + rows.skipped + convs.skipped,
+        )
     elif config.width is not None:
         emitted = quantize_packed(model, units, names, bits=config.width, block=config.block_size)
     elif config.mode == "bf16":
@@ -160,9 +188,15 @@ def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted
             "--format cast stores the same int8 weights behind Cast + Mul, which onnxruntime folds "
             "once at load: no run-time cost, float-sized weights in memory at run time"
         )
-    if "Cast+Mul" in emitted.storages and config.storage != "cast":
+    opset = default_opset(model)
+    if "Cast+Mul" in emitted.storages and config.storage != "cast" and not runs_qdq(opset):
         notes.append(
-            f"opset {default_opset(model)} has no per-channel DequantizeLinear for these weights "
+            f"onnxruntime {ort_version} has no DequantizeLinear kernel at opset {opset}: weights are "
+            "rebuilt with Cast + Mul, which gives the same values"
+        )
+    elif "Cast+Mul" in emitted.storages and config.storage != "cast":
+        notes.append(
+            f"opset {opset} has no per-channel DequantizeLinear for these weights "
             "(it needs opset 13, or 19 for float16/bfloat16 scales): they are rebuilt with Cast + "
             "Mul, which gives the same values; the opset was not raised"
         )
@@ -247,7 +281,7 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
         done = _with_fallback(base, config, context, result, plan, emitted, notes)
     else:
         done = TechniqueResult(
-            model=result, changed=emitted.changes, skipped=plan.skipped, notes=tuple(notes)
+            model=result, changed=emitted.changes, skipped=plan.skipped + emitted.skipped, notes=tuple(notes)
         )
     if config.mode == "dynamic" and done.changed:
         done = _check_speed(model, done, context)
@@ -291,7 +325,11 @@ _MODE_WORDS = {"dynamic": "dynamic quantization", "static": "static quantization
 
 def done_mode(done: TechniqueResult) -> str:
     """``static`` when the result came from the QDQ path, else ``dynamic``."""
-    return "static" if any(c.details.get("storage") == "QDQ" for c in done.changed) else "dynamic"
+    return (
+        "static"
+        if any(str(c.details.get("storage", "")).startswith("QDQ") for c in done.changed)
+        else "dynamic"
+    )
 
 
 def _check_speed(original: ir.Model, done: TechniqueResult, context: TechniqueContext) -> TechniqueResult:
@@ -301,7 +339,7 @@ def _check_speed(original: ir.Model, done: TechniqueResult, context: TechniqueCo
 
     sessions = [
         session_for_model(original, context.runtime, label="original"),
-        session_for_model(done.model, context.runtime, label="dynamic candidate"),
+        session_for_model(done.model, context.runtime, label=f"{done_mode(done)} candidate"),
     ]
     stats = measure_latency(sessions, context.feeds.samples[0], budget_s=SPEED_CHECK_BUDGET_S)
     speedup = stats[0].p50_ms / stats[1].p50_ms if stats[1].p50_ms > 0 else float("inf")
@@ -346,10 +384,10 @@ def _sensitivity_only(
         "for every layer quantized; nothing is written\n" + table,
         *notes,
     ]
-    del emitted  # the table lists every layer; the report's figures are the full quantization's
+    # the table lists every layer; the report's figures are the full quantization's
     return TechniqueResult(
         model=result,
-        skipped=plan.skipped,
+        skipped=plan.skipped + emitted.skipped,
         notes=tuple(notes),
         details={"sensitivity": _table_rows(ranked)},
         write=False,
@@ -370,7 +408,7 @@ def _with_fallback(
     check_agreement_gate(full, context.gates)
     if passes(full, context.gates):
         notes.append("every layer quantized passes the fidelity gates: no layer had to stay in float")
-        return TechniqueResult(result, emitted.changes, plan.skipped, tuple(notes))
+        return TechniqueResult(result, emitted.changes, plan.skipped + emitted.skipped, tuple(notes))
     build = _builder(base, config)
     ranked = score_units(plan.units, build, context)
     search = fallback_search(ranked, build, context, full)
@@ -390,10 +428,10 @@ def _with_fallback(
             f"damaging layer ('{ranked[-1].unit.layer}') quantized the model fails them; the result "
             "below quantizes every layer. Per-layer cost (each layer quantized alone):\n" + table,
         )
-        return TechniqueResult(result, emitted.changes, plan.skipped, tuple(notes), details)
+        return TechniqueResult(result, emitted.changes, plan.skipped + emitted.skipped, tuple(notes), details)
     kept = {s.unit.index for s in search.kept}
     chosen, _, chosen_emitted = _apply_units(base, config, frozenset(u.index for u in plan.units) - kept)
-    skips = list(plan.skipped)
+    skips = list(plan.skipped + chosen_emitted.skipped)
     for s in search.kept:
         f = s.fidelity
         skips.append(

@@ -22,10 +22,11 @@ import numpy as np
 import onnx_ir as ir
 
 from modelshrink.graph import NameAuthority, dtype_name
-from modelshrink.techniques.base import Change
+from modelshrink.techniques.base import Change, Skip
 from modelshrink.techniques.quantize.plan import Unit
 from modelshrink.techniques.quantize.weightonly import (
     Emitted,
+    NonFiniteWeightError,
     _initializer,
     _release,
     _Writer,
@@ -82,14 +83,20 @@ def quantize_dynamic(model: ir.Model, units: Sequence[Unit], names: NameAuthorit
     """Rewrite the MatMul/Gemm readers of ``units`` into dynamic int8 in place."""
     acts = _Activations(names)
     changes: list[Change] = []
+    skipped: list[Skip] = []
     for unit in units:
         w = unit.weight
         arr = np.asarray(w.numpy())
         axis = unit.axis
         assert axis is not None and arr.ndim == 2
-        quantized = symmetric_int8(arr, axis, np.dtype(np.float32))
-        del arr
-        _release(w.tensor)
+        try:
+            quantized = symmetric_int8(arr, axis, np.dtype(np.float32))
+        except NonFiniteWeightError as exc:
+            skipped.append(Skip(unit.layer, unit.op_type, f"'{w.name}': {exc}"))
+            continue
+        finally:
+            del arr
+            _release(w.tensor)
         q = quantized.q.T if axis == 0 else quantized.q  # MatMulInteger reads [K, N]
         scale, snr = quantized.scale, quantized.snr_db
         graph_w = w.graph
@@ -120,7 +127,7 @@ def quantize_dynamic(model: ir.Model, units: Sequence[Unit], names: NameAuthorit
                 },
             )
         )
-    return Emitted(tuple(changes), frozenset({"MatMulInteger"} if changes else set()))
+    return Emitted(tuple(changes), frozenset({"MatMulInteger"} if changes else set()), tuple(skipped))
 
 
 def _rewrite(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from modelshrink.graph import Weight, excluded_by, op_key, weights
+from modelshrink.graph import Weight, excluded_by, op_key, run_time_weights, weights
 from modelshrink.techniques.base import Skip
 from modelshrink.techniques.quantize.config import MODE_OPS, QuantizeConfig
 
@@ -248,4 +248,8 @@ def make_plan(model: ir.Model, config: QuantizeConfig) -> Plan:
             skipped.append(Skip(label, op, f"'{w.name}': {decision}"))
             continue
         units.append(Unit(index, w, tuple(decision)))
+    for node, reason in run_time_weights(
+        model, [op for op in config.ops if op in CANDIDATE_OPS], config.exclude
+    ):
+        skipped.append(Skip(_node_name(node), op_key(node), reason))
     return Plan(tuple(units), tuple(skipped))

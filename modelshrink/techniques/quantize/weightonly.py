@@ -37,7 +37,8 @@ import numpy as np
 import onnx_ir as ir
 
 from modelshrink.graph import NameAuthority, dtype_name
-from modelshrink.techniques.base import Change
+from modelshrink.runtime import runs_qdq
+from modelshrink.techniques.base import Change, Skip
 from modelshrink.techniques.quantize.plan import Unit
 
 __all__ = [
@@ -62,6 +63,14 @@ class Emitted:
 
     changes: tuple[Change, ...]
     storages: frozenset[str]
+    skipped: tuple[Skip, ...] = ()
+
+
+NON_FINITE_REASON = "has NaN or infinite values, which no integer grid holds; left in float"
+
+
+class NonFiniteWeightError(ValueError):
+    """A weight holds NaN or infinity: it is left in float (a skip, not a failure)."""
 
 
 def default_opset(model: ir.Model) -> int:
@@ -134,6 +143,8 @@ def symmetric_int8(arr: np.ndarray, axis: int | None, scale_dtype: np.dtype) -> 
         chunks: Iterator[tuple[int, int]] = iter([(0, 1)])
     else:
         chunks = _row_chunks(arr)
+    if not np.isfinite(amax).all():
+        raise NonFiniteWeightError(NON_FINITE_REASON)
     for start, stop in chunks:
         part = _float32(arr[start:stop] if arr.ndim else arr)
         s = s32[start:stop] if axis == 0 else s32
@@ -146,9 +157,11 @@ def symmetric_int8(arr: np.ndarray, axis: int | None, scale_dtype: np.dtype) -> 
         scaled -= rounded
         scaled *= s  # the error, in the weight's units
         flat_err, flat_part = scaled.reshape(-1), part.reshape(-1)
-        noise += float(np.dot(flat_err, flat_err))
-        signal += float(np.dot(flat_part, flat_part))
-    snr = round(10 * math.log10(signal / noise), 2) if noise > 0 and signal > 0 else None
+        with np.errstate(over="ignore"):  # weights near float32's limit: no SNR, no warning
+            noise += float(np.dot(flat_err, flat_err))
+            signal += float(np.dot(flat_part, flat_part))
+    finite = math.isfinite(signal) and math.isfinite(noise)
+    snr = round(10 * math.log10(signal / noise), 2) if finite and noise > 0 and signal > 0 else None
     return Int8Weight(q, scale, snr)
 
 
@@ -156,10 +169,11 @@ def _snr_db(original: np.ndarray, restored: np.ndarray) -> float | None:
     """Signal-to-noise ratio of a weight's quantization, in dB (None when exact)."""
     ref = _float32(original).reshape(-1)
     err = _float32(restored).reshape(-1) - ref
-    noise = float(np.dot(err, err))
-    if noise == 0:
+    with np.errstate(over="ignore"):  # weights near float32's limit: no SNR, no warning
+        noise = float(np.dot(err, err))
+        signal = float(np.dot(ref, ref))
+    if noise == 0 or not math.isfinite(noise) or not math.isfinite(signal):
         return None
-    signal = float(np.dot(ref, ref))
     return round(10 * math.log10(signal / noise), 2) if signal > 0 else None
 
 
@@ -385,17 +399,24 @@ def quantize_int8(
     writer = _Writer()
     changes: list[Change] = []
     storages: set[str] = set()
+    skipped: list[Skip] = []
     for unit in units:
         w = unit.weight
         dtype = w.dtype
-        quantized = symmetric_int8(w.numpy(), unit.axis, np.dtype(dtype.numpy()))
-        _release(w.tensor)
+        try:
+            quantized = symmetric_int8(w.numpy(), unit.axis, np.dtype(dtype.numpy()))
+        except NonFiniteWeightError as exc:
+            skipped.append(Skip(unit.layer, unit.op_type, f"'{w.name}': {exc}"))
+            continue
+        finally:
+            _release(w.tensor)
         q, scale, snr = quantized.q, quantized.scale, quantized.snr_db
         gather_only = all(u.kind == "gather" for u in unit.uses)
         dq_ok = (
             not cast
             and opset >= (13 if unit.axis is not None else 10)
             and (dtype == ir.DataType.FLOAT or opset >= 19)
+            and runs_qdq(opset)
         )
         if gather_only:
             storage = _emit_gather_first(unit, names, writer, q, scale)
@@ -424,7 +445,7 @@ def quantize_int8(
             )
         )
         logger.debug("int8 %s (%s) via %s", w.name, unit.layer, storage)
-    return Emitted(tuple(changes), frozenset(storages))
+    return Emitted(tuple(changes), frozenset(storages), tuple(skipped))
 
 
 # --- int4 ----------------------------------------------------------------------------------------
@@ -631,11 +652,17 @@ def quantize_int4(
     storages: set[str] = set()
     if fmt == "nbits" and units and MS_DOMAIN not in model.opset_imports:
         model.opset_imports[MS_DOMAIN] = 1
+    skipped: list[Skip] = []
     for unit in units:
         w = unit.weight
         arr = w.numpy()
         axis = unit.axis
         assert axis is not None and arr.ndim == 2
+        if not np.isfinite(arr).all():
+            skipped.append(Skip(unit.layer, unit.op_type, f"'{w.name}': {NON_FINITE_REASON}"))
+            del arr
+            _release(w.tensor)
+            continue
         # rows = output channels (or table rows), columns = the reduction axis, blocked
         wt = arr.T if axis == 0 else arr
         n, k = wt.shape
@@ -688,4 +715,4 @@ def quantize_int4(
                 },
             )
         )
-    return Emitted(tuple(changes), frozenset(storages))
+    return Emitted(tuple(changes), frozenset(storages), tuple(skipped))
