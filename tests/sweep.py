@@ -70,6 +70,7 @@ INT8_REL_ERROR = 0.05  # measured <= 0.023
 FP16_REL_ERROR = 0.005  # measured <= 0.0013
 DYNAMIC_REL_ERROR = 0.1  # measured <= 0.023
 STATIC_REL_ERROR = 0.15  # measured <= 0.049
+BF16_REL_ERROR = 0.03  # bfloat16 keeps 8 significant bits of each weight; compute stays float32
 
 
 @dataclass(frozen=True)
@@ -81,20 +82,29 @@ class Setting:
     config: Callable[[bool], Any]  # exercised -> config
     tolerance: float | None  # None: changes outputs by design (valid and finite)
     needs_data: bool = False
+    flags: tuple[str, ...] = ()  # the same setting on the command line
 
 
-def _q(mode: str) -> Callable[[bool], Any]:
-    return lambda ex: QuantizeConfig(mode=mode, min_elements=0) if ex else QuantizeConfig(mode=mode)  # type: ignore[arg-type]
+def _q(mode: str, **extra: Any) -> Callable[[bool], Any]:
+    return lambda ex: (
+        QuantizeConfig(mode=mode, min_elements=0, **extra) if ex else QuantizeConfig(mode=mode, **extra)  # type: ignore[arg-type]
+    )
 
 
 SETTINGS = {
     s.name: s
     for s in (
-        Setting("quantize-int8", "quantize", _q("int8"), INT8_REL_ERROR),
-        Setting("quantize-int4", "quantize", _q("int4"), None),
-        Setting("quantize-fp16", "quantize", _q("fp16"), FP16_REL_ERROR),
-        Setting("quantize-dynamic", "quantize", _q("dynamic"), DYNAMIC_REL_ERROR),
-        Setting("quantize-static", "quantize", _q("static"), STATIC_REL_ERROR, needs_data=True),
+        Setting("quantize-int8", "quantize", _q("int8"), INT8_REL_ERROR, flags=("--mode", "int8")),
+        Setting("quantize-int4", "quantize", _q("int4"), None, flags=("--mode", "int4")),
+        Setting("quantize-fp16", "quantize", _q("fp16"), FP16_REL_ERROR, flags=("--mode", "fp16")),
+        Setting(
+            "quantize-dynamic", "quantize", _q("dynamic"), DYNAMIC_REL_ERROR, flags=("--mode", "dynamic")
+        ),
+        Setting("quantize-static", "quantize", _q("static"), STATIC_REL_ERROR, True, ("--mode", "static")),
+        Setting("quantize-bf16", "quantize", _q("bf16"), BF16_REL_ERROR, flags=("--mode", "bf16")),
+        Setting("quantize-bits3", "quantize", _q("int8", bits=3), None, flags=("--bits", "3")),
+        Setting("quantize-int2", "quantize", _q("int2"), None, flags=("--mode", "int2")),
+        Setting("quantize-binary", "quantize", _q("binary"), None, flags=("--mode", "binary")),
         Setting(
             "prune",
             "prune",
@@ -106,6 +116,7 @@ SETTINGS = {
             "prune",
             lambda ex: PruneConfig(structured=True, min_elements=0) if ex else PruneConfig(structured=True),
             None,
+            flags=("--structured",),
         ),
         Setting(
             "factorize",

@@ -182,10 +182,7 @@ def test_compression_errors_are_one_line_and_write_nothing(
 ) -> None:
     s = SETTINGS[setting]
     args = [s.command, str(CLI_ERRORS[case]), "-o", str(tmp_path / "out.onnx"), "--no-latency", "-q"]
-    args += {"quantize": ["--mode", s.name.removeprefix("quantize-")], "prune": [], "factorize": []}[
-        s.command
-    ]
-    args += ["--structured"] if s.name == "prune-structured" else []
+    args += list(s.flags)
     args += ["--data", str(CLI_ERRORS[case].parent)] if s.needs_data else []
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.stderr

@@ -247,6 +247,9 @@ def test_ir3_model_gaining_initializers_is_written_as_ir4(tmp_path: Path) -> Non
 RUN_TIME = {
     "quantize int8": ("quantize", QuantizeConfig(min_elements=0)),
     "quantize dynamic": ("quantize", QuantizeConfig(mode="dynamic", min_elements=0)),
+    "quantize int2": ("quantize", QuantizeConfig(mode="int2", min_elements=0)),
+    "quantize binary": ("quantize", QuantizeConfig(mode="binary", min_elements=0)),
+    "quantize bits 5": ("quantize", QuantizeConfig(bits=5, min_elements=0)),
     "prune": ("prune", PruneConfig(min_elements=0)),
     "prune --structured": ("prune", PruneConfig(structured=True, min_elements=0)),
     "factorize": ("factorize", FactorizeConfig(min_elements=0)),
@@ -304,6 +307,9 @@ NON_FINITE = {
     "quantize int8": ("quantize", QuantizeConfig(min_elements=0)),
     "quantize int4": ("quantize", QuantizeConfig(mode="int4", min_elements=0)),
     "quantize dynamic": ("quantize", QuantizeConfig(mode="dynamic", min_elements=0)),
+    "quantize int2": ("quantize", QuantizeConfig(mode="int2", min_elements=0)),
+    "quantize binary": ("quantize", QuantizeConfig(mode="binary", min_elements=0)),
+    "quantize bits 5": ("quantize", QuantizeConfig(bits=5, min_elements=0)),
     "factorize": ("factorize", FactorizeConfig(min_elements=0)),
     "factorize data-aware": ("factorize", FactorizeConfig(min_elements=0, method="data")),
 }

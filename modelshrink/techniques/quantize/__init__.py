@@ -74,18 +74,19 @@ QDQ_INT4_OPSET = 21
 # The lowest ai.onnx opset at which onnxruntime has kernels for every op a mode emits:
 # onnxruntime implements ai.onnx from opset 7 (an opset-6 Mul or Add has no kernel, so Cast +
 # Mul rebuilding an int8 weight would not load), and DynamicQuantizeLinear arrived in opset 11.
-MIN_OPSET = {"int8": 7, "int4": 7, "dynamic": 11}
+MIN_OPSET = {"int8": 7, "int4": 7, "dynamic": 11, "bf16": 13}
 _MIN_OPSET_WHY = {
     "int8": "onnxruntime has no opset-{opset} kernel for the Mul that rebuilds int8 weights",
     "int4": "onnxruntime has no opset-{opset} kernel for the Add that applies Gemm biases",
     "dynamic": "DynamicQuantizeLinear, which quantizes activations at run time, needs it",
+    "bf16": "the Cast from bfloat16 that rebuilds the weights needs it",
 }
 
 
 def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[str]]:
     """The model every candidate starts from (opset raised where the mode needs it), and notes."""
     opset = default_opset(model)
-    if config.width is not None and opset < UNPACK_MIN_OPSET:
+    if config.width is not None and opset < UNPACK_MIN_OPSET and make_plan(model, config).units:
         why = f"{config.width}-bit packed weights (BitShift)"
         raised = raise_opset(model, UNPACK_MIN_OPSET, why=why)
         return raised, [
@@ -97,7 +98,12 @@ def _prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[st
             f"--mode int4 --format qdq: onnxruntime {ort_version} has no DequantizeLinear kernel at opset "
             f"{opset}; use --format nbits"
         )
-    if config.mode == "int4" and config.storage == "qdq" and opset < QDQ_INT4_OPSET:
+    if (
+        config.mode == "int4"
+        and config.storage == "qdq"
+        and opset < QDQ_INT4_OPSET
+        and make_plan(model, config).units
+    ):
         why = "--mode int4 --format qdq (block-wise int4 DequantizeLinear)"
         raised = raise_opset(model, QDQ_INT4_OPSET, why=why)
         return raised, [

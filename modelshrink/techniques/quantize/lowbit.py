@@ -42,9 +42,10 @@ import numpy as np
 import onnx_ir as ir
 
 from modelshrink.graph import NameAuthority, dtype_name
-from modelshrink.techniques.base import Change
+from modelshrink.techniques.base import Change, Skip
 from modelshrink.techniques.quantize.plan import Unit
 from modelshrink.techniques.quantize.weightonly import (
+    NON_FINITE_REASON,
     Emitted,
     _constant,
     _initializer,
@@ -560,11 +561,16 @@ def quantize_packed(
     writer = _Writer()
     shared: dict[tuple[object, ...], ir.Value] = {}
     changes: list[Change] = []
+    skipped: list[Skip] = []
     for unit in units:
         w = unit.weight
         layout = layout_of(unit, block)
         rows = layout.rows(w.numpy())
         _release(w.tensor)
+        if not np.isfinite(rows).all():
+            skipped.append(Skip(unit.layer, unit.op_type, f"'{w.name}': {NON_FINITE_REASON}"))
+            del rows
+            continue
         given = fixed.get(w.name) if fixed is not None else None
         if given is None:
             scales = fit_scales(rows, layout, grid)
@@ -610,7 +616,7 @@ def quantize_packed(
         )
         logger.debug("%d-bit %s (%s): %d bytes", bits, w.name, unit.layer, packed.nbytes)
     storages = frozenset(str(c.details["storage"]) for c in changes)
-    return Emitted(tuple(changes), storages)
+    return Emitted(tuple(changes), storages, tuple(skipped))
 
 
 def summarize(bits: int, changes: Sequence[Change]) -> PackingSummary:
