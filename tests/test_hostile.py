@@ -403,3 +403,32 @@ def test_mutations_through_compression_commands_in_a_subprocess(tmp_path: Path) 
             assert not out.exists()
         else:
             onnx.checker.check_model(str(out))
+
+
+@pytest.fixture(scope="module")
+def distill_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A valid teacher (the model the hostile cases were made from) and training data for it."""
+    folder = tmp_path_factory.mktemp("distill")
+    base = models.save(models.mlp(), folder / "base.onnx")
+    np.savez(folder / "train.npz", x=np.random.default_rng(0).standard_normal((8, 16), dtype=np.float32))
+    return base, folder / "train.npz"
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_hostile_models_through_distill(
+    runner: CliRunner, tmp_path: Path, distill_files: tuple[Path, Path], name: str, role: str
+) -> None:
+    """distill reads two models: a hostile one in either place is one clean line, nothing written."""
+    base, data = distill_files
+    path = tmp_path / "m.onnx"
+    path.write_bytes(HOSTILE[name].SerializeToString())
+    student, teacher = (path, base) if role == "student" else (base, path)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["distill", str(student), "--teacher", str(teacher), "--data", str(data)]
+    result = runner.invoke(app, [*args, "-o", str(out / "r.onnx"), "--epochs", "1", "--no-latency", "-q"])
+    assert result.exit_code in (1, 2), result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert list(out.iterdir()) == []
