@@ -20,6 +20,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import onnxruntime as ort
+
 from common import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))  # before importing sweep
@@ -62,6 +64,9 @@ def _table(counts: dict[str, Counter[str]], seconds: dict[str, float]) -> None:
 
 
 def run() -> bool:
+    # onnxruntime's load-time warnings about the shipped models (e.g. initializers that are also
+    # graph inputs) would bury the table; the CLI keeps them off stderr the same way.
+    ort.set_default_logger_severity(3)
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     seconds: dict[str, float] = defaultdict(float)
     worst: dict[str, tuple[float, str]] = {}
