@@ -19,6 +19,16 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def external_tensor(name: str, dims: list[int], location: str, offset: int, length: int) -> TensorProto:
+    """A float32 initializer whose bytes are ``length`` bytes at ``offset`` in ``location``."""
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
 @dataclass
 class Run:
     """One CLI run: exit code, wall seconds, peak RSS in MB, stdout/stderr."""
@@ -82,12 +92,7 @@ def big_external_model(folder: Path, total_bytes: float, dim: int = 4096) -> Pat
         for i in range(count):
             offset = f.tell()
             f.write(block.tobytes())
-            t = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[dim, dim])
-            t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(per))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
-            inits.append(t)
+            inits.append(external_tensor(f"W{i}", [dim, dim], data_name, offset, per))
             nodes.append(
                 helper.make_node(
                     "MatMul", ["x" if i == 0 else f"h{i - 1}", f"W{i}"], [f"h{i}"], name=f"mm{i}"
@@ -168,12 +173,7 @@ def low_rank_external_model(
             w += rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.05 / np.sqrt(rows))
             offset = f.tell()
             f.write(w.tobytes())
-            t = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[rows, cols])
-            t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(per))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
-            inits.append(t)
+            inits.append(external_tensor(f"W{i}", [rows, cols], data_name, offset, per))
             nodes.append(helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"mm{i}"))
             outs.append(f"h{i}")
     nodes.append(helper.make_node("Sum", outs, ["y"], name="sum"))
