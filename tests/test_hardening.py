@@ -422,3 +422,23 @@ def test_memory_stays_near_the_model_size(tmp_path: Path) -> None:
         if command == ["prune"]:
             peak = _peak_rss_mb("compare", str(src), str(out), "--no-latency", "--samples", "2", "-q")
             assert (peak - base) / model_mb <= MAX_NET_RSS_PER_MODEL_BYTE, ("compare", peak, base, model_mb)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_bf16_keeps_non_finite_weights_without_warnings(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, value: float
+) -> None:
+    """bfloat16 holds NaN and inf exactly (float32's exponent), so bf16 stores them as they are."""
+    src = models.save(_with_non_finite_weight(value), tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    report = api.quantize(str(src), str(out), QuantizeConfig(mode="bf16", min_elements=0), OPTIONS)
+    assert "W0" in {c.details.get("weight") for c in report.changes}
+    change = next(c for c in report.changes if c.details.get("weight") == "W0")
+    assert change.details["weight_snr_db"] is None  # no SNR for a weight holding inf/NaN
+    stored = next(
+        t for t in onnx.load(str(out)).graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16
+    )
+    assert stored is not None
+    assert not [
+        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
+    ]

@@ -168,8 +168,9 @@ def symmetric_int8(arr: np.ndarray, axis: int | None, scale_dtype: np.dtype) -> 
 def _snr_db(original: np.ndarray, restored: np.ndarray) -> float | None:
     """Signal-to-noise ratio of a weight's quantization, in dB (None when exact)."""
     ref = _float32(original).reshape(-1)
-    err = _float32(restored).reshape(-1) - ref
-    with np.errstate(over="ignore"):  # weights near float32's limit: no SNR, no warning
+    # weights near float32's limit, or inf kept as inf (bfloat16): no SNR, no warning
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = _float32(restored).reshape(-1) - ref
         noise = float(np.dot(err, err))
         signal = float(np.dot(ref, ref))
     if noise == 0 or not math.isfinite(noise) or not math.isfinite(signal):
