@@ -442,3 +442,21 @@ def test_bf16_keeps_non_finite_weights_without_warnings(
     assert not [
         (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
     ]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_packed_widths_of_huge_weights_without_warnings(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, bits: int
+) -> None:
+    """Weights near float32's limit: the scale search's squared errors overflow; no warning."""
+    proto = models.mlp(sizes=(64, 64, 10))
+    w = numpy_helper.to_array(proto.graph.initializer[0]) * np.float32(1e30)
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w.astype(np.float32), "W0"))
+    src = models.save(proto, tmp_path / "m.onnx")
+    report = api.quantize(
+        str(src), str(tmp_path / "o.onnx"), QuantizeConfig(bits=bits, min_elements=0), OPTIONS
+    )
+    assert "W0" in {c.details.get("weight") for c in report.changes}
+    assert not [
+        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
+    ]

@@ -246,7 +246,8 @@ def _fit_blocks(blocks: np.ndarray, mask: np.ndarray, grid: Grid) -> np.ndarray:
     for ratio in _RATIOS:
         for sign in signs:
             s = _safe_scale((base * np.float32(ratio * sign)).astype(np.float32), grid)
-            err = (((fake_quant(blocks, s[..., None], grid) - blocks) * mask) ** 2).sum(axis=2)
+            with np.errstate(over="ignore"):  # weights near float32's limit: inf error, not chosen
+                err = (((fake_quant(blocks, s[..., None], grid) - blocks) * mask) ** 2).sum(axis=2)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best = np.where(better, s, best)
