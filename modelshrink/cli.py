@@ -289,6 +289,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.setLevel(level)
     root.propagate = False
     # Libraries we call log through the root logger; their chatter is ours to show or hide.
+    # Python warnings (numpy's RuntimeWarnings) go the same way: shown with -v, never as bare
+    # lines next to the one `error:` line.
+    logging.captureWarnings(True)
     logging.getLogger().handlers[:] = [handler]
     logging.getLogger().setLevel(
         logging.ERROR if quiet else (logging.ERROR, logging.WARNING, logging.DEBUG)[min(verbose, 2)]

@@ -143,8 +143,16 @@ class Weight:
         return list(dict.fromkeys(op_key(node) for node, _ in self.consumers()))
 
     def numpy(self) -> np.ndarray:
-        """The data as an array (memory-mapped for external tensors)."""
-        return self.tensor.numpy()
+        """The data as an array (memory-mapped for external tensors).
+
+        NaNs come back quiet: a signaling NaN (a bit pattern a damaged or hostile file can hold)
+        makes every arithmetic operation on it raise numpy's "invalid value" warning, which
+        would reach the user's stderr. Only arrays holding NaN are copied.
+        """
+        array = self.tensor.numpy()
+        if array.dtype.kind == "f" and np.isnan(array).any():
+            array = np.where(np.isnan(array), np.array(np.nan, array.dtype), array)
+        return array
 
 
 def weights(model: ir.Model) -> list[Weight]:

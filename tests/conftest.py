@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from typer.testing import CliRunner
 
 import models
@@ -15,6 +16,13 @@ import models
 # Keep the CLI's Rich output plain and wide enough to assert on.
 os.environ.setdefault("COLUMNS", "200")
 os.environ.pop("MODELSHRINK_DEBUG", None)
+
+# Property tests draw the same examples on every run by default, so `make test` (and CI) passes
+# or fails for a reason in the code, not the draw; `HYPOTHESIS_PROFILE=explore` draws new ones
+# each run (and `HYPOTHESIS_EXAMPLES_SCALE` multiplies how many) to hunt for bugs.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture

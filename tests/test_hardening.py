@@ -450,13 +450,76 @@ def test_packed_widths_of_huge_weights_without_warnings(
 ) -> None:
     """Weights near float32's limit: the scale search's squared errors overflow; no warning."""
     proto = models.mlp(sizes=(64, 64, 10))
-    w = numpy_helper.to_array(proto.graph.initializer[0]) * np.float32(1e30)
-    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w.astype(np.float32), "W0"))
+    w = (numpy_helper.to_array(proto.graph.initializer[0]) * np.float32(1e30)).astype(np.float32)
+    w[3, 5] = 3e38  # the mean |w| of its channel (1-bit scale) overflows float32's sum
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W0"))
     src = models.save(proto, tmp_path / "m.onnx")
     report = api.quantize(
         str(src), str(tmp_path / "o.onnx"), QuantizeConfig(bits=bits, min_elements=0), OPTIONS
     )
     assert "W0" in {c.details.get("weight") for c in report.changes}
+    assert not [
+        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["int8", "dynamic"])
+def test_denormal_weights_quantize_without_warnings(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, mode: str
+) -> None:
+    """A channel of denormals (1e-45) made a zero scale: a divide-by-zero warning on stderr."""
+    proto = models.mlp(sizes=(64, 64, 10))
+    w = np.zeros((64, 64), np.float32)
+    w[3, 5] = 1e-45
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W0"))
+    src = models.save(proto, tmp_path / "m.onnx")
+    config = QuantizeConfig(mode=mode, min_elements=0)  # type: ignore[arg-type]
+    api.quantize(str(src), str(tmp_path / "o.onnx"), config, OPTIONS)
+    assert not [
+        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
+    ]
+
+
+SIGNALING_NAN = {
+    "quantize int8": ("quantize", QuantizeConfig(min_elements=0)),
+    "quantize dynamic": ("quantize", QuantizeConfig(mode="dynamic", min_elements=0)),
+    "quantize bf16": ("quantize", QuantizeConfig(mode="bf16", min_elements=0)),
+    "prune structured": ("prune", PruneConfig(structured=True, min_elements=0)),
+    "factorize": ("factorize", FactorizeConfig(min_elements=0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNALING_NAN))
+def test_signaling_nan_weights_raise_no_warnings(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, name: str
+) -> None:
+    """A bit flip can make a signaling NaN; numpy warned "invalid value" on any arithmetic with it."""
+    proto = models.mlp(sizes=(64, 64, 10))
+    w = numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w.view(np.uint32)[3, 5] = 0x7F800001  # exponent all ones, quiet bit clear: signaling
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W0"))
+    src = models.save(proto, tmp_path / "m.onnx")
+    command, config = SIGNALING_NAN[name]
+    getattr(api, command)(str(src), str(tmp_path / "o.onnx"), config, OPTIONS)
+    assert not [
+        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
+    ]
+
+
+def test_fp16_nan_does_not_hide_a_value_beyond_float16_range(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """max() of a weight holding NaN is NaN, and NaN > 65504 is false: 1e5 was cast to inf."""
+    proto = models.mlp(sizes=(64, 64, 10))
+    w = numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w[3, 5], w[4, 6] = np.nan, 1e5
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W0"))
+    src = models.save(proto, tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    report = api.quantize(str(src), str(out), QuantizeConfig(mode="fp16", min_elements=0), OPTIONS)
+    assert any("beyond float16's range" in s.reason for s in report.skipped), report.skipped
+    stored = {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer}
+    assert stored["W0"] == onnx.TensorProto.FLOAT
     assert not [
         (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
     ]

@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,9 @@ from modelshrink.pipeline import RunOptions
 
 import models
 import sweep
+
+# More examples per property when hunting for bugs (see conftest.py): HYPOTHESIS_EXAMPLES_SCALE=20.
+SCALE = int(os.environ.get("HYPOTHESIS_EXAMPLES_SCALE", "1"))
 
 SEED_MODELS = {
     "mlp": models.mlp().SerializeToString(),
@@ -69,7 +73,9 @@ def _exercise(path: Path) -> None:
     load_feeds(loaded.model, data=None, samples=1)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(blob=mutated())
 def test_mutated_models_fail_cleanly(tmp_path: Path, blob: bytes) -> None:
     path = tmp_path / "m.onnx"
@@ -150,7 +156,7 @@ def test_mutations_through_cli_subprocess(tmp_path: Path) -> None:
 COMPRESSION = [name for name, s in sweep.SETTINGS.items() if not s.needs_data]  # static needs --data
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blob=mutated(), setting=st.sampled_from(COMPRESSION))
 def test_mutated_models_through_compression_commands(tmp_path: Path, blob: bytes, setting: str) -> None:
     """Either a valid model is written, or one clean line and nothing written; never a traceback."""
@@ -162,9 +168,13 @@ def test_mutated_models_through_compression_commands(tmp_path: Path, blob: bytes
         old.unlink()
     s = sweep.SETTINGS[setting]
     try:
-        getattr(api, s.command)(
-            str(path), str(out_dir / "r.onnx"), s.config(True), RunOptions(latency=False, samples=2)
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            getattr(api, s.command)(
+                str(path), str(out_dir / "r.onnx"), s.config(True), RunOptions(latency=False, samples=2)
+            )
+        noise = [f"{w.category.__name__}: {w.message}" for w in caught]
+        assert not noise, f"warnings that would reach stderr: {noise}"  # e.g. signaling NaNs
     except ModelshrinkError as exc:
         assert "\n" not in exc.message and exc.exit_code in (1, 2), exc.message
         assert "modelshrink bug" not in exc.message, exc.message
@@ -201,13 +211,13 @@ def odd_models(draw: st.DrawFn) -> bytes:
             array = onnx.numpy_helper.to_array(tensor).copy()
             if kind == "special" and array.size:
                 flat = array.reshape(-1)
-                flat[draw(st.integers(0, array.size - 1))] = draw(
-                    st.sampled_from([np.nan, np.inf, -np.inf, 3e38, 1e-45, 0.0])
-                )
+                index = draw(st.integers(0, array.size - 1))
+                with np.errstate(over="ignore"):  # 3e38 in a tensor made float16 before: inf
+                    flat[index] = draw(st.sampled_from([np.nan, np.inf, -np.inf, 3e38, 1e-45, 0.0]))
             elif kind == "zeros":
                 array[...] = 0
             elif kind == "scale":
-                with np.errstate(over="ignore"):
+                with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # of inf/NaN drawn before
                     array *= draw(st.sampled_from([1e-30, 1e30, -1.0]))
             elif kind == "dtype":
                 with np.errstate(over="ignore"):  # huge values become inf in float16: fine
@@ -227,7 +237,17 @@ def odd_models(draw: st.DrawFn) -> bytes:
     return proto.SerializeToString()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _huge(blob: bytes) -> bool:
+    """The model has a weight of magnitude 1e30 or more (float32's limit is 3.4e38)."""
+    proto = onnx.ModelProto.FromString(blob)
+    with np.errstate(over="ignore"):
+        return any(
+            np.abs(onnx.numpy_helper.to_array(t).astype(np.float64)).max(initial=0) >= 1e30
+            for t in proto.graph.initializer
+        )
+
+
+@settings(max_examples=80 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blob=odd_models(), setting=st.sampled_from(COMPRESSION))
 def test_odd_models_through_compression_commands(tmp_path: Path, blob: bytes, setting: str) -> None:
     """A valid model within the setting's rules, or one clean line; and nothing else on stderr
@@ -241,6 +261,8 @@ def test_odd_models_through_compression_commands(tmp_path: Path, blob: bytes, se
         return
     if outcome.status == "violation" and "relative error" in outcome.detail:
         return  # NaN/huge weights make tolerances meaningless; validity was checked before
+    if outcome.status == "violation" and outcome.detail.startswith("non-finite outputs") and _huge(blob):
+        return  # outputs within rounding of float32's limit: any change may overflow them
     assert outcome.status != "violation", outcome.detail
 
 

@@ -26,7 +26,7 @@ import onnx.defs
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from modelshrink.graph import NameAuthority, op_key, weights
+from modelshrink.graph import NameAuthority, Weight, op_key, weights
 from modelshrink.techniques.base import Change, Skip
 from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.plan import excluded_by
@@ -219,7 +219,7 @@ class _Converter:
         for w in weights(self.model):
             if w.dtype != _F32:
                 continue
-            peak = float(np.abs(np.asarray(w.numpy(), dtype=np.float32)).max(initial=0))
+            peak = _peak(w)
             if peak > FLOAT16_MAX:
                 for node, _ in w.consumers():
                     self.forced[id(node)] = (
@@ -253,7 +253,7 @@ class _Converter:
             uses = w.consumers()
             if not uses or not all(self._half_slot(node, i) for node, i in uses):
                 continue
-            peak = float(np.abs(np.asarray(w.numpy(), dtype=np.float32)).max(initial=0))
+            peak = _peak(w)
             if peak > FLOAT16_MAX:
                 continue
             half = ir.Tensor(np.asarray(w.numpy(), dtype=np.float32).astype(np.float16), name=w.tensor.name)
@@ -408,6 +408,12 @@ class _Converter:
         self.rewrite_graph(self.model.graph)
         self.restore_outputs(self.model.graph)
         return self.result
+
+
+def _peak(w: Weight) -> float:
+    """Largest magnitude in a weight, ignoring NaN (which float16 holds; a NaN must not hide a
+    value beyond float16's range next to it); inf for a weight holding inf."""
+    return float(np.nanmax(np.abs(np.asarray(w.numpy(), dtype=np.float32)), initial=0))
 
 
 def convert_fp16(model: ir.Model, config: QuantizeConfig) -> Fp16Result:

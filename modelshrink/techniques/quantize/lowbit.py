@@ -236,7 +236,9 @@ def _fit_blocks(blocks: np.ndarray, mask: np.ndarray, grid: Grid) -> np.ndarray:
     """Best scale per block of ``blocks`` ``[C, nb, B]``; ``mask`` ``[nb, B]`` marks real values."""
     count = np.maximum(mask.sum(axis=1), 1)
     if grid.bits == 1:
-        return _safe_scale(2 * np.abs(blocks).sum(axis=2) / count, grid)
+        # in float64: the sum of weights near float32's limit overflows float32
+        mean = 2 * np.abs(blocks).sum(axis=2, dtype=np.float64) / count
+        return _safe_scale(np.minimum(mean, np.finfo(np.float32).max).astype(np.float32), grid)
     amax = np.abs(blocks).max(axis=2)
     top = (grid.hi + grid.offset) if grid.offset else float(-grid.lo)
     base = amax / np.float32(top)

@@ -135,7 +135,9 @@ def symmetric_int8(arr: np.ndarray, axis: int | None, scale_dtype: np.dtype) -> 
     measures the quantization's signal-to-noise ratio on the way.
     """
     amax = _absmax(arr, axis)
-    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(scale_dtype)
+    # a channel of denormals would round its scale to 0: the smallest positive scale instead
+    scale = np.maximum((amax / np.float32(127)).astype(scale_dtype), np.finfo(scale_dtype).smallest_subnormal)
+    scale = np.where(amax > 0, scale, np.ones_like(scale))
     s32 = _float32(scale).reshape(_bshape(arr.ndim, axis))
     q = np.empty(arr.shape, dtype=np.int8)
     signal = noise = 0.0
