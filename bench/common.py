@@ -17,16 +17,11 @@ import onnx
 from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # models.py: generators shared with the test suite
 
+from models import external_tensor, low_rank_external_model  # noqa: E402
 
-def external_tensor(name: str, dims: list[int], location: str, offset: int, length: int) -> TensorProto:
-    """A float32 initializer whose bytes are ``length`` bytes at ``offset`` in ``location``."""
-    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims)
-    t.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = t.external_data.add()
-        entry.key, entry.value = key, value
-    return t
+__all__ = ["ROOT", "Run", "big_external_model", "external_tensor", "low_rank_external_model", "mlp_model"]
 
 
 @dataclass
@@ -147,44 +142,3 @@ def mlp_model(path: Path, sizes: tuple[int, ...], seed: int = 0) -> Path:
     model.ir_version = 8
     path.write_bytes(model.SerializeToString())
     return path
-
-
-def low_rank_external_model(
-    folder: Path, total_bytes: float, rows: int = 1024, cols: int = 4096, rank: int = 64
-) -> Path:
-    """``y = sum_i x @ W_i`` with float32 ``W_i[rows, cols]`` in one external data file.
-
-    Each ``W_i = A_i B_i / sqrt(rows * rank) + noise`` (``A_i [rows, rank]``, ``B_i [rank, cols]``,
-    noise at 0.25% of the energy): compressible the way trained layers are, so that factorize
-    has something to do, and ``x @ W_i`` stays of unit scale for any number of branches.
-    Written tensor by tensor straight to disk (little memory); seeded, so reproducible.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    per = rows * cols * 4
-    count = max(1, round(total_bytes / per))
-    data_name = "big.onnx.data"
-    rng = np.random.default_rng(0)
-    inits, nodes, outs = [], [], []
-    with (folder / data_name).open("wb") as f:
-        for i in range(count):
-            a = rng.standard_normal((rows, rank), dtype=np.float32)
-            b = rng.standard_normal((rank, cols), dtype=np.float32)
-            w = (a @ b) / np.float32(np.sqrt(rows * rank))
-            w += rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.05 / np.sqrt(rows))
-            offset = f.tell()
-            f.write(w.tobytes())
-            inits.append(external_tensor(f"W{i}", [rows, cols], data_name, offset, per))
-            nodes.append(helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"mm{i}"))
-            outs.append(f"h{i}")
-    nodes.append(helper.make_node("Sum", outs, ["y"], name="sum"))
-    graph = helper.make_graph(
-        nodes,
-        "big_low_rank",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    (folder / "big.onnx").write_bytes(model.SerializeToString())
-    return folder / "big.onnx"

@@ -312,3 +312,62 @@ def save_external(model: onnx.ModelProto, path: Path, location: str | None = Non
         size_threshold=0,
     )
     return path
+
+
+# --- big models with external data (bench/ and the memory tests) -----------------------------
+
+
+def external_tensor(name: str, dims: list[int], location: str, offset: int, length: int) -> TensorProto:
+    """A float32 initializer whose bytes are ``length`` bytes at ``offset`` in ``location``."""
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def low_rank_external_model(
+    folder: Path,
+    total_bytes: float,
+    rows: int = 1024,
+    cols: int = 4096,
+    rank: int = 64,
+    name: str = "big.onnx",
+) -> Path:
+    """``y = sum_i x @ W_i`` with float32 ``W_i[rows, cols]`` in one external data file.
+
+    Each ``W_i = A_i B_i / sqrt(rows * rank) + noise`` (``A_i [rows, rank]``, ``B_i [rank, cols]``,
+    noise at 0.25% of the energy): compressible the way trained layers are, so that factorize
+    has something to do, and ``x @ W_i`` stays of unit scale for any number of branches.
+    Written tensor by tensor straight to disk (little memory); seeded, so reproducible.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    per = rows * cols * 4
+    count = max(1, round(total_bytes / per))
+    data_name = f"{name}.data"
+    rng = np.random.default_rng(0)
+    inits, nodes, outs = [], [], []
+    with (folder / data_name).open("wb") as f:
+        for i in range(count):
+            a = rng.standard_normal((rows, rank), dtype=np.float32)
+            b = rng.standard_normal((rank, cols), dtype=np.float32)
+            w = (a @ b) / np.float32(np.sqrt(rows * rank))
+            w += rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.05 / np.sqrt(rows))
+            offset = f.tell()
+            f.write(w.tobytes())
+            inits.append(external_tensor(f"W{i}", [rows, cols], data_name, offset, per))
+            nodes.append(helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"mm{i}"))
+            outs.append(f"h{i}")
+    nodes.append(helper.make_node("Sum", outs, ["y"], name="sum"))
+    graph = helper.make_graph(
+        nodes,
+        "big_low_rank",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (folder / name).write_bytes(model.SerializeToString())
+    return folder / name

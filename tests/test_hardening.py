@@ -357,43 +357,6 @@ def test_sparse_tensor_declaring_gigabytes_is_refused(tmp_path: Path) -> None:
         load_model(str(src))
 
 
-def _low_rank_external(folder: Path, count: int, rows: int = 512, cols: int = 2048) -> Path:
-    """``y = sum_i x @ W_i``, rank-32 float32 weights (4 MB each) in one external data file."""
-    rng = np.random.default_rng(0)
-    folder.mkdir()
-    inits, nodes = [], []
-    with (folder / "m.onnx.data").open("wb") as f:
-        for i in range(count):
-            w = rng.standard_normal((rows, 32), dtype=np.float32) @ rng.standard_normal(
-                (32, cols), dtype=np.float32
-            )
-            w /= np.float32(np.sqrt(rows * 32))
-            w += rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(0.05 / np.sqrt(rows))
-            tensor = onnx.TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[rows, cols])
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (
-                ("location", "m.onnx.data"),
-                ("offset", str(f.tell())),
-                ("length", str(w.nbytes)),
-            ):
-                tensor.external_data.add(key=key, value=value)
-            f.write(w.tobytes())
-            inits.append(tensor)
-            nodes.append(helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"mm{i}"))
-    nodes.append(helper.make_node("Sum", [f"h{i}" for i in range(count)], ["y"], name="sum"))
-    graph = helper.make_graph(
-        nodes,
-        "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
-        inits,
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    (folder / "m.onnx").write_bytes(proto.SerializeToString())
-    return folder / "m.onnx"
-
-
 def _peak_rss_mb(*args: str) -> float:
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelshrink", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -410,7 +373,8 @@ MAX_NET_RSS_PER_MODEL_BYTE = 1.5
 
 @pytest.mark.slow
 def test_memory_stays_near_the_model_size(tmp_path: Path) -> None:
-    src = _low_rank_external(tmp_path / "in", count=64)  # 268 MB of weights
+    # 64 rank-32 weights of 512 x 2048: 268 MB
+    src = models.low_rank_external_model(tmp_path / "in", 64 * 512 * 2048 * 4, rows=512, cols=2048, rank=32)
     model_mb = sum(p.stat().st_size for p in src.parent.iterdir()) / 2**20
     base = _peak_rss_mb("inspect", str(src), "-q")
     flags = ["--no-latency", "--samples", "2", "--external-data", "-q"]
