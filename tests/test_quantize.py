@@ -514,6 +514,38 @@ def test_fp16_range_exclusions_and_shared_weights() -> None:
     np.testing.assert_allclose(_run(out, {"x": x})[0], _run(proto, {"x": x})[0], rtol=1e-3)
 
 
+def test_fp16_keeps_activations_beyond_its_range_in_float32() -> None:
+    """Weights within float16's range can still make activations past 65504 (inf in float16):
+    measured on the verification inputs, their producer and readers stay float32."""
+    rng = np.random.default_rng(14)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"], name="mm_big"),
+            helper.make_node("Mul", ["h", "tiny"], ["m"], name="scale_down"),
+            helper.make_node("MatMul", ["m", "V"], ["v"], name="mm_small"),
+            helper.make_node("Relu", ["v"], ["y"], name="relu"),
+        ],
+        "fp16_activations",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        [
+            models.init("W", (rng.standard_normal((16, 16)) * 30000).clip(-60000, 60000).astype(np.float32)),
+            models.init("tiny", np.full(16, 1e-4, np.float32)),
+            models.init("V", (rng.standard_normal((16, 16)) / 4).astype(np.float32)),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, result = _quantize(proto, mode="fp16")
+    reasons = {s.node: s.reason for s in result.skipped}
+    assert "activation 'h'" in reasons["mm_big"] and "float16 holds up to 65504" in reasons["mm_big"]
+    assert "activation 'h'" in reasons["scale_down"]
+    assert "mm_small" not in reasons  # past the big activation, float16 resumes
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    got, want = _run(out, {"x": x})[0], _run(proto, {"x": x})[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
 # --- dynamic and static -------------------------------------------------------------------------------
 
 

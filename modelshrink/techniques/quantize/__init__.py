@@ -45,7 +45,7 @@ from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.bf16 import BF16_NOTES, store_bf16
 from modelshrink.techniques.quantize.config import QatSettings, QuantizeConfig
 from modelshrink.techniques.quantize.dynamic import quantize_dynamic
-from modelshrink.techniques.quantize.fp16 import FLOAT32_OPS, convert_fp16
+from modelshrink.techniques.quantize.fp16 import ACTIVATION_LIMIT, FLOAT32_OPS, activation_peaks, convert_fp16
 from modelshrink.techniques.quantize.lowbit import UNPACK_MIN_OPSET, packed_notes, quantize_packed, summarize
 from modelshrink.techniques.quantize.opset import raise_opset
 from modelshrink.techniques.quantize.plan import Plan, Unit, make_plan
@@ -239,9 +239,14 @@ def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) 
     return _check_speed(model, done, context) if changes else done
 
 
-def _fp16(model: ir.Model, config: QuantizeConfig) -> TechniqueResult:
+def _fp16(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
+    unmeasured: str | None = None
+    try:
+        peaks = activation_peaks(model, context.feeds.samples, context.runtime)
+    except UnsupportedModelError as exc:  # exposing every value can trip onnxruntime
+        peaks, unmeasured = {}, exc.message
     model = model.clone()
-    done = convert_fp16(model, config)
+    done = convert_fp16(model, config, peaks)
     kept = ", ".join(f"{op} x{n}" for op, n in sorted(done.float32_nodes.items()))
     notes = [
         f"{done.float16_nodes} node(s) run in float16; model inputs and outputs stay float32; "
@@ -249,6 +254,11 @@ def _fp16(model: ir.Model, config: QuantizeConfig) -> TechniqueResult:
         + (f"; kept in float32: {kept}" if kept else ""),
         "onnxruntime's CPU provider has few float16 kernels and runs the rest in float32 behind "
         "Casts it inserts, so expect no speed-up on CPU: float16 pays off on GPUs",
+        f"activations beyond float16's range were looked for on {len(context.feeds.samples)} "
+        f"{'real' if context.feeds.real else 'synthetic'} input(s); nodes touching one past "
+        f"{ACTIVATION_LIMIT:g} stay float32"
+        if unmeasured is None
+        else f"activation ranges could not be measured ({unmeasured}); only weights were range-checked",
     ]
     details = {
         "float16_nodes": done.float16_nodes,
@@ -271,7 +281,7 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
         The quantized model with what changed, what was skipped and why, and notes.
     """
     if config.mode == "fp16":
-        return _fp16(model, config)
+        return _fp16(model, config, context)
     if config.mode == "static":
         return _static(model, config, context)
     if config.qat is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +27,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from modelshrink.graph import NameAuthority, Weight, op_key, weights
+from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques.base import Change, Skip
 from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.plan import excluded_by
@@ -36,6 +37,10 @@ __all__ = ["FLOAT32_OPS", "Fp16Result", "convert_fp16"]
 logger = logging.getLogger(__name__)
 
 FLOAT16_MAX = 65504.0
+# An activation whose magnitude on the verification inputs passes this keeps its producer and
+# readers in float32: other inputs (and float16 rounding on the way) can take it further, and
+# past 65504 it becomes inf.
+ACTIVATION_LIMIT = FLOAT16_MAX / 2
 
 # Ops kept in float32, with the reason a user sees.
 FLOAT32_OPS: dict[str, str] = {
@@ -147,9 +152,12 @@ def _infer_types(model: ir.Model) -> dict[str, ir.DataType]:
 
 
 class _Converter:
-    def __init__(self, model: ir.Model, config: QuantizeConfig) -> None:
+    def __init__(
+        self, model: ir.Model, config: QuantizeConfig, peaks: Mapping[str, float] | None = None
+    ) -> None:
         self.model = model
         self.config = config
+        self.peaks = peaks or {}
         self.opset = int(model.opset_imports.get("", 1))
         self.names = NameAuthority(model)
         self.types = _infer_types(model)
@@ -157,7 +165,8 @@ class _Converter:
         self.casts: dict[tuple[int, ir.DataType], ir.Value] = {}
         self.mode: dict[int, str] = {}  # id(node) -> "half" | "keep" | "neutral"
         self.params: dict[int, frozenset[str]] = {}  # id(node) -> switched type params
-        self.forced: dict[int, str] = {}  # id(node) -> reason to keep float32
+        self.forced: dict[int, str] = {}  # id(node) -> reason to keep float32 (its weights)
+        self.hot: dict[int, str] = {}  # id(node) -> reason to keep float32 (its activations)
         self.anchors: dict[int, ir.Node | None] = {}
         self.result = Fp16Result()
 
@@ -191,6 +200,8 @@ class _Converter:
             return "keep", f"excluded by --exclude {pattern}"
         if node.op_type in FLOAT32_OPS and node.domain in ("", "ai.onnx"):
             return "keep", f"kept in float32: {FLOAT32_OPS[node.op_type]}"
+        if id(node) in self.hot:
+            return "keep", self.hot[id(node)]
         if self.config.op_types is not None and node.op_type not in self.config.op_types:
             return "keep", f"{op} is not in --op-types ({', '.join(self.config.op_types)})"
         if binding is None:
@@ -216,6 +227,19 @@ class _Converter:
         return "half", None
 
     def decide_all(self) -> None:
+        for name, peak in sorted(self.peaks.items()):
+            if not peak > ACTIVATION_LIMIT:
+                continue
+            value = self._main_value(name)
+            if value is None:
+                continue
+            why = (
+                f"{'reads' if value.producer() is None else 'touches'} activation '{name}', which "
+                f"reaches {peak:.4g} on the verification inputs (float16 holds up to 65504)"
+            )
+            producer = value.producer()
+            for node in [*([producer] if producer is not None else []), *(u.node for u in value.uses())]:
+                self.hot.setdefault(id(node), why)
         for w in weights(self.model):
             if w.dtype != _F32:
                 continue
@@ -402,6 +426,17 @@ class _Converter:
                 node.replace_input_with(i, self.cast(value, _F32))
         # outer-scope values read inside bodies are handled by the body's own nodes
 
+    def _main_value(self, name: str) -> ir.Value | None:
+        graph = self.model.graph
+        for value in graph.inputs:
+            if value.name == name:
+                return value
+        for node in graph:
+            for out in node.outputs:
+                if out.name == name:
+                    return out
+        return None
+
     def run(self) -> Fp16Result:
         self.decide_all()
         self.convert_weights()
@@ -416,6 +451,50 @@ def _peak(w: Weight) -> float:
     return float(np.nanmax(np.abs(np.asarray(w.numpy(), dtype=np.float32)), initial=0))
 
 
-def convert_fp16(model: ir.Model, config: QuantizeConfig) -> Fp16Result:
-    """Convert ``model`` (a clone the caller owns) to float16 in place."""
-    return _Converter(model, config).run()
+def convert_fp16(
+    model: ir.Model, config: QuantizeConfig, peaks: Mapping[str, float] | None = None
+) -> Fp16Result:
+    """Convert ``model`` (a clone the caller owns) to float16 in place.
+
+    ``peaks`` (from :func:`activation_peaks`): largest finite magnitude of each main-graph
+    float32 value on the verification inputs; nodes producing or reading one beyond
+    :data:`ACTIVATION_LIMIT` stay in float32.
+    """
+    return _Converter(model, config, peaks).run()
+
+
+def activation_peaks(
+    model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]], runtime: RuntimeOptions
+) -> dict[str, float]:
+    """Largest finite magnitude of every float32 graph input and main-graph node output.
+
+    Runs a copy of ``model`` with every named node output exposed as a graph output, on each
+    sample (values inside If/Loop/Scan bodies are not seen).
+    """
+    from modelshrink.pipeline import session_for_model  # the pipeline imports techniques
+
+    probe = model.clone()
+    present = {v.name for v in probe.graph.outputs}
+    for node in probe.graph:
+        for out in node.outputs:
+            if out.name and out.name not in present and not out.is_graph_output():
+                probe.graph.outputs.append(out)
+                present.add(out.name)
+    session = session_for_model(probe, runtime, label="fp16 activation probe")
+    names = list(session.output_names)
+    peaks: dict[str, float] = {}
+
+    def note(name: str, array: object) -> None:
+        if not isinstance(array, np.ndarray) or array.dtype != np.float32 or not array.size:
+            return  # sequences, maps, other types
+        finite = np.abs(array[np.isfinite(array)])
+        peak = float(finite.max(initial=0))
+        peaks[name] = max(peaks.get(name, 0.0), peak)
+
+    for feed in samples:
+        feed_in = {k: v for k, v in feed.items() if k in session.input_names}
+        for name, array in feed_in.items():
+            note(name, array)
+        for name, array in zip(names, session.run(feed_in, names), strict=True):
+            note(name, array)
+    return peaks
