@@ -220,7 +220,7 @@ def _resolve_dims(spec: InputSpec, override: tuple[int, ...] | None, warnings: l
             )
         if spec.dims is not None:
             for axis, (want, got) in enumerate(zip(spec.dims, override, strict=True)):
-                if isinstance(want, int) and want != got:
+                if isinstance(want, int) and want > 0 and want != got:  # -1: dynamic (Paddle)
                     raise ConfigError(
                         f"--input-shape {spec.name}: axis {axis} is fixed at {want} in the model, got {got}"
                     )

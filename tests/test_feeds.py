@@ -56,6 +56,15 @@ def test_input_shape_override_and_validation() -> None:
         load_feeds(model, data=None, input_shapes={"x": (1, 2, 16)})
 
 
+def test_input_shape_overrides_a_minus_one_dim() -> None:
+    """Paddle exports write a dynamic axis as dim_value -1 (PP-OCR's classifier): it is dynamic."""
+    proto = models.mlp()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    feeds = load_feeds(_ir(proto), data=None, input_shapes={"x": (3, 16)}, samples=1)
+    assert feeds.samples[0]["x"].shape == (3, 16)
+
+
 def test_integer_inputs_feeding_gather_stay_in_range() -> None:
     model = _ir(models.token_model(vocab=7))
     spec = input_specs(model)[0]
