@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import NameAuthority, dtype_name
+from modelshrink.graph import NameAuthority
 from modelshrink.techniques.base import Change
 from modelshrink.techniques.quantize.plan import Unit
 from modelshrink.techniques.quantize.weightonly import (
@@ -32,6 +32,7 @@ from modelshrink.techniques.quantize.weightonly import (
     _snr_db,
     _store_quantized,
     _Writer,
+    weight_change,
 )
 
 __all__ = ["BF16_NOTES", "store_bf16"]
@@ -73,22 +74,13 @@ def store_bf16(model: ir.Model, units: Sequence[Unit], names: NameAuthority) -> 
         writer.place(w.graph, [cast], after=const_node)
         _retire(unit, out)
         changes.append(
-            Change(
-                node=unit.layer,
-                op_type=unit.op_type,
-                what="bfloat16 weight (Cast to float32, folded at load)",
-                params_before=w.size,
-                params_after=w.size,
-                details={
-                    "weight": w.name,
-                    "dtype": dtype_name(w.dtype),
-                    "shape": list(w.shape),
-                    "storage": "bfloat16+Cast",
-                    "bytes_before": w.nbytes,
-                    "bytes_after": int(half.nbytes),
-                    "weight_snr_db": snr,
-                    "location": w.kind if w.graph is model.graph else f"{w.kind} in subgraph {w.graph.name}",
-                },
+            weight_change(
+                model,
+                unit,
+                "bfloat16 weight (Cast to float32, folded at load)",
+                storage="bfloat16+Cast",
+                bytes_after=half.nbytes,
+                snr=snr,
             )
         )
         logger.debug("bf16 %s (%s)", w.name, unit.layer)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import NameAuthority, dtype_name
+from modelshrink.graph import NameAuthority
 from modelshrink.techniques.base import Change, Skip
 from modelshrink.techniques.quantize.plan import Unit
 from modelshrink.techniques.quantize.weightonly import (
@@ -31,6 +31,7 @@ from modelshrink.techniques.quantize.weightonly import (
     _release,
     _Writer,
     symmetric_int8,
+    weight_change,
 )
 
 __all__ = ["quantize_dynamic"]
@@ -110,21 +111,13 @@ def quantize_dynamic(model: ir.Model, units: Sequence[Unit], names: NameAuthorit
             elif w.node is not None:
                 graph_w.remove(w.node, safe=True)
         changes.append(
-            Change(
-                node=unit.layer,
-                op_type=unit.op_type,
-                what="dynamic int8 (MatMulInteger, per-channel weights, per-tensor activations)",
-                params_before=w.size,
-                params_after=w.size,
-                details={
-                    "weight": w.name,
-                    "dtype": dtype_name(w.dtype),
-                    "shape": list(w.shape),
-                    "storage": "MatMulInteger",
-                    "bytes_before": w.nbytes,
-                    "bytes_after": int(q.nbytes + scale.nbytes),
-                    "weight_snr_db": snr,
-                },
+            weight_change(
+                model,
+                unit,
+                "dynamic int8 (MatMulInteger, per-channel weights, per-tensor activations)",
+                storage="MatMulInteger",
+                bytes_after=q.nbytes + scale.nbytes,
+                snr=snr,
             )
         )
     return Emitted(tuple(changes), frozenset({"MatMulInteger"} if changes else set()), tuple(skipped))

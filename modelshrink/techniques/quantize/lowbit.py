@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import NameAuthority, dtype_name
+from modelshrink.graph import NameAuthority
 from modelshrink.techniques.base import Change, Skip
 from modelshrink.techniques.quantize.plan import Unit
 from modelshrink.techniques.quantize.weightonly import (
@@ -55,6 +55,7 @@ from modelshrink.techniques.quantize.weightonly import (
     _store_quantized,
     _Writer,
     default_opset,
+    weight_change,
 )
 
 __all__ = [
@@ -592,29 +593,20 @@ def quantize_packed(
             + (f", blocks of {layout.block_len}" if layout.blocks > 1 else "")
         )
         changes.append(
-            Change(
-                node=unit.layer,
-                op_type=unit.op_type,
-                what=f"{storage}, {granularity}",
-                params_before=w.size,
-                params_after=w.size,
-                details={
-                    "weight": w.name,
-                    "dtype": dtype_name(w.dtype),
-                    "shape": list(w.shape),
-                    "axis": unit.axis,
-                    "bits": bits,
-                    "grid": grid.name,
-                    "block_size": layout.block_len if layout.blocks > 1 else None,
-                    "storage": storage,
-                    "bytes_before": w.nbytes,
-                    "bytes_after": int(packed.nbytes + scales.nbytes),
-                    "code_bytes": int(packed.nbytes),
-                    "scale_bytes": int(scales.nbytes),
-                    "physical_limit_bytes": round(bits * layout.size / 8 + scales.nbytes, 1),
-                    "weight_snr_db": snr,
-                    "location": w.kind if w.graph is model.graph else f"{w.kind} in subgraph {w.graph.name}",
-                },
+            weight_change(
+                model,
+                unit,
+                f"{storage}, {granularity}",
+                storage=storage,
+                bytes_after=packed.nbytes + scales.nbytes,
+                snr=snr,
+                axis=unit.axis,
+                bits=bits,
+                grid=grid.name,
+                block_size=layout.block_len if layout.blocks > 1 else None,
+                code_bytes=int(packed.nbytes),
+                scale_bytes=int(scales.nbytes),
+                physical_limit_bytes=round(bits * layout.size / 8 + scales.nbytes, 1),
             )
         )
         logger.debug("%d-bit %s (%s): %d bytes", bits, w.name, unit.layer, packed.nbytes)

@@ -69,6 +69,39 @@ class Emitted:
 NON_FINITE_REASON = "has NaN or infinite values, which no integer grid holds; left in float"
 
 
+def weight_change(
+    model: ir.Model,
+    unit: Unit,
+    what: str,
+    *,
+    storage: str,
+    bytes_after: float,
+    snr: float | None,
+    dtype: ir.DataType | None = None,
+    **extra: object,
+) -> Change:
+    """The report's entry for one quantized weight: what it became, its bytes and its SNR."""
+    w = unit.weight
+    return Change(
+        node=unit.layer,
+        op_type=unit.op_type,
+        what=what,
+        params_before=w.size,
+        params_after=w.size,
+        details={
+            "weight": w.name,
+            "dtype": dtype_name(dtype if dtype is not None else w.dtype),
+            "shape": list(w.shape),
+            **extra,
+            "storage": storage,
+            "bytes_before": w.nbytes,
+            "bytes_after": int(bytes_after),
+            "weight_snr_db": snr,
+            "location": w.kind if w.graph is model.graph else f"{w.kind} in subgraph {w.graph.name}",
+        },
+    )
+
+
 class NonFiniteWeightError(ValueError):
     """A weight holds NaN or infinity: it is left in float (a skip, not a failure)."""
 
@@ -428,23 +461,15 @@ def quantize_int8(
         storages.add(storage)
         granularity = "per-tensor" if unit.axis is None else f"per-channel axis {unit.axis}"
         changes.append(
-            Change(
-                node=unit.layer,
-                op_type=unit.op_type,
-                what=f"int8 {granularity} ({storage})",
-                params_before=w.size,
-                params_after=w.size,
-                details={
-                    "weight": w.name,
-                    "dtype": dtype_name(dtype),
-                    "shape": list(w.shape),
-                    "axis": unit.axis,
-                    "storage": storage,
-                    "bytes_before": w.nbytes,
-                    "bytes_after": int(q.nbytes + scale.nbytes),
-                    "weight_snr_db": snr,
-                    "location": w.kind if w.graph is model.graph else f"{w.kind} in subgraph {w.graph.name}",
-                },
+            weight_change(
+                model,
+                unit,
+                f"int8 {granularity} ({storage})",
+                storage=storage,
+                bytes_after=q.nbytes + scale.nbytes,
+                snr=snr,
+                dtype=dtype,
+                axis=unit.axis,
             )
         )
         logger.debug("int8 %s (%s) via %s", w.name, unit.layer, storage)
@@ -698,24 +723,15 @@ def quantize_int4(
             bytes_after = -(-q_layout.size // 2) + scales.nbytes
         storages.add(storage)
         changes.append(
-            Change(
-                node=unit.layer,
-                op_type=unit.op_type,
-                what=f"int4 blocks of {block_size} along axis {axis} ({storage})",
-                params_before=w.size,
-                params_after=w.size,
-                details={
-                    "weight": w.name,
-                    "dtype": dtype_name(w.dtype),
-                    "shape": list(w.shape),
-                    "block_axis": axis,
-                    "block_size": block_size,
-                    "storage": storage,
-                    "bytes_before": w.nbytes,
-                    "bytes_after": int(bytes_after),
-                    "weight_snr_db": snr,
-                    "location": w.kind if w.graph is model.graph else f"{w.kind} in subgraph {w.graph.name}",
-                },
+            weight_change(
+                model,
+                unit,
+                f"int4 blocks of {block_size} along axis {axis} ({storage})",
+                storage=storage,
+                bytes_after=bytes_after,
+                snr=snr,
+                block_axis=axis,
+                block_size=block_size,
             )
         )
     return Emitted(tuple(changes), frozenset(storages), tuple(skipped))
