@@ -167,6 +167,7 @@ class _Converter:
         self.params: dict[int, frozenset[str]] = {}  # id(node) -> switched type params
         self.forced: dict[int, str] = {}  # id(node) -> reason to keep float32 (its weights)
         self.hot: dict[int, str] = {}  # id(node) -> reason to keep float32 (its activations)
+        self.beyond_range: set[int] = set()  # ids of float32 weight values past float16's range
         self.anchors: dict[int, ir.Node | None] = {}
         self.result = Fp16Result()
 
@@ -227,17 +228,17 @@ class _Converter:
         return "half", None
 
     def decide_all(self) -> None:
+        graph = self.model.graph
+        main = {v.name: v for v in graph.inputs} | {out.name: out for node in graph for out in node.outputs}
         for name, peak in sorted(self.peaks.items()):
-            if not peak > ACTIVATION_LIMIT:
+            value = main.get(name)
+            if not peak > ACTIVATION_LIMIT or value is None:
                 continue
-            value = self._main_value(name)
-            if value is None:
-                continue
+            producer = value.producer()
             why = (
-                f"{'reads' if value.producer() is None else 'touches'} activation '{name}', which "
+                f"{'reads' if producer is None else 'touches'} activation '{name}', which "
                 f"reaches {peak:.4g} on the verification inputs (float16 holds up to 65504)"
             )
-            producer = value.producer()
             for node in [*([producer] if producer is not None else []), *(u.node for u in value.uses())]:
                 self.hot.setdefault(id(node), why)
         for w in weights(self.model):
@@ -245,6 +246,7 @@ class _Converter:
                 continue
             peak = _peak(w)
             if peak > FLOAT16_MAX:
+                self.beyond_range.add(id(w.value))
                 for node, _ in w.consumers():
                     self.forced[id(node)] = (
                         f"reads weight '{w.name}' with values beyond float16's range (max |w| = {peak:.4g})"
@@ -277,8 +279,7 @@ class _Converter:
             uses = w.consumers()
             if not uses or not all(self._half_slot(node, i) for node, i in uses):
                 continue
-            peak = _peak(w)
-            if peak > FLOAT16_MAX:
+            if id(w.value) in self.beyond_range:
                 continue
             half = ir.Tensor(np.asarray(w.numpy(), dtype=np.float32).astype(np.float16), name=w.tensor.name)
             if w.kind == "initializer":
@@ -425,17 +426,6 @@ class _Converter:
             if value is not None and id(value) in self.half:
                 node.replace_input_with(i, self.cast(value, _F32))
         # outer-scope values read inside bodies are handled by the body's own nodes
-
-    def _main_value(self, name: str) -> ir.Value | None:
-        graph = self.model.graph
-        for value in graph.inputs:
-            if value.name == name:
-                return value
-        for node in graph:
-            for out in node.outputs:
-                if out.name == name:
-                    return out
-        return None
 
     def run(self) -> Fp16Result:
         self.decide_all()
