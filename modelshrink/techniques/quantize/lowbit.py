@@ -306,6 +306,24 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 # --- the graph -----------------------------------------------------------------------------------
 
 
+def int_attr_node(
+    names: NameAuthority,
+    base: str,
+    op_type: str,
+    inputs: Sequence[ir.Value],
+    suffix: str,
+    **attrs: int | list[int],
+) -> ir.Node:
+    """A default-domain node with integer attributes, named after ``base``; one fresh output."""
+    out = ir.Value(name=names.fresh(f"{base}_{suffix}"))
+    attributes = [
+        ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v) for k, v in attrs.items()
+    ]
+    return ir.Node(
+        "", op_type, list(inputs), attributes, outputs=[out], name=names.fresh(f"{base}_{op_type}")
+    )
+
+
 class _Emitter:
     """Builds one weight's unpacking nodes next to where the weight lived.
 
@@ -342,21 +360,22 @@ class _Emitter:
         return value
 
     def op(self, op_type: str, inputs: Sequence[ir.Value], suffix: str, **attrs: int | list[int]) -> ir.Value:
-        out = ir.Value(name=self.names.fresh(f"{self.base}_{suffix}"))
-        attributes = [
-            ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v) for k, v in attrs.items()
-        ]
-        self.nodes.append(
-            ir.Node(
-                "",
-                op_type,
-                list(inputs),
-                attributes,
-                outputs=[out],
-                name=self.names.fresh(f"{self.base}_{op_type}"),
-            )
+        node = int_attr_node(self.names, self.base, op_type, inputs, suffix, **attrs)
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def head(self, x: ir.Value, stop: int, axis: int, suffix: str, stop_suffix: str) -> ir.Value:
+        """``x[..., :stop]`` along ``axis`` (0 or 1)."""
+        return self.op(
+            "Slice",
+            [
+                x,
+                self.common("zero", np.asarray([0], np.int64)),
+                self.ints(stop_suffix, [stop]),
+                self.common("zero" if axis == 0 else "one", np.asarray([axis], np.int64)),
+            ],
+            suffix,
         )
-        return out
 
     def shift(self, x: ir.Value, amounts: np.ndarray, direction: str, suffix: str) -> ir.Value:
         out = ir.Value(name=self.names.fresh(f"{self.base}_{suffix}"))
@@ -427,16 +446,7 @@ def _emit_packed(
         count = packed.size * 8 // bits
         storage = f"{bits}-bit packed (BitShift+ReduceSum+Mul)"
     if count != n:
-        codes = e.op(
-            "Slice",
-            [
-                codes,
-                e.common("zero", np.asarray([0], np.int64)),
-                e.ints("stop", [n]),
-                e.common("zero", np.asarray([0], np.int64)),
-            ],
-            "codes_n",
-        )
+        codes = e.head(codes, n, 0, "codes_n", "stop")
     if bits == 8 or 8 % bits == 0:
         codes = e.op("Cast", [codes], "codes_f", to=int(ir.DataType.FLOAT))
     shifted = e.op(
@@ -457,16 +467,7 @@ def _emit_packed(
             "Expand", [e.const("scale", scales.reshape(c, nb, 1)), e.ints("blocks", [c, nb, bl])], "scale_b"
         )
         flat_scale = e.op("Reshape", [expanded, e.ints("scale_rows", [c, nb * bl])], "scale_r")
-        per_value = e.op(
-            "Slice",
-            [
-                flat_scale,
-                e.common("zero", np.asarray([0], np.int64)),
-                e.ints("scale_stop", [r]),
-                e.common("one", np.asarray([1], np.int64)),
-            ],
-            "scale_v",
-        )
+        per_value = e.head(flat_scale, r, 1, "scale_v", "scale_stop")
         scaled = e.op("Mul", [rows, per_value], "scaled")
     result = scaled
     if rows_shape != layout.moved_shape:

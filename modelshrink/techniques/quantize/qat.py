@@ -48,6 +48,7 @@ from modelshrink.techniques.quantize.lowbit import (
     Grid,
     Layout,
     fit_scales,
+    int_attr_node,
     layout_of,
     packed_notes,
     quantize_packed,
@@ -100,21 +101,10 @@ class _Builder:
     def ints(self, suffix: str, values: Sequence[int]) -> ir.Value:
         return self.const(suffix, np.asarray(list(values), np.int64))
 
-    def op(self, op_type: str, inputs: Sequence[ir.Value], suffix: str, **attrs: Any) -> ir.Value:
-        out = ir.Value(name=self.names.fresh(f"{self.base}_{suffix}"))
-        attributes = [
-            ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v) for k, v in attrs.items()
-        ]
-        node = ir.Node(
-            "",
-            op_type,
-            list(inputs),
-            attributes,
-            outputs=[out],
-            name=self.names.fresh(f"{self.base}_{op_type}"),
-        )
+    def op(self, op_type: str, inputs: Sequence[ir.Value], suffix: str, **attrs: int | list[int]) -> ir.Value:
+        node = int_attr_node(self.names, self.base, op_type, inputs, suffix, **attrs)
         self.nodes.append(node)
-        return out
+        return node.outputs[0]
 
 
 def _per_value_scale(b: _Builder, scale: ir.Value, layout: Layout) -> ir.Value:
