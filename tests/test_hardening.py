@@ -295,6 +295,11 @@ def test_no_dequantize_linear_where_onnxruntime_cannot_run_it(tmp_path: Path) ->
     assert not out.exists()
 
 
+def _runtime_warnings(recwarn: pytest.WarningsRecorder) -> list[tuple[str, int, str]]:
+    """numpy's RuntimeWarnings a run raised: each would be a bare line on the user's stderr."""
+    return [(w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def _with_non_finite_weight(value: float) -> onnx.ModelProto:
     proto = models.mlp(sizes=(64, 64, 10))
     w = numpy_helper.to_array(proto.graph.initializer[0]).copy()
@@ -327,9 +332,7 @@ def test_non_finite_weights_are_left_alone_with_a_reason(
     reasons = [s.reason for s in report.skipped if "W0" in s.reason]
     assert reasons and "NaN or infinite" in reasons[0], report.skipped
     assert "W0" not in {c.details.get("weight") for c in report.changes}
-    assert not [
-        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
-    ]
+    assert not _runtime_warnings(recwarn)
 
 
 def test_structured_pruning_of_a_constant_weight_keeps_its_type(
@@ -403,9 +406,7 @@ def test_bf16_keeps_non_finite_weights_without_warnings(
         t for t in onnx.load(str(out)).graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16
     )
     assert stored is not None
-    assert not [
-        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
-    ]
+    assert not _runtime_warnings(recwarn)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
@@ -422,9 +423,7 @@ def test_packed_widths_of_huge_weights_without_warnings(
         str(src), str(tmp_path / "o.onnx"), QuantizeConfig(bits=bits, min_elements=0), OPTIONS
     )
     assert "W0" in {c.details.get("weight") for c in report.changes}
-    assert not [
-        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
-    ]
+    assert not _runtime_warnings(recwarn)
 
 
 @pytest.mark.parametrize("mode", ["int8", "dynamic"])
@@ -439,9 +438,7 @@ def test_denormal_weights_quantize_without_warnings(
     src = models.save(proto, tmp_path / "m.onnx")
     config = QuantizeConfig(mode=mode, min_elements=0)  # type: ignore[arg-type]
     api.quantize(str(src), str(tmp_path / "o.onnx"), config, OPTIONS)
-    assert not [
-        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
-    ]
+    assert not _runtime_warnings(recwarn)
 
 
 SIGNALING_NAN = {
@@ -465,9 +462,7 @@ def test_signaling_nan_weights_raise_no_warnings(
     src = models.save(proto, tmp_path / "m.onnx")
     command, config = SIGNALING_NAN[name]
     getattr(api, command)(str(src), str(tmp_path / "o.onnx"), config, OPTIONS)
-    assert not [
-        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
-    ]
+    assert not _runtime_warnings(recwarn)
 
 
 def test_fp16_nan_does_not_hide_a_value_beyond_float16_range(
@@ -484,6 +479,4 @@ def test_fp16_nan_does_not_hide_a_value_beyond_float16_range(
     assert any("beyond float16's range" in s.reason for s in report.skipped), report.skipped
     stored = {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer}
     assert stored["W0"] == onnx.TensorProto.FLOAT
-    assert not [
-        (w.filename, w.lineno, str(w.message)) for w in recwarn if issubclass(w.category, RuntimeWarning)
-    ]
+    assert not _runtime_warnings(recwarn)

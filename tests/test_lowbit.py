@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
+import pipes
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -481,33 +480,9 @@ def test_cli_gate_failure_writes_nothing(tmp_path: Path, snapshot) -> None:  # t
 
 @pytest.mark.slow
 def test_cli_pipeline_stdin_stdout() -> None:
-    src = SAMPLES / "digits_cnn.onnx"
-    cmd = [sys.executable, "-m", "modelshrink"]
-    first = subprocess.run(
-        [*cmd, "quantize", "-", "-o", "-", "-q", "--no-latency", "--samples", "4", "--bits", "4"],
-        input=src.read_bytes(),
-        capture_output=True,
-        check=False,
+    _, doc = pipes.quantize_then_compare(
+        SAMPLES / "digits_cnn.onnx", SAMPLES / "digits_cnn.npz", "--bits", "4"
     )
-    assert first.returncode == 0, first.stderr.decode()
-    second = subprocess.run(
-        [
-            *cmd,
-            "compare",
-            str(src),
-            "-",
-            "--json",
-            "-q",
-            "--no-latency",
-            "--data",
-            str(SAMPLES / "digits_cnn.npz"),
-        ],
-        input=first.stdout,
-        capture_output=True,
-        check=False,
-    )
-    assert second.returncode == 0, second.stderr.decode()
-    doc = json.loads(second.stdout)
     assert doc["fidelity"]["worst"]["cosine"] >= PACKED_MIN_COSINE[4]
     assert doc["ratios"]["size"] <= 0.2
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import pipes
 from collections import Counter
 from pathlib import Path
 
@@ -1046,34 +1045,8 @@ def test_cli_gate_failure_writes_nothing(tmp_path: Path, snapshot) -> None:
 
 
 @pytest.mark.slow
-def test_cli_pipeline_stdin_stdout(tmp_path: Path) -> None:
-    src = SAMPLES / "digits_cnn.onnx"
-    cmd = [sys.executable, "-m", "modelshrink"]
-    first = subprocess.run(
-        [*cmd, "quantize", "-", "-o", "-", "-q", "--no-latency", "--samples", "4"],
-        input=src.read_bytes(),
-        capture_output=True,
-        check=False,
-    )
-    assert first.returncode == 0, first.stderr.decode()
-    second = subprocess.run(
-        [
-            *cmd,
-            "compare",
-            str(src),
-            "-",
-            "--json",
-            "-q",
-            "--no-latency",
-            "--data",
-            str(SAMPLES / "digits_cnn.npz"),
-        ],
-        input=first.stdout,
-        capture_output=True,
-        check=False,
-    )
-    assert second.returncode == 0, second.stderr.decode()
-    doc = json.loads(second.stdout)
+def test_cli_pipeline_stdin_stdout() -> None:
+    written, doc = pipes.quantize_then_compare(SAMPLES / "digits_cnn.onnx", SAMPLES / "digits_cnn.npz")
     assert doc["fidelity"]["worst"]["max_abs_error"] <= INT8_MAX_ERROR
     assert doc["ratios"]["size"] <= INT8_SIZE_RATIO["digits_cnn"]
-    assert onnx.load_from_string(first.stdout).graph.node  # the bytes are a model
+    assert onnx.load_from_string(written).graph.node  # the bytes are a model
