@@ -441,7 +441,7 @@ def _spatial_attrs(node: ir.Node, shape: tuple[int, ...]) -> tuple[dict[str, Any
 def rewrite_group(group: Group, p: np.ndarray, q: np.ndarray, names: NameAuthority) -> list[str]:
     """Replace the weight by factors ``P`` and ``Q`` in every consumer; return factor names."""
     weight = group.weight
-    dtype = np.asarray(weight.numpy()).dtype
+    dtype = np.dtype(weight.dtype.numpy())  # from the type: reading the data would map it again
     p_t, q_t = _factor_tensors(group, p, q)
     p_value = _add_constant(group, names, f"{weight.name}_U", p_t, dtype)
     q_value = _add_constant(group, names, f"{weight.name}_V", q_t, dtype)
