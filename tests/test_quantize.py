@@ -1050,3 +1050,19 @@ def test_cli_pipeline_stdin_stdout() -> None:
     assert doc["fidelity"]["worst"]["max_abs_error"] <= INT8_MAX_ERROR
     assert doc["ratios"]["size"] <= INT8_SIZE_RATIO["digits_cnn"]
     assert onnx.load_from_string(written).graph.node  # the bytes are a model
+
+
+@pytest.mark.parametrize(("amax", "scale_dtype"), [(1e-5, np.float16), (3e-44, np.float32), (0.5, np.float16)])
+def test_int8_values_stay_in_range_when_the_scale_rounds_down(amax: float, scale_dtype: type) -> None:
+    """A scale stored below amax / 127 (a subnormal float16 or float32 scale) would put the
+    largest weight past 127 before clipping; ordinary scales never need the clip at all."""
+    from modelshrink.techniques.quantize.weightonly import symmetric_int8
+
+    w = np.linspace(-amax, amax, 64 * 8, dtype=np.float32).reshape(64, 8)
+    result = symmetric_int8(w, 1, np.dtype(scale_dtype))
+    assert result.q.min() >= -127 and result.q.max() <= 127
+    scale = result.scale.astype(np.float32)
+    exact = np.rint(w / scale)
+    if (np.abs(exact) > 127).any():  # the scale rounded down: the ends are clipped
+        assert np.abs(result.q).max() == 127
+    np.testing.assert_array_equal(result.q, np.clip(exact, -127, 127).astype(np.int8))

@@ -180,11 +180,17 @@ def symmetric_int8(arr: np.ndarray, axis: int | None, scale_dtype: np.dtype) -> 
         chunks = _row_chunks(arr)
     if not np.isfinite(amax).all():
         raise NonFiniteWeightError(NON_FINITE_REASON)
+    # |w| / scale peaks at amax / scale (the same float32 division): only a scale rounded
+    # below amax / 127 (float16 scales, denormal channels) can round past 127. Clipping a
+    # whole weight costs as much as dividing it, so it is done only when it can matter.
+    clip = bool((amax / s32.reshape(amax.shape) >= np.float32(127.5)).any())
     for start, stop in chunks:
         part = _float32(arr[start:stop] if arr.ndim else arr)
         s = s32[start:stop] if axis == 0 else s32
         scaled = part / s
-        rounded = np.clip(np.rint(scaled), -127, 127)
+        rounded = np.rint(scaled)
+        if clip:
+            np.clip(rounded, -127, 127, out=rounded)
         if arr.ndim:
             q[start:stop] = rounded
         else:
