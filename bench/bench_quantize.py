@@ -205,6 +205,16 @@ def bench_big(tmp: Path) -> bool:
         f"  wall time ratio modelshrink / quantize_dynamic: {time_ratio:.2f} "
         f"(target <= {BIG_TIME_RATIO_TARGET}: {'met' if ok_time else 'MISSED'})"
     )
+    # quantize_dynamic neither checks, loads nor runs what it wrote; modelshrink does all
+    # three before writing. What that costs, from this run's own phase timings:
+    timings = doc["timings_s"]
+    checks = sum(timings.get(phase, 0.0) for phase in ("reference", "check", "verify"))
+    print(
+        f"  of which running the original, checker + onnxruntime load of the result, and "
+        f"verifying it: {checks:.1f} s ({checks / ort.seconds:.2f}x quantize_dynamic's time); "
+        f"the rest (start-up, load, quantize, save): {ours.seconds - checks:.1f} s = "
+        f"{(ours.seconds - checks) / ort.seconds:.2f}x"
+    )
     return ok_time and ok_rss
 
 
@@ -264,7 +274,7 @@ def bench_vs_quantize_dynamic(tmp: Path) -> bool:
     ok = True
     print(
         "vs onnxruntime quantize_dynamic (default settings); fidelity on real data where a sample "
-        "model has it, else 8 synthetic inputs; latency interleaved in one process, 1 thread:"
+        "model has it, else 8 synthetic inputs; p50 of all five interleaved in one process, 1 thread:"
     )
     header = f"  {'model':26s} {'candidate':22s} {'size':>7s} {'max|err|':>9s} {'cosine':>9s} {'top-1':>7s} {'p50 ms':>8s}"
     print(header)
@@ -296,13 +306,19 @@ def bench_vs_quantize_dynamic(tmp: Path) -> bool:
         ours, theirs = rows["modelshrink dynamic"], rows["ort quantize_dynamic"]
         fid_ok = ours[1].max_abs_error <= theirs[1].max_abs_error and ours[1].cosine >= theirs[1].cosine
         size_ok = ours[0] <= theirs[0] * (1 + SIZE_SLACK)
-        lat_ok = stats[1].p50_ms <= stats[3].p50_ms * (1 + LATENCY_SLACK)
-        lat_pc = stats[1].p50_ms / stats[4].p50_ms
+        # The target's ratio comes from a head-to-head run of the two sessions alone: in the
+        # five-way round above each session runs after a different neighbour, whose weights
+        # evict its own from the caches (the one after the float original always pays most).
+        mine, ort_default = measure_latency([sessions[1], sessions[3]], feed, budget_s=2.0)
+        mine_pc, ort_pc = measure_latency([sessions[1], sessions[4]], feed, budget_s=2.0)
+        lat_ratio = mine.p50_ms / ort_default.p50_ms
+        lat_ok = lat_ratio <= 1 + LATENCY_SLACK
+        lat_pc = mine_pc.p50_ms / ort_pc.p50_ms
         ok &= fid_ok and size_ok and lat_ok
         print(
             f"  {'':26s} dynamic vs quantize_dynamic: fidelity {'equal or better' if fid_ok else 'WORSE (missed)'}, "
             f"size {ours[0] / theirs[0]:.3f}x ({'ok' if size_ok else 'MISSED'}, <= {1 + SIZE_SLACK:g}x), "
-            f"latency {stats[1].p50_ms / stats[3].p50_ms:.2f}x ({'ok' if lat_ok else 'MISSED'}, <= {1 + LATENCY_SLACK:g}x; "
+            f"latency head to head {lat_ratio:.2f}x ({'ok' if lat_ok else 'MISSED'}, <= {1 + LATENCY_SLACK:g}x; "
             f"{lat_pc:.2f}x quantize_dynamic per_channel=True)"
         )
     return ok
