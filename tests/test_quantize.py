@@ -1052,7 +1052,9 @@ def test_cli_pipeline_stdin_stdout() -> None:
     assert onnx.load_from_string(written).graph.node  # the bytes are a model
 
 
-@pytest.mark.parametrize(("amax", "scale_dtype"), [(1e-5, np.float16), (3e-44, np.float32), (0.5, np.float16)])
+@pytest.mark.parametrize(
+    ("amax", "scale_dtype"), [(1e-5, np.float16), (3e-44, np.float32), (0.5, np.float16)]
+)
 def test_int8_values_stay_in_range_when_the_scale_rounds_down(amax: float, scale_dtype: type) -> None:
     """A scale stored below amax / 127 (a subnormal float16 or float32 scale) would put the
     largest weight past 127 before clipping; ordinary scales never need the clip at all."""
@@ -1066,3 +1068,46 @@ def test_int8_values_stay_in_range_when_the_scale_rounds_down(amax: float, scale
     if (np.abs(exact) > 127).any():  # the scale rounded down: the ends are clipped
         assert np.abs(result.q).max() == 127
     np.testing.assert_array_equal(result.q, np.clip(exact, -127, 127).astype(np.int8))
+
+
+def test_dynamic_scales_per_channel_only_where_it_pays() -> None:
+    """Per-channel weight scales cost onnxruntime's integer kernels an extra pass: ordinary
+    weights get one scale (as quantize_dynamic does), a weight with outlier channels gets one
+    per channel, and the report says which and why."""
+    rng = np.random.default_rng(3)
+    plain = rng.standard_normal((64, 48)).astype(np.float32) / 8
+    outliers = plain.copy()
+    outliers[:, :4] *= 50  # four output columns 50x larger: one scale would flatten the rest
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "P"], ["h"], name="plain"),
+            helper.make_node("MatMul", ["x", "O"], ["g"], name="outliers"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, [4, 48]),
+            helper.make_tensor_value_info("g", TensorProto.FLOAT, [4, 48]),
+        ],
+        [models.init("P", plain), models.init("O", outliers)],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, result = _quantize(proto, mode="dynamic")
+    details = {c.node: c.details for c in result.changed}
+    assert details["plain"]["granularity"] == "tensor"
+    assert details["outliers"]["granularity"] == "channel"
+    scales = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer if "scale" in i.name}
+    assert {name: s.shape for name, s in scales.items()} == {"P_scale": (), "O_scale": (48,)}
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    for a, b in zip(_run(proto, {"x": x}), _run(out, {"x": x}), strict=True):
+        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+
+
+@pytest.mark.parametrize(
+    ("channel", "tensor", "pays"),
+    [(46.0, 41.0, False), (47.0, 41.0, True), (None, 40.0, True), (None, None, False), (50.0, None, False)],
+)
+def test_per_channel_pays_rule(channel: float | None, tensor: float | None, pays: bool) -> None:
+    from modelshrink.techniques.quantize.dynamic import per_channel_pays
+
+    assert per_channel_pays(channel, tensor) is pays

@@ -1,8 +1,9 @@
 """``--mode dynamic``: int8 weights and activations quantized at run time, for CPU speed.
 
 For ``Y = X @ W`` (MatMul, or Gemm with ``transA=0``), with ``W[K, N]`` quantized symmetric per
-output column (``s_w[n] = max|W[:, n]| / 127``, int8) and ``X`` quantized per tensor at run
-time by ``DynamicQuantizeLinear`` (uint8, scale ``s_x``, zero point ``z_x``)::
+output column (``s_w[n] = max|W[:, n]| / 127``, int8) where that gains at least 6 dB of weight
+SNR, else per tensor (one ``s_w``, faster in onnxruntime's kernels), and ``X`` quantized per
+tensor at run time by ``DynamicQuantizeLinear`` (uint8, scale ``s_x``, zero point ``z_x``)::
 
     Y = (MatMulInteger(q_x, q_w, z_x, 0) as float) * (s_x * s_w)
 
@@ -73,6 +74,29 @@ class _Activations:
         return outs
 
 
+# Per-channel weight scales must buy at least this much weight SNR (6 dB: a quarter of the
+# noise power, one bit) to be used: onnxruntime's integer MatMul kernels scale per-column
+# outputs in an extra pass, measured 4-11 % slower at batch 1 than one scale per tensor
+# (`python bench/run.py quantize`, head to head). Ordinary weights gain 1.5-5.5 dB from
+# per-channel scales (the sample and generated models, magika's Dense layers); weights
+# with outlier channels gain far more, and there per-tensor scales would waste most codes.
+PER_CHANNEL_MIN_GAIN_DB = 6.0
+
+
+def per_channel_pays(per_channel_snr: float | None, per_tensor_snr: float | None) -> bool:
+    """Whether per-channel scales improve a weight's SNR enough to pay their kernel cost.
+
+    None means no measurable noise (exact) or no measurable SNR (weights near float32's
+    limit): an exact per-channel result against a lossy per-tensor one pays; otherwise
+    per-tensor is kept.
+    """
+    if per_tensor_snr is None:
+        return False
+    if per_channel_snr is None:
+        return True
+    return per_channel_snr - per_tensor_snr >= PER_CHANNEL_MIN_GAIN_DB
+
+
 def _attr(node: ir.Node, name: str, default: float) -> float:
     attr = node.attributes.get(name)
     if attr is None:
@@ -91,13 +115,17 @@ def quantize_dynamic(model: ir.Model, units: Sequence[Unit], names: NameAuthorit
         axis = unit.axis
         assert axis is not None and arr.ndim == 2
         try:
-            quantized = symmetric_int8(arr, axis, np.dtype(np.float32))
+            per_channel = symmetric_int8(arr, axis, np.dtype(np.float32))
+            per_tensor = symmetric_int8(arr, None, np.dtype(np.float32))
         except NonFiniteWeightError as exc:
             skipped.append(Skip(unit.layer, unit.op_type, f"'{w.name}': {exc}"))
             continue
         finally:
             del arr
             _release(w.tensor)
+        channel = per_channel_pays(per_channel.snr_db, per_tensor.snr_db)
+        quantized = per_channel if channel else per_tensor
+        del per_channel, per_tensor
         q = quantized.q.T if axis == 0 else quantized.q  # MatMulInteger reads [K, N]
         scale, snr = quantized.scale, quantized.snr_db
         graph_w = w.graph
@@ -114,10 +142,12 @@ def quantize_dynamic(model: ir.Model, units: Sequence[Unit], names: NameAuthorit
             weight_change(
                 model,
                 unit,
-                "dynamic int8 (MatMulInteger, per-channel weights, per-tensor activations)",
+                f"dynamic int8 (MatMulInteger, per-{'channel' if channel else 'tensor'} weights, "
+                "per-tensor activations)",
                 storage="MatMulInteger",
                 bytes_after=q.nbytes + scale.nbytes,
                 snr=snr,
+                granularity="channel" if channel else "tensor",
             )
         )
     return Emitted(tuple(changes), frozenset({"MatMulInteger"} if changes else set()), tuple(skipped))
