@@ -182,7 +182,7 @@ def symmetric_int8(arr: np.ndarray, axis: int | None, scale_dtype: np.dtype) -> 
         raise NonFiniteWeightError(NON_FINITE_REASON)
     # |w| / scale peaks at amax / scale (the same float32 division): only a scale rounded
     # below amax / 127 (float16 scales, denormal channels) can round past 127. Clipping a
-    # whole weight costs as much as dividing it, so it is done only when it can matter.
+    # whole weight costs half as much as dividing it, so it is done only when it can matter.
     clip = bool((amax / s32.reshape(amax.shape) >= np.float32(127.5)).any())
     for start, stop in chunks:
         part = _float32(arr[start:stop] if arr.ndim else arr)
