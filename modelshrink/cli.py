@@ -100,7 +100,7 @@ ExternalDataOpt = Annotated[
     bool | None,
     typer.Option(
         "--external-data/--no-external-data",
-        help="Store tensors in OUTPUT.data next to the model (default: only over 2 GB).",
+        help="Store tensors in OUTPUT.data next to the model (default: when the input did, or over 2 GB).",
         show_default=False,
     ),
 ]

@@ -451,13 +451,15 @@ class OutputTarget:
     Attributes:
         dest: The destination path, or None for stdout.
         force: Overwrite an existing file.
-        external_data: Write tensors to ``<name>.data``: True, False, or None for
-            "only when the model is too large for one protobuf".
+        external_data: Write tensors to ``<name>.data``: True, False, or None for "when
+            the model is too large for one protobuf, or the input kept its tensors so".
+        input_external: An input model kept its tensors in external data files.
     """
 
     dest: Path | None
     force: bool = False
     external_data: bool | None = None
+    input_external: bool = False
 
     @property
     def label(self) -> str:
@@ -511,7 +513,8 @@ def check_output_target(
         raise OutputError(f"{output}: folder '{parent}' does not exist; create it first")
     if not parent.is_dir():
         raise OutputError(f"{output}: '{parent}' is not a folder")
-    target = OutputTarget(dest, force, external_data)
+    input_external = any(isinstance(item, LoadedModel) and item.external_files for item in inputs)
+    target = OutputTarget(dest, force, external_data, input_external)
     protected = _protected_files(inputs)
     for candidate in (dest, target.data_path()):
         if candidate is not None and _same_file_as_any(candidate, protected):
@@ -646,7 +649,8 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
     """Write ``model`` into a temporary folder beside the destination (or in the temp dir).
 
     The model is not modified. External data is written when ``target.external_data`` is
-    True, or when it is None and the tensors exceed what one protobuf can hold.
+    True, or when it is None and the tensors exceed what one protobuf can hold or the input
+    kept its tensors in external data (and the target is a file).
 
     Raises:
         OutputError: The model needs external data but the target is stdout, or the disk
@@ -655,7 +659,13 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
     total = total_tensor_bytes(model)
     external = target.external_data
     if external is None:
-        external = total >= EXTERNAL_DATA_AUTO_BYTES
+        # Like the input: one file of a model that came with external data is read whole by
+        # the checker and every loader, and serializing it holds two more copies of its tensors
+        # (4x a 1.5 GB model at peak), where external data is written and mapped tensor by
+        # tensor. Sparse storage exists only inline (see _serialized): it keeps one file.
+        external = total >= EXTERNAL_DATA_AUTO_BYTES or (
+            target.input_external and target.dest is not None and not _has_sparse_marks(model)
+        )
     if external and target.dest is None:
         raise OutputError(
             f"the result holds {total / 1e9:.1f} GB of tensors and needs an external data file; "

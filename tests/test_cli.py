@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from modelshrink import cli
 from modelshrink.cli import app
+from modelshrink.runtime import RuntimeOptions, Session
 
 import models
 from helpers import ScaleConfig, scale_weights
@@ -384,3 +385,36 @@ def test_quiet_means_silent(runner: CliRunner, tmp_path: Path, args: list[str]) 
     result = runner.invoke(app, [*args, str(model), "-o", str(tmp_path / "o.onnx"), "-q", "--no-latency"])
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
+
+
+def test_output_keeps_the_inputs_external_data_layout(runner: CliRunner, tmp_path: Path) -> None:
+    """An input with external data gives an output with external data by default (a one-file
+    copy of a big model is parsed whole by every reader, and writing it held 4x the model);
+    --no-external-data, `-o -` and sparse storage (inline only) keep one file."""
+    src = models.save_external(models.mlp(sizes=(64, 256, 10)), tmp_path / "ext.onnx")
+    base = ["prune", str(src), "--sparsity", "0.9", "--min-elements", "0", "--no-latency", "-q"]
+
+    def files(name: str) -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(name))
+
+    assert runner.invoke(app, [*base, "-o", str(tmp_path / "a.onnx")]).exit_code == 0
+    assert files("a.") == ["a.onnx", "a.onnx.data"]
+    a = onnx.load(str(tmp_path / "a.onnx"), load_external_data=False)
+    weights = [t for t in a.graph.initializer if len(t.dims) == 2]
+    assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
+    assert runner.invoke(app, [*base, "-o", str(tmp_path / "b.onnx"), "--no-external-data"]).exit_code == 0
+    assert files("b.") == ["b.onnx"]
+    assert runner.invoke(app, [*base, "-o", str(tmp_path / "c.onnx"), "--sparse-storage"]).exit_code == 0
+    assert files("c.") == ["c.onnx"]
+    c = onnx.load(str(tmp_path / "c.onnx"))
+    assert any(a.name == "sparse_value" for n in c.graph.node for a in n.attribute)
+    piped = runner.invoke(app, [*base, "-o", "-"])
+    assert piped.exit_code == 0
+    assert onnx.load_from_string(piped.stdout_bytes).graph.initializer  # inline, in the bytes
+    # every one computes what the one-file copy computes
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}
+    ref = Session(tmp_path / "b.onnx", RuntimeOptions(), label="b").run(feed)[0]
+    for name in ("a.onnx", "c.onnx"):
+        np.testing.assert_array_equal(
+            Session(tmp_path / name, RuntimeOptions(), label=name).run(feed)[0], ref
+        )
