@@ -53,6 +53,8 @@ STDIO = "-"
 EXTERNAL_DATA_AUTO_BYTES = 1_800_000_000
 # Tensors at least this large go to the external data file when one is written.
 _EXTERNAL_THRESHOLD_BYTES = 1024
+# One-file results with at least this many tensor bytes are written by _write_streamed.
+_STREAM_BYTES = 64 << 20
 _COPY_CHUNK = 1 << 20
 # A Constant whose tensor carries this metadata entry is written as an ONNX sparse tensor
 # (``sparse_value``) when that is smaller. Sparse tensors read from a model become dense ones
@@ -564,6 +566,10 @@ def _all_tensors(model: ir.Model) -> Iterator[tuple[ir.Value | tuple[ir.Node, st
                     yield (node, name), attr.value
 
 
+def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+    return ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+
+
 def _inline_external(model: ir.Model, *, keep_large: bool) -> None:
     """Replace memory-mapped external tensors by in-memory ones (all, or only small ones)."""
     for owner, tensor in list(_all_tensors(model)):
@@ -571,7 +577,7 @@ def _inline_external(model: ir.Model, *, keep_large: bool) -> None:
             continue
         if keep_large and isinstance(owner, ir.Value) and tensor.nbytes >= _EXTERNAL_THRESHOLD_BYTES:
             continue  # ir.save rewrites it into the new external data file
-        loaded = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+        loaded = _in_memory(tensor)
         if isinstance(owner, ir.Value):
             owner.const_value = loaded
         else:
@@ -678,11 +684,15 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
     try:
         copy = model.clone()
         allow_plain_initializers(copy)
-        _inline_external(copy, keep_large=external)
         data_name = name + ".data" if external else None
-        if not external and _has_sparse_marks(copy):
+        sparse = not external and _has_sparse_marks(copy)
+        if not external and not sparse and total >= _STREAM_BYTES:
+            _write_streamed(copy, staged.path)
+        elif sparse:
+            _inline_external(copy, keep_large=False)
             staged.path.write_bytes(_serialized(copy).SerializeToString())
         else:
+            _inline_external(copy, keep_large=external)
             ir.save(
                 copy,
                 staged.path,
@@ -698,6 +708,73 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
         staged.discard()
         raise
     return staged
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_GRAPH_KEY = _varint(7 << 3 | 2)  # ModelProto.graph, length-delimited
+_INITIALIZER_KEY = _varint(5 << 3 | 2)  # GraphProto.initializer, length-delimited
+
+
+def _initializer_proto(name: str | None, tensor: ir.TensorProtocol) -> onnx.TensorProto:
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor = _in_memory(tensor)
+    proto = ir.serde.serialize_tensor(tensor)
+    proto.name = name or ""
+    return proto
+
+
+def _write_streamed(model: ir.Model, path: Path) -> None:
+    """Write ``model`` as one protobuf file without a serialized copy of all its tensors.
+
+    Serializing the model whole held two more copies of every tensor (a proto, then its bytes):
+    4x a 1.5 GB result at peak. Here everything but the main graph's initializer tensors is
+    serialized as usual, and the one ``graph`` field is written with those tensors appended
+    to it one at a time (a repeated field may follow the graph's other fields; ``onnx.load``
+    reads back the same model). ``model`` is a private copy: its external tensors in
+    attributes and subgraphs are brought into memory.
+    """
+    pairs = [(v, v.const_value) for v in model.graph.initializers.values() if v.const_value is not None]
+    values = [v for v, _ in pairs]
+    tensors = [t for _, t in pairs if t is not None]
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    try:
+        for value in values:
+            value.const_value = None  # serialized below, one at a time
+        _inline_external(model, keep_large=False)
+        serde_log.setLevel(logging.ERROR)  # it warns about each initializer left without data
+        proto = ir.serde.serialize_model(model)
+    finally:
+        serde_log.setLevel(level)
+        for value, tensor in zip(values, tensors, strict=True):
+            value.const_value = tensor
+    graph = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+    del proto
+    # The graph's length comes first: measure every tensor's record, then write them.
+    sizes = [_initializer_proto(v.name, t).ByteSize() for v, t in zip(values, tensors, strict=True)]
+    body = len(graph) + sum(len(_INITIALIZER_KEY) + len(_varint(n)) + n for n in sizes)
+    with path.open("wb") as f:
+        f.write(head + _GRAPH_KEY + _varint(body))
+        f.write(graph)
+        for value, tensor, size in zip(values, tensors, sizes, strict=True):
+            record = _initializer_proto(value.name, tensor).SerializeToString()
+            if len(record) != size:
+                raise AssertionError(
+                    f"initializer '{value.name}' serialized to {len(record)} bytes, not {size}"
+                )
+            f.write(_INITIALIZER_KEY + _varint(size))
+            f.write(record)
+            del record
 
 
 def load_staged(staged_model: StagedModel) -> ir.Model:
