@@ -663,6 +663,7 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
             write failed.
     """
     total = total_tensor_bytes(model)
+    sparse_marks = _has_sparse_marks(model)
     external = target.external_data
     if external is None:
         # Like the input: one file of a model that came with external data is read whole by
@@ -670,7 +671,7 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
         # (4x a 1.5 GB model at peak), where external data is written and mapped tensor by
         # tensor. Sparse storage exists only inline (see _serialized): it keeps one file.
         external = total >= EXTERNAL_DATA_AUTO_BYTES or (
-            target.input_external and target.dest is not None and not _has_sparse_marks(model)
+            target.input_external and target.dest is not None and not sparse_marks
         )
     if external and target.dest is None:
         raise OutputError(
@@ -685,7 +686,7 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
         copy = model.clone()
         allow_plain_initializers(copy)
         data_name = name + ".data" if external else None
-        sparse = not external and _has_sparse_marks(copy)
+        sparse = not external and sparse_marks
         if not external and not sparse and total >= _STREAM_BYTES:
             _write_streamed(copy, staged.path)
         elif sparse:
@@ -741,9 +742,8 @@ def _write_streamed(model: ir.Model, path: Path) -> None:
     reads back the same model). ``model`` is a private copy: its external tensors in
     attributes and subgraphs are brought into memory.
     """
-    pairs = [(v, v.const_value) for v in model.graph.initializers.values() if v.const_value is not None]
-    values = [v for v, _ in pairs]
-    tensors = [t for _, t in pairs if t is not None]
+    values = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    tensors = [t for v in values if (t := v.const_value) is not None]
     serde_log = logging.getLogger("onnx_ir.serde")
     level = serde_log.level
     try:
