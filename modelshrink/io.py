@@ -31,6 +31,7 @@ from modelshrink.graph import allow_plain_initializers
 
 __all__ = [
     "EXTERNAL_DATA_AUTO_BYTES",
+    "SERIALIZE_WHOLE_BYTES",
     "SPARSE_STORAGE_KEY",
     "SPARSE_STORAGE_VALUE",
     "STDIO",
@@ -53,8 +54,10 @@ STDIO = "-"
 EXTERNAL_DATA_AUTO_BYTES = 1_800_000_000
 # Tensors at least this large go to the external data file when one is written.
 _EXTERNAL_THRESHOLD_BYTES = 1024
-# One-file results with at least this many tensor bytes are written by _write_streamed.
-_STREAM_BYTES = 64 << 20
+# Models with fewer tensor bytes than this are serialized whole in memory; larger one-file
+# results are written by _write_streamed, and larger models for onnxruntime sessions go
+# through a temporary file with external data (serializing held 2-3x the tensors).
+SERIALIZE_WHOLE_BYTES = 64 << 20
 _COPY_CHUNK = 1 << 20
 # A Constant whose tensor carries this metadata entry is written as an ONNX sparse tensor
 # (``sparse_value``) when that is smaller. Sparse tensors read from a model become dense ones
@@ -687,7 +690,7 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
         allow_plain_initializers(copy)
         data_name = name + ".data" if external else None
         sparse = not external and sparse_marks
-        if not external and not sparse and total >= _STREAM_BYTES:
+        if not external and not sparse and total >= SERIALIZE_WHOLE_BYTES:
             _write_streamed(copy, staged.path)
         elif sparse:
             _inline_external(copy, keep_large=False)

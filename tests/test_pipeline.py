@@ -153,3 +153,38 @@ def test_analysis_only_result_writes_nothing(tmp_path: Path, mlp_path: Path, sna
     )
     assert report.passed and not report.written and report.fidelity is not None
     assert snapshot(out_dir) == {}
+
+
+@pytest.mark.parametrize("external_input", [False, True])
+def test_sessions_of_big_in_memory_models_go_through_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external_input: bool
+) -> None:
+    """Techniques' probes and speed checks open sessions of in-memory models: above
+    SERIALIZE_WHOLE_BYTES through a temporary file with external data, with the same outputs
+    as the whole-model bytes, and nothing left behind."""
+    import numpy as np
+
+    from modelshrink.pipeline import session_for_model
+    from modelshrink.runtime import RuntimeOptions
+
+    src = tmp_path / "m.onnx"
+    (models.save_external if external_input else models.save)(models.conv_net(), src)
+    model = io.load_model(str(src)).model
+    feed = {"image": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    whole = session_for_model(model, RuntimeOptions()).run(feed)
+    monkeypatch.setattr(io, "SERIALIZE_WHOLE_BYTES", 0)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    staged: list[io.StagedModel] = []
+    real_stage = io.stage_model
+
+    def stage(*args: object, **kwargs: object) -> io.StagedModel:
+        staged.append(real_stage(*args, **kwargs))  # type: ignore[arg-type]
+        return staged[-1]
+
+    monkeypatch.setattr(io, "stage_model", stage)
+    (tmp_path / "tmp").mkdir()
+    via_file = session_for_model(model, RuntimeOptions()).run(feed)
+    for a, b in zip(whole, via_file, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(staged) == 1 and staged[0].data_path is not None  # written with external data
+    assert not list((tmp_path / "tmp").iterdir())  # the temporary folder is gone
