@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from modelshrink.errors import ConfigError
 
-__all__ = ["GateResult", "Gates"]
+__all__ = ["FLOOR_AGREEMENT", "FLOOR_COSINE", "GateResult", "Gates", "floor_gates"]
+
+# The fidelity below which a result is called damaged, whatever the user asked: top-1
+# agreement on outputs that look like class scores, cosine similarity on the others.
+FLOOR_AGREEMENT = 0.99
+FLOOR_COSINE = 0.99
 
 
 @dataclass(frozen=True)
@@ -134,3 +140,15 @@ class Gates:
             max_error=max_error, cosine=cosine, agreement=agreement, size_ratio=None, speedup=None
         )
         return all(r.passed for r in results if r.name in ("max_error", "min_cosine", "min_agreement"))
+
+
+def floor_gates(class_like: Sequence[bool]) -> Gates:
+    """The floor as gates for a model whose outputs are class-like or not (one flag per output).
+
+    Agreement where some output is class-like, cosine where some is not (``Fidelity.cosine``
+    is the worst over every output, so a model with both is held to both).
+    """
+    return Gates(
+        min_agreement=FLOOR_AGREEMENT if any(class_like) else None,
+        min_cosine=FLOOR_COSINE if not all(class_like) or not class_like else None,
+    )

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from modelshrink import io
 from modelshrink.errors import ConfigError, ModelshrinkError, UnsupportedModelError
 from modelshrink.feeds import Feeds, load_feeds
-from modelshrink.gates import Gates
+from modelshrink.gates import Gates, floor_gates
 from modelshrink.measure import measure_latency, model_stats
 from modelshrink.report import LatencyComparison, Report
 from modelshrink.runtime import RuntimeOptions, Session
@@ -314,6 +314,7 @@ def run_technique(
         feeds=feeds,
         evaluate=evaluate,
         gates=options.gates,
+        floor=floor_gates(reference.class_like),
         runtime=options.runtime,
         seed=options.seed,
         progress=progress,

@@ -112,11 +112,15 @@ class TechniqueContext:
         runtime: Session options in use.
         seed: Seed for anything random.
         progress: Progress sink.
+        floor: The fidelity a result must keep to be called sound (top-1 agreement >= 0.99 on
+            class-like outputs, else cosine >= 0.99), as gates. A technique given neither an
+            amount nor a fidelity gate searches for the largest amount that keeps it.
     """
 
     feeds: Feeds
     evaluate: Callable[[ir.Model], Fidelity]
     gates: Gates = field(default_factory=Gates)
+    floor: Gates = field(default_factory=lambda: Gates(min_cosine=0.99))
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     seed: int = 0
     progress: Progress = silent_progress
