@@ -25,7 +25,7 @@ from typer.exceptions import Abort, TyperException
 
 from modelshrink import __version__, api, io, techniques
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
-from modelshrink.feeds import parse_input_shapes
+from modelshrink.feeds import parse_input_shapes, parse_input_values
 from modelshrink.gates import Gates
 from modelshrink.inspection import inspect_model, render_inspect
 from modelshrink.pipeline import RunOptions, run_technique
@@ -127,7 +127,18 @@ InputShapeOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--input-shape",
-        help="Set an input's shape, e.g. input_ids:1x128 (repeatable); dynamic dims default to 1.",
+        help="Set an input's shape, e.g. input_ids:1x128 (repeatable); dynamic sizes not given are "
+        "guessed and tried on the original (the report says which).",
+        rich_help_panel=_DATA,
+        show_default=False,
+    ),
+]
+InputValueOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-value",
+        help="Fill an input with one number in every synthetic feed, e.g. sr=16000 (repeatable); "
+        "with --data, fills inputs the data does not hold.",
         rich_help_panel=_DATA,
         show_default=False,
     ),
@@ -237,11 +248,13 @@ def run_options(
     threads: int,
     latency: bool,
     latency_runs: int | None,
+    input_value: list[str] | None = None,
 ) -> RunOptions:
     """Bundle the shared flags into :class:`RunOptions` (validating them)."""
     return RunOptions(
         data=data,
         input_shapes=parse_input_shapes(input_shape or []),
+        input_values=parse_input_values(input_value or []),
         seed=seed,
         samples=samples,
         gates=Gates(
@@ -258,7 +271,7 @@ def run_options(
 
 
 RUN_OPTION_FLAGS = (
-    "data", "input_shape", "seed", "samples", "max_error", "min_cosine", "min_agreement",
+    "data", "input_shape", "input_value", "seed", "samples", "max_error", "min_cosine", "min_agreement",
     "max_size_ratio", "min_speedup", "provider", "threads", "latency", "latency_runs",
 )  # fmt: skip
 
@@ -478,6 +491,7 @@ def compare(
     ],
     data: DataOpt = None,
     input_shape: InputShapeOpt = None,
+    input_value: InputValueOpt = None,
     seed: SeedOpt = 0,
     samples: SamplesOpt = None,
     max_error: MaxErrorOpt = None,
@@ -572,7 +586,8 @@ def quantize(
         Literal["qdq", "cast", "nbits"] | None,
         typer.Option(
             "--format",
-            help="int8: qdq (DequantizeLinear, default) or cast (Cast+Mul, folded at load). "
+            help="int8: cast (Cast+Mul, folded at load: runs at the original's speed; default) or qdq "
+            "(DequantizeLinear; default for providers that run int8 QDQ kernels: TensorRT, OpenVINO, QNN). "
             "int4: nbits (MatMulNBits, default) or qdq (opset-21 DequantizeLinear). "
             "--bits / int2 / binary: cast only (BitShift+Cast+Mul, folded at load).",
             rich_help_panel=_QUANT,
@@ -667,6 +682,7 @@ def quantize(
     external_data: ExternalDataOpt = None,
     data: DataOpt = None,
     input_shape: InputShapeOpt = None,
+    input_value: InputValueOpt = None,
     seed: SeedOpt = 0,
     samples: SamplesOpt = None,
     max_error: MaxErrorOpt = None,
@@ -725,7 +741,7 @@ def prune(
     search: Annotated[bool | None, typer.Option("--search/--no-search", help="Per-layer sensitivity search under the fidelity gates (default: on when --max-error, --min-cosine or --min-agreement is given).", rich_help_panel=_PRUNE, show_default=False)] = None,
     sparse_storage: Annotated[bool, typer.Option("--sparse-storage", help="Store pruned tensors as ONNX sparse tensors where smaller (file size only).", rich_help_panel=_PRUNE)] = False,
     force: ForceOpt = False, external_data: ExternalDataOpt = None,
-    data: DataOpt = None, input_shape: InputShapeOpt = None, seed: SeedOpt = 0, samples: SamplesOpt = None,
+    data: DataOpt = None, input_shape: InputShapeOpt = None, input_value: InputValueOpt = None, seed: SeedOpt = 0, samples: SamplesOpt = None,
     max_error: MaxErrorOpt = None, min_cosine: MinCosineOpt = None, min_agreement: MinAgreementOpt = None,
     max_size_ratio: MaxSizeRatioOpt = None, min_speedup: MinSpeedupOpt = None,
     provider: ProviderOpt = "cpu", threads: ThreadsOpt = 1, latency: LatencyOpt = True, latency_runs: LatencyRunsOpt = None,
@@ -771,6 +787,7 @@ def factorize(
     external_data: ExternalDataOpt = None,
     data: DataOpt = None,
     input_shape: InputShapeOpt = None,
+    input_value: InputValueOpt = None,
     seed: SeedOpt = 0,
     samples: SamplesOpt = None,
     max_error: MaxErrorOpt = None,
@@ -945,6 +962,7 @@ def distill(
     external_data: ExternalDataOpt = None,
     data: DataOpt = None,
     input_shape: InputShapeOpt = None,
+    input_value: InputValueOpt = None,
     seed: SeedOpt = 0,
     samples: SamplesOpt = None,
     max_error: MaxErrorOpt = None,

@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "GateError",
+    "InputGuessError",
     "InvalidModelError",
     "ModelshrinkError",
     "OutputError",
@@ -61,6 +62,10 @@ class ConfigError(ModelshrinkError):
     """Flags or configuration values that do not make sense: a usage error."""
 
     exit_code = EXIT_USAGE
+
+
+class InputGuessError(ConfigError):
+    """No synthetic input the original runs on was found: the user must give sizes, values or data."""
 
 
 class GateError(ModelshrinkError):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,22 +34,41 @@ import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
 
-from modelshrink.errors import ConfigError, DataError, UnsupportedModelError
-from modelshrink.graph import graph_inputs
+from modelshrink.errors import (
+    ConfigError,
+    DataError,
+    InputGuessError,
+    ModelshrinkError,
+    UnsupportedModelError,
+)
+from modelshrink.inputs import (
+    Candidate,
+    InputPlan,
+    InputSpec,
+    Scalar,
+    check_value,
+    input_specs,
+    parse_input_values,
+    plan_inputs,
+)
 
 __all__ = [
     "Feed",
     "Feeds",
+    "InputInfo",
     "InputSpec",
+    "Probe",
     "input_specs",
     "load_feeds",
     "parse_input_shapes",
+    "parse_input_values",
 ]
 
 logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
-Dim = int | str | None
+# Runs the original on one feed and returns its outputs by name (raises ModelshrinkError).
+Probe = Callable[[Feed], Mapping[str, np.ndarray]]
 # Synthetic inputs follow the declared shapes, which a hostile or careless model can make huge:
 # a feed (all inputs of one sample) over _MAX_FEED_BYTES is refused, and fewer samples than
 # asked are drawn when together they would pass _MAX_SYNTHETIC_BYTES (a warning says so).
@@ -62,28 +81,28 @@ DEFAULT_MAX_REAL_SAMPLES = 128
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """A model input as declared.
+class InputInfo:
+    """How one input was fed (for the report).
 
     Attributes:
         name: Input name.
-        dtype: numpy dtype (``None`` for types numpy cannot hold, e.g. strings, sequences).
-        dims: Per-axis size: an int, a symbolic name, or None when unknown.
-        type_name: Human-readable ONNX type.
-        index_bound: For integer inputs used as ``Gather`` indices, the table size.
+        shape: The shape of every synthetic feed (of the first feed for real data).
+        dtype: numpy dtype name.
+        declared: The declared shape, e.g. ``[N,3,H,W]``.
+        guessed_shape: Some axis size was guessed (not declared, not ``--input-shape``).
+        value: The value every feed holds (``--input-value`` or a guess), else None.
+        guessed_value: ``value`` was guessed from the graph.
+        nonfinite: NaN/inf values in the feeds of this input (real data).
     """
 
     name: str
-    dtype: np.dtype | None
-    dims: tuple[Dim, ...] | None
-    type_name: str
-    index_bound: int | None = None
-
-    def shape_text(self) -> str:
-        """``[batch,1,16,16]``-style text; ``?`` for unknown dims."""
-        if self.dims is None:
-            return "[unknown rank]"
-        return "[" + ",".join("?" if d is None else str(d) for d in self.dims) + "]"
+    shape: tuple[int, ...]
+    dtype: str
+    declared: str
+    guessed_shape: bool = False
+    value: Scalar | None = None
+    guessed_value: bool = False
+    nonfinite: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,13 +113,27 @@ class Feeds:
         samples: One dict per inference.
         real: True when from ``--data``.
         source: Where they came from (for the report).
-        warnings: Things the user should know (defaulted dims, ignored keys, casts).
+        warnings: Things the user should know (guessed sizes, ignored keys, casts).
+        inputs: How each input was fed.
+        probes: Candidate feeds run on the original to find one it runs on (0: none needed).
     """
 
     samples: tuple[Feed, ...]
     real: bool
     source: str
     warnings: tuple[str, ...] = field(default=())
+    inputs: tuple[InputInfo, ...] = field(default=())
+    probes: int = 0
+
+    @property
+    def guessed(self) -> bool:
+        """True when some input's shape or value was guessed."""
+        return any(i.guessed_shape or i.guessed_value for i in self.inputs)
+
+    @property
+    def nonfinite(self) -> dict[str, int]:
+        """NaN/inf counts per input, for inputs that have any."""
+        return {i.name: i.nonfinite for i in self.inputs if i.nonfinite}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -129,122 +162,35 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _dim(d: int | ir.SymbolicDim) -> Dim:
-    if isinstance(d, int):
-        return d
-    return d.value if d.value else None
-
-
-def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The inputs a caller must feed, with dtype, dims and index bounds."""
-    bounds = _gather_index_bounds(model)
-    specs = []
-    for value in graph_inputs(model.graph):
-        vtype = value.type
-        dtype: np.dtype | None = None
-        if isinstance(vtype, ir.TensorType):
-            try:
-                dtype = np.dtype(vtype.dtype.numpy())
-            except (TypeError, ValueError):
-                dtype = None
-            if vtype.dtype == ir.DataType.STRING:
-                dtype = np.dtype(object)  # onnxruntime takes str/bytes objects
-        shape = value.shape
-        dims = None if shape is None else tuple(_dim(d) for d in shape)
-        specs.append(
-            InputSpec(
-                name=value.name or "",
-                dtype=dtype,
-                dims=dims,
-                type_name=str(vtype) if vtype is not None else "unknown",
-                index_bound=bounds.get(value.name or ""),
-            )
-        )
-    return specs
-
-
-_PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"}
-
-
-def _gather_index_bounds(model: ir.Model) -> dict[str, int]:
-    """For each graph input reaching ``Gather``'s indices (through casts/reshapes): table rows."""
-    bounds: dict[str, int] = {}
-    for value in graph_inputs(model.graph):
-        frontier = [value]
-        seen: set[int] = set()
-        while frontier:
-            v = frontier.pop()
-            if id(v) in seen:
-                continue
-            seen.add(id(v))
-            for use in v.uses():
-                node = use.node
-                if node.op_type in ("Gather", "GatherElements") and use.idx == 1:
-                    axis = node.attributes.get_int("axis", 0)
-                    table_shape = _static_shape(node.inputs[0])
-                    if table_shape:
-                        size = table_shape[axis]
-                        if isinstance(size, int):
-                            prev = bounds.get(value.name or "")
-                            bounds[value.name or ""] = size if prev is None else min(prev, size)
-                elif node.op_type in _PASS_THROUGH and use.idx == 0:
-                    frontier.extend(node.outputs)
-    return bounds
-
-
-def _static_shape(value: ir.Value | None) -> tuple[int | ir.SymbolicDim, ...] | None:
-    """Shape of a value: declared, or from its constant (initializer or Constant node)."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return tuple(value.const_value.shape.numpy())
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant":
-        attr = producer.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return tuple(attr.as_tensor().shape.numpy())
-    if value.shape is not None:
-        return tuple(value.shape)
-    return None
-
-
 # --- synthetic ------------------------------------------------------------------------------
 
 
-def _resolve_dims(spec: InputSpec, override: tuple[int, ...] | None, warnings: list[str]) -> tuple[int, ...]:
-    if override is not None:
-        if spec.dims is not None and len(override) != len(spec.dims):
-            raise ConfigError(
-                f"--input-shape {spec.name}: gives {len(override)} dims, the input has "
-                f"{len(spec.dims)} {spec.shape_text()}"
-            )
-        if spec.dims is not None:
-            for axis, (want, got) in enumerate(zip(spec.dims, override, strict=True)):
-                if isinstance(want, int) and want > 0 and want != got:  # -1: dynamic (Paddle)
-                    raise ConfigError(
-                        f"--input-shape {spec.name}: axis {axis} is fixed at {want} in the model, got {got}"
-                    )
-        return override
+def _check_override(spec: InputSpec, override: tuple[int, ...]) -> None:
+    """``--input-shape`` must have the input's rank and keep its fixed sizes."""
     if spec.dims is None:
+        return
+    if len(override) != len(spec.dims):
+        raise ConfigError(
+            f"--input-shape {spec.name}: gives {len(override)} dims, the input has "
+            f"{len(spec.dims)} {spec.shape_text()}"
+        )
+    for axis, (want, got) in enumerate(zip(spec.dims, override, strict=True)):
+        if isinstance(want, int) and want > 0 and want != got:  # -1: dynamic (Paddle)
+            raise ConfigError(
+                f"--input-shape {spec.name}: axis {axis} is fixed at {want} in the model, got {got}"
+            )
+
+
+def _check_drawable(spec: InputSpec, input_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    if spec.dtype is None:
+        raise UnsupportedModelError(
+            f"input '{spec.name}' has type {spec.type_name}, which cannot be generated; pass --data"
+        )
+    if spec.dims is None and spec.name not in input_shapes:
         raise UnsupportedModelError(
             f"input '{spec.name}' has no declared shape; give one with --input-shape "
             f"{spec.name}:DIMS or pass --data"
         )
-    dims = []
-    dynamic = []
-    for axis, d in enumerate(spec.dims):
-        if isinstance(d, int) and d > 0:
-            dims.append(d)
-        else:
-            dynamic.append(f"{axis} ('{d}')" if isinstance(d, str) else str(axis))
-            dims.append(1)
-    if dynamic:
-        axes = ", ".join(dynamic)
-        warnings.append(
-            f"input '{spec.name}' has dynamic axis {axes}: using 1; set real sizes with "
-            f"--input-shape {spec.name}:{'x'.join(map(str, dims))} (edited) or pass --data"
-        )
-    return tuple(dims)
 
 
 def _synthetic_array(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -310,23 +256,29 @@ def _feed_bytes(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]
     return total
 
 
+def _draw_feed(specs: Sequence[InputSpec], candidate: Candidate, rng: np.random.Generator) -> Feed:
+    feed: Feed = {}
+    for spec in specs:
+        shape = candidate.shapes[spec.name]
+        value = candidate.values.get(spec.name)
+        if value is not None:
+            assert spec.dtype is not None
+            feed[spec.name] = np.full(shape, value, dtype=spec.dtype)
+        else:
+            feed[spec.name] = _synthetic_array(spec, shape, rng)
+    return feed
+
+
 def synthetic_feeds(
     specs: Sequence[InputSpec],
+    candidate: Candidate,
     *,
-    input_shapes: Mapping[str, tuple[int, ...]],
     seed: int,
     samples: int,
-) -> Feeds:
-    """``samples`` feeds drawn from the declared shapes and types."""
+) -> tuple[tuple[Feed, ...], list[str]]:
+    """``samples`` feeds drawn at the candidate's shapes (and values), and any warnings."""
     warnings: list[str] = []
-    shapes = {}
-    for spec in specs:
-        if spec.dtype is None:
-            raise UnsupportedModelError(
-                f"input '{spec.name}' has type {spec.type_name}, which cannot be generated; pass --data"
-            )
-        shapes[spec.name] = _resolve_dims(spec, input_shapes.get(spec.name), warnings)
-    per_feed = _feed_bytes(specs, shapes)
+    per_feed = _feed_bytes(specs, candidate.shapes)
     fit = max(1, _MAX_SYNTHETIC_BYTES // max(per_feed, 1))
     if samples > fit:
         warnings.append(
@@ -335,10 +287,112 @@ def synthetic_feeds(
         )
         samples = fit
     rng = np.random.default_rng(seed)
-    feeds = tuple(
-        {spec.name: _synthetic_array(spec, shapes[spec.name], rng) for spec in specs} for _ in range(samples)
+    return tuple(_draw_feed(specs, candidate, rng) for _ in range(samples)), warnings
+
+
+def _nonfinite_output(outputs: Mapping[str, np.ndarray]) -> str | None:
+    for name, array in outputs.items():
+        a = np.asarray(array)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            return name
+    return None
+
+
+def _probe(
+    plan: InputPlan, specs: Sequence[InputSpec], seed: int, probe: Probe | None
+) -> tuple[Candidate, int]:
+    """The first candidate the original runs on with finite outputs (else the first it runs on
+    at all), and how many were tried.
+
+    Raises:
+        InputGuessError: The original ran on none of them (exit 2, with the flags to pass).
+        DataError: Every candidate feed is too large to draw.
+    """
+    if probe is None or not plan.guessed:
+        candidate = plan.first()
+        _feed_bytes(specs, candidate.shapes)
+        return candidate, 0
+    tried: list[Candidate] = []
+    last = ""
+    too_big: DataError | None = None
+    ran: Candidate | None = None  # the first that ran, if none gives finite outputs
+    for candidate in plan.candidates():
+        try:
+            _feed_bytes(specs, candidate.shapes)
+        except DataError as exc:
+            too_big = too_big or exc
+            continue
+        tried.append(candidate)
+        feed = _draw_feed(specs, candidate, np.random.default_rng(seed))
+        try:
+            outputs = probe(feed)
+        except ModelshrinkError as exc:
+            last = exc.message
+            continue
+        bad = _nonfinite_output(outputs)
+        if bad is None:
+            return candidate, len(tried)
+        ran = ran or candidate
+        last = f"output '{bad}' holds NaN or infinite values"
+    if ran is not None:
+        # The model runs but its outputs are never finite (NaN weights, say): not the inputs'
+        # fault; the verdict says the fidelity cannot be judged.
+        return ran, len(tried)
+    if not tried and too_big is not None:
+        raise too_big
+    last = last.split(": onnxruntime failed while running it: ", 1)[-1]
+    raise InputGuessError(
+        f"the original model runs on none of the {len(tried)} synthetic inputs tried "
+        f"({plan.tried_text(tried)}); last failure: {last}; give the real sizes and values with "
+        f"{plan.flag_hint()}, or pass --data"
     )
-    return Feeds(feeds, real=False, source=f"synthetic (seed {seed})", warnings=tuple(warnings))
+
+
+def _synthetic(
+    model: ir.Model,
+    specs: Sequence[InputSpec],
+    *,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    input_values: Mapping[str, Scalar],
+    seed: int,
+    samples: int,
+    probe: Probe | None,
+) -> Feeds:
+    for spec in specs:
+        _check_drawable(spec, input_shapes)
+    plan = plan_inputs(model, specs, input_shapes=input_shapes, input_values=input_values)
+    candidate, tried = _probe(plan, specs, seed, probe)
+    drawn, warnings = synthetic_feeds(specs, candidate, seed=seed, samples=samples)
+    guesses = plan.describe_guesses(candidate)
+    if guesses and plan.guessed_beyond_batch:
+        how = f"the first of {tried} tried that the original runs on" if tried else "not tried on the model"
+        warnings.insert(
+            0,
+            f"guessed synthetic inputs ({how}): {guesses}; set them with {plan.flag_hint(candidate)} "
+            "or pass --data",
+        )
+    guessed_inputs = {name for g in plan.axes for name, _ in g.axes}
+    guessed_values = {v.name for v in plan.values if v.name not in plan.user_values}
+    infos = tuple(
+        InputInfo(
+            name=spec.name,
+            shape=tuple(int(d) for d in candidate.shapes[spec.name]),
+            dtype=str(spec.dtype),
+            declared=spec.shape_text(),
+            guessed_shape=spec.name in guessed_inputs,
+            value=candidate.values.get(spec.name),
+            guessed_value=spec.name in guessed_values,
+        )
+        for spec in specs
+    )
+    return Feeds(
+        drawn,
+        real=False,
+        source=f"synthetic (seed {seed})",
+        warnings=tuple(warnings),
+        inputs=infos,
+        probes=tried,
+    )
 
 
 # --- real data ------------------------------------------------------------------------------
@@ -449,13 +503,19 @@ def _array_feeds(
     path: Path,
     specs: Sequence[InputSpec],
     input_shapes: Mapping[str, tuple[int, ...]],
+    input_values: Mapping[str, Scalar],
     max_samples: int,
 ) -> Feeds:
     label = str(path)
     arrays = _read_arrays(path, specs)
+    for name in input_values:
+        if name in arrays:
+            raise ConfigError(
+                f"--input-value {name}: --data {label} already holds '{name}'; drop one of them"
+            )
     warnings: list[str] = []
     wanted = {s.name for s in specs}
-    missing = [s.name for s in specs if s.name not in arrays]
+    missing = [s.name for s in specs if s.name not in arrays and s.name not in input_values]
     if missing:
         have = ", ".join(sorted(arrays)) or "nothing"
         raise DataError(
@@ -467,6 +527,8 @@ def _array_feeds(
         warnings.append(f"--data: ignored arrays not named like an input: {', '.join(extra)}")
     per_input: dict[str, list[np.ndarray]] = {}
     for spec in specs:
+        if spec.name in input_values:
+            continue
         array = _cast(spec.name, arrays[spec.name], spec, label, warnings)
         override = input_shapes.get(spec.name)
         per_input[spec.name] = _split(spec.name, array, spec, override[0] if override else None, label)
@@ -479,10 +541,82 @@ def _array_feeds(
     samples = tuple({name: items[i] for name, items in per_input.items()} for i in range(used))
     for sample in samples[1:]:
         for spec in specs:
-            if spec.dims is not None:
+            if spec.dims is not None and spec.name not in input_values:
                 _check_shape(spec.name, sample[spec.name].shape, spec, label)
+    samples = tuple(_fill_values(sample, specs, input_shapes, input_values) for sample in samples)
     source = f"{label} ({used} of {total} samples)" if used < total else f"{label} ({total} samples)"
-    return Feeds(samples, real=True, source=source, warnings=tuple(warnings))
+    return _real_feeds(samples, specs, source, warnings, input_values)
+
+
+def _fill_values(
+    sample: Feed,
+    specs: Sequence[InputSpec],
+    input_shapes: Mapping[str, tuple[int, ...]],
+    input_values: Mapping[str, Scalar],
+) -> Feed:
+    """``sample`` plus the inputs ``--input-value`` fills (shaped by the data's own sizes)."""
+    if not input_values:
+        return sample
+    bound: dict[str, int] = {}
+    for spec in specs:
+        if spec.name in sample and spec.dims is not None:
+            for d, size in zip(spec.dims, sample[spec.name].shape, strict=False):
+                if isinstance(d, str):
+                    bound.setdefault(d, int(size))
+    out = dict(sample)
+    for spec in specs:
+        if spec.name not in input_values:
+            continue
+        assert spec.dtype is not None and spec.dims is not None
+        shape = input_shapes.get(spec.name)
+        if shape is None:
+            sizes = []
+            for axis, d in enumerate(spec.dims):
+                size = d if isinstance(d, int) and d > 0 else bound.get(d) if isinstance(d, str) else None
+                if size is None:
+                    raise ConfigError(
+                        f"--input-value {spec.name}: axis {axis} of {spec.shape_text()} has no size the "
+                        f"data fixes; add --input-shape {spec.name}:DIMS"
+                    )
+                sizes.append(size)
+            shape = tuple(sizes)
+        out[spec.name] = np.full(shape, input_values[spec.name], dtype=spec.dtype)
+    return out
+
+
+def _real_feeds(
+    samples: tuple[Feed, ...],
+    specs: Sequence[InputSpec],
+    source: str,
+    warnings: list[str],
+    input_values: Mapping[str, Scalar],
+) -> Feeds:
+    """Real feeds with per-input facts; NaN/inf in the data is counted and said."""
+    infos = []
+    for spec in specs:
+        nonfinite = 0
+        for sample in samples:
+            array = sample.get(spec.name)
+            if array is not None and array.dtype.kind == "f":
+                nonfinite += int(array.size - np.count_nonzero(np.isfinite(array)))
+        first = samples[0].get(spec.name) if samples else None
+        infos.append(
+            InputInfo(
+                name=spec.name,
+                shape=tuple(int(d) for d in first.shape) if first is not None else (),
+                dtype=str(spec.dtype),
+                declared=spec.shape_text(),
+                value=input_values.get(spec.name),
+                nonfinite=nonfinite,
+            )
+        )
+    bad = [f"'{i.name}' {i.nonfinite}" for i in infos if i.nonfinite]
+    if bad:
+        warnings.append(
+            f"--data holds NaN or infinite values ({', '.join(bad)}): outputs computed from them "
+            "cannot be compared, and fail every fidelity gate"
+        )
+    return Feeds(samples, real=True, source=source, warnings=tuple(warnings), inputs=tuple(infos))
 
 
 def _test_data_feeds(sets: Sequence[Path], specs: Sequence[InputSpec], max_samples: int, label: str) -> Feeds:
@@ -504,7 +638,7 @@ def _test_data_feeds(sets: Sequence[Path], specs: Sequence[InputSpec], max_sampl
             if spec.dims is not None:
                 _check_shape(spec.name, feed[spec.name].shape, spec, str(pb))
         samples.append(feed)
-    return Feeds(tuple(samples), real=True, source=f"{label} ({len(samples)} test data sets)")
+    return _real_feeds(tuple(samples), specs, f"{label} ({len(samples)} test data sets)", [], {})
 
 
 def _index(stem: str) -> int:
@@ -517,8 +651,10 @@ def load_feeds(
     *,
     data: str | None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    input_values: Mapping[str, Scalar] | None = None,
     seed: int = 0,
     samples: int | None = None,
+    probe: Probe | None = None,
 ) -> Feeds:
     """Feeds for ``model``: from ``data`` if given, else synthetic.
 
@@ -526,35 +662,55 @@ def load_feeds(
         model: The model whose inputs are fed.
         data: Path given with ``--data``, or None.
         input_shapes: ``--input-shape`` overrides.
+        input_values: ``--input-value`` fills: a number every feed of that input holds.
         seed: Seed for synthetic inputs.
         samples: At most this many feeds (default: 8 synthetic, up to 128 real).
+        probe: Runs the original on a feed. When given and some synthetic size or value had to
+            be guessed, candidates are tried in order until the original runs on one with
+            finite outputs (see :mod:`modelshrink.inputs`); without it the first is used.
 
     Raises:
         DataError: Unreadable data or data that does not match the inputs.
-        ConfigError: ``--input-shape`` names an unknown input or contradicts the model.
+        ConfigError: ``--input-shape``/``--input-value`` name an unknown input or contradict
+            the model.
+        InputGuessError: The original runs on no synthetic candidate (exit 2).
     """
     input_shapes = dict(input_shapes or {})
+    input_values = dict(input_values or {})
     specs = input_specs(model)
-    known = {s.name for s in specs}
-    for name in input_shapes:
-        if name not in known:
-            raise ConfigError(
-                f"--input-shape {name}: the model has no such input (inputs: "
-                f"{', '.join(sorted(known)) or 'none'})"
-            )
+    by_name = {s.name: s for s in specs}
+    known = ", ".join(sorted(by_name)) or "none"
+    for name, shape in input_shapes.items():
+        if name not in by_name:
+            raise ConfigError(f"--input-shape {name}: the model has no such input (inputs: {known})")
+        _check_override(by_name[name], shape)
+    for name, value in input_values.items():
+        if name not in by_name:
+            raise ConfigError(f"--input-value {name}: the model has no such input (inputs: {known})")
+        check_value(by_name[name], value)
     if samples is not None and samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
     if data is None:
         count = samples or DEFAULT_SYNTHETIC_SAMPLES
-        return synthetic_feeds(specs, input_shapes=input_shapes, seed=seed, samples=count)
+        return _synthetic(
+            model,
+            specs,
+            input_shapes=input_shapes,
+            input_values=input_values,
+            seed=seed,
+            samples=count,
+            probe=probe,
+        )
     path = Path(data)
     if not path.exists():
         raise DataError(f"--data {data}: no such file or folder")
     limit = samples or DEFAULT_MAX_REAL_SAMPLES
     if path.is_dir():
         sets = sorted((p for p in path.glob("test_data_set_*") if p.is_dir()), key=lambda p: _index(p.name))
-        if sets:
-            return _test_data_feeds(sets, specs, limit, data)
-        if any(path.glob("input_*.pb")):
-            return _test_data_feeds([path], specs, limit, data)
-    return _array_feeds(path, specs, input_shapes, limit)
+        if sets or any(path.glob("input_*.pb")):
+            if input_values:
+                raise ConfigError(
+                    "--input-value fills inputs of .npz/.npy data, not of test_data_set folders"
+                )
+            return _test_data_feeds(sets or [path], specs, limit, data)
+    return _array_feeds(path, specs, input_shapes, input_values, limit)

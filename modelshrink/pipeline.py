@@ -25,8 +25,9 @@ import onnx_ir as ir
 
 from modelshrink import io
 from modelshrink.errors import ConfigError, ModelshrinkError, UnsupportedModelError
-from modelshrink.feeds import Feeds, load_feeds
+from modelshrink.feeds import Feed, Feeds, load_feeds
 from modelshrink.gates import Gates, floor_gates
+from modelshrink.inputs import Scalar
 from modelshrink.measure import measure_latency, model_stats
 from modelshrink.report import LatencyComparison, Report
 from modelshrink.runtime import RuntimeOptions, Session
@@ -37,6 +38,7 @@ from modelshrink.techniques.base import (
     TechniqueResult,
     silent_progress,
 )
+from modelshrink.verdict import Verdict, judge
 from modelshrink.verify import Fidelity, Reference
 
 __all__ = [
@@ -61,6 +63,7 @@ class RunOptions:
     Attributes:
         data: ``--data`` path, or None for synthetic inputs.
         input_shapes: ``--input-shape`` overrides.
+        input_values: ``--input-value`` fills (a number every feed of that input holds).
         seed: Seed for synthetic inputs and anything random in a technique.
         samples: Max feeds (None: 8 synthetic, up to 128 real).
         gates: Quality gates.
@@ -72,6 +75,7 @@ class RunOptions:
 
     data: str | None = None
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    input_values: Mapping[str, Scalar] = field(default_factory=dict)
     seed: int = 0
     samples: int | None = None
     gates: Gates = field(default_factory=Gates)
@@ -84,10 +88,27 @@ class RunOptions:
         if self.gates.min_speedup is not None and not self.latency:
             raise ConfigError("--min-speedup needs latency; drop --no-latency")
 
-    def feeds_for(self, model: ir.Model) -> Feeds:
-        """The feeds these options describe for ``model`` (real data or synthetic)."""
+    def feeds_for(self, model: ir.Model, session: Session | None = None) -> Feeds:
+        """The feeds these options describe for ``model`` (real data or synthetic).
+
+        With the original's ``session``, guessed synthetic sizes and values are tried on it
+        until it runs (see :mod:`modelshrink.inputs`).
+        """
+        probe = None
+        if session is not None:
+            names = session.output_names
+
+            def probe(feed: Feed) -> dict[str, np.ndarray]:
+                return dict(zip(names, session.run(feed), strict=True))
+
         return load_feeds(
-            model, data=self.data, input_shapes=self.input_shapes, seed=self.seed, samples=self.samples
+            model,
+            data=self.data,
+            input_shapes=self.input_shapes,
+            input_values=self.input_values,
+            seed=self.seed,
+            samples=self.samples,
+            probe=probe,
         )
 
     def settings(self) -> dict[str, Any]:
@@ -95,6 +116,7 @@ class RunOptions:
         return {
             "data": self.data,
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "input_values": dict(self.input_values),
             "seed": self.seed,
             "samples": self.samples,
             "gates": dataclasses.asdict(self.gates),
@@ -230,10 +252,10 @@ def compare(
         original = io.load_model(original_src)
         candidate = io.load_model(candidate_src)
     with timer.phase("feeds"):
-        feeds = options.feeds_for(original.model)
-    with timer.phase("verify"):
         orig_session: Session | None = _original_session(original, options.runtime)
         assert orig_session is not None
+        feeds = options.feeds_for(original.model, orig_session)
+    with timer.phase("verify"):
         reference = Reference(orig_session, feeds, original.model, _progress_fn(progress, "running original"))
         if not options.latency:  # one model's session in memory at a time (2x the size otherwise)
             reference.release_session()
@@ -255,6 +277,9 @@ def compare(
     size_ratio = cand_stats.size_bytes / orig_stats.size_bytes if orig_stats.size_bytes else None
     gates = _gate_results(options, fidelity, size_ratio, latency)
     return Report(
+        verdict=_verdict(fidelity, size_ratio, latency, feeds),
+        inputs=feeds.inputs,
+        probes=feeds.probes,
         command="compare",
         original=orig_stats,
         result=cand_stats,
@@ -296,10 +321,10 @@ def run_technique(
         loaded = io.load_model(source)
     target = io.check_output_target(output, force=force, external_data=external_data, inputs=(loaded,))
     with timer.phase("feeds"):
-        feeds = options.feeds_for(loaded.model)
-    with timer.phase("reference"):
         orig_session: Session | None = _original_session(loaded, options.runtime)
         assert orig_session is not None
+        feeds = options.feeds_for(loaded.model, orig_session)
+    with timer.phase("reference"):
         reference = Reference(orig_session, feeds, loaded.model, _progress_fn(progress, "running original"))
         if not options.latency:
             # Only latency needs the original's session again; without it, free its memory
@@ -354,6 +379,9 @@ def run_technique(
         staged.discard()
     settings = {"config": _config_dict(config), **options.settings()}
     return Report(
+        verdict=_verdict(fidelity, size_ratio, latency, feeds, result),
+        inputs=feeds.inputs,
+        probes=feeds.probes,
         command=command,
         original=orig_stats,
         result=res_stats,
@@ -370,6 +398,28 @@ def run_technique(
         output=target.label,
         written=passed and result.write,
         timings_s=timer.done(),
+    )
+
+
+def _verdict(
+    fidelity: Fidelity,
+    size_ratio: float | None,
+    latency: LatencyComparison | None,
+    feeds: Feeds,
+    result: TechniqueResult | None = None,
+) -> Verdict:
+    slowdown = None
+    where = ""
+    if latency is not None and latency.original.p50_ms > 0:
+        slowdown = latency.result.p50_ms / latency.original.p50_ms
+        where = f"{latency.provider.removesuffix('ExecutionProvider').lower()}, {latency.threads or 'default'} thread(s)"
+    return judge(
+        fidelity,
+        size_ratio=size_ratio,
+        slowdown=slowdown,
+        latency_where=where,
+        real_data=feeds.real,
+        judged=result.judged if result is not None else None,
     )
 
 

@@ -21,9 +21,11 @@ from rich.table import Table
 from rich.text import Text
 
 from modelshrink import __version__
+from modelshrink.feeds import InputInfo
 from modelshrink.gates import GateResult
 from modelshrink.measure import LatencyStats, ModelStats
 from modelshrink.techniques.base import Change, Skip
+from modelshrink.verdict import Verdict
 from modelshrink.verify import Fidelity
 
 __all__ = [
@@ -88,6 +90,9 @@ class Report:
         output: Where the result was (or would have been) written; None for ``compare``.
         written: Whether the output was written.
         timings_s: Seconds spent per phase, and ``total``.
+        verdict: Sound or not, in words, with what to do (independent of the gates).
+        inputs: How each input was fed during verification (shapes, guesses, values).
+        probes: Synthetic candidates run on the original to find inputs it runs on.
     """
 
     command: str
@@ -106,6 +111,9 @@ class Report:
     output: str | None = None
     written: bool = False
     timings_s: Mapping[str, float] = field(default_factory=dict)
+    verdict: Verdict | None = None
+    inputs: tuple[InputInfo, ...] = ()
+    probes: int = 0
 
     @property
     def passed(self) -> bool:
@@ -145,6 +153,8 @@ class Report:
                     "top1_agreement": f.top1_agreement,
                 },
                 "outputs": [asdict(o) for o in f.outputs],
+                "inputs": [asdict(i) for i in self.inputs],
+                "probes": self.probes,
             }
         latency = None
         if self.latency is not None:
@@ -169,6 +179,7 @@ class Report:
             "latency": latency,
             "latency_skipped": self.latency_skipped,
             "fidelity": fidelity,
+            "verdict": self.verdict.to_dict() if self.verdict is not None else None,
             "changes": [asdict(c) for c in self.changes],
             "skipped": [asdict(s) for s in self.skipped],
             "notes": list(self.notes),
@@ -378,7 +389,14 @@ def render_report(report: Report, console: Console) -> None:
         f = report.fidelity
         console.print(_fidelity_table(f))
         where = "real data" if f.real_data else "synthetic inputs (pass --data for real-data fidelity)"
-        console.print(Text(f"fidelity: {f.samples} samples, {where}: {f.source}", style="dim"))
+        shapes = ", ".join(
+            f"{i.name} {'x'.join(map(str, i.shape)) or 'scalar'}"
+            + (f"={i.value}" if i.value is not None else "")
+            + (" (guessed)" if i.guessed_shape or i.guessed_value else "")
+            for i in report.inputs
+        )
+        fed = f"; inputs {shapes}" if shapes else ""
+        console.print(Text(f"fidelity: {f.samples} samples, {where}: {f.source}{fed}", style="dim"))
     if report.changes:
         console.print(Text(f"changed {len(report.changes)} node(s):", style="bold"))
         console.print(_changes_table(report.changes))
@@ -390,6 +408,8 @@ def render_report(report: Report, console: Console) -> None:
         console.print(Text(f"note: {note}", style="cyan"))
     for warning in report.warnings:
         console.print(Text(f"warning: {warning}", style="yellow"))
+    if report.verdict is not None:
+        _render_verdict(report.verdict, console)
     for gate in report.gates:
         mark, style = ("✓", "green") if gate.passed else ("✗", "bold red")
         console.print(Text(f"{mark} gate {gate.describe()}", style=style))
@@ -400,3 +420,22 @@ def render_report(report: Report, console: Console) -> None:
             console.print(Text(f"nothing written to {report.output} (analysis only)", style="dim"))
         else:
             console.print(Text(f"nothing written to {report.output}", style="red"))
+
+
+def _render_verdict(verdict: Verdict, console: Console) -> None:
+    against = "" if verdict.basis == "the original" else f" (judged against {verdict.basis})"
+    if verdict.sound:
+        console.print(Text(f"✓ verdict: sound{against}: {verdict.summary}", style="bold green"))
+        return
+    problems = {f.kind for f in verdict.findings}
+    if problems & {"fidelity", "nonfinite"}:
+        word = "DAMAGED"
+    elif problems & {"unjudged", "vacuous"}:
+        word = "NOT VERIFIED"
+    else:
+        word = "NO GAIN"
+    console.print(Text(f"✗ verdict: {word}{against}: {verdict.summary}", style="bold red"))
+    for finding in verdict.findings:
+        console.print(Text(f"  - {finding.text}", style="red"))
+    for line in verdict.advice:
+        console.print(Text(f"  what to do: {line}", style="yellow"))

@@ -21,6 +21,7 @@ __all__ = [
     "Session",
     "clean_ort_message",
     "create_session",
+    "executes_qdq",
     "runs_qdq",
 ]
 
@@ -36,6 +37,20 @@ PROVIDERS: dict[str, str] = {
     "openvino": "OpenVINOExecutionProvider",
     "rocm": "ROCMExecutionProvider",
 }
+
+
+# Execution providers that run a QDQ model (DequantizeLinear in front of a weight) with int8
+# kernels. Elsewhere (the CPU and CUDA providers) a DequantizeLinear of a weight is computed on
+# every call, while Cast + Mul of a constant is folded once when the session loads.
+QDQ_PROVIDERS = frozenset(
+    {
+        "TensorrtExecutionProvider",
+        "OpenVINOExecutionProvider",
+        "QNNExecutionProvider",
+        "VitisAIExecutionProvider",
+        "NnapiExecutionProvider",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -182,6 +197,11 @@ class Session:
 def create_session(model: str | Path | bytes, options: RuntimeOptions, *, label: str) -> Session:
     """A session for a model path (external data resolved beside it) or serialized bytes."""
     return Session(model, options, label=label)
+
+
+def executes_qdq(options: RuntimeOptions) -> bool:
+    """Whether the provider in use runs QDQ weights as int8 kernels (see ``QDQ_PROVIDERS``)."""
+    return options.provider_name in QDQ_PROVIDERS
 
 
 @functools.cache

@@ -44,7 +44,11 @@ class OutputFidelity:
     """Agreement on one output across all samples.
 
     ``snr_db`` is ``inf`` when the outputs are identical (``identical`` is then True).
-    ``nonfinite`` counts elements that are NaN/inf in the candidate but finite in the original.
+    ``nonfinite`` counts elements that are NaN/inf in the candidate but finite in the original;
+    ``reference_nonfinite`` those that are NaN/inf in the original itself: either makes every
+    figure but the counts meaningless, so they read NaN (and fail every gate).
+    ``varies`` says whether the original's output differed between samples (None with one
+    sample): an output that never changes verifies little.
     """
 
     name: str
@@ -57,6 +61,13 @@ class OutputFidelity:
     top1_agreement: float | None
     identical: bool
     nonfinite: int
+    reference_nonfinite: int = 0
+    varies: bool | None = None
+
+    @property
+    def judged(self) -> bool:
+        """True when the figures mean something (no NaN/inf on either side)."""
+        return not self.nonfinite and not self.reference_nonfinite
 
 
 @dataclass(frozen=True)
@@ -76,37 +87,69 @@ class Fidelity:
     source: str
 
     @property
+    def judged(self) -> bool:
+        """True when no output holds NaN/inf on either side (the figures mean something)."""
+        return all(o.judged for o in self.outputs)
+
+    @property
+    def nonfinite(self) -> int:
+        """Elements that are NaN/inf in the candidate where the original's are finite."""
+        return sum(o.nonfinite for o in self.outputs)
+
+    @property
+    def reference_nonfinite(self) -> int:
+        """Elements that are NaN/inf in the original's own outputs."""
+        return sum(o.reference_nonfinite for o in self.outputs)
+
+    @property
     def max_abs_error(self) -> float:
-        """Worst max abs error over outputs (nan if any output went non-finite)."""
-        if any(o.nonfinite for o in self.outputs):
+        """Worst max abs error over outputs (inf when the candidate went non-finite, NaN when
+        the original's outputs are)."""
+        if self.reference_nonfinite:
+            return math.nan
+        if self.nonfinite:
             return math.inf
         return max((o.max_abs_error for o in self.outputs), default=0.0)
 
     @property
     def mean_abs_error(self) -> float:
         """Worst mean abs error over outputs."""
+        if not self.judged:
+            return math.nan
         return max((o.mean_abs_error for o in self.outputs), default=0.0)
 
     @property
     def cosine(self) -> float:
-        """Lowest cosine similarity over outputs."""
+        """Lowest cosine similarity over outputs (NaN when some output holds NaN/inf)."""
+        if not self.judged:
+            return math.nan
         return min((o.cosine for o in self.outputs), default=1.0)
 
     @property
     def snr_db(self) -> float:
         """Lowest SNR over outputs (inf when all identical)."""
+        if not self.judged:
+            return math.nan
         return min((o.snr_db for o in self.outputs), default=math.inf)
 
     @property
     def top1_agreement(self) -> float | None:
         """Lowest top-1 agreement over class-like outputs; None if there are none."""
         values = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
-        return min(values) if values else None
+        if not values:
+            return None
+        return min(values) if self.judged else math.nan
 
     @property
     def identical(self) -> bool:
-        """True when every output matched bit for bit."""
+        """True when every output matched bit for bit, with finite values throughout."""
         return all(o.identical for o in self.outputs)
+
+    @property
+    def constant(self) -> bool:
+        """True when no output of the original changed across several samples."""
+        flags = [o.varies for o in self.outputs]
+        return bool(flags) and all(f is False for f in flags)
 
 
 def is_class_like(name: str, shape: Sequence[int], dtype: np.dtype, producer_op: str | None) -> bool:
@@ -137,6 +180,7 @@ class _Accumulator:
         self.agree = 0
         self.rows = 0
         self.nonfinite = 0
+        self.reference_nonfinite = 0
         self.identical = True
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
@@ -155,6 +199,7 @@ class _Accumulator:
             r = ref.astype(np.float64).ravel()
             c = cand.astype(np.float64).ravel()
             ref_ok = np.isfinite(r)
+            self.reference_nonfinite += int(r.size - np.count_nonzero(ref_ok))
             bad = ref_ok & ~np.isfinite(c)
             self.nonfinite += int(bad.sum())
             keep = ref_ok & np.isfinite(c)
@@ -176,7 +221,7 @@ class _Accumulator:
             self.agree += int((a == b).sum())
             self.rows += a.size
 
-    def result(self, name: str, shape: tuple[int, ...], dtype: str) -> OutputFidelity:
+    def result(self, name: str, shape: tuple[int, ...], dtype: str, varies: bool | None) -> OutputFidelity:
         if self.ref2 == 0.0 and self.cand2 == 0.0:
             cosine = 1.0
         elif self.ref2 == 0.0 or self.cand2 == 0.0:
@@ -198,8 +243,10 @@ class _Accumulator:
             cosine=cosine,
             snr_db=snr,
             top1_agreement=(self.agree / self.rows if self.rows else 1.0) if self.class_like else None,
-            identical=self.identical and not self.nonfinite,
+            identical=self.identical and not self.nonfinite and not self.reference_nonfinite,
             nonfinite=self.nonfinite,
+            reference_nonfinite=self.reference_nonfinite,
+            varies=varies,
         )
 
 
@@ -240,6 +287,9 @@ class Reference:
         self.class_like = [
             is_class_like(name, arr.shape, arr.dtype, producers.get(name))
             for name, arr in zip(self.output_names, first, strict=True)
+        ]
+        self.varies: list[bool | None] = [
+            _varies([outs[i] for outs in self.outputs]) for i in range(len(self.output_names))
         ]
 
     def release_session(self) -> None:
@@ -283,10 +333,23 @@ class Reference:
                 on_progress(i + 1, total)
         first = self.outputs[0] if self.outputs else []
         results = tuple(
-            acc.result(name, tuple(int(d) for d in ref.shape), str(ref.dtype))
-            for name, acc, ref in zip(self.output_names, accs, first, strict=True)
+            acc.result(name, tuple(int(d) for d in ref.shape), str(ref.dtype), varies)
+            for name, acc, ref, varies in zip(self.output_names, accs, first, self.varies, strict=True)
         )
         return Fidelity(results, len(self.feeds.samples), self.feeds.real, self.feeds.source)
+
+
+def _varies(arrays: Sequence[np.ndarray]) -> bool | None:
+    """Whether an output differs between samples (None with fewer than two)."""
+    if len(arrays) < 2:
+        return None
+    first = arrays[0]
+    for other in arrays[1:]:
+        if other.shape != first.shape or other.dtype != first.dtype:
+            return True
+        if not np.array_equal(first, other, equal_nan=first.dtype.kind == "f"):
+            return True
+    return False
 
 
 def _select(feed: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:

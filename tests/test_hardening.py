@@ -278,7 +278,7 @@ def test_no_dequantize_linear_where_onnxruntime_cannot_run_it(tmp_path: Path) ->
     latest = onnx.defs.onnx_opset_version()
     src = models.save(models.every_weight_kind(latest), tmp_path / "new.onnx")
     out = tmp_path / "q.onnx"
-    report = api.quantize(str(src), str(out), QuantizeConfig(min_elements=0), OPTIONS)
+    report = api.quantize(str(src), str(out), QuantizeConfig(min_elements=0, format="qdq"), OPTIONS)
     storages = {c.details["storage"] for c in report.changes}
     assert storages == ({"DequantizeLinear"} if runs_qdq(latest) else {"Cast+Mul"})
     assert _rel_error(src, out, _feeds(src)) < INT8_REL_ERROR
@@ -372,6 +372,12 @@ def _peak_rss_mb(*args: str) -> float:
 # Peak RSS above the process itself (inspect: imports, no weights), per byte of model: measured
 # 1.0-1.1x after the fixes; prune was 2x, factorize ~5x, compare 2x before them.
 MAX_NET_RSS_PER_MODEL_BYTE = 1.5
+# int8's default storage on CPU (Cast + Mul) is folded by onnxruntime when the candidate loads:
+# its constant folding holds the int8 weights, the Cast outputs and the Mul outputs at once
+# (onnxruntime alone peaks at 2.4x the float weights loading such a model; the whole command at
+# 3.1x net). That is the price of a result that runs at the original's speed; --format qdq keeps
+# int8 in the session and stays under the general bound.
+MAX_NET_RSS_CAST_INT8 = 3.5
 
 
 @pytest.mark.slow
@@ -381,10 +387,17 @@ def test_memory_stays_near_the_model_size(tmp_path: Path) -> None:
     model_mb = sum(p.stat().st_size for p in src.parent.iterdir()) / 2**20
     base = _peak_rss_mb("inspect", str(src), "-q")
     flags = ["--no-latency", "--samples", "2", "--external-data", "-q"]
-    for command in (["quantize"], ["prune"], ["prune", "--structured"], ["factorize"]):
+    for command in (
+        ["quantize"],
+        ["quantize", "--format", "qdq"],
+        ["prune"],
+        ["prune", "--structured"],
+        ["factorize"],
+    ):
         out = tmp_path / f"{'-'.join(command)}.onnx"
         peak = _peak_rss_mb(*command, str(src), "-o", str(out), *flags)
-        assert (peak - base) / model_mb <= MAX_NET_RSS_PER_MODEL_BYTE, (command, peak, base, model_mb)
+        bound = MAX_NET_RSS_CAST_INT8 if command == ["quantize"] else MAX_NET_RSS_PER_MODEL_BYTE
+        assert (peak - base) / model_mb <= bound, (command, peak, base, model_mb)
         assert out.with_name(out.name + ".data").exists()
         if command == ["prune"]:
             peak = _peak_rss_mb("compare", str(src), str(out), "--no-latency", "--samples", "2", "-q")

@@ -24,6 +24,7 @@ from modelshrink.verify import Fidelity
 
 __all__ = [
     "Change",
+    "Judged",
     "Progress",
     "Skip",
     "Technique",
@@ -64,6 +65,28 @@ class Skip:
 
 
 @dataclass(frozen=True)
+class Judged:
+    """What a result is judged on when it is meant to differ from its input.
+
+    ``distill`` changes its input on purpose: its verdict comes from the agreement with the
+    teacher, not from the comparison with the student as it came.
+
+    Attributes:
+        against: What the figures compare with, in words (``the teacher t.onnx``).
+        agreement: Top-1 agreement on class-like outputs, or None.
+        cosine: Cosine similarity of the other outputs, or None.
+        rows: Rows the figures come from.
+        where: Which rows (e.g. ``validation split``).
+    """
+
+    against: str
+    agreement: float | None = None
+    cosine: float | None = None
+    rows: int = 0
+    where: str = ""
+
+
+@dataclass(frozen=True)
 class TechniqueResult:
     """What a technique returns.
 
@@ -76,6 +99,8 @@ class TechniqueResult:
             types only), e.g. a sensitivity table or a training history.
         write: False when the run only measured (e.g. a sensitivity analysis): the pipeline
             checks, verifies and reports ``model`` as usual but writes nothing.
+        judged: Set by techniques whose result must differ from their input (distill): the
+            figures the verdict uses instead of the result-vs-input fidelity.
     """
 
     model: ir.Model
@@ -84,6 +109,7 @@ class TechniqueResult:
     notes: tuple[str, ...] = ()
     details: Mapping[str, Any] = field(default_factory=dict)
     write: bool = True
+    judged: Judged | None = None
 
     @property
     def modified(self) -> bool:

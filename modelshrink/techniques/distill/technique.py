@@ -34,7 +34,7 @@ from onnx import helper
 from modelshrink.errors import ConfigError, DataError, UnsupportedModelError
 from modelshrink.feeds import Feeds
 from modelshrink.runtime import RuntimeOptions, Session
-from modelshrink.techniques.base import Change, Skip, TechniqueContext, TechniqueResult
+from modelshrink.techniques.base import Change, Judged, Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.distill.optim import OptimizerSpec
 from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
 from modelshrink.techniques.distill.trainer import LoopSettings, evaluate, train
@@ -566,4 +566,7 @@ def _result(
         "trained_weights": len(models.params),
         "trained_params": int(sum(p.value.size for p in models.params)),
     }
-    return TechniqueResult(model, tuple(changed), tuple(skipped), tuple(notes), details)
+    judged = Judged(
+        against=f"the teacher {config.teacher.label}", agreement=a_agree, rows=check_count, where=where
+    )
+    return TechniqueResult(model, tuple(changed), tuple(skipped), tuple(notes), details, judged=judged)

@@ -33,7 +33,7 @@ DEFAULT_MIN_ELEMENTS = 1024
 
 # --format choices per mode; the first is the default.
 MODE_FORMATS: dict[str, tuple[str, ...]] = {
-    "int8": ("qdq", "cast"),
+    "int8": ("cast", "qdq"),  # the technique picks qdq where the provider runs QDQ int8 kernels
     "int4": ("nbits", "qdq"),
     "int2": ("cast",),
     "binary": ("cast",),
@@ -106,8 +106,9 @@ class QuantizeConfig:
             and binary (1); other modes do not take it.
         block_size: Values per scale: int4 blocks along the reduction axis (default 32);
             packed widths: blocks along each output channel (default: one scale per channel).
-        format: Storage. int8: ``qdq`` (``DequantizeLinear``, default) or ``cast``
-            (``Cast + Mul``, which onnxruntime folds at load). int4: ``nbits`` (onnxruntime
+        format: Storage. int8: ``cast`` (``Cast + Mul``, which onnxruntime folds at load: the
+            default, unless the provider runs QDQ int8 kernels) or ``qdq``
+            (``DequantizeLinear``, the default for TensorRT/OpenVINO/QNN-like providers). int4: ``nbits`` (onnxruntime
             ``MatMulNBits`` / ``GatherBlockQuantized``, default) or ``qdq`` (standard opset-21
             block-wise ``DequantizeLinear``).
         op_types: Only quantize weights of these op types (None: the mode's default set).

@@ -1,0 +1,219 @@
+"""Test models that reproduce what real third-party models do to verification.
+
+Each is small (built in code, seeded) but keeps the one property that broke verification on a
+real model when every dynamic axis was 1 and every integer input was drawn from {0, 1}:
+
+- :func:`streaming_audio`: a voice-activity-style model (like Silero VAD): ``input [batch,
+  samples]``, a recurrent ``state [2, batch, H]`` with the batch on axis 1, and an int64
+  scalar ``sr`` compared with 16000 to pick an ``If`` branch; both branches start with a
+  reflect ``Pad`` (needs more samples than the pad), and the other branch frames the audio
+  in a way 512 samples do not fit.
+- :func:`fpn_detector`: a YOLO-style detector with dynamic H and W: stride-2 convolutions,
+  a ``Resize`` upsample and a ``Concat`` of the two scales (fails when the map is 1x1).
+- :func:`saturating_classifier`: an image classifier whose ``InstanceNormalization`` turns a
+  1x1 feature map into its bias: at 1x1 its logits are the same for every input.
+- :func:`picky_length`: a model that runs only when its sequence length is a multiple of 777
+  (no guess can find it: the user must say).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from models import _model, init
+
+__all__ = ["fpn_detector", "picky_length", "saturating_classifier", "streaming_audio"]
+
+
+def _conv_w(rng: np.random.Generator, cout: int, cin: int, k: int) -> np.ndarray:
+    return (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+
+
+def _branch(
+    name: str, frame: int, hop: int, hidden: int, channels: int, rng: np.random.Generator, *, reshape: int = 0
+) -> onnx.GraphProto:
+    """x [B, L] (outer scope) -> features [B, channels] through reflect Pad and a strided Conv1d."""
+    inits = [
+        init(f"{name}_pads", np.array([0, 0, 32, 0, 0, 32], dtype=np.int64)),
+        init(f"{name}_axes1", np.array([1], dtype=np.int64)),
+        init(
+            f"{name}_conv_w", (rng.standard_normal((channels, 1, frame)) / np.sqrt(frame)).astype(np.float32)
+        ),
+        init(f"{name}_conv_b", (0.1 * rng.standard_normal(channels)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Unsqueeze", ["input", f"{name}_axes1"], [f"{name}_x3"], name=f"{name}_unsq"),
+        helper.make_node(
+            "Pad", [f"{name}_x3", f"{name}_pads"], [f"{name}_pad"], name=f"{name}_pad", mode="reflect"
+        ),
+    ]
+    src = f"{name}_pad"
+    if reshape:
+        inits.append(init(f"{name}_frames", np.array([1, 1, -1, reshape], dtype=np.int64)))
+        nodes.append(
+            helper.make_node("Reshape", ["input", f"{name}_frames"], [f"{name}_framed"], name=f"{name}_frame")
+        )
+        nodes.append(
+            helper.make_node(
+                "ReduceMean", [f"{name}_framed"], [f"{name}_fm"], name=f"{name}_fmean", keepdims=0
+            )
+        )
+    nodes += [
+        helper.make_node(
+            "Conv",
+            [src, f"{name}_conv_w", f"{name}_conv_b"],
+            [f"{name}_c"],
+            name=f"{name}_conv",
+            strides=[hop],
+        ),
+        helper.make_node("Relu", [f"{name}_c"], [f"{name}_r"], name=f"{name}_relu"),
+        helper.make_node(
+            "ReduceMean", [f"{name}_r"], [f"{name}_feat"], name=f"{name}_mean", axes=[2], keepdims=0
+        ),
+    ]
+    out = f"{name}_feat"
+    if reshape:
+        nodes.append(
+            helper.make_node("Add", [f"{name}_feat", f"{name}_fm"], [f"{name}_sum"], name=f"{name}_add")
+        )
+        out = f"{name}_sum"
+    return helper.make_graph(
+        nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", channels])], inits
+    )
+
+
+def streaming_audio(seed: int = 0, hidden: int = 32, channels: int = 32) -> onnx.ModelProto:
+    """A Silero-VAD-like streaming model (see the module docstring); outputs ``output [batch, 1]``
+    and ``stateN [2, batch, hidden]``."""
+    rng = np.random.default_rng(seed)
+    then_branch = _branch("k16", 64, 32, hidden, channels, rng)
+    else_branch = _branch("k8", 32, 16, hidden, channels, rng, reshape=384)
+    inits = [
+        init("sr16k", np.array(16000, dtype=np.int64)),
+        init("w_in", (rng.standard_normal((channels, hidden)) / np.sqrt(channels)).astype(np.float32)),
+        init("w_rec", (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)),
+        init("w_out", (rng.standard_normal((hidden, 1)) / np.sqrt(hidden)).astype(np.float32)),
+        init("zero", np.array(0, dtype=np.int64)),
+        init("axes0", np.array([0], dtype=np.int64)),
+    ]
+    nodes = [
+        helper.make_node("Equal", ["sr", "sr16k"], ["is16k"], name="sr_is_16k"),
+        helper.make_node(
+            "If", ["is16k"], ["feat"], name="by_rate", then_branch=then_branch, else_branch=else_branch
+        ),
+        helper.make_node("Gather", ["state", "zero"], ["h"], name="h_prev", axis=0),
+        helper.make_node("MatMul", ["feat", "w_in"], ["a"], name="in_proj"),
+        helper.make_node("MatMul", ["h", "w_rec"], ["b"], name="rec_proj"),
+        helper.make_node("Add", ["a", "b"], ["ab"], name="mix"),
+        helper.make_node("Tanh", ["ab"], ["h_new"], name="cell"),
+        helper.make_node("MatMul", ["h_new", "w_out"], ["logit"], name="head"),
+        helper.make_node("Sigmoid", ["logit"], ["output"], name="prob"),
+        helper.make_node("Unsqueeze", ["h_new", "axes0"], ["h_new3"], name="h_unsq"),
+        helper.make_node("Concat", ["h_new3", "h_new3"], ["stateN"], name="state_out", axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "streaming_audio",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "samples"]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", hidden]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", hidden]),
+        ],
+        inits,
+    )
+    return _model(graph)
+
+
+def fpn_detector(seed: int = 0) -> onnx.ModelProto:
+    """image [N, 3, H, W] -> strides 2, 4, 8 -> upsample the stride-8 map, concat with stride 4
+    -> 1x1 head: ``boxes [N, 6, H/4, W/4]`` (4 box values, objectness, one class score)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        init("c1_w", _conv_w(rng, 16, 3, 3)),
+        init("c2_w", _conv_w(rng, 32, 16, 3)),
+        init("c3_w", _conv_w(rng, 32, 32, 3)),
+        init("head_w", _conv_w(rng, 6, 64, 1)),
+        init("head_b", (0.1 * rng.standard_normal(6)).astype(np.float32)),
+        init("up_scales", np.array([1, 1, 2, 2], dtype=np.float32)),
+    ]
+    conv = {"strides": [2, 2], "pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["image", "c1_w"], ["s2"], name="stem", **conv),
+        helper.make_node("Relu", ["s2"], ["s2r"], name="stem_relu"),
+        helper.make_node("Conv", ["s2r", "c2_w"], ["s4"], name="down4", **conv),
+        helper.make_node("Relu", ["s4"], ["s4r"], name="down4_relu"),
+        helper.make_node("Conv", ["s4r", "c3_w"], ["s8"], name="down8", **conv),
+        helper.make_node("Relu", ["s8"], ["s8r"], name="down8_relu"),
+        helper.make_node("Resize", ["s8r", "", "up_scales"], ["up"], name="upsample", mode="nearest"),
+        helper.make_node("Concat", ["up", "s4r"], ["fused"], name="neck_concat", axis=1),
+        helper.make_node("Conv", ["fused", "head_w", "head_b"], ["boxes"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fpn_detector",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 6, "h", "w"])],
+        inits,
+    )
+    return _model(graph)
+
+
+def saturating_classifier(seed: int = 0) -> onnx.ModelProto:
+    """image [N, 3, H, W] -> Conv -> centre each channel over H, W (x - mean) -> scale, shift ->
+    Relu -> GlobalAveragePool -> Gemm: ``logits [N, 10]``. At 1x1 the centring leaves exactly 0,
+    so only the shift is left: the same logits for every input."""
+    rng = np.random.default_rng(seed)
+    c = 32
+    inits = [
+        init("conv_w", _conv_w(rng, c, 3, 3)),
+        init("in_scale", (1 + 0.1 * rng.standard_normal((1, c, 1, 1))).astype(np.float32)),
+        init("in_bias", (0.5 * rng.standard_normal((1, c, 1, 1))).astype(np.float32)),
+        init("fc_w", (rng.standard_normal((c, 10)) / np.sqrt(c)).astype(np.float32)),
+        init("fc_b", (0.1 * rng.standard_normal(10)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "conv_w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c"], ["mu"], name="mean", axes=[2, 3], keepdims=1),
+        helper.make_node("Sub", ["c", "mu"], ["centred"], name="centre"),
+        helper.make_node("Mul", ["centred", "in_scale"], ["scaled"], name="scale"),
+        helper.make_node("Add", ["scaled", "in_bias"], ["n"], name="shift"),
+        helper.make_node("Relu", ["n"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "saturating_classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    return _model(graph)
+
+
+def picky_length(seed: int = 0) -> onnx.ModelProto:
+    """x [batch, length] -> Reshape [-1, 777] -> MatMul: runs only for lengths that are multiples of 777."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        init("frame", np.array([-1, 777], dtype=np.int64)),
+        init("w", (rng.standard_normal((777, 8)) / 28).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "frame"], ["frames"], name="frame"),
+        helper.make_node("MatMul", ["frames", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "picky_length",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["frames", 8])],
+        inits,
+    )
+    return _model(graph)
