@@ -28,6 +28,7 @@ GROUPS = {
     "factorize": "bench_factorize",
     "distill": "bench_distill",
     "conformance": "bench_conformance",
+    "realworld": "bench_realworld",
     "big": "bench_big",
 }
 

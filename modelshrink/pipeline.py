@@ -420,6 +420,7 @@ def _verdict(
         latency_where=where,
         real_data=feeds.real,
         judged=result.judged if result is not None else None,
+        changed=bool(result.changed) if result is not None else None,
     )
 
 

@@ -432,6 +432,8 @@ def _render_verdict(verdict: Verdict, console: Console) -> None:
         word = "DAMAGED"
     elif problems & {"unjudged", "vacuous"}:
         word = "NOT VERIFIED"
+    elif problems == {"unchanged"}:
+        word = "UNCHANGED"
     else:
         word = "NO GAIN"
     console.print(Text(f"✗ verdict: {word}{against}: {verdict.summary}", style="bold red"))

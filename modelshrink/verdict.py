@@ -32,6 +32,7 @@ UNJUDGED_ADVICE = (
     "and --input-value"
 )
 VACUOUS_ADVICE = "pass --data with real inputs, or set real sizes with --input-shape"
+SKIPPED_ADVICE = "the skipped list says what was left alone and why"
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,8 @@ class Finding:
     Attributes:
         kind: ``fidelity`` (below the floor), ``nonfinite`` (the result outputs NaN/inf),
             ``unjudged`` (the original's own outputs hold NaN/inf), ``vacuous`` (the
-            original's outputs do not change with the synthetic inputs), ``larger``,
-            ``slower``.
+            original's outputs do not change with the synthetic inputs), ``unchanged``
+            (the technique changed nothing), ``larger``, ``slower``.
         text: One sentence with the figures.
     """
 
@@ -183,6 +184,7 @@ def judge(
     latency_where: str = "",
     real_data: bool,
     judged: Judged | None = None,
+    changed: bool | None = None,
 ) -> Verdict:
     """The verdict on a result.
 
@@ -193,6 +195,7 @@ def judge(
         latency_where: How latency was measured, for the sentence (``cpu, 1 thread``).
         real_data: Whether the verification feeds came from ``--data``.
         judged: Figures that replace ``fidelity`` for the floor (distill: the teacher).
+        changed: Whether the technique changed anything (None for ``compare``).
     """
     findings: list[Finding] = []
     advice: list[str] = []
@@ -221,11 +224,14 @@ def judge(
     if "vacuous" in kinds:
         advice.append(VACUOUS_ADVICE)
     outcome: list[str] = []
+    if changed is False:
+        findings.append(Finding("unchanged", "nothing was changed: the result is the original's graph"))
+        advice.append(SKIPPED_ADVICE)
     if size_ratio is not None:
         outcome.append(f"{size_ratio:.3f}x the size")
         if size_ratio > 1.0:
             findings.append(Finding("larger", f"the result is larger than the original ({size_ratio:.3f}x)"))
-            advice.append("the skipped list says which weights were left alone and why")
+            advice.append(SKIPPED_ADVICE)
     if slowdown is not None:
         if slowdown > SLOWER_MARGIN:
             where = f" ({latency_where})" if latency_where else ""

@@ -262,6 +262,17 @@ def test_a_larger_result_is_said(runner: CliRunner, tmp_path: Path) -> None:
     assert ("larger" in kinds) == (ratio > 1.0)
 
 
+def test_a_result_that_changed_nothing_is_said(runner: CliRunner, cnn_path: Path, tmp_path: Path) -> None:
+    """int4 covers MatMul/Gemm/Gather: with its one Gemm excluded, a small CNN's weights all stay float."""
+    code, doc, err = _run(
+        runner, "quantize", str(cnn_path), "-o", str(tmp_path / "o.onnx"), "--mode", "int4", "--exclude", "fc"
+    )
+    assert code == 0, err
+    assert doc is not None and not doc["changes"]
+    assert "unchanged" in [f["kind"] for f in doc["verdict"]["findings"]]
+    assert "the skipped list says what was left alone and why" in doc["verdict"]["advice"]
+
+
 # --- never slower by default --------------------------------------------------------------
 
 
