@@ -86,6 +86,8 @@ def _pct(x: float) -> str:
 
 
 def _fidelity_findings(fidelity: Fidelity) -> tuple[list[Finding], list[str]]:
+    # Synthetic inputs can be far from what a model sees (noise into a text detector): say so.
+    on = "" if fidelity.real_data else " (on synthetic inputs)"
     findings: list[Finding] = []
     figures: list[str] = []
     if fidelity.reference_nonfinite:
@@ -125,7 +127,7 @@ def _fidelity_findings(fidelity: Fidelity) -> tuple[list[Finding], list[str]]:
                     Finding(
                         "fidelity",
                         f"top-1 agreement on '{o.name}' is {_pct(o.top1_agreement)}, below the "
-                        f"{_pct(FLOOR_AGREEMENT)} floor",
+                        f"{_pct(FLOOR_AGREEMENT)} floor{on}",
                     )
                 )
         elif o.dtype.startswith(("float", "bfloat")):
@@ -134,7 +136,7 @@ def _fidelity_findings(fidelity: Fidelity) -> tuple[list[Finding], list[str]]:
                     Finding(
                         "fidelity",
                         f"cosine similarity of '{o.name}' is {o.cosine:.4f}, below the "
-                        f"{FLOOR_COSINE:g} floor (SNR {o.snr_db:.1f} dB)",
+                        f"{FLOOR_COSINE:g} floor (SNR {o.snr_db:.1f} dB){on}",
                     )
                 )
         elif not o.identical:
