@@ -23,11 +23,11 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from modelshrink import __version__, api, io, techniques
+from modelshrink import __version__, api, io, targets, techniques
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
 from modelshrink.feeds import parse_input_shapes
 from modelshrink.gates import Gates
-from modelshrink.inspection import inspect_model, render_inspect
+from modelshrink.inspection import render_inspect
 from modelshrink.pipeline import RunOptions, run_technique
 from modelshrink.pipeline import compare as compare_models
 from modelshrink.report import Report, render_report
@@ -95,7 +95,12 @@ InputArg = Annotated[str, typer.Argument(help="Input .onnx path, or '-' for stdi
 OutputOpt = Annotated[
     str, typer.Option("-o", "--output", help="Output path, or '-' for stdout.", show_default=False)
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Overwrite existing files: the output, its external data, the --report file."
+    ),
+]
 ExternalDataOpt = Annotated[
     bool | None,
     typer.Option(
@@ -107,7 +112,11 @@ ExternalDataOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
 ReportOpt = Annotated[
     Path | None,
-    typer.Option("--report", help="Also write the JSON report to this file.", dir_okay=False),
+    typer.Option(
+        "--report",
+        help="Also write the JSON report to this file ('-' for stdout); --force to replace one.",
+        dir_okay=False,
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")]
 VerboseOpt = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More logging (-vv for debug).")]
@@ -357,19 +366,10 @@ def progress_sink(quiet: bool) -> Iterator[ProgressSink]:
         yield bars
 
 
-def _write_report_file(path: Path, text: str) -> None:
-    try:
-        io.write_text_atomic(path, text)
-    except OSError as exc:
-        raise ModelshrinkError(f"--report {path}: cannot write: {exc.strerror or exc}") from exc
-
-
-def finish(report: Report, *, json_: bool, report_file: Path | None, quiet: bool) -> None:
-    """Render, emit JSON, and exit 3 when a gate failed."""
+def finish(report: Report, *, json_: bool, quiet: bool) -> None:
+    """Render, emit JSON, and exit 3 when a gate failed (the report file is already written)."""
     if not quiet:
         render_report(report, err_console)
-    if report_file is not None:
-        _write_report_file(report_file, report.to_json())
     if json_:
         sys.stdout.write(report.to_json())
         sys.stdout.flush()
@@ -409,8 +409,18 @@ def run_command(
     _setup_logging(verbose, quiet)
     with user_errors():
         _check_stdout(output, json_)
-        config = config_factory()
         options = options_factory()
+        # Every path written is checked before anything is read (a teacher or --data too);
+        # the pipeline checks again once it knows the files it reads.
+        targets.plan_writes(
+            output=output,
+            report=report_file,
+            reads=(src, options.data),
+            force=force,
+            external_data=external_data,
+            json_stdout=json_,
+        )
+        config = config_factory()
         with progress_sink(quiet) as progress:
             report = run_technique(
                 command,
@@ -422,8 +432,9 @@ def run_command(
                 force=force,
                 external_data=external_data,
                 progress=progress,
+                report=report_file,
             )
-        finish(report, json_=json_, report_file=report_file, quiet=quiet)
+        finish(report, json_=json_, quiet=quiet)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -449,6 +460,7 @@ def inspect(
     model: InputArg,
     json_: JsonOpt = False,
     report_file: ReportOpt = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -458,12 +470,10 @@ def inspect(
     """
     _setup_logging(verbose, quiet)
     with user_errors():
-        loaded = io.load_model(model)
-        report = inspect_model(loaded)
+        targets.plan_writes(report=report_file, reads=(model,), force=force, json_stdout=json_)
+        report = api.inspect(model, report=report_file, force=force)
         if not quiet:
             render_inspect(report, err_console)
-        if report_file is not None:
-            _write_report_file(report_file, report.to_json())
         if json_:
             sys.stdout.write(report.to_json())
 
@@ -491,6 +501,7 @@ def compare(
     latency_runs: LatencyRunsOpt = None,
     json_: JsonOpt = False,
     report_file: ReportOpt = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -502,9 +513,14 @@ def compare(
     _setup_logging(verbose, quiet)
     with user_errors():
         options = shared_options(flags)()
+        targets.plan_writes(
+            report=report_file, reads=(original, candidate, options.data), force=force, json_stdout=json_
+        )
         with progress_sink(quiet) as progress:
-            report = compare_models(original, candidate, options, progress=progress)
-        finish(report, json_=json_, report_file=report_file, quiet=quiet)
+            report = compare_models(
+                original, candidate, options, progress=progress, report=report_file, force=force
+            )
+        finish(report, json_=json_, quiet=quiet)
 
 
 _QUANT = "Quantization"
