@@ -142,7 +142,10 @@ InputShapeOpt = Annotated[
     ),
 ]
 SeedOpt = Annotated[
-    int, typer.Option("--seed", help="Seed for synthetic inputs and any randomness.", rich_help_panel=_DATA)
+    int,
+    typer.Option(
+        "--seed", help="Seed for synthetic inputs and any randomness (>= 0).", min=0, rich_help_panel=_DATA
+    ),
 ]
 SamplesOpt = Annotated[
     int | None,

@@ -83,6 +83,8 @@ class RunOptions:
     latency_budget_s: float = 3.0
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be a number >= 0, got {self.seed}")
         if self.gates.min_speedup is not None and not self.latency:
             raise ConfigError("--min-speedup needs latency; drop --no-latency")
 
