@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
 import onnxruntime as ort
 import typer
@@ -24,6 +23,8 @@ from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
 from modelshrink import __version__, api, io, targets, techniques
+from modelshrink._entry import exit_interrupted
+from modelshrink._entry import main as main
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
 from modelshrink.feeds import parse_input_shapes
 from modelshrink.gates import Gates
@@ -71,9 +72,8 @@ class _Group(TyperGroup):
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             typer.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
-        except Abort:
-            typer.echo("error: aborted", err=True)
-            sys.exit(130)
+        except Abort as exc:  # KeyboardInterrupt (Ctrl-C) or SIGTERM, after the clean-up
+            exit_interrupted(exc.__cause__)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -998,14 +998,3 @@ def distill(
         force=force, external_data=external_data, json_=json_, report_file=report_file,
         quiet=quiet, verbose=verbose,
     )  # fmt: skip
-
-
-def _on_sigterm(signum: int, frame: object) -> NoReturn:
-    raise KeyboardInterrupt
-
-
-def main() -> None:
-    """Console-script entry point: SIGTERM unwinds like Ctrl-C so temp files are removed."""
-    with contextlib.suppress(ValueError):  # not in the main thread
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    app()
