@@ -233,7 +233,7 @@ def inspect(
         TargetError: The report path is refused (checked before the model is read).
         ModelshrinkError: The model cannot be read.
     """
-    plan_writes(report=report, reads=(model,), force=force)
+    plan_writes(report=report, reads=io.files_read(model), force=force)
     loaded = io.load_model(model)
     plan = plan_writes(report=report, reads=io.files_read(loaded), force=force)
     result = inspect_model(loaded)

@@ -418,7 +418,7 @@ def run_command(
         targets.plan_writes(
             output=output,
             report=report_file,
-            reads=(src, options.data),
+            reads=(*io.files_read(src), options.data),
             force=force,
             external_data=external_data,
             json_stdout=json_,
@@ -473,7 +473,7 @@ def inspect(
     """
     _setup_logging(verbose, quiet)
     with user_errors():
-        targets.plan_writes(report=report_file, reads=(model,), force=force, json_stdout=json_)
+        targets.plan_writes(report=report_file, reads=io.files_read(model), force=force, json_stdout=json_)
         report = api.inspect(model, report=report_file, force=force)
         if not quiet:
             render_inspect(report, err_console)
@@ -517,7 +517,10 @@ def compare(
     with user_errors():
         options = shared_options(flags)()
         targets.plan_writes(
-            report=report_file, reads=(original, candidate, options.data), force=force, json_stdout=json_
+            report=report_file,
+            reads=(*io.files_read(original, candidate), options.data),
+            force=force,
+            json_stdout=json_,
         )
         with progress_sink(quiet) as progress:
             report = compare_models(

@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 # Protobuf cannot serialize a message of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_AUTO_BYTES = 1_800_000_000
+# Model files up to this size are parsed before any work to name their external data files.
+_PEEK_MAX_BYTES = 16 << 20
 # Tensors at least this large go to the external data file when one is written.
 _EXTERNAL_THRESHOLD_BYTES = 1024
 # Models with fewer tensor bytes than this are serialized whole in memory; larger one-file
@@ -491,14 +493,31 @@ def check_output_target(
 
 
 def files_read(*inputs: LoadedModel | str | None) -> tuple[str | Path, ...]:
-    """Every file behind these inputs: model files with their external data, or paths as given."""
+    """Every file behind these models: the model files and their external data.
+
+    A model not loaded yet (a path) is read just far enough to name its external data files
+    when its ``.onnx`` file is small (as it is when the tensors live in external data), so that
+    outputs are checked against them before any work; otherwise they are known after loading.
+    """
     files: list[str | Path] = []
     for item in inputs:
         if isinstance(item, LoadedModel):
             files.extend(item.files())
         elif item is not None and item != STDIO:
-            files.append(item)
+            files.extend([item, *_peek_external_files(Path(item))])
     return tuple(files)
+
+
+def _peek_external_files(path: Path) -> tuple[Path, ...]:
+    try:
+        if not path.is_file() or path.stat().st_size > _PEEK_MAX_BYTES:
+            return ()
+        proto = onnx.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+    except (OSError, DecodeError, RuntimeError, ValueError):
+        return ()  # loading it says what is wrong
+    base = path.parent
+    return tuple(sorted({base / location for _, location in _external_refs(proto) if location}))
 
 
 def external_files(model: ir.Model) -> tuple[Path, ...]:

@@ -240,7 +240,7 @@ def compare(
     """
     if original_src == io.STDIO and candidate_src == io.STDIO:
         raise ConfigError("only one of ORIGINAL and CANDIDATE can be '-' (stdin)")
-    plan_writes(report=report, reads=(original_src, candidate_src, options.data), force=force)
+    plan_writes(report=report, reads=(*io.files_read(original_src, candidate_src), options.data), force=force)
     timer = _Timer()
     with timer.phase("load"):
         original = io.load_model(original_src)
@@ -319,7 +319,11 @@ def run_technique(
     timer = _Timer()
     also_read = _files_read(config, options)
     plan_writes(
-        output=output, report=report, reads=(source, *also_read), force=force, external_data=external_data
+        output=output,
+        report=report,
+        reads=(*io.files_read(source), *also_read),
+        force=force,
+        external_data=external_data,
     )
     with timer.phase("load"):
         loaded = io.load_model(source)
