@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any, NoReturn
 
-__all__ = ["Interrupted", "exit_interrupted", "install_signal_handlers", "main"]
+__all__ = ["Interrupted", "caught_signal", "exit_interrupted", "install_signal_handlers", "main"]
 
 _WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 _caught: list[int] = []
@@ -45,6 +45,11 @@ def _after_exit(signum: int, frame: Any) -> None:
     # changes the exit code, without unwinding through interpreter shutdown.
     if not _caught:
         os._exit(128 + signum)
+
+
+def caught_signal() -> int | None:
+    """The signal this process is unwinding from, if any."""
+    return _caught[0] if _caught else None
 
 
 def install_signal_handlers() -> None:

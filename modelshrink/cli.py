@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
 from modelshrink import __version__, api, io, targets, techniques
-from modelshrink._entry import exit_interrupted
+from modelshrink._entry import Interrupted, caught_signal, exit_interrupted
 from modelshrink._entry import main as main
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
 from modelshrink.feeds import parse_input_shapes
@@ -52,8 +52,26 @@ EXIT_CODES_HELP = (
 )
 
 
+class _Unwound(BaseException):
+    """An interrupt carried past Typer, which turns KeyboardInterrupt into a silent exit 130."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__()
+        self.interrupt = interrupt
+
+
 class _Group(TyperGroup):
-    """Click group whose usage errors are one line on stderr: ``error: ... (see --help)``."""
+    """Click group whose usage errors are one line on stderr: ``error: ... (see --help)``.
+
+    An interrupt (Ctrl-C, or SIGTERM through :mod:`modelshrink._entry`) ends in one line and
+    128 + the signal number, after everything it unwound through has cleaned up.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Unwound(exc) from exc
 
     def main(  # type: ignore[override]
         self,
@@ -72,8 +90,12 @@ class _Group(TyperGroup):
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             typer.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
-        except Abort as exc:  # KeyboardInterrupt (Ctrl-C) or SIGTERM, after the clean-up
+        except _Unwound as exc:
+            exit_interrupted(exc.interrupt)
+        except Abort as exc:
             exit_interrupted(exc.__cause__)
+        if (signum := caught_signal()) is not None:  # interrupted while parsing flags
+            exit_interrupted(Interrupted(signum))
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
