@@ -65,6 +65,8 @@ _UNLOCKED_STALE_AFTER_S = 60.0
 _STAGING_RE = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-")
 _COPY_CHUNK = 1 << 20
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What link() fails with where a file system has no hard links (FAT, some network shares).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK})
 
 
 # --- signals ---------------------------------------------------------------------------------
@@ -311,8 +313,10 @@ def _place(move: Move) -> _Placed:
         try:
             os.link(move.dest, candidate, follow_symlinks=False)
             backup = candidate
-        except OSError:  # no hard links here: a failure later cannot restore this one
-            backup = None
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            backup = None  # a file system without hard links: a later failure cannot restore it
     if move.replace:
         os.replace(move.src, move.dest)
     else:
@@ -321,7 +325,7 @@ def _place(move: Move) -> _Placed:
         except FileExistsError as exc:
             raise OutputError(f"{move.label}: appeared while working; pass --force to overwrite it") from exc
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            if exc.errno not in _NO_HARD_LINKS:
                 raise
             if os.path.lexists(move.dest):
                 raise OutputError(
