@@ -673,11 +673,10 @@ def stage_report(target: ReportTarget, text: str) -> StagedReport:
 
 def _write_sink(sink: Sink | None, source: Path | bytes, label: str, stdout: BinaryIO | None) -> None:
     try:
-        if sink is None or (sink.fd == 1 and stdout is not None):
+        if sink is None or sink.is_stdout:  # through sys.stdout, after what it holds already
+            if stdout is None:
+                sys.stdout.flush()
             write_stream(source, stream=stdout if stdout is not None else sys.stdout.buffer)
-        elif sink.fd == 1:
-            sys.stdout.flush()
-            write_stream(source, stream=sys.stdout.buffer)
         else:
             write_stream(source, fd=sink.fd, path=sink.path)
     except OSError as exc:

@@ -390,3 +390,14 @@ def test_every_row_kind_and_role_is_in_the_table() -> None:
     combos = {(role, kind) for _, role, kind in (p.values for p in CASES)}
     assert len(combos) == len(ROLES) * len(KINDS) - len(NOT_APPLICABLE)
     assert {c for c, _, _ in (p.values for p in CASES)} == set(COMMANDS)
+
+
+def test_report_dash_goes_to_stdout(tmp_path: Path) -> None:
+    scene = _scene(tmp_path)
+    out = scene.out / "o.onnx"
+    result = CliRunner().invoke(app, ["quantize", str(scene.model), "-o", str(out), "--report", "-", *FAST])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["output"] == {"path": str(out), "written": True}
+    for clash in (["-o", "-", "--report", "-"], ["-o", str(scene.out / "p.onnx"), "--report", "-", "--json"]):
+        result = CliRunner().invoke(app, ["quantize", str(scene.model), *clash, *FAST])
+        assert result.exit_code == 2 and "same file" in result.stderr, result.stderr
