@@ -379,7 +379,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     except OSError as exc:
         raise DataError(f"{label}: cannot read: {exc.strerror or exc}") from exc
     if not is_zip:
-        raise DataError(f"{label}: not a .npz archive (numpy.savez writes one, keyed by input name)")
+        raise DataError(f"{label}: not a readable .npz archive (numpy.savez writes one, keyed by input name)")
     arrays: dict[str, np.ndarray] = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -405,7 +405,7 @@ def _load_npy(path: Path) -> np.ndarray:
     except OSError as exc:
         raise DataError(f"{label}: cannot read: {exc.strerror or exc}") from exc
     if magic != _NPY_MAGIC:
-        raise DataError(f"{label}: not a .npy file (numpy.save writes one)")
+        raise DataError(f"{label}: not a readable .npy file (numpy.save writes one)")
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:

@@ -401,3 +401,39 @@ def test_report_dash_goes_to_stdout(tmp_path: Path) -> None:
     for clash in (["-o", "-", "--report", "-"], ["-o", str(scene.out / "p.onnx"), "--report", "-", "--json"]):
         result = CliRunner().invoke(app, ["quantize", str(scene.model), *clash, *FAST])
         assert result.exit_code == 2 and "same file" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("via_link", [False, True])
+def test_a_descriptor_of_this_process_is_written_through(tmp_path: Path, via_link: bool) -> None:
+    """/proc/self/fd/N (or a link to it) is a stream, like -o -: never replaced."""
+    scene = _scene(tmp_path)
+    read_end, write_end = os.pipe()
+    try:
+        target = f"/proc/self/fd/{write_end}"
+        if via_link:
+            (scene.out / "fd.onnx").symlink_to(target)
+            target = str(scene.out / "fd.onnx")
+        result = CliRunner().invoke(app, ["quantize", str(scene.model), "-o", target, "--force", *FAST])
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            streamed = f.read()
+    finally:
+        for fd in (read_end, write_end):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert result.exit_code == 0, result.stderr
+    assert _is_model(streamed)
+    if via_link:
+        assert os.readlink(scene.out / "fd.onnx") == f"/proc/self/fd/{write_end}"
+    assert [p.name for p in scene.out.iterdir()] == (["fd.onnx"] if via_link else [])
+
+
+def test_compare_report_onto_the_candidate_is_refused(tmp_path: Path) -> None:
+    scene = _scene(tmp_path)
+    candidate = models.save(models.mlp(seed=1), scene.out / "b.onnx")
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(
+        app, ["compare", str(scene.model), str(candidate), "--report", str(candidate), *FAST]
+    )
+    assert result.exit_code == 2 and "input" in result.stderr
+    assert snapshot(tmp_path) == before
