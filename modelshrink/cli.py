@@ -46,9 +46,9 @@ from modelshrink.techniques.quantize.config import DEFAULT_QAT_BATCH, DEFAULT_QA
 __all__ = ["app", "main"]
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 ok · 1 the model, data or output location is bad or unsupported · "
-    "2 usage error · 3 a quality gate failed (nothing written). "
-    "Set MODELSHRINK_DEBUG=1 to see tracebacks."
+    "Exit codes: 0 ok · 1 the model or data is bad or unsupported, or writing failed · "
+    "2 usage error, or an output path refused before any work · 3 a quality gate failed (no model "
+    "written) · 130/143 interrupted (SIGINT/SIGTERM). Set MODELSHRINK_DEBUG=1 to see tracebacks."
 )
 
 
