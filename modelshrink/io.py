@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 
 from modelshrink.errors import InvalidModelError, OutputError
 from modelshrink.graph import allow_plain_initializers
-from modelshrink.staging import Move, Staging, commit_moves, fsync_path, write_stream
+from modelshrink.staging import Move, Staging, commit_moves, write_stream
 from modelshrink.targets import STDIO, OutputTarget, ReportTarget, Sink, plan_writes
 
 __all__ = [
@@ -661,7 +661,6 @@ def stage_report(target: ReportTarget, text: str) -> StagedReport:
     try:
         with path.open("x", encoding="utf-8") as f:
             f.write(text)
-        fsync_path(path)
     except OSError as exc:
         staged_report.discard()
         raise OutputError(f"--report {target.label}: cannot write: {exc.strerror or exc}") from exc
@@ -674,8 +673,8 @@ def stage_report(target: ReportTarget, text: str) -> StagedReport:
 def _write_sink(sink: Sink | None, source: Path | bytes, label: str, stdout: BinaryIO | None) -> None:
     try:
         if sink is None or sink.is_stdout:  # through sys.stdout, after what it holds already
-            if stdout is None:
-                sys.stdout.flush()
+            if stdout is None and callable(flush := getattr(sys.stdout, "flush", None)):
+                flush()  # text already in sys.stdout goes first
             write_stream(source, stream=stdout if stdout is not None else sys.stdout.buffer)
         else:
             write_stream(source, fd=sink.fd, path=sink.path)
@@ -709,7 +708,7 @@ def commit(
             dest = report.target.dest
             assert dest is not None
             moves.append(Move(report.path, dest, report.target.force, f"--report {report.target.label}"))
-        commit_moves(moves, durable=model is None or model.target.durable)
+        commit_moves(moves, durable=model is None or model.target.durable or model.target.dest is None)
         if report is not None and report.path is None:
             _write_sink(report.target.sink, report.text.encode(), f"--report {report.target.label}", stdout)
     finally:
@@ -773,9 +772,6 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
             )
         if data_name is not None and (place.folder / data_name).exists():
             staged.data_path = place.folder / data_name
-        if target.durable:
-            for path in staged.files():
-                fsync_path(path)
     except OSError as exc:
         staged.discard()
         raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc

@@ -92,7 +92,8 @@ class OutputTarget:
         input_external: An input model kept its tensors in external data files.
         sink: Where a streamed model goes (None: stdout).
         shown: The path as the user gave it.
-        durable: Flush the files to disk before they are moved into place (user outputs).
+        durable: Flush a file to disk before it replaces an existing one (user outputs; not the
+            temporary copies made for onnxruntime).
     """
 
     dest: Path | None

@@ -161,4 +161,4 @@ def test_faults_writing_a_new_output_leave_nothing(
     n, points = _run_until_it_passes(monkeypatch, err, run, check_failed)
     assert sorted(_files(out_dir)) == ["o.onnx", "o.onnx.data", "r.json"]
     assert n > 10
-    assert {"write", "mkdir", "link", "fsync"} <= points, points
+    assert {"write", "mkdir", "link"} <= points, points  # nothing replaced: no fsync
