@@ -2,28 +2,65 @@
 
 from modelshrink import quantize, QuantizeConfig
 report = quantize("model.onnx", "model.int8.onnx", QuantizeConfig())
+
+The public names are imported on first use: ``import modelshrink`` itself loads nothing
+heavy, so the command can install its signal handlers before onnx, onnxruntime and numpy load.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from modelshrink.api import (
-    compare,
-    distill,
-    distill_config,
-    factorize,
-    inspect,
-    prune,
-    qat_settings,
-    quantize,
-)
-from modelshrink.errors import ModelshrinkError
-from modelshrink.gates import Gates
-from modelshrink.pipeline import RunOptions
-from modelshrink.report import Report
-from modelshrink.runtime import RuntimeOptions
-from modelshrink.techniques import DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
+if TYPE_CHECKING:
+    from modelshrink.api import (
+        compare,
+        distill,
+        distill_config,
+        factorize,
+        inspect,
+        prune,
+        qat_settings,
+        quantize,
+    )
+    from modelshrink.errors import ModelshrinkError
+    from modelshrink.gates import Gates
+    from modelshrink.pipeline import RunOptions
+    from modelshrink.report import Report
+    from modelshrink.runtime import RuntimeOptions
+    from modelshrink.techniques import DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
+
+_HOMES = {
+    "compare": "modelshrink.api",
+    "distill": "modelshrink.api",
+    "distill_config": "modelshrink.api",
+    "factorize": "modelshrink.api",
+    "inspect": "modelshrink.api",
+    "prune": "modelshrink.api",
+    "qat_settings": "modelshrink.api",
+    "quantize": "modelshrink.api",
+    "ModelshrinkError": "modelshrink.errors",
+    "Gates": "modelshrink.gates",
+    "RunOptions": "modelshrink.pipeline",
+    "Report": "modelshrink.report",
+    "RuntimeOptions": "modelshrink.runtime",
+    "DistillConfig": "modelshrink.techniques",
+    "FactorizeConfig": "modelshrink.techniques",
+    "PruneConfig": "modelshrink.techniques",
+    "QuantizeConfig": "modelshrink.techniques",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'modelshrink' has no attribute '{name}'")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DistillConfig",

@@ -1,6 +1,6 @@
 """``python -m modelshrink``."""
 
-from modelshrink.cli import main
+from modelshrink._entry import main
 
 if __name__ == "__main__":
     main()

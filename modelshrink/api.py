@@ -12,6 +12,7 @@ whether the output was written: not when a gate failed) and raises
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from modelshrink.inspection import InspectReport, inspect_model
 from modelshrink.pipeline import RunOptions, run_technique
 from modelshrink.pipeline import compare as _compare
 from modelshrink.report import Report
+from modelshrink.targets import plan_writes
 from modelshrink.techniques import TECHNIQUES, DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
 from modelshrink.techniques.base import Progress, silent_progress
 from modelshrink.techniques.distill import Teacher, read_labels, training_data_from_feeds
@@ -48,6 +50,7 @@ def _run(
     force: bool,
     external_data: bool | None,
     progress: Progress,
+    report: str | os.PathLike[str] | None,
 ) -> Report:
     return run_technique(
         name,
@@ -59,6 +62,7 @@ def _run(
         force=force,
         external_data=external_data,
         progress=progress,
+        report=report,
     )
 
 
@@ -71,9 +75,12 @@ def quantize(
     force: bool = False,
     external_data: bool | None = None,
     progress: Progress = silent_progress,
+    report: str | os.PathLike[str] | None = None,
 ) -> Report:
     """``modelshrink quantize``: see :class:`QuantizeConfig`."""
-    return _run("quantize", config or QuantizeConfig(), src, output, options, force, external_data, progress)
+    return _run(
+        "quantize", config or QuantizeConfig(), src, output, options, force, external_data, progress, report
+    )
 
 
 def qat_settings(
@@ -123,9 +130,12 @@ def prune(
     force: bool = False,
     external_data: bool | None = None,
     progress: Progress = silent_progress,
+    report: str | os.PathLike[str] | None = None,
 ) -> Report:
     """``modelshrink prune``: see :class:`PruneConfig`."""
-    return _run("prune", config or PruneConfig(), src, output, options, force, external_data, progress)
+    return _run(
+        "prune", config or PruneConfig(), src, output, options, force, external_data, progress, report
+    )
 
 
 def factorize(
@@ -137,10 +147,11 @@ def factorize(
     force: bool = False,
     external_data: bool | None = None,
     progress: Progress = silent_progress,
+    report: str | os.PathLike[str] | None = None,
 ) -> Report:
     """``modelshrink factorize``: see :class:`FactorizeConfig`."""
     return _run(
-        "factorize", config or FactorizeConfig(), src, output, options, force, external_data, progress
+        "factorize", config or FactorizeConfig(), src, output, options, force, external_data, progress, report
     )
 
 
@@ -195,16 +206,37 @@ def distill(
     force: bool = False,
     external_data: bool | None = None,
     progress: Progress = silent_progress,
+    report: str | os.PathLike[str] | None = None,
 ) -> Report:
     """``modelshrink distill``: build ``config`` with :func:`distill_config`."""
-    return _run("distill", config, src, output, options, force, external_data, progress)
+    return _run("distill", config, src, output, options, force, external_data, progress, report)
 
 
-def compare(original: str, candidate: str, options: RunOptions | None = None) -> Report:
-    """``modelshrink compare``."""
-    return _compare(original, candidate, options or RunOptions())
+def compare(
+    original: str,
+    candidate: str,
+    options: RunOptions | None = None,
+    *,
+    report: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> Report:
+    """``modelshrink compare``; ``report`` also writes the JSON report there."""
+    return _compare(original, candidate, options or RunOptions(), report=report, force=force)
 
 
-def inspect(model: str) -> InspectReport:
-    """``modelshrink inspect``."""
-    return inspect_model(io.load_model(model))
+def inspect(
+    model: str, *, report: str | os.PathLike[str] | None = None, force: bool = False
+) -> InspectReport:
+    """``modelshrink inspect``; ``report`` also writes the JSON report there.
+
+    Raises:
+        TargetError: The report path is refused (checked before the model is read).
+        ModelshrinkError: The model cannot be read.
+    """
+    plan_writes(report=report, reads=io.files_read(model), force=force)
+    loaded = io.load_model(model)
+    plan = plan_writes(report=report, reads=io.files_read(loaded), force=force)
+    result = inspect_model(loaded)
+    if plan.report is not None:
+        io.commit(None, io.stage_report(plan.report, result.to_json()))
+    return result

@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
 import onnxruntime as ort
 import typer
@@ -23,11 +22,13 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from modelshrink import __version__, api, io, techniques
+from modelshrink import __version__, api, io, targets, techniques
+from modelshrink._entry import Interrupted, caught_signal, exit_interrupted
+from modelshrink._entry import main as main
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
 from modelshrink.feeds import parse_input_shapes, parse_input_values
 from modelshrink.gates import Gates
-from modelshrink.inspection import inspect_model, render_inspect
+from modelshrink.inspection import render_inspect
 from modelshrink.pipeline import RunOptions, run_technique
 from modelshrink.pipeline import compare as compare_models
 from modelshrink.report import Report, render_report
@@ -45,14 +46,32 @@ from modelshrink.techniques.quantize.config import DEFAULT_QAT_BATCH, DEFAULT_QA
 __all__ = ["app", "main"]
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 ok · 1 the model, data or output location is bad or unsupported · "
-    "2 usage error · 3 a quality gate failed (nothing written). "
-    "Set MODELSHRINK_DEBUG=1 to see tracebacks."
+    "Exit codes: 0 ok · 1 the model or data is bad or unsupported, or writing failed · "
+    "2 usage error, or an output path refused before any work · 3 a quality gate failed (no model "
+    "written) · 130/143 interrupted (SIGINT/SIGTERM). Set MODELSHRINK_DEBUG=1 to see tracebacks."
 )
 
 
+class _Unwound(BaseException):
+    """An interrupt carried past Typer, which turns KeyboardInterrupt into a silent exit 130."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__()
+        self.interrupt = interrupt
+
+
 class _Group(TyperGroup):
-    """Click group whose usage errors are one line on stderr: ``error: ... (see --help)``."""
+    """Click group whose usage errors are one line on stderr: ``error: ... (see --help)``.
+
+    An interrupt (Ctrl-C, or SIGTERM through :mod:`modelshrink._entry`) ends in one line and
+    128 + the signal number, after everything it unwound through has cleaned up.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Unwound(exc) from exc
 
     def main(  # type: ignore[override]
         self,
@@ -71,9 +90,12 @@ class _Group(TyperGroup):
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             typer.echo(f"error: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
-        except Abort:
-            typer.echo("error: aborted", err=True)
-            sys.exit(130)
+        except _Unwound as exc:
+            exit_interrupted(exc.interrupt)
+        except Abort as exc:
+            exit_interrupted(exc.__cause__)
+        if (signum := caught_signal()) is not None:  # interrupted while parsing flags
+            exit_interrupted(Interrupted(signum))
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -95,7 +117,12 @@ InputArg = Annotated[str, typer.Argument(help="Input .onnx path, or '-' for stdi
 OutputOpt = Annotated[
     str, typer.Option("-o", "--output", help="Output path, or '-' for stdout.", show_default=False)
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Overwrite existing files: the output, its external data, the --report file."
+    ),
+]
 ExternalDataOpt = Annotated[
     bool | None,
     typer.Option(
@@ -107,7 +134,11 @@ ExternalDataOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout.")]
 ReportOpt = Annotated[
     Path | None,
-    typer.Option("--report", help="Also write the JSON report to this file.", dir_okay=False),
+    typer.Option(
+        "--report",
+        help="Also write the JSON report to this file ('-' for stdout); --force to replace one.",
+        dir_okay=False,
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No table or progress on stderr.")]
 VerboseOpt = Annotated[int, typer.Option("-v", "--verbose", count=True, help="More logging (-vv for debug).")]
@@ -144,7 +175,10 @@ InputValueOpt = Annotated[
     ),
 ]
 SeedOpt = Annotated[
-    int, typer.Option("--seed", help="Seed for synthetic inputs and any randomness.", rich_help_panel=_DATA)
+    int,
+    typer.Option(
+        "--seed", help="Seed for synthetic inputs and any randomness (>= 0).", min=0, rich_help_panel=_DATA
+    ),
 ]
 SamplesOpt = Annotated[
     int | None,
@@ -370,19 +404,10 @@ def progress_sink(quiet: bool) -> Iterator[ProgressSink]:
         yield bars
 
 
-def _write_report_file(path: Path, text: str) -> None:
-    try:
-        io.write_text_atomic(path, text)
-    except OSError as exc:
-        raise ModelshrinkError(f"--report {path}: cannot write: {exc.strerror or exc}") from exc
-
-
-def finish(report: Report, *, json_: bool, report_file: Path | None, quiet: bool) -> None:
-    """Render, emit JSON, and exit 3 when a gate failed."""
+def finish(report: Report, *, json_: bool, quiet: bool) -> None:
+    """Render, emit JSON, and exit 3 when a gate failed (the report file is already written)."""
     if not quiet:
         render_report(report, err_console)
-    if report_file is not None:
-        _write_report_file(report_file, report.to_json())
     if json_:
         sys.stdout.write(report.to_json())
         sys.stdout.flush()
@@ -422,8 +447,18 @@ def run_command(
     _setup_logging(verbose, quiet)
     with user_errors():
         _check_stdout(output, json_)
-        config = config_factory()
         options = options_factory()
+        # Every path written is checked before anything is read (a teacher or --data too);
+        # the pipeline checks again once it knows the files it reads.
+        targets.plan_writes(
+            output=output,
+            report=report_file,
+            reads=(*io.files_read(src), options.data),
+            force=force,
+            external_data=external_data,
+            json_stdout=json_,
+        )
+        config = config_factory()
         with progress_sink(quiet) as progress:
             report = run_technique(
                 command,
@@ -435,8 +470,9 @@ def run_command(
                 force=force,
                 external_data=external_data,
                 progress=progress,
+                report=report_file,
             )
-        finish(report, json_=json_, report_file=report_file, quiet=quiet)
+        finish(report, json_=json_, quiet=quiet)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -462,6 +498,7 @@ def inspect(
     model: InputArg,
     json_: JsonOpt = False,
     report_file: ReportOpt = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -471,12 +508,10 @@ def inspect(
     """
     _setup_logging(verbose, quiet)
     with user_errors():
-        loaded = io.load_model(model)
-        report = inspect_model(loaded)
+        targets.plan_writes(report=report_file, reads=io.files_read(model), force=force, json_stdout=json_)
+        report = api.inspect(model, report=report_file, force=force)
         if not quiet:
             render_inspect(report, err_console)
-        if report_file is not None:
-            _write_report_file(report_file, report.to_json())
         if json_:
             sys.stdout.write(report.to_json())
 
@@ -505,6 +540,7 @@ def compare(
     latency_runs: LatencyRunsOpt = None,
     json_: JsonOpt = False,
     report_file: ReportOpt = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -516,9 +552,17 @@ def compare(
     _setup_logging(verbose, quiet)
     with user_errors():
         options = shared_options(flags)()
+        targets.plan_writes(
+            report=report_file,
+            reads=(*io.files_read(original, candidate), options.data),
+            force=force,
+            json_stdout=json_,
+        )
         with progress_sink(quiet) as progress:
-            report = compare_models(original, candidate, options, progress=progress)
-        finish(report, json_=json_, report_file=report_file, quiet=quiet)
+            report = compare_models(
+                original, candidate, options, progress=progress, report=report_file, force=force
+            )
+        finish(report, json_=json_, quiet=quiet)
 
 
 _QUANT = "Quantization"
@@ -997,14 +1041,3 @@ def distill(
         force=force, external_data=external_data, json_=json_, report_file=report_file,
         quiet=quiet, verbose=verbose,
     )  # fmt: skip
-
-
-def _on_sigterm(signum: int, frame: object) -> NoReturn:
-    raise KeyboardInterrupt
-
-
-def main() -> None:
-    """Console-script entry point: SIGTERM unwinds like Ctrl-C so temp files are removed."""
-    with contextlib.suppress(ValueError):  # not in the main thread
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    app()

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidModelError",
     "ModelshrinkError",
     "OutputError",
+    "TargetError",
     "UnsupportedModelError",
 ]
 
@@ -56,6 +57,17 @@ class DataError(ModelshrinkError):
 
 class OutputError(ModelshrinkError):
     """The output cannot be written where asked (exists, is the input, is a terminal, ...)."""
+
+
+class TargetError(OutputError):
+    """A path the command would write is refused before any work: a usage error.
+
+    It coincides with an input or another output, its folder is missing or not writable, it
+    exists without ``--force``, or it is something that cannot be written (a directory, a
+    block device, a terminal for model bytes).
+    """
+
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(ModelshrinkError):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,11 +408,7 @@ def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray
         return {p.stem: _load_npy(p) for p in npys}
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                return {key: npz[key] for key in npz.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise DataError(f"--data {label}: not a readable .npz file ({exc})") from exc
+        return _load_npz(path)
     if suffix == ".npy":
         if len(specs) != 1:
             names = ", ".join(s.name for s in specs)
@@ -423,11 +420,62 @@ def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray
     raise DataError(f"--data {label}: unsupported format; use .npz, .npy, or a folder")
 
 
+# numpy's own messages for these files suggest allow_pickle=True, which runs code from the
+# file: ours say what is wrong and how to write the file instead.
+_NPY_MAGIC = b"\x93NUMPY"
+_OBJECTS = "holds Python objects, which are never loaded (unsafe); save numeric or string arrays"
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    label = f"--data {path}"
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise DataError(f"{label}: cannot read: {exc.strerror or exc}") from exc
+    if not is_zip:
+        raise DataError(f"{label}: not a readable .npz archive (numpy.savez writes one, keyed by input name)")
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                try:
+                    arrays[key] = npz[key]
+                except ValueError as exc:
+                    if "pickle" in str(exc) or "Object arrays" in str(exc):
+                        raise DataError(f"{label}: array '{key}' {_OBJECTS}") from exc
+                    raise DataError(f"{label}: array '{key}' is not a readable .npy member") from exc
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
+        raise DataError(f"{label}: corrupt or truncated .npz archive ({type(exc).__name__})") from exc
+    return arrays
+
+
 def _load_npy(path: Path) -> np.ndarray:
+    label = f"--data {path}"
+    try:
+        with path.open("rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise DataError(f"{label}: cannot read: {exc.strerror or exc}") from exc
+    if magic != _NPY_MAGIC:
+        raise DataError(f"{label}: not a readable .npy file (numpy.save writes one)")
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"--data {path}: not a readable .npy file ({exc})") from exc
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Object arrays" in str(exc):
+            raise DataError(f"{label}: {_OBJECTS}") from exc
+        raise DataError(f"{label}: corrupt or truncated .npy file") from exc
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{label}: corrupt or truncated .npy file") from exc
+
+
+# The only conversions done for the user (lossless in practice, and what numpy makes by default);
+# any other mismatch (int8 or float16 data for a float32 input, ...) is an error, not a guess.
+_CASTS = {
+    (np.dtype(np.float64), np.dtype(np.float32)),
+    (np.dtype(np.int32), np.dtype(np.int64)),
+}
 
 
 def _cast(name: str, array: np.ndarray, spec: InputSpec, label: str, warnings: list[str]) -> np.ndarray:
@@ -440,12 +488,12 @@ def _cast(name: str, array: np.ndarray, spec: InputSpec, label: str, warnings: l
         raise DataError(f"--data {label}: '{name}' has dtype {array.dtype}, the model expects strings")
     if array.dtype == want:
         return array
-    same_kind = array.dtype.kind == want.kind or (array.dtype.kind in "iu" and want.kind in "iu")
-    if same_kind or (array.dtype.kind in "iub" and want.kind == "f"):
+    if (array.dtype, want) in _CASTS:
         warnings.append(f"--data: '{name}' cast from {array.dtype} to {want}")
         return array.astype(want)
     raise DataError(
-        f"--data {label}: '{name}' has dtype {array.dtype}, the model expects {want} ({spec.type_name})"
+        f"--data {label}: '{name}' has dtype {array.dtype}, the model expects {want} ({spec.type_name}); "
+        f"convert the array to {want} (only float64 and int32 arrays are converted, to float32 and int64)"
     )
 
 

@@ -68,10 +68,11 @@ class Gates:
             value = getattr(self, name)
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
-        for name in ("min_cosine", "min_agreement"):
+        # Cosine similarity lies in [-1, 1]; top-1 agreement is a share of samples, in [0, 1].
+        for name, low in (("min_cosine", -1.0), ("min_agreement", 0.0)):
             value = getattr(self, name)
-            if value is not None and not -1.0 <= value <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be within [-1, 1], got {value}")
+            if value is not None and not low <= value <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be within [{low:g}, 1], got {value}")
 
     @property
     def any(self) -> bool:

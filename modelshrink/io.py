@@ -1,11 +1,12 @@
-"""Model files in and out: the only module that touches model files and stdin/stdout bytes.
+"""Model files in and out: reading and validating models, and writing models and reports.
 
 Loading validates everything a user can get wrong before any work starts (missing file, not
 ONNX, checker failures, external data that is missing, short or outside the model's folder).
-Saving is staged: the candidate is written into a private temporary folder next to the
-destination, checked and verified from there, and only then moved into place with
-``os.replace``/``os.link``. A failure or an interrupt leaves nothing behind, and an existing
-file is never touched unless ``force`` is given.
+Where results may go is decided beforehand by :mod:`modelshrink.targets`. Saving is staged:
+the candidate is written into a private folder next to the destination, checked and verified
+from there, and only then moved into place, together with its external data and the report,
+as one unit (:mod:`modelshrink.staging`). A failure or an interrupt leaves nothing behind,
+and an existing file is never touched unless ``force`` is given.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +26,10 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from modelshrink.errors import ConfigError, InvalidModelError, OutputError
+from modelshrink.errors import InvalidModelError, OutputError
 from modelshrink.graph import allow_plain_initializers
+from modelshrink.staging import Move, Staging, commit_moves, write_stream
+from modelshrink.targets import STDIO, OutputTarget, ReportTarget, Sink, plan_writes
 
 __all__ = [
     "EXTERNAL_DATA_AUTO_BYTES",
@@ -38,27 +40,31 @@ __all__ = [
     "LoadedModel",
     "OutputTarget",
     "StagedModel",
+    "StagedReport",
     "check_output_target",
     "checker_message",
+    "commit",
+    "external_files",
+    "files_read",
     "load_model",
     "load_staged",
     "stage_model",
+    "stage_report",
     "total_tensor_bytes",
-    "write_text_atomic",
 ]
 
 logger = logging.getLogger(__name__)
 
-STDIO = "-"
 # Protobuf cannot serialize a message of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_AUTO_BYTES = 1_800_000_000
+# Model files up to this size are parsed before any work to name their external data files.
+_PEEK_MAX_BYTES = 16 << 20
 # Tensors at least this large go to the external data file when one is written.
 _EXTERNAL_THRESHOLD_BYTES = 1024
 # Models with fewer tensor bytes than this are serialized whole in memory; larger one-file
 # results are written by _write_streamed, and larger models for onnxruntime sessions go
 # through a temporary file with external data (serializing held 2-3x the tensors).
 SERIALIZE_WHOLE_BYTES = 64 << 20
-_COPY_CHUNK = 1 << 20
 # A Constant whose tensor carries this metadata entry is written as an ONNX sparse tensor
 # (``sparse_value``) when that is smaller. Sparse tensors read from a model become dense ones
 # (onnx-ir has no sparse tensors) carrying the entry, so sparse Constants are written back
@@ -449,33 +455,6 @@ def _validate_external_data(proto: onnx.ModelProto, path: Path, label: str) -> t
 # --- output ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class OutputTarget:
-    """Where a result goes: a path or stdout, validated before any work starts.
-
-    Attributes:
-        dest: The destination path, or None for stdout.
-        force: Overwrite an existing file.
-        external_data: Write tensors to ``<name>.data``: True, False, or None for "when
-            the model is too large for one protobuf, or the input kept its tensors so".
-        input_external: An input model kept its tensors in external data files.
-    """
-
-    dest: Path | None
-    force: bool = False
-    external_data: bool | None = None
-    input_external: bool = False
-
-    @property
-    def label(self) -> str:
-        """How the user named it."""
-        return "<stdout>" if self.dest is None else str(self.dest)
-
-    def data_path(self) -> Path | None:
-        """The external data file this output would write next to itself."""
-        return None if self.dest is None else self.dest.with_name(self.dest.name + ".data")
-
-
 def check_output_target(
     output: str,
     *,
@@ -484,7 +463,7 @@ def check_output_target(
     inputs: tuple[LoadedModel | str, ...] = (),
     stdout_isatty: bool | None = None,
 ) -> OutputTarget:
-    """Validate an output before work starts.
+    """Validate a model output before work starts (see :func:`modelshrink.targets.plan_writes`).
 
     Args:
         output: A path or ``-`` for stdout.
@@ -497,60 +476,58 @@ def check_output_target(
         The validated target.
 
     Raises:
-        OutputError: The output is a terminal, the input, an existing file without
-            ``force``, a directory, or in a folder that does not exist.
-        ConfigError: External data requested on stdout.
+        TargetError: The output is refused (a terminal, an input, an existing file without
+            ``force``, a directory, a folder that does not exist or is not writable).
+        ConfigError: External data requested on a stream.
     """
-    if output == STDIO:
-        isatty = sys.stdout.isatty() if stdout_isatty is None else stdout_isatty
-        if isatty:
-            raise OutputError("refusing to write an ONNX model to a terminal; use -o FILE or redirect stdout")
-        if external_data:
-            raise ConfigError("--external-data needs an output path, not '-o -'")
-        return OutputTarget(None, force, external_data)
-    if not output:
-        raise ConfigError("the output path is empty; use -o FILE or -o -")
-    dest = Path(output)
-    if dest.is_dir():
-        raise OutputError(f"{output}: is a directory; name the output file, e.g. {dest / 'model.onnx'}")
-    parent = dest.parent
-    if not parent.exists():
-        raise OutputError(f"{output}: folder '{parent}' does not exist; create it first")
-    if not parent.is_dir():
-        raise OutputError(f"{output}: '{parent}' is not a folder")
-    input_external = any(isinstance(item, LoadedModel) and item.external_files for item in inputs)
-    target = OutputTarget(dest, force, external_data, input_external)
-    protected = _protected_files(inputs)
-    for candidate in (dest, target.data_path()):
-        if candidate is not None and _same_file_as_any(candidate, protected):
-            raise OutputError(
-                f"{output}: would overwrite the input file '{candidate}'; choose another output"
-            )
-    if dest.exists() and not force:
-        raise OutputError(f"{output}: already exists; pass --force to overwrite it")
-    return target
+    plan = plan_writes(
+        output=output,
+        reads=files_read(*inputs),
+        force=force,
+        external_data=external_data,
+        input_external=any(isinstance(item, LoadedModel) and item.external_files for item in inputs),
+        stdout_isatty=stdout_isatty,
+    )
+    assert plan.output is not None
+    return plan.output
 
 
-def _protected_files(inputs: tuple[LoadedModel | str, ...]) -> list[Path]:
-    files: list[Path] = []
+def files_read(*inputs: LoadedModel | str | None) -> tuple[str | Path, ...]:
+    """Every file behind these models: the model files and their external data.
+
+    A model not loaded yet (a path) is read just far enough to name its external data files
+    when its ``.onnx`` file is small (as it is when the tensors live in external data), so that
+    outputs are checked against them before any work; otherwise they are known after loading.
+    """
+    files: list[str | Path] = []
     for item in inputs:
         if isinstance(item, LoadedModel):
             files.extend(item.files())
-        elif item != STDIO:
-            files.append(Path(item))
-    return files
+        elif item is not None and item != STDIO:
+            files.extend([item, *_peek_external_files(Path(item))])
+    return tuple(files)
 
 
-def _same_file_as_any(path: Path, others: list[Path]) -> bool:
-    for other in others:
-        try:
-            if path.exists() and other.exists() and os.path.samefile(path, other):
-                return True
-        except OSError:
-            pass
-        if path.resolve() == other.resolve():
-            return True
-    return False
+def _peek_external_files(path: Path) -> tuple[Path, ...]:
+    try:
+        if not path.is_file() or path.stat().st_size > _PEEK_MAX_BYTES:
+            return ()
+        proto = onnx.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+    except (OSError, DecodeError, RuntimeError, ValueError):
+        return ()  # loading it says what is wrong
+    base = path.parent
+    return tuple(sorted({base / location for _, location in _external_refs(proto) if location}))
+
+
+def external_files(model: ir.Model) -> tuple[Path, ...]:
+    """The external data files an in-memory model's tensors are mapped from."""
+    files = {
+        Path(tensor.path).resolve()
+        for _, tensor in _all_tensors(model)
+        if isinstance(tensor, ir.ExternalTensor) and tensor.base_dir
+    }
+    return tuple(sorted(files))
 
 
 def total_tensor_bytes(model: ir.Model) -> int:
@@ -603,6 +580,7 @@ class StagedModel:
     folder: Path
     path: Path
     data_path: Path | None
+    _staging: Staging | None = field(default=None, repr=False)
     _done: bool = field(default=False, repr=False)
 
     @property
@@ -614,55 +592,141 @@ class StagedModel:
         """The staged files."""
         return (self.path,) if self.data_path is None else (self.path, self.data_path)
 
+    def moves(self) -> list[Move]:
+        """The renames that put it in place: external data first, the model that reads it last."""
+        dest = self.target.dest
+        assert dest is not None
+        moves = []
+        if self.data_path is not None:
+            data_dest = self.target.data_path()
+            assert data_dest is not None
+            moves.append(
+                Move(
+                    self.data_path,
+                    data_dest,
+                    self.target.force,
+                    f"{self.target.label} (external data '{data_dest}')",
+                )
+            )
+        moves.append(Move(self.path, dest, self.target.force, self.target.label))
+        return moves
+
     def commit(self, stdout: BinaryIO | None = None) -> None:
-        """Move the staged files into place (or stream them to stdout), then clean up."""
-        try:
-            if self.target.dest is None:
-                stream = stdout if stdout is not None else sys.stdout.buffer
-                with self.path.open("rb") as f:
-                    shutil.copyfileobj(f, stream, _COPY_CHUNK)
-                stream.flush()
-            else:
-                if self.data_path is not None:
-                    data_dest = self.target.data_path()
-                    assert data_dest is not None
-                    os.replace(self.data_path, data_dest)
-                _move_into_place(self.path, self.target.dest, force=self.target.force)
-        finally:
-            self.discard()
+        """Move the staged files into place (or stream them), then clean up."""
+        commit(self, None, stdout=stdout)
 
     def discard(self) -> None:
         """Remove the staged files; safe to call twice."""
         if not self._done:
             self._done = True
-            shutil.rmtree(self.folder, ignore_errors=True)
+            if self._staging is not None:
+                self._staging.remove()
+            else:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _move_into_place(src: Path, dest: Path, *, force: bool) -> None:
-    if force:
-        os.replace(src, dest)
-        return
-    try:  # link() refuses to replace: no window in which another writer's file is clobbered
-        os.link(src, dest)
-    except FileExistsError as exc:
-        raise OutputError(f"{dest}: appeared while working; pass --force to overwrite it") from exc
-    except OSError:  # file systems without hard links
-        if dest.exists():
-            raise OutputError(f"{dest}: already exists; pass --force to overwrite it") from None
-        os.replace(src, dest)
-    else:
-        src.unlink()
+@dataclass
+class StagedReport:
+    """A report written next to its destination (or held for a stream), waiting for commit."""
+
+    target: ReportTarget
+    text: str
+    path: Path | None = None
+    _staging: Staging | None = field(default=None, repr=False)
+
+    def discard(self) -> None:
+        """Remove the staged file; safe to call twice."""
+        if self._staging is not None:
+            self._staging.remove()
+            self._staging = None
+
+
+def stage_report(target: ReportTarget, text: str) -> StagedReport:
+    """Write the report into a staging folder beside its destination (streams: keep the text).
+
+    The file gets the usual permissions (0666 less the umask); one that replaces an existing
+    report keeps that file's permissions.
+
+    Raises:
+        OutputError: The write failed (nothing is left behind).
+    """
+    if target.dest is None:
+        return StagedReport(target, text)
+    try:
+        place = Staging(target.dest.parent)
+    except OSError as exc:
+        raise OutputError(f"--report {target.label}: cannot write: {exc.strerror or exc}") from exc
+    path = place.folder / target.dest.name
+    staged_report = StagedReport(target, text, path, place)
+    try:
+        with path.open("x", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        staged_report.discard()
+        raise OutputError(f"--report {target.label}: cannot write: {exc.strerror or exc}") from exc
+    except BaseException:
+        staged_report.discard()
+        raise
+    return staged_report
+
+
+def _write_sink(sink: Sink | None, source: Path | bytes, label: str, stdout: BinaryIO | None) -> None:
+    try:
+        if sink is None or sink.is_stdout:  # through sys.stdout, after what it holds already
+            if stdout is None and callable(flush := getattr(sys.stdout, "flush", None)):
+                flush()  # text already in sys.stdout goes first
+            write_stream(source, stream=stdout if stdout is not None else sys.stdout.buffer)
+        else:
+            write_stream(source, fd=sink.fd, path=sink.path)
+    except OSError as exc:
+        raise OutputError(f"{label}: cannot write: {exc.strerror or exc}") from exc
+
+
+def commit(
+    model: StagedModel | None,
+    report: StagedReport | None,
+    *,
+    stdout: BinaryIO | None = None,
+) -> None:
+    """Put a staged model and a staged report in place, as one unit, then clean up.
+
+    A streamed model is written first; then every file (external data, model, report) is
+    renamed into place under the folder locks with signals held back (see
+    :mod:`modelshrink.staging`): either all of them are in place or none is changed.
+
+    Raises:
+        OutputError: A file that may not be replaced appeared meanwhile, or a write failed.
+    """
+    try:
+        moves: list[Move] = []
+        if model is not None:
+            if model.target.dest is None:
+                _write_sink(model.target.sink, model.path, model.target.label, stdout)
+            else:
+                moves.extend(model.moves())
+        if report is not None and report.path is not None:
+            dest = report.target.dest
+            assert dest is not None
+            moves.append(Move(report.path, dest, report.target.force, f"--report {report.target.label}"))
+        commit_moves(moves, durable=model is None or model.target.durable or model.target.dest is None)
+        if report is not None and report.path is None:
+            _write_sink(report.target.sink, report.text.encode(), f"--report {report.target.label}", stdout)
+    finally:
+        if model is not None:
+            model.discard()
+        if report is not None:
+            report.discard()
 
 
 def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
-    """Write ``model`` into a temporary folder beside the destination (or in the temp dir).
+    """Write ``model`` into a staging folder beside the destination (or in the temp dir).
 
     The model is not modified. External data is written when ``target.external_data`` is
     True, or when it is None and the tensors exceed what one protobuf can hold or the input
     kept its tensors in external data (and the target is a file).
 
     Raises:
-        OutputError: The model needs external data but the target is stdout, or the disk
+        OutputError: The model needs external data but the target is a stream, or the disk
             write failed.
     """
     total = total_tensor_bytes(model)
@@ -679,12 +743,15 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
     if external and target.dest is None:
         raise OutputError(
             f"the result holds {total / 1e9:.1f} GB of tensors and needs an external data file; "
-            "write it with -o FILE instead of -o -"
+            f"write it with -o FILE instead of -o {target.label if target.sink is not None else '-'}"
         )
     parent = target.dest.parent if target.dest is not None else None
     name = target.dest.name if target.dest is not None else "model.onnx"
-    folder = Path(tempfile.mkdtemp(prefix=".modelshrink-", dir=parent))
-    staged = StagedModel(target, folder, folder / name, None)
+    try:
+        place = Staging(parent)
+    except OSError as exc:
+        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
+    staged = StagedModel(target, place.folder, place.folder / name, None, place)
     try:
         copy = model.clone()
         allow_plain_initializers(copy)
@@ -703,8 +770,8 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
                 external_data=data_name,
                 size_threshold_bytes=_EXTERNAL_THRESHOLD_BYTES,
             )
-        if data_name is not None and (folder / data_name).exists():
-            staged.data_path = folder / data_name
+        if data_name is not None and (place.folder / data_name).exists():
+            staged.data_path = place.folder / data_name
     except OSError as exc:
         staged.discard()
         raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
@@ -812,16 +879,3 @@ def model_bytes(model: ir.Model) -> bytes:
     if _has_sparse_marks(copy):
         return _serialized(copy).SerializeToString()
     return ir.serde.serialize_model(copy).SerializeToString()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file (a report) via a temp file and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

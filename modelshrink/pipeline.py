@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ from modelshrink.inputs import Scalar
 from modelshrink.measure import measure_latency, model_stats
 from modelshrink.report import LatencyComparison, Report
 from modelshrink.runtime import RuntimeOptions, Session
+from modelshrink.targets import plan_writes
 from modelshrink.techniques.base import (
     Progress,
     Technique,
@@ -85,6 +87,8 @@ class RunOptions:
     latency_budget_s: float = 3.0
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be a number >= 0, got {self.seed}")
         if self.gates.min_speedup is not None and not self.latency:
             raise ConfigError("--min-speedup needs latency; drop --no-latency")
 
@@ -238,19 +242,32 @@ def compare(
     options: RunOptions,
     *,
     progress: Progress = silent_progress,
+    report: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> Report:
     """The full report between two models on the same feeds.
 
+    Args:
+        original_src: The original model (path or ``-``).
+        candidate_src: The candidate model (path or ``-``).
+        options: Feeds, gates, runtime and latency settings.
+        progress: Progress sink.
+        report: Also write the JSON report to this file (``-`` for stdout).
+        force: Replace an existing report file.
+
     Raises:
         ConfigError: Both models from stdin, or contradictory flags.
+        TargetError: The report path is refused (checked before anything is read).
         ModelshrinkError: Unreadable models/data, or models that cannot be compared.
     """
     if original_src == io.STDIO and candidate_src == io.STDIO:
         raise ConfigError("only one of ORIGINAL and CANDIDATE can be '-' (stdin)")
+    plan_writes(report=report, reads=(*io.files_read(original_src, candidate_src), options.data), force=force)
     timer = _Timer()
     with timer.phase("load"):
         original = io.load_model(original_src)
         candidate = io.load_model(candidate_src)
+    plan = plan_writes(report=report, reads=(*io.files_read(original, candidate), options.data), force=force)
     with timer.phase("feeds"):
         orig_session: Session | None = _original_session(original, options.runtime)
         assert orig_session is not None
@@ -276,7 +293,7 @@ def compare(
             latency = _latency(orig_session, cand_session, feeds, options, progress)
     size_ratio = cand_stats.size_bytes / orig_stats.size_bytes if orig_stats.size_bytes else None
     gates = _gate_results(options, fidelity, size_ratio, latency)
-    return Report(
+    result = Report(
         verdict=_verdict(fidelity, size_ratio, latency, feeds),
         inputs=feeds.inputs,
         probes=feeds.probes,
@@ -291,6 +308,9 @@ def compare(
         settings=options.settings(),
         timings_s=timer.done(),
     )
+    if plan.report is not None:
+        io.commit(None, io.stage_report(plan.report, result.to_json()))
+    return result
 
 
 def run_technique(
@@ -304,22 +324,44 @@ def run_technique(
     force: bool = False,
     external_data: bool | None = None,
     progress: Progress = silent_progress,
+    report: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Run one technique end to end and write the result only if everything passes.
+
+    Every path written (the model, its external data, ``report``) is checked before the model
+    is read, and again once its external data is known; the model and the report are then put
+    in place together at the end (the report also when a gate failed).
 
     Returns:
         The report; ``report.written`` says whether the output was written (it is not when
         a gate failed: the caller turns that into exit code 3).
 
     Raises:
+        TargetError: An output path is refused (exit code 2), before any work.
         ModelshrinkError: Bad input, data, flags or output location; or a candidate that
             fails the checker/onnxruntime (:class:`CandidateError`).
     """
     timer = _Timer()
-    io.check_output_target(output, force=force, external_data=external_data, inputs=(source,))
+    also_read = _files_read(config, options)
+    plan_writes(
+        output=output,
+        report=report,
+        reads=(*io.files_read(source), *also_read),
+        force=force,
+        external_data=external_data,
+    )
     with timer.phase("load"):
         loaded = io.load_model(source)
-    target = io.check_output_target(output, force=force, external_data=external_data, inputs=(loaded,))
+    plan = plan_writes(
+        output=output,
+        report=report,
+        reads=(*io.files_read(loaded), *also_read),
+        force=force,
+        external_data=external_data,
+        input_external=bool(loaded.external_files),
+    )
+    target = plan.output
+    assert target is not None
     with timer.phase("feeds"):
         orig_session: Session | None = _original_session(loaded, options.runtime)
         assert orig_session is not None
@@ -371,34 +413,47 @@ def run_technique(
                 latency = _latency(orig_session, cand_session, feeds, options, progress)
         size_ratio = res_stats.size_bytes / orig_stats.size_bytes if orig_stats.size_bytes else None
         gates = _gate_results(options, fidelity, size_ratio, latency)
-        passed = all(g.passed for g in gates)
-        if passed and result.write:
-            with timer.phase("write"):
-                staged.commit()
+        written = all(g.passed for g in gates) and result.write
+        settings = {"config": _config_dict(config), **options.settings()}
+        outcome = Report(
+            verdict=_verdict(fidelity, size_ratio, latency, feeds, result),
+            inputs=feeds.inputs,
+            probes=feeds.probes,
+            command=command,
+            original=orig_stats,
+            result=res_stats,
+            fidelity=fidelity,
+            latency=latency,
+            latency_skipped=None if options.latency else "--no-latency",
+            changes=result.changed,
+            skipped=result.skipped,
+            notes=result.notes,
+            details=result.details,
+            gates=gates,
+            warnings=feeds.warnings,
+            settings=settings,
+            output=target.label,
+            written=written,
+            timings_s=timer.done(),
+        )
+        # The model (when it passed) and the report go into place as one unit, last.
+        staged_report = io.stage_report(plan.report, outcome.to_json()) if plan.report is not None else None
+        io.commit(staged if written else None, staged_report)
     finally:
         staged.discard()
-    settings = {"config": _config_dict(config), **options.settings()}
-    return Report(
-        verdict=_verdict(fidelity, size_ratio, latency, feeds, result),
-        inputs=feeds.inputs,
-        probes=feeds.probes,
-        command=command,
-        original=orig_stats,
-        result=res_stats,
-        fidelity=fidelity,
-        latency=latency,
-        latency_skipped=None if options.latency else "--no-latency",
-        changes=result.changed,
-        skipped=result.skipped,
-        notes=result.notes,
-        details=result.details,
-        gates=gates,
-        warnings=feeds.warnings,
-        settings=settings,
-        output=target.label,
-        written=passed and result.write,
-        timings_s=timer.done(),
-    )
+    return outcome
+
+
+def _files_read(config: Any, options: RunOptions) -> tuple[str | Path, ...]:
+    """Files a run reads besides its input model: ``--data`` and a teacher's model files."""
+    files: list[str | Path] = [options.data] if options.data is not None else []
+    for holder in (config, getattr(config, "qat", None)):
+        teacher = getattr(holder, "teacher", None)
+        model = getattr(teacher, "model", None)
+        label = getattr(teacher, "label", None)
+        if isinstance(model, ir.Model) and isinstance(label, str):
+            files.extend([label, *io.external_files(model)])
+    return tuple(files)
 
 
 def _verdict(

@@ -183,7 +183,7 @@ def test_data_not_matching_inputs(runner: CliRunner, tmp_path: Path, mlp_path: P
 
 def test_output_folder_missing(runner: CliRunner, tmp_path: Path, mlp_path: Path) -> None:
     result = runner.invoke(toy, ["scale", str(mlp_path), "-o", str(tmp_path / "nope" / "o.onnx")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "does not exist" in _one_line_error(result)
 
 
@@ -191,7 +191,7 @@ def test_output_exists_needs_force(runner: CliRunner, tmp_path: Path, mlp_path: 
     out = tmp_path / "o.onnx"
     out.write_bytes(b"keep")
     result = runner.invoke(toy, ["scale", str(mlp_path), "-o", str(out)])
-    assert result.exit_code == 1 and "--force" in _one_line_error(result)
+    assert result.exit_code == 2 and "--force" in _one_line_error(result)
     assert out.read_bytes() == b"keep"
     result = runner.invoke(toy, ["scale", str(mlp_path), "-o", str(out), "--force", "-q"])
     assert result.exit_code == 0 and out.read_bytes() != b"keep"
@@ -200,7 +200,7 @@ def test_output_exists_needs_force(runner: CliRunner, tmp_path: Path, mlp_path: 
 def test_output_onto_input_refused(runner: CliRunner, mlp_path: Path) -> None:
     before = mlp_path.read_bytes()
     result = runner.invoke(toy, ["scale", str(mlp_path), "-o", str(mlp_path), "--force"])
-    assert result.exit_code == 1 and "input" in _one_line_error(result)
+    assert result.exit_code == 2 and "input" in _one_line_error(result)
     assert mlp_path.read_bytes() == before
 
 
