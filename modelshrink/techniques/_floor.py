@@ -4,19 +4,23 @@ With neither an amount nor a fidelity gate, ``prune`` and ``factorize`` take the
 amount whose result keeps :attr:`TechniqueContext.floor` (top-1 agreement >= 99 % on
 class-like outputs, else cosine >= 0.99). Every candidate costs an onnxruntime session and a
 run over the verification feeds, so instead of a per-layer sensitivity table (levels x layers
-runs) the search walks one-dimensional orders by bisection:
+runs) the search bisects along orders that need no run to build:
 
-1. *Uniform*: a family of whole-model settings in increasing compression (every layer at the
-   same sparsity; every layer keeping the same share of its energy). Bisection finds the last
-   one that keeps the floor: about ``log2(len(family))`` runs.
-2. *Cheapest steps first*: from there, every layer's further steps are ordered by a proxy of
-   the damage they do that costs no run (relative weight error added per element or
-   parameter removed; the lower convex hull of each layer's curve, as in ``--target-ratio``).
-   Bisection finds the longest prefix of that order that keeps the floor; the step that
-   broke it is dropped together with the rest of its layer's steps, and the search goes on
-   along what remains, until the order or the run budget is spent.
+1. *Cheapest steps first*: every layer's steps (more sparsity, a lower rank) ordered by a
+   proxy of the damage they do per unit removed (relative weight error; each layer along the
+   lower convex hull of its curve, as ``--target-ratio`` does). Bisection finds the longest
+   prefix of that order that keeps the floor, over prefixes that each remove at least 1/128
+   more: about 7 runs.
+2. *Uniform*: the whole-model settings (every layer at the same sparsity; every layer keeping
+   the same share of its energy) that would remove more than step 1 reached; bisection finds
+   the last that keeps the floor.
+3. From the better of the two, further rounds along the remaining steps: the step that broke
+   the floor is dropped with the rest of its layer's steps, and prefixes of 1, 2, 4, ...
+   positions are tried first (little is expected to pass by then), until the steps or the run
+   budget are spent.
 
-The result is always a candidate that was run and kept the floor, or nothing at all.
+The result is always a candidate that was run and kept the floor, or nothing at all. With
+the same model, feeds and seed the runs are the same, so the result is byte-identical.
 """
 
 from __future__ import annotations
@@ -89,8 +93,8 @@ class FloorResult:
         total: Units the share removed is counted in.
         evaluations: Candidates run.
         fidelity: The chosen candidate's fidelity (None when nothing kept the floor).
-        uniform: Index into the uniform family reached (-1: none kept the floor).
-        steps: Steps taken beyond the uniform setting.
+        uniform: Index of the last uniform setting that kept the floor (-1: none tried did).
+        steps: Steps taken along the order the result came from.
         trials: One row per run: which phase, the share removed, and whether it kept the floor.
         budget_spent: The run budget ended the search (more might have been found).
     """
@@ -389,8 +393,8 @@ def details(result: FloorResult, floor: Gates, **extra: Any) -> dict[str, Any]:
         **extra,
         "evaluations": result.evaluations,
         "budget_spent": result.budget_spent,
-        "uniform_step": result.uniform,
-        "steps_beyond_uniform": result.steps,
+        "uniform_setting": result.uniform,
+        "steps_taken": result.steps,
         "checked": None
         if fidelity is None
         else {
