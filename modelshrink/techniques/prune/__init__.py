@@ -23,10 +23,11 @@ Modes (``PruneConfig``):
   (:mod:`._search`).
 * **Default** (no ``sparsity``, no ``pattern``, no fidelity gate): the largest sparsity that
   keeps the fidelity floor (``context.floor``), found in a few runs
-  (:mod:`modelshrink.techniques._floor`): the same level on every layer by bisection, then
-  further steps where the weight error they add per weight removed is smallest. With
-  ``structured`` the same over channel shares; with ``scope="global"`` over the one threshold.
-  If no amount keeps the floor, the model is returned unchanged and the notes say so.
+  (:mod:`modelshrink.techniques._floor`): per-layer steps taken where the weight error they
+  add per weight removed is smallest, and the same level on every layer, each by bisection.
+  With ``structured`` the same over channel shares (the proxy: the share of a group's channel
+  importance removed); with ``scope="global"`` a bisection over the one threshold. If no
+  amount keeps the floor, the model is returned unchanged and the notes say so.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ UNSTRUCTURED_CAP = 0.95
 GLOBAL_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 STRUCTURED_LEVELS = (0.0625, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 STRUCTURED_CAP = 0.9
+NOTHING_KEPT = "no sparsity tried keeps the fidelity floor; the model is unchanged"
 
 
 def _wants_search(config: PruneConfig, context: TechniqueContext) -> bool:
@@ -277,6 +279,7 @@ def _unstructured_default(
             outcome = _unstructured.apply_global(targets, grid[floor.assignment[0] - 1])
         else:
             outcome = _unstructured.Outcome()
+            outcome.skipped = [Skip(t.eligible.label, t.eligible.op_type, NOTHING_KEPT) for t in targets]
         outcome.skipped = skipped + outcome.skipped
         return outcome, targets, floor
     build = _builder(model, config, targets)
@@ -301,11 +304,7 @@ def _unstructured_default(
     chosen = as_levels(floor.assignment)
     sparsities = [chosen.get(i, 0.0) for i in range(len(targets))]
     outcome = _unstructured.apply_layer_sparsities(targets, sparsities)
-    why = (
-        "the default search left it whole to keep the fidelity floor"
-        if floor.assignment
-        else "no sparsity tried keeps the fidelity floor; the model is unchanged"
-    )
+    why = "the default search left it whole to keep the fidelity floor" if floor.assignment else NOTHING_KEPT
     outcome.skipped = skipped + [
         Skip(t.eligible.label, t.eligible.op_type, why)
         for t, c in zip(targets, sparsities, strict=True)
