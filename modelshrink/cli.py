@@ -774,7 +774,7 @@ _PRUNE = "Pruning"
 def prune(
     src: InputArg,
     output: OutputOpt,
-    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Fraction to remove (default 0.5): of the weights, or of each channel group with --structured.", rich_help_panel=_PRUNE, show_default=False)] = None,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Fraction to remove: of the weights, or of each channel group with --structured. Default: the largest that keeps the fidelity floor (top-1 agreement >= 99% on class-like outputs, else cosine >= 0.99), searched in a few trial runs; with a fidelity gate, up to 0.5 as the gate allows.", rich_help_panel=_PRUNE, show_default=False)] = None,
     scope: Annotated[str, typer.Option("--scope", help="layer: each tensor loses exactly --sparsity; global: one magnitude threshold over all.", rich_help_panel=_PRUNE)] = "layer",
     pattern: Annotated[str | None, typer.Option("--pattern", help="N:M, e.g. 2:4: at most N non-zeros in every M weights along the input dimension.", rich_help_panel=_PRUNE, show_default=False)] = None,
     structured: Annotated[bool, typer.Option("--structured", help="Remove whole channels / hidden units so tensors shrink (and run faster).", rich_help_panel=_PRUNE)] = False,
@@ -795,6 +795,11 @@ def prune(
 
     Unstructured and N:M sparsity give no speed-up in onnxruntime (dense kernels); they show
     in the zlib-compressed size. --structured makes tensors smaller and faster.
+
+    With no --sparsity or --pattern and no fidelity gate, prune takes the largest sparsity that
+    keeps the fidelity floor (top-1 agreement >= 99% on class-like outputs, else cosine >= 0.99),
+    found in a few trial runs, and the report says what it reached; if none keeps it, the model
+    is left unchanged. An explicit amount is applied exactly as asked.
 
     Example: modelshrink prune model.onnx -o pruned.onnx --sparsity 0.6
     """
@@ -817,8 +822,8 @@ _FACTORIZE = "Factorize"
 def factorize(
     src: InputArg,
     output: OutputOpt,
-    rank_ratio: Annotated[float | None, typer.Option("--rank-ratio", help="Rank r = ratio x min(m, n) per layer.", rich_help_panel=_FACTORIZE, show_default=False)] = None,
-    energy: Annotated[float | None, typer.Option("--energy", help="Smallest rank keeping this share of the squared singular values (default 0.95 when no rule and no fidelity gate is given).", rich_help_panel=_FACTORIZE, show_default=False)] = None,
+    rank_ratio: Annotated[float | None, typer.Option("--rank-ratio", help="Rank r = ratio x min(m, n) per layer (one rule of three; with none and no fidelity gate, the smallest ranks that keep the fidelity floor are searched).", rich_help_panel=_FACTORIZE, show_default=False)] = None,
+    energy: Annotated[float | None, typer.Option("--energy", help="Smallest rank keeping this share of the squared singular values.", rich_help_panel=_FACTORIZE, show_default=False)] = None,
     target_ratio: Annotated[float | None, typer.Option("--target-ratio", help="Model parameters at most this share of the original, ranks spread by least error per parameter saved.", rich_help_panel=_FACTORIZE, show_default=False)] = None,
     rank_multiple: Annotated[int, typer.Option("--rank-multiple", help="Round ranks up to a multiple of this.", rich_help_panel=_FACTORIZE)] = 8,
     min_saving: Annotated[float, typer.Option("--min-saving", help="Factorize a layer only if it saves at least this share of its parameters.", rich_help_panel=_FACTORIZE)] = 0.2,
@@ -851,6 +856,9 @@ def factorize(
     """Replace weight matrices by two thinner low-rank factors (truncated SVD; fitted to real activations with --data).
 
     A fidelity gate without a rank rule makes a sensitivity search pick the per-layer ranks.
+    With neither, factorize takes the smallest ranks that keep the fidelity floor (top-1
+    agreement >= 99% on class-like outputs, else cosine >= 0.99), found in a few trial runs, and
+    the report says what it reached; if none keeps it, the model is left unchanged.
 
     Example: modelshrink factorize model.onnx -o small.onnx --rank-ratio 0.25 --data inputs.npz
     """

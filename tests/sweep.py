@@ -19,8 +19,10 @@ Two variants of each model:
 - ``exercised``: a copy in which initializer-backed graph inputs (the IR 3 way of declaring
   weights) became plain initializers and ``ConstantOfShape`` weights of the ``light`` models
   became real (seeded) initializers, run with ``min_elements=0`` so that every weight is in
-  play. The defaults leave almost every shipped model untouched (their weights are small, or
-  graph inputs, or made at run time), so this variant is the one that finds bugs.
+  play, and with a fixed amount for prune and factorize (sparsity 0.5, energy 0.95: their
+  defaults search the most that keeps the fidelity floor, which may leave weights alone). The
+  defaults leave almost every shipped model untouched (their weights are small, or graph
+  inputs, or made at run time), so this variant is the one that finds bugs.
 """
 
 from __future__ import annotations
@@ -108,20 +110,24 @@ SETTINGS = {
         Setting(
             "prune",
             "prune",
-            lambda ex: PruneConfig(min_elements=0) if ex else PruneConfig(),
+            lambda ex: PruneConfig(sparsity=0.5, min_elements=0) if ex else PruneConfig(),
             None,
         ),
         Setting(
             "prune-structured",
             "prune",
-            lambda ex: PruneConfig(structured=True, min_elements=0) if ex else PruneConfig(structured=True),
+            lambda ex: (
+                PruneConfig(structured=True, sparsity=0.5, min_elements=0)
+                if ex
+                else PruneConfig(structured=True)
+            ),
             None,
             flags=("--structured",),
         ),
         Setting(
             "factorize",
             "factorize",
-            lambda ex: FactorizeConfig(min_elements=0) if ex else FactorizeConfig(),
+            lambda ex: FactorizeConfig(energy=0.95, min_elements=0) if ex else FactorizeConfig(),
             None,
         ),
     )

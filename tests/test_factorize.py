@@ -17,14 +17,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from modelshrink import io
+from modelshrink import api, io
 from modelshrink.cli import app
 from modelshrink.errors import ConfigError
 from modelshrink.feeds import Feeds, load_feeds
-from modelshrink.gates import Gates
-from modelshrink.pipeline import session_for_model
+from modelshrink.gates import FLOOR_AGREEMENT, Gates
+from modelshrink.pipeline import RunOptions, session_for_model
 from modelshrink.runtime import RuntimeOptions, Session
-from modelshrink.techniques import TECHNIQUES
+from modelshrink.techniques import TECHNIQUES, _floor
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
 from modelshrink.techniques.factorize import OP_TYPES, FactorizeConfig, factorize
 from modelshrink.techniques.factorize._activations import conv_patches
@@ -709,3 +709,82 @@ def test_pipeline_through_subprocesses(tmp_path: Path) -> None:
         capture_output=True, check=False, cwd=ROOT,
     )  # fmt: skip
     assert again.stdout == factor.stdout
+
+
+# --- the default: the smallest ranks that keep the fidelity floor ------------------------------
+
+FLOOR_OPTIONS = RunOptions(latency=False, samples=16)
+
+
+def _low_rank_mlp(path: Path) -> Path:
+    """Three MatMuls; the first two are rank 12 plus a little noise, so rank 16 keeps them."""
+    rng = np.random.default_rng(0)
+
+    def weight(rows: int, cols: int, rank: int, noise: float) -> np.ndarray:
+        w = rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, cols)) / np.sqrt(rank * rows)
+        return (w + noise * rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W0"], ["a"], name="fc0"),
+        helper.make_node("Relu", ["a"], ["h"], name="r0"),
+        helper.make_node("MatMul", ["h", "W1"], ["b"], name="fc1"),
+        helper.make_node("Relu", ["b"], ["g"], name="r1"),
+        helper.make_node("MatMul", ["g", "W2"], ["logits"], name="fc2"),
+    ]
+    inits = [
+        models.init("W0", weight(64, 128, 12, 0.02)),
+        models.init("W1", weight(128, 128, 12, 0.02)),
+        models.init("W2", weight(128, 10, 10, 0.0)),
+    ]
+    return models.save(_model(nodes, [_vi("x", ["batch", 64])], [_vi("logits", ["batch", 10])], inits), path)
+
+
+def test_default_keeps_the_floor_where_an_explicit_rank_does_not(tmp_path: Path) -> None:
+    src = _low_rank_mlp(tmp_path / "m.onnx")
+    default = api.factorize(str(src), str(tmp_path / "d.onnx"), FactorizeConfig(), FLOOR_OPTIONS)
+    explicit = api.factorize(
+        str(src), str(tmp_path / "e.onnx"), FactorizeConfig(rank_ratio=0.0625), FLOOR_OPTIONS
+    )
+    # onnxruntime's figures on the same 16 feeds; class-like logits: the floor is agreement
+    assert default.fidelity.top1_agreement is not None and explicit.fidelity.top1_agreement is not None
+    assert default.fidelity.top1_agreement >= FLOOR_AGREEMENT > explicit.fidelity.top1_agreement
+    assert explicit.written and [c.details["rank"] for c in explicit.changes] == [8, 8]
+    assert [c.details["rank"] for c in default.changes] == [16, 16]
+    ratio = default.result.params / default.original.params
+    assert ratio < 0.4
+    search = default.details["default_search"]
+    assert search["floor"] == {"min_agreement": FLOOR_AGREEMENT}
+    assert search["params_kept_ratio"] == pytest.approx(ratio, abs=1e-6)
+    assert 0 < search["evaluations"] <= _floor.DEFAULT_BUDGET
+    assert (
+        default.details["rule"] == "no rank rule and no gate: the smallest ranks that keep the fidelity floor"
+    )
+    note = next(n for n in default.notes if n.startswith("no --rank-ratio, --energy or --target-ratio"))
+    assert f"the model keeps {100 * ratio:.1f}% of its parameters" in note
+    assert "default_search" not in explicit.details
+    again = api.factorize(str(src), str(tmp_path / "again.onnx"), FactorizeConfig(), FLOOR_OPTIONS)
+    assert again.details["default_search"]["trials"] == search["trials"]
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "d.onnx").read_bytes()
+
+
+def test_default_leaves_the_model_unchanged_when_nothing_keeps_the_floor(tmp_path: Path) -> None:
+    # a full-rank random matrix: the largest rank that saves 20 % (24 of 64) loses a third of
+    # its energy, and the output (features, not class scores: the floor is cosine) with it
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    proto = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["features"], name="mm")],
+        [_vi("x", [1, 4, 64])],
+        [_vi("features", [1, 4, 64])],
+        [models.init("W", w)],
+    )
+    src = models.save(proto, tmp_path / "m.onnx")
+    report = api.factorize(str(src), str(tmp_path / "o.onnx"), FactorizeConfig(), FLOOR_OPTIONS)
+    assert not report.changes and report.fidelity.identical and report.written
+    assert report.details["default_search"]["floor"] == {"min_cosine": 0.99}
+    note = next(n for n in report.notes if n.startswith("no --rank-ratio"))
+    assert "so nothing was factorized and the model is unchanged" in note
+    assert "kept dense: no factorization tried keeps the fidelity floor" in report.skipped[0].reason
+    explicit = api.factorize(
+        str(src), str(tmp_path / "e.onnx"), FactorizeConfig(rank_ratio=0.375), FLOOR_OPTIONS
+    )
+    assert explicit.changes and explicit.fidelity.cosine < 0.99

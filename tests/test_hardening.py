@@ -342,7 +342,9 @@ def test_structured_pruning_of_a_constant_weight_keeps_its_type(
     src = models.save(models.every_weight_kind(), tmp_path / "m.onnx")
     out = tmp_path / "p.onnx"
     with caplog.at_level("WARNING", logger="onnx_ir"):
-        report = api.prune(str(src), str(out), PruneConfig(structured=True, min_elements=0), OPTIONS)
+        report = api.prune(
+            str(src), str(out), PruneConfig(structured=True, sparsity=0.5, min_elements=0), OPTIONS
+        )
     assert "mm_const" in {c.node for c in report.changes}
     assert not [r for r in caplog.records if r.name.startswith("onnx_ir")]
     const = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "Constant")

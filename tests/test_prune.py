@@ -15,12 +15,14 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from modelshrink import io
+from modelshrink import api, io
 from modelshrink.cli import app
 from modelshrink.feeds import load_feeds
-from modelshrink.gates import Gates
-from modelshrink.pipeline import session_for_model
+from modelshrink.gates import FLOOR_AGREEMENT, FLOOR_COSINE, Gates
+from modelshrink.pipeline import RunOptions, session_for_model
+from modelshrink.report import Report
 from modelshrink.runtime import RuntimeOptions
+from modelshrink.techniques import _floor
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
 from modelshrink.techniques.prune import PruneConfig, prune
 from modelshrink.verify import Fidelity, Reference
@@ -265,18 +267,18 @@ def test_skip_reasons() -> None:
 
 def test_exclude_matches_op_types_and_weight_names() -> None:
     proto = sample("digits_cnn")
-    by_op = run_prune(proto, PruneConfig(exclude=("Conv",)))
+    by_op = run_prune(proto, PruneConfig(sparsity=0.5, exclude=("Conv",)))
     assert {c.op_type for c in by_op.changed} == {"Gemm"}
-    by_weight = run_prune(proto, PruneConfig(exclude=("fc1.weight",)))
+    by_weight = run_prune(proto, PruneConfig(sparsity=0.5, exclude=("fc1.weight",)))
     assert "fc1" not in {c.node for c in by_weight.changed}
     assert "excluded by --exclude 'fc1.weight'" in _skip_reasons(by_weight)["fc1"]
 
 
 def test_op_types_widen_what_is_pruned() -> None:
     proto = sample("tiny_transformer")
-    default = run_prune(proto, PruneConfig())
+    default = run_prune(proto, PruneConfig(sparsity=0.5))
     assert "tok_emb_gather" not in {c.node for c in default.changed}
-    wider = run_prune(proto, PruneConfig(op_types=("MatMul", "Gemm", "Gather"), min_elements=0))
+    wider = run_prune(proto, PruneConfig(sparsity=0.5, op_types=("MatMul", "Gemm", "Gather"), min_elements=0))
     assert "tok_emb_gather" in {c.node for c in wider.changed}
 
 
@@ -761,7 +763,9 @@ def test_structured_weights_in_constant_nodes() -> None:
 
 def test_structured_skips_with_reasons() -> None:
     # main_mm's output is read inside an If branch, and its weight is shared with it
-    sub = run_prune(models.constant_and_subgraph(), PruneConfig(structured=True, min_elements=0))
+    sub = run_prune(
+        models.constant_and_subgraph(), PruneConfig(structured=True, sparsity=0.5, min_elements=0)
+    )
     assert "inside a subgraph" in _skip_reasons(sub)["main_mm"]
     assert "--structured prunes the main graph only" in _skip_reasons(sub)["then_mm"]
     assert not sub.changed
@@ -776,7 +780,7 @@ def test_structured_skips_with_reasons() -> None:
     )
     z = n.node("Add", [a, b])
     result = run_prune(
-        n.model(n.head(z, 4), ["N", 10], opset=18), PruneConfig(structured=True, min_elements=0)
+        n.model(n.head(z, 4), ["N", 10], opset=18), PruneConfig(structured=True, sparsity=0.5, min_elements=0)
     )
     reasons = _skip_reasons(result)
     assert "grouped Conv (group=4)" in reasons[grouped]
@@ -800,8 +804,8 @@ def test_structured_activation_importance_with_data() -> None:
 
 
 def test_structured_two_runs_identical() -> None:
-    one = run_prune(sample("digits_cnn"), PruneConfig(structured=True, min_elements=0))
-    two = run_prune(sample("digits_cnn"), PruneConfig(structured=True, min_elements=0))
+    one = run_prune(sample("digits_cnn"), PruneConfig(structured=True, sparsity=0.5, min_elements=0))
+    two = run_prune(sample("digits_cnn"), PruneConfig(structured=True, sparsity=0.5, min_elements=0))
     assert io.model_bytes(one.model) == io.model_bytes(two.model)
 
 
@@ -1034,7 +1038,7 @@ def test_structured_blocks_channels_whose_count_is_read_at_run_time() -> None:
     rest = n.name("rest")
     n.inits.append(models.init(rest, np.array([-1], dtype=np.int64)))
     flat = n.node("Reshape", [z, n.node("Concat", [batch, rest], axis=0)])
-    safe = run_prune(n.model(flat, ["N", 1024]), PruneConfig(structured=True, min_elements=0))
+    safe = run_prune(n.model(flat, ["N", 1024]), PruneConfig(structured=True, sparsity=0.5, min_elements=0))
     assert safe.details["channels_removed"] == 8  # the first conv; the second reaches the output
     n = Net(12)
     conv = n.conv("x", 3, 16)
@@ -1044,7 +1048,7 @@ def test_structured_blocks_channels_whose_count_is_read_at_run_time() -> None:
     count = n.node("Gather", [n.node("Shape", [y]), channels])  # the channel count of y
     other = n.node("Reshape", ["x", n.node("Concat", [count, rest_init(n)], axis=0)])
     out = n.node("Add", [n.node("ReduceSum", [y], keepdims=0), n.node("ReduceSum", [other], keepdims=0)])
-    reads = run_prune(n.model(out, []), PruneConfig(structured=True, min_elements=0), samples=1)
+    reads = run_prune(n.model(out, []), PruneConfig(structured=True, sparsity=0.5, min_elements=0), samples=1)
     assert "its channel count is read by Shape" in _skip_reasons(reads)[conv]
     assert not reads.changed
 
@@ -1053,3 +1057,99 @@ def rest_init(n: Net) -> str:
     name = n.name("rest")
     n.inits.append(models.init(name, np.array([-1], dtype=np.int64)))
     return name
+
+
+# --- the default: the largest sparsity that keeps the fidelity floor -------------------------
+
+FLOOR_OPTIONS = RunOptions(latency=False, samples=16)
+
+
+def _default_note(report: Report) -> str:
+    return next(n for n in report.notes if n.startswith("no --sparsity and no gate"))
+
+
+def test_default_keeps_the_floor_where_an_explicit_amount_does_not(tmp_path: Path) -> None:
+    src = models.save(models.mlp(sizes=(64, 128, 128, 10)), tmp_path / "mlp.onnx")
+    default = api.prune(str(src), str(tmp_path / "d.onnx"), PruneConfig(), FLOOR_OPTIONS)
+    explicit = api.prune(str(src), str(tmp_path / "e.onnx"), PruneConfig(sparsity=0.9), FLOOR_OPTIONS)
+    # onnxruntime's figures on the same 16 feeds; class-like logits: the floor is agreement
+    assert default.fidelity.top1_agreement is not None and explicit.fidelity.top1_agreement is not None
+    assert default.fidelity.top1_agreement >= FLOOR_AGREEMENT > explicit.fidelity.top1_agreement
+    assert default.written and explicit.written  # an explicit amount is done as asked
+    search = default.details["default_search"]
+    assert search["floor"] == {"min_agreement": FLOOR_AGREEMENT}
+    assert 0.1 < search["reached"] < 0.9 and 0 < search["evaluations"] <= _floor.DEFAULT_BUDGET
+    assert search["checked"]["top1_agreement"] == default.fidelity.top1_agreement
+    assert default.details["requested_sparsity"] is None
+    written = onnx.load(str(tmp_path / "d.onnx"))
+    zeros = sum(int(np.sum(onnx.numpy_helper.to_array(t) == 0)) for t in written.graph.initializer[::2])
+    assert zeros == default.details["zeros"]
+    assert zeros / default.details["eligible_elements"] == pytest.approx(search["reached"], abs=1e-6)
+    note = _default_note(default)
+    assert "the largest sparsity that keeps the fidelity floor (top-1 agreement >= 99%)" in note
+    assert f"{100 * search['reached']:.1f}% of the eligible weights reached" in note
+    assert "default_search" not in explicit.details
+    assert not any(n.startswith("no --sparsity") for n in explicit.notes)
+    again = api.prune(str(src), str(tmp_path / "again.onnx"), PruneConfig(), FLOOR_OPTIONS)
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "d.onnx").read_bytes()
+    assert again.details["default_search"]["trials"] == search["trials"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [PruneConfig(structured=True, min_elements=0), PruneConfig(scope="global")],
+    ids=["structured", "global"],
+)
+def test_default_structured_and_global_keep_the_floor(tmp_path: Path, config: PruneConfig) -> None:
+    src = models.save(models.mlp(sizes=(64, 128, 128, 10)), tmp_path / "mlp.onnx")
+    report = api.prune(str(src), str(tmp_path / "p.onnx"), config, FLOOR_OPTIONS)
+    assert report.fidelity.top1_agreement is not None and report.fidelity.top1_agreement >= FLOOR_AGREEMENT
+    assert report.changes and report.details["default_search"]["reached"] > 0
+    assert "no --sparsity: the most that keeps the fidelity floor" in report.notes[0]
+    if config.structured:
+        assert report.result.params < report.original.params
+    else:  # one threshold: a grid of 5 % steps
+        assert report.details["default_search"]["reached"] * 20 == pytest.approx(
+            round(report.details["default_search"]["reached"] * 20), abs=1e-3
+        )
+
+
+def _equal_magnitudes(path: Path) -> Path:
+    """``features = x @ W`` with W of +-1 entries: every weight matters as much, so zeroing any
+    5 % of them moves the output by about sqrt(0.05) (cosine ~0.975, under the 0.99 floor)."""
+    w = np.random.default_rng(0).choice([-1.0, 1.0], size=(64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["features"], name="mm")],
+        "flat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 4, 64])],
+        [models.init("W", w)],
+    )
+    return models.save(models._model(graph), path)
+
+
+def test_default_leaves_the_model_unchanged_when_nothing_keeps_the_floor(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    src = _equal_magnitudes(tmp_path / "flat.onnx")
+    out = tmp_path / "p.onnx"
+    result = runner.invoke(app, ["prune", str(src), "-o", str(out), "--json", "--no-latency"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["changes"] == [] and report["fidelity"]["identical"]
+    assert report["details"]["default_search"]["evaluations"] > 0
+    note = next(n for n in report["notes"] if n.startswith("no --sparsity"))
+    assert "so nothing was pruned and the model is unchanged" in note
+    assert "cosine >= 0.99; the least tried, 5.0% of the eligible weights, gives cosine 0.9" in note
+    assert any("no sparsity tried keeps the fidelity floor" in s["reason"] for s in report["skipped"])
+    assert out.exists()
+    # the search was right: the least it tried, asked explicitly, breaks the floor
+    explicit = api.prune(str(src), str(tmp_path / "e.onnx"), PruneConfig(sparsity=0.05), FLOOR_OPTIONS)
+    assert explicit.fidelity.cosine < FLOOR_COSINE
+
+
+def test_no_search_needs_an_amount(runner: CliRunner, tmp_path: Path) -> None:
+    args = ["prune", str(SAMPLES / "digits_mlp.onnx"), "-o", str(tmp_path / "p.onnx"), "--no-search"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--no-search with no --sparsity" in result.stderr
+    assert runner.invoke(app, [*args, "--sparsity", "0.5", "--no-latency", "-q"]).exit_code == 0

@@ -28,12 +28,16 @@ Rank rules (one of): ``rank_ratio`` (``r = ratio · min(m, n)``), ``energy`` (sm
 keeping that share of ``Σ s_i²``), ``target_ratio`` (model parameters ≤ ratio × original,
 distributed greedily by least energy lost per parameter saved), or, when fidelity gates are
 given and no rule is, a sensitivity search for the smallest ranks that pass the gates
-(``_search``). Without any of these, ``energy = 0.95``.
+(``_search``). With neither a rule nor a gate, the smallest ranks that keep the fidelity floor
+(``context.floor``), found in a few runs (``_search.floor_ranks``): the same share of energy
+in every layer by bisection, then further rank steps where they lose the least energy per
+parameter saved. If no factorization keeps the floor, the model is returned unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -45,6 +49,7 @@ import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
 from modelshrink.graph import NameAuthority, op_key, release, weights
+from modelshrink.techniques import _floor
 from modelshrink.techniques.base import Change, Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.factorize._activations import collect_grams
 from modelshrink.techniques.factorize._decompose import Decomposition, decompose
@@ -57,10 +62,9 @@ from modelshrink.techniques.factorize._ranks import (
     rank_for_energy,
     rank_for_ratio,
 )
-from modelshrink.techniques.factorize._search import SearchResult, search_ranks
+from modelshrink.techniques.factorize._search import FLOOR_ENERGIES, SearchResult, floor_ranks, search_ranks
 
 __all__ = [
-    "DEFAULT_ENERGY",
     "DEFAULT_MIN_SAVING",
     "DEFAULT_OP_TYPES",
     "OP_TYPES",
@@ -74,7 +78,6 @@ OP_TYPES = ("Conv", "Gather", "Gemm", "MatMul")
 # Gather is opt-in: a factorized lookup saves parameters but adds a MatMul per token, so it
 # never saves time.
 DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul")
-DEFAULT_ENERGY = 0.95
 DEFAULT_MIN_SAVING = 0.2
 ConvMode = Literal["channel", "spatial"]
 Method = Literal["auto", "svd", "data"]
@@ -144,15 +147,15 @@ class FactorizeConfig:
 
 @dataclass(frozen=True)
 class _Rule:
-    kind: Literal["rank-ratio", "energy", "target-ratio", "search"]
+    kind: Literal["rank-ratio", "energy", "target-ratio", "search", "floor"]
     value: float | None
-    default: bool = False
 
     def describe(self) -> str:
         if self.kind == "search":
             return "sensitivity search against the fidelity gates"
-        text = f"--{self.kind} {self.value:g}"
-        return f"{text} (default)" if self.default else text
+        if self.kind == "floor":
+            return "no rank rule and no gate: the smallest ranks that keep the fidelity floor"
+        return f"--{self.kind} {self.value:g}"
 
 
 def _rule(config: FactorizeConfig, context: TechniqueContext) -> _Rule:
@@ -164,7 +167,7 @@ def _rule(config: FactorizeConfig, context: TechniqueContext) -> _Rule:
         return _Rule("target-ratio", config.target_ratio)
     if context.gates.fidelity_gates:
         return _Rule("search", None)
-    return _Rule("energy", DEFAULT_ENERGY, default=True)
+    return _Rule("floor", None)
 
 
 def _discover(model: ir.Model, config: FactorizeConfig) -> Discovery:
@@ -178,17 +181,29 @@ def _discover(model: ir.Model, config: FactorizeConfig) -> Discovery:
 
 
 def _build(
-    source: ir.Model, config: FactorizeConfig, ranks: Mapping[int, int], decomps: Sequence[Decomposition]
+    source: ir.Model,
+    config: FactorizeConfig,
+    ranks: Mapping[int, int],
+    decomps: Sequence[Decomposition],
+    *,
+    trial: bool = False,
 ) -> tuple[ir.Model, dict[int, list[str]]]:
-    """A clone of ``source`` with group ``i`` factorized at ``ranks[i]``; factor names per group."""
+    """A clone of ``source`` with group ``i`` factorized at ``ranks[i]``; factor names per group.
+
+    ``trial``: a search's candidate, whose factors are computed when it is written out and
+    never held (a candidate of a big model at high ranks held most of the model's size again).
+    """
     model = source.clone()
     groups = _discover(model, config).groups
     names = NameAuthority(model)
     factor_names: dict[int, list[str]] = {}
     for i, group in enumerate(groups):
         if i in ranks:
-            p, q = decomps[i].factors(ranks[i])
-            factor_names[i] = rewrite_group(group, p, q, names)
+            if trial:
+                make = functools.partial(decomps[i].factors, ranks[i])
+                factor_names[i] = rewrite_group(group, (make, ranks[i]), names)
+            else:
+                factor_names[i] = rewrite_group(group, decomps[i].factors(ranks[i]), names)
     return model, factor_names
 
 
@@ -220,13 +235,24 @@ def _usable_rank(rule: _Rule, spectrum: Spectrum, config: FactorizeConfig) -> in
         else:
             r = rank_for_energy(spectrum, rule.value, config.rank_multiple)
         return r if r <= limit else 0
+    if rule.kind == "floor":
+        # ranks keeping more energy than the most the default search tries are never better
+        # than the one keeping that much: the search goes no higher (nor does its memory)
+        top = rank_for_energy(spectrum, FLOOR_ENERGIES[0], config.rank_multiple)
+        return max([r for r in allowed if r <= top], default=min(allowed))
     return max(allowed)  # a budget or a search picks among the allowed ranks
 
 
-def _truncated(d: Decomposition, rank: int) -> Decomposition:
-    """``d`` with the singular vectors up to ``rank`` only (copies, so the rest is freed)."""
+def _truncated(d: Decomposition, rank: int, *, compact: bool = False) -> Decomposition:
+    """``d`` with the singular vectors up to ``rank`` only (copies, so the rest is freed).
+
+    ``compact`` keeps them in float32: the default search holds every layer's vectors up to its
+    largest allowed rank while it tries candidates (in float64 that was 1.6x the model's size
+    for a model of 512 x 2048 layers); factors are stored in the weight's type anyway.
+    """
     # copies (ascontiguousarray would return views of row slices, keeping the full arrays)
-    return dataclasses.replace(d, u=d.u[:, :rank].copy(), vt=d.vt[:rank].copy())
+    dtype = np.float32 if compact else d.u.dtype
+    return dataclasses.replace(d, u=d.u[:, :rank].astype(dtype), vt=d.vt[:rank].astype(dtype))
 
 
 def _method(config: FactorizeConfig, context: TechniqueContext) -> Literal["svd", "data"]:
@@ -261,7 +287,9 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
             # keep only the singular vectors a rank can use: all of them for every group at once
             # took 2 x 8 bytes x n^2 per n x n weight (5.6x the model's size in memory)
             d = decompose(matrix, grams.get(i))
-            decomps.append(_truncated(d, _usable_rank(rule, d.spectrum, config)))
+            decomps.append(
+                _truncated(d, _usable_rank(rule, d.spectrum, config), compact=rule.kind == "floor")
+            )
             del d
         else:
             non_finite.add(i)
@@ -270,7 +298,13 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
         del matrix
         context.progress("decomposing weights", i + 1, len(groups))
     allowed = [
-        [] if i in non_finite else allowed_ranks(d.spectrum, config.rank_multiple, config.min_saving)
+        []
+        if i in non_finite
+        else [
+            r
+            for r in allowed_ranks(d.spectrum, config.rank_multiple, config.min_saving)
+            if rule.kind != "floor" or r <= d.u.shape[1]
+        ]
         for i, d in enumerate(decomps)
     ]
 
@@ -285,6 +319,7 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
             f"weight '{groups[i].weight.name}' has NaN or infinite values, which no factorization holds"
         )
     search: SearchResult | None = None
+    default_details: dict[str, Any] | None = None
     if rule.kind != "search" and context.gates.fidelity_gates:
         notes.append(
             f"ranks follow {rule.describe()}; the fidelity gates are checked on the result but do not "
@@ -327,6 +362,37 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
                     "kept dense: the parameter budget was met by layers losing less energy per "
                     "parameter saved"
                 )
+    elif rule.kind == "floor":
+
+        def build_floor(assignment: Mapping[int, int]) -> ir.Model:
+            return _build(source, config, assignment, decomps, trial=True)[0]
+
+        total = sum(w.size for w in weights(work))
+        ranks, floor = floor_ranks(
+            build_floor,
+            [d.spectrum for d in decomps],
+            allowed,
+            config.rank_multiple,
+            context,
+            total=total,
+            budget=_floor.budget_for(source),
+        )
+        why = (
+            "kept dense by the default search: factorizing it too broke the fidelity floor, or "
+            "cost more error per parameter saved than the layers that were"
+            if floor.assignment
+            else "kept dense: no factorization tried keeps the fidelity floor, so the model is unchanged"
+        )
+        for i in range(len(groups)):
+            if ranks[i] is None and i not in reasons:
+                reasons[i] = why
+        default_details = _floor.details(
+            floor,
+            context.floor,
+            reached=round(floor.achieved, 6),
+            params_kept_ratio=round(1.0 - floor.achieved, 6),
+        )
+        notes.append(_describe_default(floor, context))
     else:
 
         def build(assignment: Mapping[int, int]) -> ir.Model:
@@ -417,6 +483,8 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
         "rank_multiple": config.rank_multiple,
         "layers": layers,
     }
+    if default_details is not None:
+        details["default_search"] = default_details
     if search is not None:
         details["search"] = {
             "evaluations": search.evaluations,
@@ -429,6 +497,27 @@ def factorize(model: ir.Model, config: FactorizeConfig, context: TechniqueContex
             f"{len(chosen_ranks)} of {len(groups)} layers factorized within the gates"
         )
     return TechniqueResult(result_model, tuple(changes), tuple(skipped), notes=tuple(notes), details=details)
+
+
+def _describe_default(found: _floor.FloorResult, context: TechniqueContext) -> str:
+    """The note saying what the default search did, or that nothing kept the floor."""
+    bar = _floor.describe_floor(context.floor)
+    runs = f"{found.evaluations} candidate models run"
+    flags = "no --rank-ratio, --energy or --target-ratio and no gate"
+    if found.assignment:
+        spent = "; the run budget ended the search" if found.budget_spent else ""
+        return (
+            f"{flags}: the smallest ranks that keep the fidelity floor ({bar}) were searched: the "
+            f"model keeps {100 * (1 - found.achieved):.1f}% of its parameters ({runs}{spent}); give a "
+            "rank rule for an exact amount, or a gate (--min-cosine, --min-agreement, --max-error) "
+            "to choose the bar; details.default_search has the runs"
+        )
+    return (
+        f"{flags}: no factorization tried keeps the fidelity floor ({bar}{_floor.least_tried(found, 'of the parameters removed')}), so "
+        f"nothing was factorized and the model is unchanged ({runs}); give a rank rule (e.g. "
+        "--energy 0.99) to factorize anyway (the report then shows the damage), or --data so the floor "
+        "is measured on real inputs"
+    )
 
 
 def _layer_row(

@@ -20,7 +20,7 @@ factor tensors, so sharing is kept; this works whenever every consumer is one of
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -332,12 +332,36 @@ def _factor_tensors(group: Group, p: np.ndarray, q: np.ndarray) -> tuple[np.ndar
     return first, second
 
 
+def _factor_shapes(group: Group, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes :func:`_factor_tensors` gives ``P`` and ``Q`` at ``rank``."""
+    if group.mode == "matrix":
+        return (group.rows, rank), (rank, group.cols)
+    shape = tuple(group.weight.shape)
+    if group.mode == "channel":
+        return (shape[0], rank, *(1,) * (len(shape) - 2)), (rank, *shape[1:])
+    o, i, kh, kw = shape
+    return (rank, i, kh, 1), (o, rank, 1, kw)
+
+
 def _add_constant(
-    group: Group, names: NameAuthority, base: str, array: np.ndarray, dtype: np.dtype
+    group: Group,
+    names: NameAuthority,
+    base: str,
+    array: np.ndarray | tuple[Callable[[], np.ndarray], tuple[int, ...]],
+    dtype: np.dtype,
 ) -> ir.Value:
     weight = group.weight
     name = names.fresh(base)
-    tensor = ir.Tensor(np.ascontiguousarray(array.astype(dtype)), name=name)
+    tensor: ir.TensorProtocol
+    if isinstance(array, tuple):
+        make, shape = array
+
+        def evaluate() -> ir.Tensor:
+            return ir.Tensor(np.ascontiguousarray(make().astype(dtype)))
+
+        tensor = ir.LazyTensor(evaluate, dtype=weight.dtype, shape=ir.Shape(shape), name=name)
+    else:
+        tensor = ir.Tensor(np.ascontiguousarray(array.astype(dtype)), name=name)
     if weight.kind == "initializer":
         value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape)
         weight.graph.register_initializer(value)
@@ -438,11 +462,28 @@ def _spatial_attrs(node: ir.Node, shape: tuple[int, ...]) -> tuple[dict[str, Any
     return first, second
 
 
-def rewrite_group(group: Group, p: np.ndarray, q: np.ndarray, names: NameAuthority) -> list[str]:
-    """Replace the weight by factors ``P`` and ``Q`` in every consumer; return factor names."""
+def rewrite_group(
+    group: Group,
+    factors: tuple[np.ndarray, np.ndarray] | tuple[Callable[[], tuple[np.ndarray, np.ndarray]], int],
+    names: NameAuthority,
+) -> list[str]:
+    """Replace the weight by factors ``P`` and ``Q`` in every consumer; return factor names.
+
+    ``factors`` is ``(P, Q)``, or ``(make, rank)`` for factors computed each time they are read
+    and never held (trial candidates of a search: one tensor of memory at a time when written).
+    """
     weight = group.weight
     dtype = np.dtype(weight.dtype.numpy())  # from the type: reading the data would map it again
-    p_t, q_t = _factor_tensors(group, p, q)
+    first_factor, second_factor = factors
+    if callable(first_factor):
+        assert isinstance(second_factor, int)
+        make = first_factor
+        p_shape, q_shape = _factor_shapes(group, second_factor)
+        p_t: Any = (lambda: _factor_tensors(group, *make())[0], p_shape)
+        q_t: Any = (lambda: _factor_tensors(group, *make())[1], q_shape)
+    else:
+        assert isinstance(second_factor, np.ndarray)
+        p_t, q_t = _factor_tensors(group, first_factor, second_factor)
     p_value = _add_constant(group, names, f"{weight.name}_U", p_t, dtype)
     q_value = _add_constant(group, names, f"{weight.name}_V", q_t, dtype)
     for c in group.consumers:

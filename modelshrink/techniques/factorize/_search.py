@@ -23,11 +23,12 @@ import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
 from modelshrink.gates import Gates
+from modelshrink.techniques import _floor
 from modelshrink.techniques.base import TechniqueContext
-from modelshrink.techniques.factorize._ranks import Spectrum, round_rank
+from modelshrink.techniques.factorize._ranks import Spectrum, rank_for_energy, round_rank
 from modelshrink.verify import Fidelity
 
-__all__ = ["LADDER_FRACTIONS", "SearchResult", "gate_usage", "search_ranks"]
+__all__ = ["FLOOR_ENERGIES", "LADDER_FRACTIONS", "SearchResult", "floor_ranks", "gate_usage", "search_ranks"]
 
 LADDER_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 
@@ -180,3 +181,70 @@ def search_ranks(
             result.ranks[g] = rank
     context.progress("sensitivity search", total, total)
     return result
+
+
+# --- the default: the smallest ranks that keep the fidelity floor ------------------------------
+
+# Energy kept per layer, tried as whole-model settings (bisection), most kept first.
+FLOOR_ENERGIES = (0.9999, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def floor_ranks(
+    build: Build,
+    spectra: Sequence[Spectrum],
+    allowed: Sequence[Sequence[int]],
+    multiple: int,
+    context: TechniqueContext,
+    *,
+    total: int,
+    budget: int = _floor.DEFAULT_BUDGET,
+) -> tuple[list[int | None], _floor.FloorResult]:
+    """The smallest ranks whose model keeps ``context.floor``, in a few runs (see :mod:`_floor`).
+
+    Each layer's states are dense, then its allowed ranks from the largest down; the proxy of a
+    state's damage is the energy it loses (``1 - energy_kept``), and the uniform settings keep
+    the same share of energy in every layer (:data:`FLOOR_ENERGIES`).
+
+    Args:
+        build: Builds the model with layer ``g`` at rank ``ranks[g]``.
+        spectra: Per layer, its spectrum.
+        allowed: Per layer, the ranks it may take (ascending; empty: it stays dense).
+        multiple: ``--rank-multiple``.
+        context: Gives the floor, ``evaluate`` and progress.
+        total: Parameters the share removed is counted in.
+        budget: Most candidates to run.
+
+    Returns:
+        Per layer the rank chosen (None: dense), and how it was found.
+    """
+    states: list[list[int]] = [sorted(a, reverse=True) for a in allowed]
+    ladders = [
+        _floor.Ladder(
+            g,
+            (0, *(s.dense_params - s.params(r) for r in ranks)),
+            (0.0, *(1.0 - s.energy_kept(r) for r in ranks)),
+        )
+        for g, (s, ranks) in enumerate(zip(spectra, states, strict=True))
+        if ranks
+    ]
+
+    def state_for(g: int, energy: float) -> int:
+        want = rank_for_energy(spectra[g], energy, multiple)
+        fits = [i for i, r in enumerate(states[g], start=1) if r >= want]
+        return fits[-1] if fits else 0
+
+    family: list[dict[int, int]] = []
+    for energy in FLOOR_ENERGIES:
+        setting = {lad.key: state_for(lad.key, energy) for lad in ladders}
+        setting = {g: i for g, i in setting.items() if i > 0}
+        if setting and (not family or setting != family[-1]):
+            family.append(setting)
+
+    def ranks_of(assignment: Mapping[int, int]) -> dict[int, int]:
+        return {g: states[g][i - 1] for g, i in assignment.items() if i > 0}
+
+    found = _floor.largest_keeping_floor(
+        ladders, family, lambda a: context.evaluate(build(ranks_of(a))), context, total=total, budget=budget
+    )
+    chosen = ranks_of(found.assignment)
+    return [chosen.get(g) for g in range(len(spectra))], found

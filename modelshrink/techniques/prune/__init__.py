@@ -21,6 +21,13 @@ Modes (``PruneConfig``):
   ``--min-agreement``) a per-layer sensitivity search picks each layer's level so the whole
   model reaches ``sparsity`` (or as much as the gates allow) while keeping the gates
   (:mod:`._search`).
+* **Default** (no ``sparsity``, no ``pattern``, no fidelity gate): the largest sparsity that
+  keeps the fidelity floor (``context.floor``), found in a few runs
+  (:mod:`modelshrink.techniques._floor`): per-layer steps taken where the weight error they
+  add per weight removed is smallest, and the same level on every layer, each by bisection.
+  With ``structured`` the same over channel shares (the proxy: the share of a group's channel
+  importance removed); with ``scope="global"`` a bisection over the one threshold. If no
+  amount keeps the floor, the model is returned unchanged and the notes say so.
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
-from modelshrink.graph import op_key, run_time_weights, weights
+from modelshrink.graph import op_key, release, run_time_weights, weights
+from modelshrink.techniques import _floor
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.prune import _search, _sparse, _structured, _unstructured
 from modelshrink.techniques.prune._common import node_label, set_weight
@@ -47,8 +56,11 @@ logger = logging.getLogger(__name__)
 # Levels the sensitivity search tries (plus the target itself).
 UNSTRUCTURED_LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 UNSTRUCTURED_CAP = 0.95
+# One threshold over all weights (--scope global with no --sparsity): levels tried.
+GLOBAL_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 STRUCTURED_LEVELS = (0.0625, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 STRUCTURED_CAP = 0.9
+NOTHING_KEPT = "no sparsity tried keeps the fidelity floor; the model is unchanged"
 
 
 def _wants_search(config: PruneConfig, context: TechniqueContext) -> bool:
@@ -63,18 +75,32 @@ def _wants_search(config: PruneConfig, context: TechniqueContext) -> bool:
     return wanted
 
 
+def _wants_default(config: PruneConfig, context: TechniqueContext) -> bool:
+    """No amount and no fidelity gate: search the largest amount that keeps the floor."""
+    if config.amount_given or context.gates.fidelity_gates:
+        return False
+    if config.search is False:
+        raise ConfigError(
+            "--no-search with no --sparsity and no fidelity gate leaves nothing to say how much to "
+            "prune; give --sparsity, or drop --no-search (the default prunes the most that keeps "
+            "the fidelity floor)"
+        )
+    return True
+
+
 def prune(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> TechniqueResult:
     """Prune a copy of ``model`` as ``config`` says; the input is never modified."""
     model = model.clone()
     searching = _wants_search(config, context)
+    default = _wants_default(config, context)
     computed = [
         Skip(node_label(n), op_key(n), why)
         for n, why in run_time_weights(model, config.op_types, config.exclude)
     ]
     if config.structured:
-        result = _structured_result(model, config, context, searching)
+        result = _structured_result(model, config, context, searching, default)
     else:
-        result = _unstructured_result(model, config, context, searching)
+        result = _unstructured_result(model, config, context, searching, default)
     named = {s.node for s in result.skipped}
     extra = tuple(s for s in computed if s.node not in named)
     return dataclasses.replace(result, skipped=result.skipped + extra) if extra else result
@@ -84,15 +110,22 @@ def prune(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> Te
 
 
 def _unstructured_result(
-    model: ir.Model, config: PruneConfig, context: TechniqueContext, searching: bool
+    model: ir.Model, config: PruneConfig, context: TechniqueContext, searching: bool, default: bool
 ) -> TechniqueResult:
     mode = f"{config.n_m[0]}:{config.n_m[1]}" if config.n_m else "unstructured"
     search_details: dict[str, Any] | None = None
+    default_details: dict[str, Any] | None = None
     notes: list[str] = []
+    asked = f"asked {100 * config.target_sparsity:.1f}%"
     if searching:
         outcome, targets, found = _unstructured_search(model, config, context)
         search_details = _search_details(found)
         notes.append(_search.describe(found, "eligible weights"))
+    elif default:
+        outcome, targets, floor = _unstructured_default(model, config, context)
+        default_details = _floor.details(floor, context.floor, reached=round(floor.achieved, 6))
+        notes.append(_search.describe_default(floor, context.floor, "sparsity", "of the eligible weights"))
+        asked = "no --sparsity: the most that keeps the fidelity floor"
     else:
         outcome, targets = _unstructured.run(model, config)
     storage = ""
@@ -111,17 +144,16 @@ def _unstructured_result(
         notes.insert(
             0,
             f"{mode}: {100 * outcome.sparsity:.2f}% of {outcome.elements:,} weights in "
-            f"{len(outcome.changed)} pruned tensor(s) are now zero (asked "
-            f"{100 * config.target_sparsity:.1f}%, scope {config.scope})",
+            f"{len(outcome.changed)} pruned tensor(s) are now zero ({asked}, scope {config.scope})",
         )
-    else:
+    elif not default:
         notes.insert(0, f"{mode}: nothing was pruned; see the skipped list")
     notes.append(_unstructured.NO_SPEEDUP_NOTE.format(storage=storage))
     eligible = sum(t.size for t in targets)
     details: dict[str, Any] = {
         "mode": mode,
         "scope": config.scope,
-        "requested_sparsity": config.target_sparsity,
+        "requested_sparsity": None if default else config.target_sparsity,
         "achieved_sparsity": round(outcome.sparsity, 6),
         "eligible_elements": eligible,
         "pruned_elements": outcome.elements,
@@ -130,35 +162,52 @@ def _unstructured_result(
     }
     if search_details is not None:
         details["search"] = search_details
+    if default_details is not None:
+        details["default_search"] = default_details
     return TechniqueResult(model, tuple(outcome.changed), tuple(outcome.skipped), tuple(notes), details)
 
 
-def _unstructured_search(
-    model: ir.Model, config: PruneConfig, context: TechniqueContext
-) -> tuple[_unstructured.Outcome, list[_unstructured.Target], _search.SearchResult]:
-    targets, skipped = _unstructured.find_targets(model, config)
+def _builder(
+    model: ir.Model, config: PruneConfig, targets: list[_unstructured.Target]
+) -> Callable[[dict[int, float]], ir.Model]:
+    """Builds a copy of ``model`` with target ``i`` pruned at ``assignment[i]``."""
     all_weights = weights(model)
     position = {id(w.value): i for i, w in enumerate(all_weights)}
     slots = [position[id(t.eligible.weight.value)] for t in targets]
     n_m = config.n_m
 
     def pruned(i: int, level: float) -> Any:
-        array = targets[i].eligible.weight.numpy()
+        weight = targets[i].eligible.weight
+        array = weight.numpy()
         if n_m is not None:
             view = targets[i].view
             assert view is not None
-            return nm_prune(array, view, *n_m)
-        (mask,) = select_smallest([magnitude(array)], round(level * array.size))
-        return prune_smallest(array, mask)
+            out = nm_prune(array, view, *n_m)
+        else:
+            (mask,) = select_smallest([magnitude(array)], round(level * array.size))
+            out = prune_smallest(array, mask)
+            del mask
+        del array
+        release(weight.tensor)  # the original's pages: read again for the next candidate
+        return out
 
     def build(assignment: dict[int, float]) -> ir.Model:
         candidate = model.clone()
         found = weights(candidate)
         for i, level in assignment.items():
-            if level > 0:
-                set_weight(found[slots[i]], pruned(i, level))
+            if level > 0:  # computed when the candidate is written out, one tensor at a time
+                set_weight(found[slots[i]], functools.partial(pruned, i, level))
         return candidate
 
+    return build
+
+
+def _unstructured_search(
+    model: ir.Model, config: PruneConfig, context: TechniqueContext
+) -> tuple[_unstructured.Outcome, list[_unstructured.Target], _search.SearchResult]:
+    targets, skipped = _unstructured.find_targets(model, config)
+    build = _builder(model, config, targets)
+    n_m = config.n_m
     target = config.target_sparsity
     if n_m is not None:
         levels: tuple[float, ...] = (target,)
@@ -193,6 +242,77 @@ def _elements_removed(size: int, level: float) -> int:
     return round(level * size)
 
 
+def _error_curve(target: _unstructured.Target, levels: tuple[float, ...]) -> tuple[float, ...]:
+    weight = target.eligible.weight
+    curve = _search.magnitude_error(weight.numpy(), levels)
+    release(weight.tensor)
+    return curve
+
+
+def _unstructured_default(
+    model: ir.Model, config: PruneConfig, context: TechniqueContext
+) -> tuple[_unstructured.Outcome, list[_unstructured.Target], _floor.FloorResult]:
+    """The largest sparsity that keeps the floor (per layer, or one threshold with global scope)."""
+    targets, skipped = _unstructured.find_targets(model, config)
+    levels = _search.levels_for(0.0, UNSTRUCTURED_LEVELS, UNSTRUCTURED_CAP)
+    if config.scope == "global":
+        grid = _search.levels_for(0.0, GLOBAL_LEVELS, UNSTRUCTURED_CAP)
+        total = sum(t.size for t in targets)
+        ladders = [_floor.Ladder(0, (0, *(round(s * total) for s in grid)), (0.0, *grid))]
+
+        def evaluate_global(assignment: dict[int, int]) -> Any:
+            candidate = model.clone()
+            found, _ = _unstructured.find_targets(candidate, config)
+            _unstructured.apply_global(found, grid[assignment[0] - 1])
+            return context.evaluate(candidate)
+
+        floor = _floor.largest_keeping_floor(
+            ladders if targets else [],
+            [{0: j} for j in range(1, len(grid) + 1)] if targets else [],
+            evaluate_global,
+            context,
+            total=total,
+            budget=_floor.budget_for(model),
+            steps=False,
+        )
+        if floor.assignment:
+            outcome = _unstructured.apply_global(targets, grid[floor.assignment[0] - 1])
+        else:
+            outcome = _unstructured.Outcome()
+            outcome.skipped = [Skip(t.eligible.label, t.eligible.op_type, NOTHING_KEPT) for t in targets]
+        outcome.skipped = skipped + outcome.skipped
+        return outcome, targets, floor
+    build = _builder(model, config, targets)
+    ladders = [
+        _floor.Ladder(
+            i, (0, *(_elements_removed(t.size, s) for s in levels)), (0.0, *_error_curve(t, levels))
+        )
+        for i, t in enumerate(targets)
+    ]
+
+    def as_levels(assignment: dict[int, int]) -> dict[int, float]:
+        return {i: levels[j - 1] for i, j in assignment.items() if j > 0}
+
+    floor = _floor.largest_keeping_floor(
+        ladders,
+        [dict.fromkeys(range(len(targets)), j) for j in range(1, len(levels) + 1)] if targets else [],
+        lambda a: context.evaluate(build(as_levels(a))),
+        context,
+        total=sum(t.size for t in targets),
+        budget=_floor.budget_for(model),
+    )
+    chosen = as_levels(floor.assignment)
+    sparsities = [chosen.get(i, 0.0) for i in range(len(targets))]
+    outcome = _unstructured.apply_layer_sparsities(targets, sparsities)
+    why = "the default search left it whole to keep the fidelity floor" if floor.assignment else NOTHING_KEPT
+    outcome.skipped = skipped + [
+        Skip(t.eligible.label, t.eligible.op_type, why)
+        for t, c in zip(targets, sparsities, strict=True)
+        if c <= 0
+    ]
+    return outcome, targets, floor
+
+
 def _search_details(found: _search.SearchResult) -> dict[str, Any]:
     fidelity = found.fidelity
     return {
@@ -215,11 +335,18 @@ def _search_details(found: _search.SearchResult) -> dict[str, Any]:
 
 
 def _structured_result(
-    model: ir.Model, config: PruneConfig, context: TechniqueContext, searching: bool
+    model: ir.Model, config: PruneConfig, context: TechniqueContext, searching: bool, default: bool
 ) -> TechniqueResult:
     notes: list[str] = []
     search_details: dict[str, Any] | None = None
-    if searching:
+    default_details: dict[str, Any] | None = None
+    asked = f"asked {100 * config.target_sparsity:.1f}%"
+    if default:
+        the_plan, applied, floor = _structured_default(model, config, context)
+        default_details = _floor.details(floor, context.floor, reached=round(floor.achieved, 6))
+        notes.append(_search.describe_default(floor, context.floor, "sparsity", "of the prunable channels"))
+        asked = "no --sparsity: the most that keeps the fidelity floor"
+    elif searching:
         the_plan = _structured.plan(model, config, context)
         units = [
             _search.Unit(
@@ -251,7 +378,7 @@ def _structured_result(
     notes.insert(
         0,
         f"structured: removed {applied.channels_removed} of {total} channel(s) in {len(prunable)} prunable "
-        f"group(s) (asked {100 * config.target_sparsity:.1f}%, importance {the_plan.importance}); "
+        f"group(s) ({asked}, importance {the_plan.importance}); "
         f"pruned tensors {applied.params_before:,} → {applied.params_after:,} parameters",
     )
     blocked = len(the_plan.groups) - len(prunable)
@@ -259,7 +386,7 @@ def _structured_result(
         notes.append(f"{blocked} channel group(s) left whole; the skipped list says why")
     details: dict[str, Any] = {
         "mode": "structured",
-        "requested_sparsity": config.target_sparsity,
+        "requested_sparsity": None if default else config.target_sparsity,
         "importance": the_plan.importance,
         "channels_removed": applied.channels_removed,
         "channels_prunable": total,
@@ -267,4 +394,41 @@ def _structured_result(
     }
     if search_details is not None:
         details["search"] = search_details
+    if default_details is not None:
+        details["default_search"] = default_details
     return TechniqueResult(model, tuple(applied.changed), tuple(the_plan.skipped), tuple(notes), details)
+
+
+def _structured_default(
+    model: ir.Model, config: PruneConfig, context: TechniqueContext
+) -> tuple[_structured.Plan, _structured.Applied, _floor.FloorResult]:
+    """The largest share of channels whose removal keeps the floor."""
+    the_plan = _structured.plan(model, config, context)
+    levels = _search.levels_for(0.0, STRUCTURED_LEVELS, STRUCTURED_CAP)
+    groups = the_plan.prunable
+    ladders = []
+    for g in groups:
+        removed = [_structured.removed_channels(g.channels, s) for s in levels]
+        assert g.scores is not None
+        ladders.append(_floor.Ladder(g.root, (0, *removed), (0.0, *_search.score_share(g.scores, removed))))
+
+    def as_ratios(assignment: dict[int, int]) -> dict[int, float]:
+        return {root: levels[j - 1] for root, j in assignment.items() if j > 0}
+
+    def evaluate(assignment: dict[int, int]) -> Any:
+        candidate = model.clone()
+        _structured.apply_plan(
+            candidate, _structured.replan(candidate, the_plan, config, context), as_ratios(assignment)
+        )
+        return context.evaluate(candidate)
+
+    floor = _floor.largest_keeping_floor(
+        ladders,
+        [{g.root: j for g in groups} for j in range(1, len(levels) + 1)] if groups else [],
+        evaluate,
+        context,
+        total=sum(g.channels for g in groups),
+        budget=_floor.budget_for(model),
+    )
+    applied = _structured.apply_plan(model, the_plan, as_ratios(floor.assignment))
+    return the_plan, applied, floor

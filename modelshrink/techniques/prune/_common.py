@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,16 +89,37 @@ class Eligible:
         return op_key(self.node)
 
 
-def set_weight(weight: Weight, array: np.ndarray) -> ir.TensorProtocol:
-    """Replace a weight's data in place (initializer or Constant node); returns the new tensor."""
+def set_weight(weight: Weight, array: np.ndarray | Callable[[], np.ndarray]) -> ir.TensorProtocol:
+    """Replace a weight's data in place (initializer or Constant node); returns the new tensor.
+
+    ``array`` may be a function making the array (same shape and dtype): the tensor is then
+    computed each time it is read and never held, so a trial candidate of a big model costs
+    one tensor of memory at a time while it is written out.
+    """
     old = weight.tensor
-    tensor = ir.Tensor(
-        np.ascontiguousarray(array),
-        dtype=old.dtype,
-        name=old.name,
-        doc_string=old.doc_string,
-        metadata_props=dict(old.metadata_props) or None,
-    )
+    tensor: ir.TensorProtocol
+    if callable(array):
+        make = array
+
+        def evaluate() -> ir.Tensor:
+            return ir.Tensor(np.ascontiguousarray(make()), dtype=old.dtype)
+
+        tensor = ir.LazyTensor(
+            evaluate,
+            dtype=old.dtype,
+            shape=ir.Shape(old.shape.numpy()),
+            name=old.name,
+            doc_string=old.doc_string,
+            metadata_props=dict(old.metadata_props) or None,
+        )
+    else:
+        tensor = ir.Tensor(
+            np.ascontiguousarray(array),
+            dtype=old.dtype,
+            name=old.name,
+            doc_string=old.doc_string,
+            metadata_props=dict(old.metadata_props) or None,
+        )
     if weight.kind == "initializer":
         weight.value.const_value = tensor
     else:

@@ -23,8 +23,10 @@ class PruneConfig:
 
     Attributes:
         sparsity: Fraction to remove: of the weights (unstructured), or of the channels of
-            each prunable channel group (``structured``). None means 0.5; with ``pattern``
-            it must stay None (the pattern fixes it at ``1 - N/M``).
+            each prunable channel group (``structured``). None: with a fidelity gate the
+            search aims at 0.5; with no gate, the largest amount that keeps the fidelity floor
+            is searched. With ``pattern`` it must stay None (the pattern fixes it at
+            ``1 - N/M``).
         scope: ``layer`` (each tensor loses exactly ``sparsity`` of its weights) or
             ``global`` (one magnitude threshold across all eligible tensors).
         pattern: ``"N:M"``: at most N non-zeros in every M consecutive weights along the
@@ -38,7 +40,8 @@ class PruneConfig:
         min_elements: Weights with fewer elements are left alone.
         sparse_storage: Store a pruned tensor as an ONNX sparse tensor where smaller.
         search: Per-layer sensitivity search under the fidelity gates; None means "when a
-            fidelity gate (--max-error/--min-cosine/--min-agreement) is given".
+            fidelity gate (--max-error/--min-cosine/--min-agreement) is given". False also
+            turns off the default search, so it needs an amount.
     """
 
     sparsity: float | None = None
@@ -102,8 +105,14 @@ class PruneConfig:
         return n, m
 
     @property
+    def amount_given(self) -> bool:
+        """Whether the user said how much to prune (``sparsity`` or ``pattern``)."""
+        return self.sparsity is not None or self.pattern is not None
+
+    @property
     def target_sparsity(self) -> float:
-        """The fraction to remove: ``sparsity``, ``1 - N/M`` for a pattern, else 0.5."""
+        """The fraction to remove: ``sparsity``, ``1 - N/M`` for a pattern, else 0.5 (what a
+        gate-driven search aims at)."""
         if self.n_m is not None:
             n, m = self.n_m
             return 1.0 - n / m

@@ -23,13 +23,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from modelshrink.gates import Gates
+from modelshrink.techniques import _floor
 from modelshrink.techniques.base import TechniqueContext
+from modelshrink.techniques.prune._magnitude import magnitude
 from modelshrink.verify import Fidelity
 
-__all__ = ["SearchResult", "Unit", "badness", "search"]
+__all__ = ["SearchResult", "Unit", "badness", "describe_default", "magnitude_error", "score_share", "search"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,3 +226,57 @@ def levels_for(target: float, grid: Sequence[float], cap: float) -> tuple[float,
     if 0 < target <= cap:
         values.add(round(target, 6))
     return tuple(sorted(values))
+
+
+# --- the default: the largest amount that keeps the fidelity floor ----------------------------
+
+
+def magnitude_error(array: np.ndarray, levels: Sequence[float]) -> tuple[float, ...]:
+    """Relative squared error ``|W - W_pruned|² / |W|²`` of magnitude pruning at each level.
+
+    The proxy that orders the default search's per-layer steps (no run needed): zeroing the
+    ``k`` smallest ``|w|`` removes exactly their squared sum.
+    """
+    sq = np.sort(np.square(magnitude(array).ravel().astype(np.float64)))
+    cumulative = np.cumsum(sq)
+    total = float(cumulative[-1]) if cumulative.size else 0.0
+    out = []
+    for level in levels:
+        k = round(level * sq.size)
+        if k <= 0 or total <= 0:
+            out.append(0.0)
+        elif not math.isfinite(total):  # NaN/inf weights: no magnitude to go by
+            out.append(float(level))
+        else:
+            out.append(float(min(1.0, cumulative[k - 1] / total)))
+    return tuple(out)
+
+
+def score_share(scores: np.ndarray, channels: Sequence[int]) -> tuple[float, ...]:
+    """Share of a channel group's importance removed with the ``c`` least important channels."""
+    values = np.sort(np.asarray(scores, dtype=np.float64))
+    finite = np.where(np.isfinite(values), values, 0.0)
+    cumulative = np.cumsum(finite)
+    total = float(cumulative[-1]) if cumulative.size else 0.0
+    return tuple(
+        0.0 if c <= 0 or total <= 0 else float(min(1.0, cumulative[c - 1] / total)) for c in channels
+    )
+
+
+def describe_default(result: _floor.FloorResult, floor: Gates, amount: str, unit_word: str) -> str:
+    """The note saying what the default search did, or that nothing kept the floor."""
+    bar = _floor.describe_floor(floor)
+    runs = f"{result.evaluations} candidate models run"
+    if result.assignment:
+        spent = "; the run budget ended the search" if result.budget_spent else ""
+        return (
+            f"no --{amount} and no gate: the largest {amount} that keeps the fidelity floor ({bar}) "
+            f"was searched: {100 * result.achieved:.1f}% {unit_word} reached ({runs}{spent}); "
+            f"give --{amount} for an exact amount, or a gate (--min-cosine, --min-agreement, "
+            "--max-error) to choose the bar; details.default_search has the runs"
+        )
+    return (
+        f"no --{amount} and no gate: no {amount} tried keeps the fidelity floor ({bar}{_floor.least_tried(result, unit_word)}), so "
+        f"nothing was pruned and the model is unchanged ({runs}); give --{amount} to prune anyway "
+        "(the report then shows the damage), or --data so the floor is measured on real inputs"
+    )

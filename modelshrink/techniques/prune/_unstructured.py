@@ -30,7 +30,7 @@ from modelshrink.techniques.prune._magnitude import (
     select_smallest,
 )
 
-__all__ = ["Outcome", "Target", "apply_layer_sparsities", "find_targets", "run"]
+__all__ = ["Outcome", "Target", "apply_global", "apply_layer_sparsities", "apply_nm", "find_targets", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,8 @@ def apply_layer_sparsities(targets: Sequence[Target], sparsities: Sequence[float
     return outcome
 
 
-def _apply_global(targets: Sequence[Target], sparsity: float) -> Outcome:
+def apply_global(targets: Sequence[Target], sparsity: float) -> Outcome:
+    """Zero the ``round(sparsity * N)`` smallest-|w| weights over all targets (one threshold)."""
     arrays = [t.eligible.weight.numpy() for t in targets]
     total = sum(a.size for a in arrays)
     masks = select_smallest([magnitude(a) for a in arrays], round(sparsity * total))
@@ -235,7 +236,7 @@ def run(model: ir.Model, config: PruneConfig) -> tuple[Outcome, list[Target]]:
         n, m = config.n_m
         outcome = apply_nm(targets, n, m)
     elif config.scope == "global":
-        outcome = _apply_global(targets, config.target_sparsity)
+        outcome = apply_global(targets, config.target_sparsity)
     else:
         outcome = apply_layer_sparsities(targets, [config.target_sparsity] * len(targets))
     outcome.skipped = skipped + outcome.skipped
