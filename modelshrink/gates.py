@@ -143,13 +143,17 @@ class Gates:
         return all(r.passed for r in results if r.name in ("max_error", "min_cosine", "min_agreement"))
 
 
-def floor_gates(class_like: Sequence[bool]) -> Gates:
-    """The floor as gates for a model whose outputs are class-like or not (one flag per output).
+def floor_gates(class_like: Sequence[bool], informative: Sequence[bool] | None = None) -> Gates:
+    """The floor as gates, from one flag per output: class-like, and top-1 informative.
 
-    Agreement where some output is class-like, cosine where some is not (``Fidelity.cosine``
-    is the worst over every output, so a model with both is held to both).
+    Agreement where some class-like output's top-1 says something (the original's top-1 takes
+    two classes or more over the rows); cosine where some output is not class-like, or its
+    top-1 is one class on every row (a recogniser reading noise as blank agrees with anything).
+    ``Fidelity.cosine`` is the worst over every output, so a model with both is held to both.
     """
+    telling = list(informative) if informative is not None else list(class_like)
+    judged_by_agreement = [c and t for c, t in zip(class_like, telling, strict=True)]
     return Gates(
-        min_agreement=FLOOR_AGREEMENT if any(class_like) else None,
-        min_cosine=FLOOR_COSINE if not all(class_like) or not class_like else None,
+        min_agreement=FLOOR_AGREEMENT if any(judged_by_agreement) else None,
+        min_cosine=FLOOR_COSINE if not all(judged_by_agreement) or not class_like else None,
     )

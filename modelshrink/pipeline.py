@@ -381,7 +381,7 @@ def run_technique(
         feeds=feeds,
         evaluate=evaluate,
         gates=options.gates,
-        floor=floor_gates(reference.class_like),
+        floor=floor_gates(reference.class_like, reference.top1_informative),
         runtime=options.runtime,
         seed=options.seed,
         progress=progress,

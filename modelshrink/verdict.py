@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from modelshrink.gates import FLOOR_AGREEMENT, FLOOR_COSINE
 from modelshrink.techniques.base import Judged
-from modelshrink.verify import Fidelity
+from modelshrink.verify import Fidelity, OutputFidelity
 
 __all__ = ["SLOWER_MARGIN", "Finding", "Verdict", "judge"]
 
@@ -85,6 +85,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+def _one_class(o: OutputFidelity) -> str:
+    if o.top1_agreement is None:
+        return ""
+    return "; its top-1 is one class on every row, so agreement says nothing there"
+
+
 def _fidelity_findings(fidelity: Fidelity) -> tuple[list[Finding], list[str]]:
     # Synthetic inputs can be far from what a model sees (noise into a text detector): say so.
     on = "" if fidelity.real_data else " (on synthetic inputs)"
@@ -110,18 +116,20 @@ def _fidelity_findings(fidelity: Fidelity) -> tuple[list[Finding], list[str]]:
             )
         )
         return findings, figures
-    agreements = [o.top1_agreement for o in fidelity.outputs if o.top1_agreement is not None]
+    agreements = [
+        o.top1_agreement for o in fidelity.outputs if o.top1_informative and o.top1_agreement is not None
+    ]
     cosines = [
         o.cosine
         for o in fidelity.outputs
-        if o.top1_agreement is None and o.dtype.startswith(("float", "bfloat"))
+        if not o.top1_informative and o.dtype.startswith(("float", "bfloat"))
     ]
     if agreements:
         figures.append(f"top-1 agreement {_pct(min(agreements))}")
     if cosines:
         figures.append(f"cosine {min(cosines):.4f}")
     for o in fidelity.outputs:
-        if o.top1_agreement is not None:
+        if o.top1_informative and o.top1_agreement is not None:
             if o.top1_agreement < FLOOR_AGREEMENT:
                 findings.append(
                     Finding(
@@ -136,7 +144,7 @@ def _fidelity_findings(fidelity: Fidelity) -> tuple[list[Finding], list[str]]:
                     Finding(
                         "fidelity",
                         f"cosine similarity of '{o.name}' is {o.cosine:.4f}, below the "
-                        f"{FLOOR_COSINE:g} floor (SNR {o.snr_db:.1f} dB){on}",
+                        f"{FLOOR_COSINE:g} floor (SNR {o.snr_db:.1f} dB){on}{_one_class(o)}",
                     )
                 )
         elif not o.identical:

@@ -63,6 +63,14 @@ class OutputFidelity:
     nonfinite: int
     reference_nonfinite: int = 0
     varies: bool | None = None
+    reference_classes: int | None = None
+
+    @property
+    def top1_informative(self) -> bool:
+        """Whether top-1 agreement says something: a class-like output whose original's top-1
+        takes at least two classes over the rows compared (a recogniser that reads noise as
+        the blank class on every row agrees 100 % with anything)."""
+        return self.top1_agreement is not None and (self.reference_classes or 0) >= 2
 
     @property
     def judged(self) -> bool:
@@ -221,7 +229,9 @@ class _Accumulator:
             self.agree += int((a == b).sum())
             self.rows += a.size
 
-    def result(self, name: str, shape: tuple[int, ...], dtype: str, varies: bool | None) -> OutputFidelity:
+    def result(
+        self, name: str, shape: tuple[int, ...], dtype: str, varies: bool | None, classes: int | None
+    ) -> OutputFidelity:
         if self.ref2 == 0.0 and self.cand2 == 0.0:
             cosine = 1.0
         elif self.ref2 == 0.0 or self.cand2 == 0.0:
@@ -247,6 +257,7 @@ class _Accumulator:
             nonfinite=self.nonfinite,
             reference_nonfinite=self.reference_nonfinite,
             varies=varies,
+            reference_classes=classes,
         )
 
 
@@ -291,6 +302,15 @@ class Reference:
         self.varies: list[bool | None] = [
             _varies([outs[i] for outs in self.outputs]) for i in range(len(self.output_names))
         ]
+        self.classes: list[int | None] = [
+            _classes([outs[i] for outs in self.outputs]) if class_like else None
+            for i, class_like in enumerate(self.class_like)
+        ]
+
+    @property
+    def top1_informative(self) -> list[bool]:
+        """Per output: class-like, and the original's top-1 takes two classes or more."""
+        return [c is not None and c >= 2 for c in self.classes]
 
     def release_session(self) -> None:
         """Drop the original's session (its outputs are cached); frees its weights' memory."""
@@ -333,8 +353,10 @@ class Reference:
                 on_progress(i + 1, total)
         first = self.outputs[0] if self.outputs else []
         results = tuple(
-            acc.result(name, tuple(int(d) for d in ref.shape), str(ref.dtype), varies)
-            for name, acc, ref, varies in zip(self.output_names, accs, first, self.varies, strict=True)
+            acc.result(name, tuple(int(d) for d in ref.shape), str(ref.dtype), varies, classes)
+            for name, acc, ref, varies, classes in zip(
+                self.output_names, accs, first, self.varies, self.classes, strict=True
+            )
         )
         return Fidelity(results, len(self.feeds.samples), self.feeds.real, self.feeds.source)
 
@@ -350,6 +372,15 @@ def _varies(arrays: Sequence[np.ndarray]) -> bool | None:
         if not np.array_equal(first, other, equal_nan=first.dtype.kind == "f"):
             return True
     return False
+
+
+def _classes(arrays: Sequence[np.ndarray]) -> int:
+    """Distinct top-1 classes (argmax over the last axis) across all rows of all samples."""
+    seen: set[int] = set()
+    for a in arrays:
+        if a.ndim and a.shape[-1]:
+            seen.update(np.unique(np.argmax(a.reshape(-1, a.shape[-1]), axis=-1)).tolist())
+    return len(seen)
 
 
 def _select(feed: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
