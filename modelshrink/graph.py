@@ -19,6 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = [
+    "FLOAT_PROTO_TYPES",
+    "FLOAT_TYPES",
     "PLAIN_INITIALIZERS_IR_VERSION",
     "NameAuthority",
     "Weight",
@@ -36,6 +38,11 @@ __all__ = [
 ]
 
 WeightKind = Literal["initializer", "constant"]
+
+# The floating-point element types, as onnx-ir types and as TensorProto codes (the same numbers).
+# A technique that handles fewer says which and why where it narrows this set.
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+FLOAT_PROTO_TYPES = frozenset(int(t) for t in FLOAT_TYPES)
 
 
 def dtype_name(dtype: ir.DataType) -> str:

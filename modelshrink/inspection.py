@@ -19,7 +19,16 @@ from rich.table import Table
 from rich.text import Text
 
 from modelshrink.feeds import input_specs
-from modelshrink.graph import Weight, all_nodes, dtype_name, in_subgraph, op_histogram, op_key, weights
+from modelshrink.graph import (
+    FLOAT_TYPES,
+    Weight,
+    all_nodes,
+    dtype_name,
+    in_subgraph,
+    op_histogram,
+    op_key,
+    weights,
+)
 from modelshrink.io import LoadedModel
 from modelshrink.report import SCHEMA_VERSION, human_bytes, human_count, jsonable, tool_versions
 from modelshrink.techniques.factorize import DEFAULT_OP_TYPES as FACTORIZE_OP_TYPES
@@ -29,7 +38,6 @@ from modelshrink.techniques.quantize.config import MODE_OPS as QUANTIZE_MODE_OPS
 __all__ = ["InspectReport", "inspect_model", "render_inspect"]
 
 _TOP_WEIGHTS = 10
-_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 # Which weights each technique can act on with its default settings: float weights of at least
 # this many elements consumed only by the op types the technique handles by default.
 _MIN_ELEMENTS = 1024
@@ -107,7 +115,7 @@ def _location(w: Weight, model: ir.Model) -> str:
 
 
 def _eligible(w: Weight, ops: frozenset[str]) -> bool:
-    if w.dtype not in _FLOAT_TYPES or w.size < _MIN_ELEMENTS or w.is_graph_input:
+    if w.dtype not in FLOAT_TYPES or w.size < _MIN_ELEMENTS or w.is_graph_input:
         return False
     consumer_ops = w.consumer_ops()
     return bool(consumer_ops) and all(op in ops for op in consumer_ops)
@@ -151,7 +159,7 @@ def inspect_model(loaded: LoadedModel) -> InspectReport:
     technique_bytes = {
         name: sum(w.nbytes for w in ws if _eligible(w, ops)) for name, ops in _TECHNIQUE_OPS.items()
     }
-    technique_bytes["distill"] = sum(w.nbytes for w in ws if w.dtype in _FLOAT_TYPES and not w.is_graph_input)
+    technique_bytes["distill"] = sum(w.nbytes for w in ws if w.dtype in FLOAT_TYPES and not w.is_graph_input)
     warnings = []
     specs = input_specs(model)
     for spec in specs:

@@ -22,6 +22,7 @@ from test_distill_rules import evaluator, gradient_check
 from modelshrink import io
 from modelshrink.techniques.distill.autodiff import append_gradients
 from modelshrink.techniques.distill.optim import OptimizerSpec
+from modelshrink.techniques.distill.rules import RULES
 from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -96,7 +97,9 @@ def test_float32_gradient_on_onnxruntime_matches_float64(name: str) -> None:
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         for o, s in seeds.items():
             m.graph.input.append(helper.make_tensor_value_info(f"seed__{o}", elem, list(s.shape)))
-        gm, grads, _ = append_gradients(m, wrt=list(params), seeds={o: f"seed__{o}" for o in outs})
+        gm, grads, _ = append_gradients(
+            m, wrt=list(params), seeds={o: f"seed__{o}" for o in outs}, rules=RULES
+        )
         del gm.graph.output[:]
         for p, g in grads.items():
             gm.graph.output.append(helper.make_tensor_value_info(g, elem, list(params[p].shape)))
@@ -152,7 +155,9 @@ def test_optimizer_step_matches_numpy(kind: str) -> None:
     names = [models.loss, models.flat.param_out, *models.flat.state_out]
     out = dict(zip(names, sess.run(names, feed), strict=True))
     # the gradient of the same loss, from the gradient-only graph
-    g_model, grads, _ = append_gradients(_loss_model(models), wrt=list(params), seeds={models.loss: "one"})
+    g_model, grads, _ = append_gradients(
+        _loss_model(models), wrt=list(params), seeds={models.loss: "one"}, rules=RULES
+    )
     for p in params:
         g_model.graph.output.append(
             helper.make_tensor_value_info(grads[p], TensorProto.FLOAT, list(params[p].shape))
@@ -189,7 +194,7 @@ def _loss_model(models) -> onnx.ModelProto:  # type: ignore[no-untyped-def]
 def test_batchnorm_train_mode_gradient_matches_finite_differences() -> None:
     from test_distill_rules import _r, float64_model
 
-    from modelshrink.techniques.distill.autodiff import Builder, TypeInfo
+    from modelshrink.techniques.distill.grad import Builder, TypeInfo
     from modelshrink.techniques.distill.step import _rewrite_bn_train
 
     feeds = {"x": _r(4, 3, 2, 2), "s": _r(3), "b": _r(3)}

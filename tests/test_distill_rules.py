@@ -20,7 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from modelshrink.techniques.distill.autodiff import GradientError, append_gradients
+from modelshrink.techniques.distill.autodiff import append_gradients
+from modelshrink.techniques.distill.grad import GradientError
+from modelshrink.techniques.distill.rules import RULES
 
 # Central differences in float64 with this step are accurate to ~1e-8 relative for smooth
 # functions; the gradient graph itself is exact up to float64 rounding.
@@ -238,7 +240,9 @@ def gradient_check(
         seeded.graph.input.append(
             helper.make_tensor_value_info(f"seed__{o}", TensorProto.DOUBLE, list(s.shape))
         )
-    grad_model, grads, _ = append_gradients(seeded, wrt=wrt, seeds={o: f"seed__{o}" for o in outputs})
+    grad_model, grads, _ = append_gradients(
+        seeded, wrt=wrt, seeds={o: f"seed__{o}" for o in outputs}, rules=RULES
+    )
     names = [g for g in grads.values() if g is not None]
     for w, g in grads.items():
         if g is not None:
@@ -660,7 +664,9 @@ def test_parameter_no_gradient_reaches_is_none() -> None:
     nodes = [helper.make_node("Mul", ["x", "w"], ["y"]), helper.make_node("Neg", ["v"], ["unused"])]
     model = float64_model(nodes, {"x": _r(2, 3), "w": _r(3), "v": _r(3)}, ["y"])
     model.graph.output.pop()  # "unused" is computed but not an output
-    _, grads, _ = append_gradients(_with_seed(model, "y", (2, 3)), wrt=["w", "v"], seeds={"y": "seed__y"})
+    _, grads, _ = append_gradients(
+        _with_seed(model, "y", (2, 3)), wrt=["w", "v"], seeds={"y": "seed__y"}, rules=RULES
+    )
     assert grads["v"] is None and grads["w"] is not None
 
 

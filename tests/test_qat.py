@@ -107,7 +107,9 @@ def _pattern_float64(proto: onnx.ModelProto, fake: FakeQuant) -> onnx.ModelProto
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     one = numpy_helper.from_array(np.asarray(1.0), "seed_one")
     model.graph.initializer.append(one)
-    with_grads, grads, _ = append_gradients(model, wrt=[fake.weight, fake.scale], seeds={"loss": "seed_one"})
+    with_grads, grads, _ = append_gradients(
+        model, wrt=[fake.weight, fake.scale], seeds={"loss": "seed_one"}, rules=RULES
+    )
     for name in (fake.weight, fake.scale):
         with_grads.graph.output.append(helper.make_tensor_value_info(grads[name], TensorProto.DOUBLE, None))
     return with_grads

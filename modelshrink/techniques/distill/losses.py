@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 from onnx import TensorProto
 
-from modelshrink.techniques.distill.autodiff import Builder
+from modelshrink.techniques.distill.grad import Builder
 
 __all__ = ["LossKind", "LossTerms", "emit_loss"]
 

@@ -22,7 +22,7 @@ from typing import Literal
 
 from onnx import TensorProto
 
-from modelshrink.techniques.distill.autodiff import Builder
+from modelshrink.techniques.distill.grad import Builder
 
 __all__ = ["OptimizerKind", "OptimizerSpec", "SlotNames", "emit_update"]
 

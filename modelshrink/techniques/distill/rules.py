@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from modelshrink.techniques.distill.autodiff import Builder, Dim, GradientError, Rule, RuleContext
+from modelshrink.techniques.distill.grad import Builder, Dim, GradientError, Rule, RuleContext
 
 __all__ = ["RULES"]
 

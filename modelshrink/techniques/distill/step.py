@@ -26,12 +26,8 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from modelshrink.graph import weights
-from modelshrink.techniques.distill.autodiff import (
-    Builder,
-    GradientError,
-    TypeInfo,
-    append_gradients,
-)
+from modelshrink.techniques.distill.autodiff import append_gradients
+from modelshrink.techniques.distill.grad import Builder, GradientError, TypeInfo, all_names
 from modelshrink.techniques.distill.losses import LossTerms, emit_loss
 from modelshrink.techniques.distill.optim import OptimizerSpec, SlotNames, emit_update
 from modelshrink.techniques.distill.rules import RULES
@@ -344,16 +340,6 @@ class StepModels:
         return self.flatten({p.name: p.value for p in self.params})
 
 
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names = {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
-    names.update(i.name for i in graph.initializer)
-    for node in graph.node:
-        names.update(node.output)
-        names.update(node.input)
-        names.add(node.name)
-    return names
-
-
 def _producers(proto: onnx.ModelProto) -> dict[str, str]:
     return {out: node.op_type for node in proto.graph.node for out in node.output}
 
@@ -414,7 +400,7 @@ def build_step(
     """
     base = onnx.ModelProto()
     base.CopyFrom(student.proto)
-    base_names = _all_names(base.graph)
+    base_names = all_names(base.graph)
     producers = _producers(base)
     spec = _with_producers(spec, producers)
 
@@ -443,8 +429,8 @@ def build_step(
     one = sb.fresh("seed_one")
     step_model.graph.initializer.append(numpy_helper.from_array(np.asarray(1.0, dtype=np.float32), one))
     wrt = [p.name for p in student.params]
-    grad_model, grads, _ = append_gradients(step_model, wrt=wrt, seeds={loss: one})
-    ob = Builder(_all_names(grad_model.graph), student.opset, "optim")
+    grad_model, grads, _ = append_gradients(step_model, wrt=wrt, seeds={loss: one}, rules=RULES)
+    ob = Builder(all_names(grad_model.graph), student.opset, "optim")
     lr = ob.fresh("lr")
     step_in = ob.fresh("step")
     grad_model.graph.input.append(helper.make_tensor_value_info(lr, TensorProto.FLOAT, []))

@@ -27,7 +27,15 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import NameAuthority, Weight, excluded_by, op_key, run_time_weights, weights
+from modelshrink.graph import (
+    FLOAT_TYPES,
+    NameAuthority,
+    Weight,
+    excluded_by,
+    op_key,
+    run_time_weights,
+    weights,
+)
 
 __all__ = ["Consumer", "Discovery", "Group", "discover", "node_label", "rewrite_group"]
 
@@ -36,7 +44,9 @@ logger = logging.getLogger(__name__)
 Kind = Literal["matmul", "gemm", "gather", "conv"]
 Mode = Literal["matrix", "channel", "spatial"]
 
-FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
+# bfloat16 weights are left alone: numpy has no bfloat16 linear algebra, and factors written
+# back in bfloat16 would lose the precision the SVD spent.
+FACTORIZABLE_TYPES = FLOAT_TYPES - {ir.DataType.BFLOAT16}
 # The operand index that holds the weight, per op type.
 _WEIGHT_INDEX = {"MatMul": 1, "Gemm": 1, "Conv": 1, "Gather": 0}
 # Operands that are never factorized and need no reason: biases and Gather's indices.
@@ -214,7 +224,7 @@ def _weight_skip_reason(weight: Weight, min_elements: int) -> str | None:
         )
     if weight.value.is_graph_output():
         return f"weight '{weight.name}' is also a graph output"
-    if weight.dtype not in FLOAT_TYPES:
+    if weight.dtype not in FACTORIZABLE_TYPES:
         return (
             f"weight '{weight.name}' is {weight.dtype.name.lower()}; only float32/float16/float64 "
             "weights are factorized"

@@ -26,13 +26,13 @@ import numpy as np
 import onnx_ir as ir
 
 from modelshrink.graph import Weight, op_key, weights
+from modelshrink.inputs import Dim
 from modelshrink.techniques.prune._common import FLOAT_TYPES, excluded_by, node_label
 
 __all__ = ["Analysis", "Layout", "Seg", "Spaces", "analyze"]
 
 logger = logging.getLogger(__name__)
 
-Dim = int | str | None
 
 # One output per input element, channel axis unchanged; inputs other than 0 must not carry channels.
 _UNARY = frozenset(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import Weight, excluded_by, op_key
+from modelshrink.graph import FLOAT_TYPES, Weight, excluded_by, op_key
 
 __all__ = [
     "FLOAT_TYPES",
@@ -20,7 +20,6 @@ __all__ = [
     "weight_uses",
 ]
 
-FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 # Which inputs of a known op are weights (the rest are data, biases, shapes...). Ops named in
 # --op-types that are not listed here count every constant float input as a weight.

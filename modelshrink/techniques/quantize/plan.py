@@ -12,13 +12,15 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from modelshrink.graph import Weight, excluded_by, op_key, run_time_weights, weights
+from modelshrink.graph import FLOAT_TYPES, Weight, excluded_by, op_key, run_time_weights, weights
 from modelshrink.techniques.base import Skip
 from modelshrink.techniques.quantize.config import MODE_OPS, QuantizeConfig
 
-__all__ = ["CANDIDATE_OPS", "FLOAT_TYPES", "Plan", "Unit", "Use", "excluded_by", "make_plan"]
+__all__ = ["CANDIDATE_OPS", "QUANTIZABLE_TYPES", "Plan", "Unit", "Use", "excluded_by", "make_plan"]
 
-FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+# float64 weights are left alone: DequantizeLinear has no float64 output before opset 19 and
+# onnxruntime's kernels take float32/float16 scales only.
+QUANTIZABLE_TYPES = FLOAT_TYPES - {ir.DataType.DOUBLE}
 # Ops whose weights some weight-only mode can quantize: a weight read by one of these is a
 # candidate, and the report says what happened to it.
 CANDIDATE_OPS = frozenset(MODE_OPS["int8"])
@@ -199,7 +201,7 @@ def _uses(w: Weight, relevant: list[tuple[ir.Node, int]], config: QuantizeConfig
 
 def _decide(w: Weight, relevant: list[tuple[ir.Node, int]], config: QuantizeConfig) -> list[Use] | str | None:
     """The uses of a weight to quantize, a reason to leave it alone, or None (not a weight)."""
-    if w.dtype not in FLOAT_TYPES:
+    if w.dtype not in QUANTIZABLE_TYPES:
         return "float64 weights are not quantized" if w.dtype == ir.DataType.DOUBLE else None
     if w.size < config.min_elements:
         return f"{w.size} elements, fewer than --min-elements {config.min_elements}"

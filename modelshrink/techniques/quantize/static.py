@@ -41,7 +41,7 @@ from modelshrink.runtime import runs_qdq
 from modelshrink.techniques.base import Change, Skip, TechniqueContext
 from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.opset import raise_opset
-from modelshrink.techniques.quantize.plan import FLOAT_TYPES, excluded_by
+from modelshrink.techniques.quantize.plan import QUANTIZABLE_TYPES, excluded_by
 from modelshrink.techniques.quantize.weightonly import default_opset
 
 __all__ = ["quantize_static_qdq"]
@@ -117,7 +117,7 @@ def _exclusions(model: ir.Model, config: QuantizeConfig) -> tuple[list[str], lis
                 f"'{w.name}' is also read inside an If/Loop/Scan body, which onnxruntime's "
                 "quantize_static does not follow (the body would lose the weight); left in float"
             )
-        elif w is not None and w.const_value is not None and w.const_value.dtype not in FLOAT_TYPES:
+        elif w is not None and w.const_value is not None and w.const_value.dtype not in QUANTIZABLE_TYPES:
             reason = "weight is not float"
         elif w is not None and w.const_value is not None and w.const_value.size < config.min_elements:
             reason = (
