@@ -5,10 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from modelshrink.errors import ConfigError
 
-__all__ = ["FLOOR_AGREEMENT", "FLOOR_COSINE", "GateResult", "Gates", "floor_gates"]
+__all__ = [
+    "FLOOR_AGREEMENT",
+    "FLOOR_COSINE",
+    "FidelityFigures",
+    "GateResult",
+    "Gates",
+    "allowance_used",
+    "floor_gates",
+    "holds",
+]
 
 # The fidelity below which a result is called damaged, whatever the user asked: top-1
 # agreement on outputs that look like class scores, cosine similarity on the others.
@@ -156,4 +166,49 @@ def floor_gates(class_like: Sequence[bool], informative: Sequence[bool] | None =
     return Gates(
         min_agreement=FLOOR_AGREEMENT if any(judged_by_agreement) else None,
         min_cosine=FLOOR_COSINE if not all(judged_by_agreement) or not class_like else None,
+    )
+
+
+class FidelityFigures(Protocol):
+    """The figures fidelity gates judge (``verify.Fidelity`` has them)."""
+
+    @property
+    def max_abs_error(self) -> float: ...
+
+    @property
+    def cosine(self) -> float: ...
+
+    @property
+    def top1_agreement(self) -> float | None: ...
+
+
+def _share(used: float, allowed: float) -> float:
+    if math.isnan(used):
+        return math.inf  # a figure that could not be measured never holds a gate
+    if used <= 0:
+        return 0.0
+    return used / allowed if allowed > 0 else math.inf
+
+
+def allowance_used(fidelity: FidelityFigures, gates: Gates) -> float:
+    """The worst share of any fidelity gate's allowance used: ``<= 1`` means every gate holds.
+
+    ``max|err| / --max-error``, ``(1 - cosine) / (1 - --min-cosine)``, ``(1 - agreement) /
+    (1 - --min-agreement)``. NaN figures (non-finite outputs) count as infinitely bad, and so
+    does any damage against a zero allowance. The one score every sensitivity search ranks by.
+    """
+    terms = [0.0]
+    if gates.max_error is not None:
+        terms.append(_share(fidelity.max_abs_error, gates.max_error))
+    if gates.min_cosine is not None:
+        terms.append(_share(1.0 - fidelity.cosine, 1.0 - gates.min_cosine))
+    if gates.min_agreement is not None and fidelity.top1_agreement is not None:
+        terms.append(_share(1.0 - fidelity.top1_agreement, 1.0 - gates.min_agreement))
+    return max(terms)
+
+
+def holds(fidelity: FidelityFigures, gates: Gates) -> bool:
+    """Whether every fidelity gate holds (NaN and infinite errors never do)."""
+    return gates.passes_fidelity(
+        max_error=fidelity.max_abs_error, cosine=fidelity.cosine, agreement=fidelity.top1_agreement
     )

@@ -12,8 +12,6 @@ import dataclasses
 import gc
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from modelshrink.inputs import Scalar
 from modelshrink.measure import measure_latency, model_stats
 from modelshrink.report import LatencyComparison, Report
 from modelshrink.runtime import RuntimeOptions, Session
+from modelshrink.sessions import session_for_model
 from modelshrink.targets import plan_writes
 from modelshrink.techniques.base import (
     Progress,
@@ -48,7 +47,6 @@ __all__ = [
     "RunOptions",
     "compare",
     "run_technique",
-    "session_for_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -154,31 +152,6 @@ class _Timer:
 def _original_session(loaded: io.LoadedModel, runtime: RuntimeOptions) -> Session:
     source: Path | bytes = loaded.path if loaded.path is not None else (loaded.raw or b"")
     return Session(source, runtime, label=loaded.label)
-
-
-@contextlib.contextmanager
-def _saved_for_runtime(model: ir.Model) -> Iterator[Path | bytes]:
-    # Bigger models go through a file with external data: written tensor by tensor (from
-    # memory-mapped inputs without a copy) and memory-mapped by onnxruntime. As bytes, every
-    # probe and speed check of a 1 GB model serialized it whole in memory: --mode dynamic on
-    # the 1 GB bench model took 22.5 s at a 5.43 GB peak, now 11.9 s at 1.65 GB.
-    if io.total_tensor_bytes(model) < io.SERIALIZE_WHOLE_BYTES:
-        yield io.model_bytes(model)
-        return
-    folder = Path(tempfile.mkdtemp(prefix="modelshrink-eval-"))
-    try:
-        target = io.OutputTarget(folder / "candidate.onnx", force=True, external_data=True)
-        staged = io.stage_model(model, target)
-        staged.commit()
-        yield folder / "candidate.onnx"
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def session_for_model(model: ir.Model, runtime: RuntimeOptions, *, label: str = "candidate") -> Session:
-    """An onnxruntime session for an in-memory model (techniques' trial candidates)."""
-    with _saved_for_runtime(model) as source:
-        return Session(source, runtime, label=label)
 
 
 def _progress_fn(progress: Progress, description: str) -> Any:

@@ -35,7 +35,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from modelshrink.gates import Gates
+from modelshrink.gates import Gates, holds
 from modelshrink.graph import weights
 from modelshrink.io import SERIALIZE_WHOLE_BYTES
 from modelshrink.techniques.base import TechniqueContext
@@ -49,7 +49,6 @@ __all__ = [
     "budget_for",
     "describe_floor",
     "details",
-    "keeps",
     "largest_keeping_floor",
     "least_tried",
 ]
@@ -119,18 +118,6 @@ def budget_for(model: ir.Model) -> int:
     """Runs the default search may spend on ``model`` (fewer when candidates go through files)."""
     size = sum(w.tensor.nbytes for w in weights(model))
     return DEFAULT_BUDGET if size < SERIALIZE_WHOLE_BYTES else BIG_MODEL_BUDGET
-
-
-def keeps(fidelity: Fidelity, floor: Gates) -> bool:
-    """Whether ``fidelity`` keeps ``floor`` (non-finite outputs never do)."""
-    if math.isinf(fidelity.max_abs_error) or math.isnan(fidelity.max_abs_error):
-        return False
-    cosine = fidelity.cosine
-    return floor.passes_fidelity(
-        max_error=fidelity.max_abs_error,
-        cosine=cosine if not math.isnan(cosine) else -1.0,
-        agreement=fidelity.top1_agreement,
-    )
 
 
 def _moves(ladders: Sequence[Ladder], start: Mapping[int, int]) -> list[tuple[int, int]]:
@@ -212,7 +199,7 @@ def largest_keeping_floor(
         result.evaluations += 1
         fidelity = evaluate(assignment)
         gc.collect()  # a candidate graph is full of reference cycles: free its weights now
-        ok = keeps(fidelity, floor)
+        ok = holds(fidelity, floor)
         share = saved(assignment) / total if total else 0.0
         result.trials.append(
             {

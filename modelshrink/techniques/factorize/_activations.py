@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from modelshrink.feeds import Feeds
 from modelshrink.runtime import RuntimeOptions
+from modelshrink.sessions import session_for_model
 from modelshrink.techniques.base import Progress
 from modelshrink.techniques.factorize._decompose import Gram
 from modelshrink.techniques.factorize._layers import Consumer, Group
@@ -114,7 +115,6 @@ def collect_grams(
     Returns:
         ``{group index: Gram}`` and ``{group index: reason plain SVD is used}``.
     """
-    from modelshrink.pipeline import session_for_model  # the pipeline imports techniques
 
     reasons: dict[int, str] = {}
     wanted: dict[int, Group] = {}

@@ -22,13 +22,13 @@ from typing import Any
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
-from modelshrink.gates import Gates
+from modelshrink.gates import Gates, allowance_used
 from modelshrink.techniques import _floor
 from modelshrink.techniques.base import TechniqueContext
 from modelshrink.techniques.factorize._ranks import Spectrum, rank_for_energy, round_rank
 from modelshrink.verify import Fidelity
 
-__all__ = ["FLOOR_ENERGIES", "LADDER_FRACTIONS", "SearchResult", "floor_ranks", "gate_usage", "search_ranks"]
+__all__ = ["FLOOR_ENERGIES", "LADDER_FRACTIONS", "SearchResult", "floor_ranks", "search_ranks"]
 
 LADDER_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4)
 
@@ -56,30 +56,12 @@ class SearchResult:
     refined: int = 0
 
 
-def _ratio(bad: float, allowed: float) -> float:
-    if bad <= 0:
-        return 0.0
-    return math.inf if allowed <= 0 else bad / allowed
-
-
-def gate_usage(fidelity: Fidelity, gates: Gates) -> float:
-    """The worst share of any fidelity gate's allowance used (``<= 1``: the gates hold)."""
-    usage = 0.0
-    if gates.max_error is not None:
-        usage = max(usage, _ratio(fidelity.max_abs_error, gates.max_error))
-    if gates.min_cosine is not None:
-        usage = max(usage, _ratio(1.0 - fidelity.cosine, 1.0 - gates.min_cosine))
-    if gates.min_agreement is not None and fidelity.top1_agreement is not None:
-        usage = max(usage, _ratio(1.0 - fidelity.top1_agreement, 1.0 - gates.min_agreement))
-    return usage
-
-
 def _figures(fidelity: Fidelity, gates: Gates) -> dict[str, Any]:
     return {
         "max_abs_error": fidelity.max_abs_error,
         "cosine": fidelity.cosine,
         "top1_agreement": fidelity.top1_agreement,
-        "gate_usage": gate_usage(fidelity, gates),
+        "gate_usage": allowance_used(fidelity, gates),
     }
 
 

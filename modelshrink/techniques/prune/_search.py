@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.gates import Gates
+from modelshrink.gates import Gates, allowance_used, holds
 from modelshrink.techniques import _floor
 from modelshrink.techniques.base import TechniqueContext
 from modelshrink.techniques.prune._magnitude import magnitude
 from modelshrink.verify import Fidelity
 
-__all__ = ["SearchResult", "Unit", "badness", "describe_default", "magnitude_error", "score_share", "search"]
+__all__ = ["SearchResult", "Unit", "describe_default", "magnitude_error", "score_share", "search"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,34 +73,6 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _ratio(used: float, allowed: float) -> float:
-    if used <= 0:
-        return 0.0
-    return used / allowed if allowed > 0 else math.inf
-
-
-def badness(fidelity: Fidelity, gates: Gates) -> float:
-    """Worst measured-damage / allowed-damage ratio over the fidelity gates (<= 1 passes)."""
-    parts = [0.0]
-    if gates.max_error is not None:
-        parts.append(_ratio(fidelity.max_abs_error, gates.max_error))
-    if gates.min_cosine is not None:
-        parts.append(_ratio(1.0 - fidelity.cosine, 1.0 - gates.min_cosine))
-    if gates.min_agreement is not None and fidelity.top1_agreement is not None:
-        parts.append(_ratio(1.0 - fidelity.top1_agreement, 1.0 - gates.min_agreement))
-    value = max(parts)
-    return value if not math.isnan(value) else math.inf
-
-
-def _passes(fidelity: Fidelity, gates: Gates) -> bool:
-    cosine = fidelity.cosine
-    return gates.passes_fidelity(
-        max_error=fidelity.max_abs_error,
-        cosine=cosine if not math.isnan(cosine) else -1.0,
-        agreement=fidelity.top1_agreement,
-    )
-
-
 def _overall(units: Sequence[Unit], assignment: dict[int, float]) -> float:
     total = sum(u.size for u in units)
     removed = sum(u.removed(assignment.get(u.key, 0.0)) for u in units)
@@ -121,7 +93,7 @@ def search(
         nonlocal evaluations
         evaluations += 1
         fidelity = context.evaluate(build(assignment))
-        return fidelity, badness(fidelity, gates), _passes(fidelity, gates)
+        return fidelity, allowance_used(fidelity, gates), holds(fidelity, gates)
 
     table: list[dict[str, Any]] = []
     steps: list[tuple[float, float, float, int, float]] = []

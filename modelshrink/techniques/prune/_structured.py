@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
 from modelshrink.graph import NameAuthority, op_key, release
+from modelshrink.sessions import session_for_model
 from modelshrink.techniques.base import Change, Skip, TechniqueContext
 from modelshrink.techniques.prune._channels import SOURCE_OPS, Analysis, Dim, analyze
 from modelshrink.techniques.prune._common import node_label, set_weight
@@ -270,7 +271,6 @@ def _activation_scores(
     context: TechniqueContext,
     dtypes: Mapping[str, ir.DataType],
 ) -> dict[int, np.ndarray]:
-    from modelshrink.pipeline import session_for_model  # the pipeline imports techniques
 
     wanted = {g.root: np.zeros(g.channels, dtype=np.float64) for g in groups}
     counts = dict.fromkeys(wanted, 0)

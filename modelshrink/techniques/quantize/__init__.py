@@ -39,8 +39,10 @@ import onnx_ir as ir
 from onnxruntime import __version__ as ort_version
 
 from modelshrink.errors import UnsupportedModelError
+from modelshrink.gates import holds
 from modelshrink.graph import NameAuthority
 from modelshrink.runtime import executes_qdq, runs_qdq
+from modelshrink.sessions import session_for_model
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.bf16 import BF16_NOTES, store_bf16
 from modelshrink.techniques.quantize.config import QatSettings, QuantizeConfig
@@ -54,7 +56,6 @@ from modelshrink.techniques.quantize.search import (
     check_agreement_gate,
     fallback_search,
     format_table,
-    passes,
     score_units,
 )
 from modelshrink.techniques.quantize.static import quantize_static_qdq
@@ -373,7 +374,6 @@ def done_mode(done: TechniqueResult) -> str:
 def _check_speed(original: ir.Model, done: TechniqueResult, context: TechniqueContext) -> TechniqueResult:
     """Time original and result once; say so in a note when the result is slower."""
     from modelshrink.measure import measure_latency
-    from modelshrink.pipeline import session_for_model  # lazy: the pipeline imports techniques
 
     sessions = [
         session_for_model(original, context.runtime, label="original"),
@@ -444,7 +444,7 @@ def _with_fallback(
     """Keep the most damaging layers in float until the fidelity gates pass."""
     full = context.evaluate(result)
     check_agreement_gate(full, context.gates)
-    if passes(full, context.gates):
+    if holds(full, context.gates):
         notes.append("every layer quantized passes the fidelity gates: no layer had to stay in float")
         return TechniqueResult(result, emitted.changes, plan.skipped + emitted.skipped, tuple(notes))
     build = _builder(base, config)

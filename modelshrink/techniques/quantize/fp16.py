@@ -28,6 +28,7 @@ import onnx_ir.passes.common
 
 from modelshrink.graph import NameAuthority, Weight, op_key, weights
 from modelshrink.runtime import RuntimeOptions
+from modelshrink.sessions import session_for_model
 from modelshrink.techniques.base import Change, Skip
 from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.plan import excluded_by
@@ -461,7 +462,6 @@ def activation_peaks(
     Runs a copy of ``model`` with every named node output exposed as a graph output, on each
     sample (values inside If/Loop/Scan bodies are not seen).
     """
-    from modelshrink.pipeline import session_for_model  # the pipeline imports techniques
 
     probe = model.clone()
     present = {v.name for v in probe.graph.outputs}

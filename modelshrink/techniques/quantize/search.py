@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
-from modelshrink.gates import Gates
+from modelshrink.gates import Gates, allowance_used, holds
 from modelshrink.techniques.base import TechniqueContext
 from modelshrink.techniques.quantize.plan import Unit
 from modelshrink.verify import Fidelity
 
-__all__ = ["Scored", "Search", "cost", "fallback_search", "format_table", "passes", "score_units"]
+__all__ = ["Scored", "Search", "check_agreement_gate", "fallback_search", "format_table", "score_units"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,29 +69,6 @@ class Search:
     evaluations: int
 
 
-def passes(fidelity: Fidelity, gates: Gates) -> bool:
-    """Whether the fidelity gates hold."""
-    return gates.passes_fidelity(
-        max_error=fidelity.max_abs_error, cosine=fidelity.cosine, agreement=fidelity.top1_agreement
-    )
-
-
-def cost(fidelity: Fidelity, gates: Gates) -> float:
-    """How much of the gates' allowance a candidate uses (> 1: it fails on its own)."""
-    terms: list[float] = []
-    if gates.max_error is not None:
-        terms.append(fidelity.max_abs_error / gates.max_error if gates.max_error > 0 else math.inf)
-    if gates.min_cosine is not None:
-        room = 1.0 - gates.min_cosine
-        terms.append((1.0 - fidelity.cosine) / room if room > 0 else math.inf * (fidelity.cosine < 1))
-    if gates.min_agreement is not None and fidelity.top1_agreement is not None:
-        room = 1.0 - gates.min_agreement
-        miss = 1.0 - fidelity.top1_agreement
-        terms.append(miss / room if room > 0 else (math.inf if miss > 0 else 0.0))
-    finite = [t if not math.isnan(t) else math.inf for t in terms]
-    return max(finite, default=0.0)
-
-
 def check_agreement_gate(fidelity: Fidelity, gates: Gates) -> None:
     """--min-agreement needs a class-score output (the pipeline says the same, later)."""
     if gates.min_agreement is not None and fidelity.top1_agreement is None:
@@ -108,7 +85,7 @@ def score_units(units: Sequence[Unit], build: Build, context: TechniqueContext) 
     for i, unit in enumerate(units):
         context.progress("sensitivity: one layer at a time", i, total)
         fidelity = context.evaluate(build(frozenset({unit.index})))
-        scored.append(Scored(unit, fidelity, cost(fidelity, context.gates)))
+        scored.append(Scored(unit, fidelity, allowance_used(fidelity, context.gates)))
         logger.info(
             "sensitivity %s: max err %.4g cosine %.6f", unit.layer, fidelity.max_abs_error, fidelity.cosine
         )
@@ -145,12 +122,12 @@ def fallback_search(
 
     if n == 0:
         raise ValueError("nothing to search")
-    if n == 1 or not passes(trial(n - 1), context.gates):
+    if n == 1 or not holds(trial(n - 1), context.gates):
         return Search((), trial(0), False, evaluations)
     lo, hi = 0, n - 1  # trial(lo) fails, trial(hi) passes
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if passes(trial(mid), context.gates):
+        if holds(trial(mid), context.gates):
             hi = mid
         else:
             lo = mid
