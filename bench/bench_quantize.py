@@ -155,9 +155,7 @@ def _run_python_rss(code: str) -> Run:
 
 
 def _cli_rss(*args: str) -> Run:
-    code = (
-        f"import sys; sys.argv = ['modelshrink', *{list(args)!r}]; from modelshrink.cli import main; main()"
-    )
+    code = f"import sys; sys.argv = ['modelshrink', *{list(args)!r}]; from modelshrink._entry import main; main()"
     return _run_python_rss(code)
 
 

@@ -1,13 +1,19 @@
-"""Spine figures: inspect on a ~3 GB external-data model; compare of a model with itself."""
+"""Spine figures: start-up of the command line, inspect on a ~3 GB external-data model, and
+compare of a model with itself."""
 
 from __future__ import annotations
 
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import big_external_model, mlp_model, run_cli, run_cli_rss
 
+HELP_RATIO = 3.0
 INSPECT_SECONDS = 5.0
 INSPECT_RSS_MB = 500.0
 SELF_LATENCY_TOLERANCE = 0.05
@@ -50,10 +56,34 @@ def bench_compare_self(tmp: Path) -> bool:
     return ok
 
 
+def _wall(cmd: list[str], repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_help_startup() -> bool:
+    """`modelshrink --help` against the floor of any Typer CLI: importing typer and rich."""
+    baseline = _wall([sys.executable, "-c", "import typer, rich"])
+    results = {}
+    for args in (["--help"], ["quantize", "--help"], ["--version"]):
+        results[" ".join(args)] = _wall([sys.executable, "-m", "modelshrink", *args])
+    worst = max(results.values()) / baseline
+    for name, seconds in results.items():
+        print(f"modelshrink {name}: {seconds * 1000:.0f} ms = {seconds / baseline:.2f}x `import typer, rich`")
+    print(
+        f"python -c 'import typer, rich': {baseline * 1000:.0f} ms (median of 7); target <= {HELP_RATIO:g}x"
+    )
+    return worst <= HELP_RATIO
+
+
 def run() -> bool:
     tmp = Path(tempfile.mkdtemp(prefix="modelshrink-bench-"))
     try:
-        results = [bench_compare_self(tmp), bench_inspect_big(tmp)]
+        results = [bench_help_startup(), bench_compare_self(tmp), bench_inspect_big(tmp)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return all(results)

@@ -12,40 +12,29 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from modelshrink._version import __version__
 
 if TYPE_CHECKING:
-    from modelshrink.api import (
-        compare,
-        distill,
-        distill_config,
-        factorize,
-        inspect,
-        prune,
-        qat_settings,
-        quantize,
-    )
+    from modelshrink.api import compare, distill, factorize, inspect, prune, quantize, run
     from modelshrink.errors import ModelshrinkError
     from modelshrink.gates import Gates
-    from modelshrink.pipeline import RunOptions
+    from modelshrink.options import RunOptions, RuntimeOptions
     from modelshrink.report import Report
-    from modelshrink.runtime import RuntimeOptions
     from modelshrink.techniques import DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
 
 _HOMES = {
     "compare": "modelshrink.api",
     "distill": "modelshrink.api",
-    "distill_config": "modelshrink.api",
     "factorize": "modelshrink.api",
     "inspect": "modelshrink.api",
     "prune": "modelshrink.api",
-    "qat_settings": "modelshrink.api",
+    "run": "modelshrink.api",
     "quantize": "modelshrink.api",
     "ModelshrinkError": "modelshrink.errors",
     "Gates": "modelshrink.gates",
-    "RunOptions": "modelshrink.pipeline",
+    "RunOptions": "modelshrink.options",
     "Report": "modelshrink.report",
-    "RuntimeOptions": "modelshrink.runtime",
+    "RuntimeOptions": "modelshrink.options",
     "DistillConfig": "modelshrink.techniques",
     "FactorizeConfig": "modelshrink.techniques",
     "PruneConfig": "modelshrink.techniques",
@@ -75,10 +64,9 @@ __all__ = [
     "__version__",
     "compare",
     "distill",
-    "distill_config",
     "factorize",
     "inspect",
     "prune",
-    "qat_settings",
     "quantize",
+    "run",
 ]

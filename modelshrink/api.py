@@ -1,9 +1,15 @@
-"""The Python API: the same jobs as the CLI, without argv, terminals or exit codes.
+"""The Python API, and the one front door: every command, CLI or not, runs through here.
 
     from modelshrink import quantize, QuantizeConfig, RunOptions
     report = quantize("model.onnx", "model.int8.onnx", QuantizeConfig(mode="int8"),
                       RunOptions(data="inputs.npz", latency=False))
     print(report.passed, report.ratios()["size"])
+
+:func:`run` runs any registered technique by name (the CLI calls it for every compression
+command); :func:`quantize`, :func:`prune`, :func:`factorize` and :func:`distill` are the same
+with their config's type spelled out, and ``modelshrink.api.<name>`` exists for every technique
+in the registry. Files a config names (a teacher, the training rows of ``--data``) are loaded
+here, after every output path was checked and before the run.
 
 Every function returns the :class:`~modelshrink.report.Report` (``report.written`` says
 whether the output was written: not when a gate failed) and raises
@@ -12,53 +18,92 @@ whether the output was written: not when a gate failed) and raises
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from modelshrink import io
 from modelshrink.errors import ConfigError
-from modelshrink.feeds import load_feeds
 from modelshrink.inspection import InspectReport, inspect_model
-from modelshrink.pipeline import RunOptions, run_technique
-from modelshrink.pipeline import compare as _compare
+from modelshrink.io import plan_writes
+from modelshrink.options import RunOptions
 from modelshrink.report import Report
-from modelshrink.targets import plan_writes
 from modelshrink.techniques import TECHNIQUES, DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
 from modelshrink.techniques.base import Progress, silent_progress
-from modelshrink.techniques.distill import Teacher, read_labels, training_data_from_feeds
-from modelshrink.techniques.quantize import QatSettings
+from modelshrink.techniques.spec import TechniqueSpec
 
-__all__ = [
-    "compare",
-    "distill",
-    "distill_config",
-    "factorize",
-    "inspect",
-    "prune",
-    "qat_settings",
-    "quantize",
-]
+__all__ = ["RunFunction", "compare", "distill", "factorize", "inspect", "prune", "quantize", "run"]
+
+PathLike = str | os.PathLike[str]
 
 
-def _run(
-    name: str,
-    config: Any,
+def _spec(name: str | TechniqueSpec) -> TechniqueSpec:
+    if not isinstance(name, str):
+        return name
+    spec = TECHNIQUES.get(name)
+    if spec is None:
+        raise ConfigError(f"no technique named '{name}' (there are: {', '.join(TECHNIQUES)})")
+    return spec
+
+
+def run(
+    name: str | TechniqueSpec,
     src: str,
     output: str,
-    options: RunOptions | None,
-    force: bool,
-    external_data: bool | None,
-    progress: Progress,
-    report: str | os.PathLike[str] | None,
+    config: Any = None,
+    options: RunOptions | None = None,
+    *,
+    force: bool = False,
+    external_data: bool | None = None,
+    progress: Progress = silent_progress,
+    report: PathLike | None = None,
 ) -> Report:
+    """Run technique ``name`` on ``src`` and write ``output`` if every check and gate passes.
+
+    Args:
+        name: A key of :data:`modelshrink.techniques.TECHNIQUES` (``quantize``, ``prune``, ...),
+            or a technique's spec (one not in the registry, e.g. a plug-in or a test's).
+        src: The input model path, or ``-`` for stdin.
+        output: The output path, or ``-`` for stdout.
+        config: The technique's config (None: its defaults, where it has them).
+        options: Data, gates, runtime and latency (:class:`RunOptions`).
+        force: Replace existing output files.
+        external_data: Write tensors to ``OUTPUT.data`` (None: like the input, or when needed).
+        progress: Progress sink.
+        report: Also write the JSON report to this file (``-`` for stdout).
+
+    Raises:
+        ConfigError: An unknown technique, a config of another type, contradictory flags.
+        TargetError: An output path is refused (before any work).
+        ModelshrinkError: Bad input, data or model.
+    """
+    spec = _spec(name)
+    if config is None:
+        config = spec.config()
+    if not isinstance(config, spec.config):
+        raise ConfigError(f"{spec.name} takes a {spec.config.__name__}, got {type(config).__name__}")
+    from modelshrink.pipeline import run_technique  # onnxruntime: not loaded for inspect
+
+    options = options or RunOptions()
+    prepare = spec.preparer()
+    if prepare is not None:
+        # Loading a teacher or --data takes time: every path written is checked first.
+        plan_writes(
+            output=output,
+            report=report,
+            reads=(*io.files_read(src), options.data),
+            force=force,
+            external_data=external_data,
+        )
+        config = prepare(config, src, options)
     return run_technique(
-        name,
-        TECHNIQUES[name],
+        spec.name,
+        spec.technique(),
         config,
         src,
         output,
-        options or RunOptions(),
+        options,
         force=force,
         external_data=external_data,
         progress=progress,
@@ -66,150 +111,37 @@ def _run(
     )
 
 
-def quantize(
-    src: str,
-    output: str,
-    config: QuantizeConfig | None = None,
-    options: RunOptions | None = None,
-    *,
-    force: bool = False,
-    external_data: bool | None = None,
-    progress: Progress = silent_progress,
-    report: str | os.PathLike[str] | None = None,
-) -> Report:
-    """``modelshrink quantize``: see :class:`QuantizeConfig`."""
-    return _run(
-        "quantize", config or QuantizeConfig(), src, output, options, force, external_data, progress, report
-    )
+C = TypeVar("C", contravariant=True)
 
 
-def qat_settings(
-    src: str,
-    data: str | None,
-    *,
-    teacher: str | None = None,
-    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    **training: Any,
-) -> QatSettings:
-    """Load the teacher and every row of ``data`` into :class:`QatSettings` for ``--qat``.
+class RunFunction(Protocol[C]):
+    """:func:`run` bound to one technique, with that technique's config type."""
 
-    ``data`` is read against the teacher's inputs, or the model's (``src``) when no teacher is
-    given (then the input model is its own teacher). ``training`` are the other QatSettings
-    fields (``epochs``, ``lr``, ``batch_size``).
-
-    Raises:
-        ConfigError: No data, or the model on stdin without a teacher.
-    """
-    if data is None:
-        raise ConfigError(
-            "--qat needs --data: the quantized model is trained to copy the float model on these "
-            "inputs, so they must be representative of what the model will see"
-        )
-    if teacher == io.STDIO:
-        raise ConfigError("--teacher must be a path (stdin is for the model, if anything)")
-    if teacher is None and src == io.STDIO:
-        raise ConfigError(
-            "--qat with the model on stdin needs --teacher PATH (the float model to copy): stdin "
-            "cannot be read twice"
-        )
-    loaded = io.load_model(teacher if teacher is not None else src)
-    feeds = load_feeds(loaded.model, data=data, input_shapes=input_shapes, samples=1 << 62)
-    return QatSettings(
-        data=training_data_from_feeds(feeds),
-        teacher=Teacher(loaded.model, loaded.label) if teacher is not None else None,
-        **training,
-    )
+    def __call__(
+        self,
+        src: str,
+        output: str,
+        config: C | None = None,
+        options: RunOptions | None = None,
+        *,
+        force: bool = False,
+        external_data: bool | None = None,
+        progress: Progress = silent_progress,
+        report: PathLike | None = None,
+    ) -> Report: ...
 
 
-def prune(
-    src: str,
-    output: str,
-    config: PruneConfig | None = None,
-    options: RunOptions | None = None,
-    *,
-    force: bool = False,
-    external_data: bool | None = None,
-    progress: Progress = silent_progress,
-    report: str | os.PathLike[str] | None = None,
-) -> Report:
-    """``modelshrink prune``: see :class:`PruneConfig`."""
-    return _run(
-        "prune", config or PruneConfig(), src, output, options, force, external_data, progress, report
-    )
+def _bound(name: str, config: type[C]) -> RunFunction[C]:
+    bound = functools.partial(run, name)
+    functools.update_wrapper(bound, run)
+    bound.__doc__ = f"``modelshrink {name}``: :func:`run` with a :class:`{config.__name__}` (see its fields)."
+    return bound
 
 
-def factorize(
-    src: str,
-    output: str,
-    config: FactorizeConfig | None = None,
-    options: RunOptions | None = None,
-    *,
-    force: bool = False,
-    external_data: bool | None = None,
-    progress: Progress = silent_progress,
-    report: str | os.PathLike[str] | None = None,
-) -> Report:
-    """``modelshrink factorize``: see :class:`FactorizeConfig`."""
-    return _run(
-        "factorize", config or FactorizeConfig(), src, output, options, force, external_data, progress, report
-    )
-
-
-def distill_config(
-    teacher: str,
-    data: str | None,
-    *,
-    labels: str | None = None,
-    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    matches: Sequence[str] = (),
-    **settings: Any,
-) -> DistillConfig:
-    """Load the teacher and all training rows of ``data`` into a :class:`DistillConfig`.
-
-    ``settings`` are the remaining DistillConfig fields (``epochs``, ``lr``, ``loss``, ...);
-    ``matches`` are ``STUDENT_TENSOR=TEACHER_TENSOR`` strings.
-
-    Raises:
-        ConfigError: No data, the teacher from stdin, or a malformed match.
-    """
-    if data is None:
-        raise ConfigError(
-            "distill needs --data: the student learns to copy the teacher on these inputs, so "
-            "they must be representative of what the model will see; random inputs would "
-            "teach it nothing useful"
-        )
-    if teacher == io.STDIO:
-        raise ConfigError("--teacher must be a path (stdin is for the student, if anything)")
-    loaded = io.load_model(teacher)
-    feeds = load_feeds(loaded.model, data=data, input_shapes=input_shapes, samples=1 << 62)
-    label_array = read_labels(data, labels) if labels else None
-    pairs = []
-    for item in matches:
-        student_tensor, sep, teacher_tensor = item.partition("=")
-        if not sep or not student_tensor or not teacher_tensor:
-            raise ConfigError(f"--match '{item}': expected STUDENT_TENSOR=TEACHER_TENSOR")
-        pairs.append((student_tensor, teacher_tensor))
-    return DistillConfig(
-        teacher=Teacher(loaded.model, loaded.label),
-        data=training_data_from_feeds(feeds, labels=label_array, labels_name=labels),
-        matches=tuple(pairs),
-        **settings,
-    )
-
-
-def distill(
-    src: str,
-    output: str,
-    config: DistillConfig,
-    options: RunOptions | None = None,
-    *,
-    force: bool = False,
-    external_data: bool | None = None,
-    progress: Progress = silent_progress,
-    report: str | os.PathLike[str] | None = None,
-) -> Report:
-    """``modelshrink distill``: build ``config`` with :func:`distill_config`."""
-    return _run("distill", config, src, output, options, force, external_data, progress, report)
+quantize = _bound("quantize", QuantizeConfig)  # --qat loads options.data and config.teacher
+prune = _bound("prune", PruneConfig)
+factorize = _bound("factorize", FactorizeConfig)
+distill = _bound("distill", DistillConfig)  # config.teacher is a path; options.data the training rows
 
 
 def compare(
@@ -217,16 +149,19 @@ def compare(
     candidate: str,
     options: RunOptions | None = None,
     *,
-    report: str | os.PathLike[str] | None = None,
+    progress: Progress = silent_progress,
+    report: PathLike | None = None,
     force: bool = False,
 ) -> Report:
     """``modelshrink compare``; ``report`` also writes the JSON report there."""
-    return _compare(original, candidate, options or RunOptions(), report=report, force=force)
+    from modelshrink.pipeline import compare as _compare  # onnxruntime: not loaded for inspect
+
+    return _compare(
+        original, candidate, options or RunOptions(), progress=progress, report=report, force=force
+    )
 
 
-def inspect(
-    model: str, *, report: str | os.PathLike[str] | None = None, force: bool = False
-) -> InspectReport:
+def inspect(model: str, *, report: PathLike | None = None, force: bool = False) -> InspectReport:
     """``modelshrink inspect``; ``report`` also writes the JSON report there.
 
     Raises:
@@ -240,3 +175,10 @@ def inspect(
     if plan.report is not None:
         io.commit(None, io.stage_report(plan.report, result.to_json()))
     return result
+
+
+def __getattr__(name: str) -> Callable[..., Report]:
+    """``modelshrink.api.<technique>`` for every registered technique (e.g. one added later)."""
+    if name in TECHNIQUES:
+        return functools.partial(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

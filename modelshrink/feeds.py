@@ -49,9 +49,9 @@ from modelshrink.inputs import (
     Scalar,
     check_value,
     input_specs,
-    parse_input_values,
     plan_inputs,
 )
+from modelshrink.options import parse_input_shapes, parse_input_values
 
 __all__ = [
     "Feed",
@@ -138,29 +138,6 @@ class Feeds:
 
     def __len__(self) -> int:
         return len(self.samples)
-
-
-def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Parse ``NAME:1x3x224x224`` (or ``NAME:1,3,224,224``) items.
-
-    Raises:
-        ConfigError: Malformed item.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    for item in items:
-        name, sep, dims = item.rpartition(":")
-        if not sep or not name or not dims:
-            raise ConfigError(f"--input-shape '{item}': expected NAME:DIMS like input:1x3x224x224")
-        parts = re.split(r"[x,]", dims.strip())
-        if not all(p.strip().isdigit() for p in parts):
-            raise ConfigError(
-                f"--input-shape '{item}': dimensions must be positive integers like 1x3x224x224"
-            )
-        values = tuple(int(p) for p in parts)
-        if any(v <= 0 for v in values):
-            raise ConfigError(f"--input-shape '{item}': dimensions must be >= 1")
-        shapes[name] = values
-    return shapes
 
 
 # --- synthetic ------------------------------------------------------------------------------

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from modelshrink.errors import ConfigError
+from modelshrink.flags import flag
 
 __all__ = [
     "FLOOR_AGREEMENT",
     "FLOOR_COSINE",
+    "GATES_PANEL",
     "FidelityFigures",
     "GateResult",
     "Gates",
@@ -19,6 +21,8 @@ __all__ = [
     "floor_gates",
     "holds",
 ]
+
+GATES_PANEL = "Quality gates (exit 3 and nothing written when one fails)"
 
 # The fidelity below which a result is called damaged, whatever the user asked: top-1
 # agreement on outputs that look like class scores, cosine similarity on the others.
@@ -67,11 +71,21 @@ class Gates:
         min_speedup: Smallest allowed original p50 / result p50 latency.
     """
 
-    max_error: float | None = None
-    min_cosine: float | None = None
-    min_agreement: float | None = None
-    max_size_ratio: float | None = None
-    min_speedup: float | None = None
+    max_error: float | None = flag(
+        None, "Max allowed |result - original| over all outputs.", panel=GATES_PANEL, show_default=False
+    )
+    min_cosine: float | None = flag(
+        None, "Min cosine similarity of every output.", panel=GATES_PANEL, show_default=False
+    )
+    min_agreement: float | None = flag(
+        None, "Min top-1 agreement (0..1) of class-score outputs.", panel=GATES_PANEL, show_default=False
+    )
+    max_size_ratio: float | None = flag(
+        None, "Max result/original file size.", panel=GATES_PANEL, show_default=False
+    )
+    min_speedup: float | None = flag(
+        None, "Min original/result p50 latency.", panel=GATES_PANEL, show_default=False
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_error", "max_size_ratio", "min_speedup"):

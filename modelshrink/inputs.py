@@ -28,7 +28,6 @@ the first step of every ladder with each value guess, then the next step, and so
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
 from modelshrink.graph import graph_inputs
+from modelshrink.options import Scalar, parse_input_values
 
 __all__ = [
     "Candidate",
@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 Dim = int | str | None
-Scalar = int | float | bool
 
 # How many candidate feeds a probe tries before giving up (each is one run of the original).
 MAX_CANDIDATES = 24
@@ -521,38 +520,6 @@ def _value_guesses(model: ir.Model, specs: Sequence[InputSpec]) -> dict[str, Val
     return out
 
 
-def parse_input_values(items: Sequence[str]) -> dict[str, Scalar]:
-    """Parse ``NAME=VALUE`` items (``--input-value sr=16000``).
-
-    Raises:
-        ConfigError: Malformed item.
-    """
-    values: dict[str, Scalar] = {}
-    for item in items:
-        name, sep, text = item.rpartition("=")
-        text = text.strip()
-        if not sep or not name or not text:
-            raise ConfigError(f"--input-value '{item}': expected NAME=VALUE like sr=16000")
-        lowered = text.lower()
-        value: Scalar
-        if lowered in ("true", "false"):
-            value = lowered == "true"
-        else:
-            try:
-                value = int(text)
-            except ValueError:
-                try:
-                    value = float(text)
-                except ValueError:
-                    value = math.nan
-                if not math.isfinite(value):
-                    raise ConfigError(
-                        f"--input-value '{item}': '{text}' is not a finite number (or true/false)"
-                    ) from None
-        values[name] = value
-    return values
-
-
 def check_value(spec: InputSpec, value: Scalar) -> None:
     """Refuse a ``--input-value`` the input's type cannot hold exactly.
 
@@ -593,7 +560,7 @@ def plan_inputs(
             continue
         dynamic = spec.dynamic_axes()
         if not dynamic:
-            fixed[spec.name] = tuple(int(d) for d in spec.dims)  # type: ignore[arg-type]
+            fixed[spec.name] = tuple(d for d in spec.dims if isinstance(d, int))  # all static here
             continue
         for axis in dynamic:
             d = spec.dims[axis]

@@ -31,9 +31,7 @@ from modelshrink.graph import (
 )
 from modelshrink.io import LoadedModel
 from modelshrink.report import SCHEMA_VERSION, human_bytes, human_count, jsonable, tool_versions
-from modelshrink.techniques.factorize import DEFAULT_OP_TYPES as FACTORIZE_OP_TYPES
-from modelshrink.techniques.prune import DEFAULT_OP_TYPES as PRUNE_OP_TYPES
-from modelshrink.techniques.quantize.config import MODE_OPS as QUANTIZE_MODE_OPS
+from modelshrink.techniques import TECHNIQUES
 
 __all__ = ["InspectReport", "inspect_model", "render_inspect"]
 
@@ -41,10 +39,10 @@ _TOP_WEIGHTS = 10
 # Which weights each technique can act on with its default settings: float weights of at least
 # this many elements consumed only by the op types the technique handles by default.
 _MIN_ELEMENTS = 1024
-_TECHNIQUE_OPS: dict[str, frozenset[str]] = {
-    "quantize": frozenset(QUANTIZE_MODE_OPS["int8"]),
-    "prune": frozenset(PRUNE_OP_TYPES),
-    "factorize": frozenset(FACTORIZE_OP_TYPES),
+# From the registry: the op types each technique acts on by default (none listed: every float
+# weight, as distill trains them all).
+_TECHNIQUE_OPS: dict[str, frozenset[str] | None] = {
+    name: frozenset(spec.op_types) if spec.op_types else None for name, spec in TECHNIQUES.items()
 }
 
 
@@ -114,7 +112,9 @@ def _location(w: Weight, model: ir.Model) -> str:
     return ", ".join(parts)
 
 
-def _eligible(w: Weight, ops: frozenset[str]) -> bool:
+def _eligible(w: Weight, ops: frozenset[str] | None) -> bool:
+    if ops is None:  # every float weight
+        return w.dtype in FLOAT_TYPES and not w.is_graph_input
     if w.dtype not in FLOAT_TYPES or w.size < _MIN_ELEMENTS or w.is_graph_input:
         return False
     consumer_ops = w.consumer_ops()
@@ -159,7 +159,6 @@ def inspect_model(loaded: LoadedModel) -> InspectReport:
     technique_bytes = {
         name: sum(w.nbytes for w in ws if _eligible(w, ops)) for name, ops in _TECHNIQUE_OPS.items()
     }
-    technique_bytes["distill"] = sum(w.nbytes for w in ws if w.dtype in FLOAT_TYPES and not w.is_graph_input)
     warnings = []
     specs = input_specs(model)
     for spec in specs:

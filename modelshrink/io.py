@@ -48,6 +48,7 @@ __all__ = [
     "files_read",
     "load_model",
     "load_staged",
+    "plan_writes",
     "stage_model",
     "stage_report",
     "total_tensor_bytes",

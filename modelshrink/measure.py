@@ -14,13 +14,16 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
 from modelshrink.graph import all_nodes, dtype_name, op_histogram, weights
-from modelshrink.runtime import Session
+
+if TYPE_CHECKING:
+    from modelshrink.runtime import Session
 
 __all__ = [
     "LatencyStats",

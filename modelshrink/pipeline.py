@@ -13,8 +13,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ from modelshrink import io
 from modelshrink.errors import ConfigError, ModelshrinkError, UnsupportedModelError
 from modelshrink.feeds import Feed, Feeds, load_feeds
 from modelshrink.gates import Gates, floor_gates
-from modelshrink.inputs import Scalar
 from modelshrink.measure import measure_latency, model_stats
+from modelshrink.options import RunOptions
 from modelshrink.report import LatencyComparison, Report
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.sessions import session_for_model
@@ -56,77 +55,28 @@ class CandidateError(ModelshrinkError):
     """A technique produced a model that fails the checker or onnxruntime: a bug to report."""
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """Settings shared by every command that verifies and measures.
+def feeds_for(options: RunOptions, model: ir.Model, session: Session | None = None) -> Feeds:
+    """The feeds ``options`` describe for ``model`` (real data or synthetic).
 
-    Attributes:
-        data: ``--data`` path, or None for synthetic inputs.
-        input_shapes: ``--input-shape`` overrides.
-        input_values: ``--input-value`` fills (a number every feed of that input holds).
-        seed: Seed for synthetic inputs and anything random in a technique.
-        samples: Max feeds (None: 8 synthetic, up to 128 real).
-        gates: Quality gates.
-        runtime: Session options (provider, threads).
-        latency: Measure latency.
-        latency_runs: Fixed timed runs per model (None adapts to ``latency_budget_s``).
-        latency_budget_s: Time budget for latency when ``latency_runs`` is None.
+    With the original's ``session``, guessed synthetic sizes and values are tried on it until
+    it runs (see :mod:`modelshrink.inputs`).
     """
+    probe = None
+    if session is not None:
+        names = session.output_names
 
-    data: str | None = None
-    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    input_values: Mapping[str, Scalar] = field(default_factory=dict)
-    seed: int = 0
-    samples: int | None = None
-    gates: Gates = field(default_factory=Gates)
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
-    latency: bool = True
-    latency_runs: int | None = None
-    latency_budget_s: float = 3.0
+        def probe(feed: Feed) -> dict[str, np.ndarray]:
+            return dict(zip(names, session.run(feed), strict=True))
 
-    def __post_init__(self) -> None:
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be a number >= 0, got {self.seed}")
-        if self.gates.min_speedup is not None and not self.latency:
-            raise ConfigError("--min-speedup needs latency; drop --no-latency")
-
-    def feeds_for(self, model: ir.Model, session: Session | None = None) -> Feeds:
-        """The feeds these options describe for ``model`` (real data or synthetic).
-
-        With the original's ``session``, guessed synthetic sizes and values are tried on it
-        until it runs (see :mod:`modelshrink.inputs`).
-        """
-        probe = None
-        if session is not None:
-            names = session.output_names
-
-            def probe(feed: Feed) -> dict[str, np.ndarray]:
-                return dict(zip(names, session.run(feed), strict=True))
-
-        return load_feeds(
-            model,
-            data=self.data,
-            input_shapes=self.input_shapes,
-            input_values=self.input_values,
-            seed=self.seed,
-            samples=self.samples,
-            probe=probe,
-        )
-
-    def settings(self) -> dict[str, Any]:
-        """Flags as a plain dict for the report."""
-        return {
-            "data": self.data,
-            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
-            "input_values": dict(self.input_values),
-            "seed": self.seed,
-            "samples": self.samples,
-            "gates": dataclasses.asdict(self.gates),
-            "provider": self.runtime.provider,
-            "threads": self.runtime.threads,
-            "latency": self.latency,
-            "latency_runs": self.latency_runs,
-        }
+    return load_feeds(
+        model,
+        data=options.data,
+        input_shapes=options.input_shapes,
+        input_values=options.input_values,
+        seed=options.seed,
+        samples=options.samples,
+        probe=probe,
+    )
 
 
 class _Timer:
@@ -244,7 +194,7 @@ def compare(
     with timer.phase("feeds"):
         orig_session: Session | None = _original_session(original, options.runtime)
         assert orig_session is not None
-        feeds = options.feeds_for(original.model, orig_session)
+        feeds = feeds_for(options, original.model, orig_session)
     with timer.phase("verify"):
         reference = Reference(orig_session, feeds, original.model, _progress_fn(progress, "running original"))
         if not options.latency:  # one model's session in memory at a time (2x the size otherwise)
@@ -338,7 +288,7 @@ def run_technique(
     with timer.phase("feeds"):
         orig_session: Session | None = _original_session(loaded, options.runtime)
         assert orig_session is not None
-        feeds = options.feeds_for(loaded.model, orig_session)
+        feeds = feeds_for(options, loaded.model, orig_session)
     with timer.phase("reference"):
         reference = Reference(orig_session, feeds, loaded.model, _progress_fn(progress, "running original"))
         if not options.latency:
@@ -420,12 +370,14 @@ def run_technique(
 def _files_read(config: Any, options: RunOptions) -> tuple[str | Path, ...]:
     """Files a run reads besides its input model: ``--data`` and a teacher's model files."""
     files: list[str | Path] = [options.data] if options.data is not None else []
-    for holder in (config, getattr(config, "qat", None)):
-        teacher = getattr(holder, "teacher", None)
-        model = getattr(teacher, "model", None)
-        label = getattr(teacher, "label", None)
-        if isinstance(model, ir.Model) and isinstance(label, str):
-            files.extend([label, *io.external_files(model)])
+    teacher = getattr(config, "teacher", None)
+    if isinstance(teacher, str) and teacher != io.STDIO:
+        files.extend(io.files_read(teacher))
+    qat_data = getattr(config, "qat_data", None)
+    for loaded in (getattr(config, "teacher_model", None), getattr(qat_data, "teacher", None)):
+        model = getattr(loaded, "model", None)
+        if isinstance(model, ir.Model):
+            files.extend(io.external_files(model))
     return tuple(files)
 
 

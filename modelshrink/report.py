@@ -6,21 +6,19 @@ JSON (``schema_version`` 1) carries native types only; non-finite floats become 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import onnx
-import onnx_ir as ir
-import onnxruntime as ort
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from modelshrink import __version__
+from modelshrink._version import __version__
 from modelshrink.feeds import InputInfo
 from modelshrink.gates import GateResult
 from modelshrink.measure import LatencyStats, ModelStats
@@ -43,14 +41,22 @@ _MAX_ROWS = 20
 
 
 def tool_versions() -> dict[str, str]:
-    """Versions of this tool and of the libraries that shape its results."""
+    """Versions of this tool and of the libraries that shape its results (read from the installed
+    packages' metadata, so that ``inspect`` does not import onnxruntime to report it)."""
     return {
         "name": "modelshrink",
         "version": __version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": ort.__version__,
-        "onnx_ir": ir.__version__,
+        "onnx": _installed("onnx"),
+        "onnxruntime": _installed("onnxruntime"),
+        "onnx_ir": _installed("onnx-ir"),
     }
+
+
+def _installed(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)

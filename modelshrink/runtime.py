@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from modelshrink.errors import ConfigError, UnsupportedModelError
+from modelshrink.errors import UnsupportedModelError
+from modelshrink.options import PROVIDERS, RuntimeOptions  # a session's options live with the others
 
 __all__ = [
     "PROVIDERS",
@@ -27,17 +28,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Short names users type -> onnxruntime execution provider names.
-PROVIDERS: dict[str, str] = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-}
-
+# The CLI sets onnxruntime's own log level before this module (and onnxruntime) is imported.
+if (_severity := os.environ.get("MODELSHRINK_ORT_LOG_SEVERITY")) is not None:
+    ort.set_default_logger_severity(int(_severity))
 
 # Execution providers that run a QDQ model (DequantizeLinear in front of a weight) with int8
 # kernels. Elsewhere (the CPU and CUDA providers) a DequantizeLinear of a weight is computed on
@@ -51,47 +44,6 @@ QDQ_PROVIDERS = frozenset(
         "NnapiExecutionProvider",
     }
 )
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """How sessions are created; identical for original and candidate.
-
-    Attributes:
-        provider: Short provider name (``cpu``, ``cuda``, ...) or a full EP name.
-        threads: Intra-op threads; 0 lets onnxruntime choose (all physical cores).
-        optimize: Apply onnxruntime's graph optimizations (what deployments do).
-    """
-
-    provider: str = "cpu"
-    threads: int = 1
-    optimize: bool = True
-
-    def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise ConfigError(f"--threads must be >= 0, got {self.threads}")
-
-    @property
-    def provider_name(self) -> str:
-        """The full execution-provider name."""
-        return PROVIDERS.get(self.provider.lower(), self.provider)
-
-    def providers(self) -> list[str]:
-        """Provider list for a session; CPU is always the fallback.
-
-        Raises:
-            ConfigError: The provider is not available in this onnxruntime build.
-        """
-        name = self.provider_name
-        available = ort.get_available_providers()
-        if name not in available:
-            short = [k for k, v in PROVIDERS.items() if v in available]
-            raise ConfigError(
-                f"--provider {self.provider}: not available in this onnxruntime build "
-                f"(available: {', '.join(short or available)})"
-            )
-        return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
-
 
 _PATH_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 

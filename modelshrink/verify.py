@@ -15,13 +15,16 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from modelshrink.errors import ModelshrinkError
 from modelshrink.feeds import Feeds
-from modelshrink.runtime import Session
+
+if TYPE_CHECKING:
+    from modelshrink.runtime import Session
 
 __all__ = [
     "Fidelity",

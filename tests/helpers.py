@@ -9,15 +9,17 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from modelshrink.flags import flag
 from modelshrink.graph import weights
 from modelshrink.techniques.base import Change, Skip, TechniqueContext, TechniqueResult
+from modelshrink.techniques.spec import TechniqueSpec
 
 
 @dataclass(frozen=True)
 class ScaleConfig:
     """Multiply every float weight with at least ``min_elements`` elements by ``factor``."""
 
-    factor: float = 1.0
+    factor: float = flag(1.0, "Multiply the weights by this.")
     min_elements: int = 1
 
 
@@ -40,6 +42,16 @@ def scale_weights(model: ir.Model, config: ScaleConfig, context: TechniqueContex
             w.node.attributes["value"] = ir.AttrTensor("value", tensor)
         changed.append(Change(name, op, f"x{config.factor}", w.size, w.size))
     return TechniqueResult(model, tuple(changed), tuple(skipped), notes=("scaled for a test",))
+
+
+# A technique outside the registry, run through the same front door (api.run, cli.add_technique).
+SCALE = TechniqueSpec(
+    name="scale",
+    config=ScaleConfig,
+    entry="helpers:scale_weights",
+    help="Scale weights (test only).",
+    examples=("modelshrink scale model.onnx -o out.onnx --factor 2",),
+)
 
 
 def op_counts(proto: onnx.ModelProto) -> Counter[str]:

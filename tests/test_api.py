@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,11 @@ def test_every_technique_from_python(tmp_path: Path) -> None:
 
 def test_distill_from_python(tmp_path: Path) -> None:
     mlp = str(ROOT / "digits_mlp.onnx")
+    config = modelshrink.DistillConfig(teacher=mlp, epochs=1)
     with pytest.raises(ConfigError, match="needs --data"):
-        modelshrink.distill_config(mlp, None)
-    config = modelshrink.distill_config(mlp, str(ROOT / "digits_mlp.npz"), epochs=1)
-    report = modelshrink.distill(mlp, str(tmp_path / "d.onnx"), config, FAST)
+        modelshrink.distill(mlp, str(tmp_path / "d.onnx"), config, FAST)
+    data = dataclasses.replace(FAST, data=str(ROOT / "digits_mlp.npz"))
+    report = modelshrink.distill(mlp, str(tmp_path / "d.onnx"), config, data)
     assert report.written and report.command == "distill"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import onnx
@@ -18,7 +17,7 @@ from modelshrink.cli import app
 from modelshrink.runtime import RuntimeOptions, Session
 
 import models
-from helpers import ScaleConfig, scale_weights
+from helpers import SCALE
 
 # A toy compression command built from the same shared pieces every real command uses, so the
 # output-side contract (-o, --force, -o -, gates, --report) is tested independently of any
@@ -31,48 +30,13 @@ def _toy_root() -> None:
     """Toy."""
 
 
-@toy.command()
-def scale(
-    src: cli.InputArg,
-    output: cli.OutputOpt,
-    factor: Annotated[float, typer.Option("--factor")] = 1.0,
-    force: cli.ForceOpt = False,
-    external_data: cli.ExternalDataOpt = None,
-    data: cli.DataOpt = None,
-    max_error: cli.MaxErrorOpt = None,
-    json_: cli.JsonOpt = False,
-    report_file: cli.ReportOpt = None,
-    quiet: cli.QuietOpt = False,
-) -> None:
-    """Scale weights (test only)."""
-    cli.run_command(
-        "scale",
-        scale_weights,
-        lambda: ScaleConfig(factor),
-        src,
-        output,
-        lambda: cli.run_options(
-            data=data,
-            input_shape=None,
-            seed=0,
-            samples=4,
-            max_error=max_error,
-            min_cosine=None,
-            min_agreement=None,
-            max_size_ratio=None,
-            min_speedup=None,
-            provider="cpu",
-            threads=1,
-            latency=False,
-            latency_runs=None,
-        ),
-        force=force,
-        external_data=external_data,
-        json_=json_,
-        report_file=report_file,
-        quiet=quiet,
-        verbose=0,
-    )
+cli.add_technique(toy, SCALE)
+# The toy's runs are quick ones: few feeds, no latency.
+TOY_FLAGS = ["--no-latency", "--samples", "4"]
+
+
+def _toy(runner: CliRunner, args: list[str]):
+    return runner.invoke(toy, [*args, *TOY_FLAGS])
 
 
 def _one_line_error(result) -> str:
@@ -157,7 +121,7 @@ def test_bad_model_writes_nothing(runner: CliRunner, tmp_path: Path, case: str, 
     path, fragment = _bad_inputs(tmp_path)[case]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    result = runner.invoke(toy, ["scale", str(path), "-o", str(out_dir / "o.onnx")])
+    result = _toy(runner, ["scale", str(path), "-o", str(out_dir / "o.onnx")])
     assert result.exit_code == 1, result.stderr
     assert fragment in _one_line_error(result)
     assert snapshot(out_dir) == {}
@@ -182,7 +146,7 @@ def test_data_not_matching_inputs(runner: CliRunner, tmp_path: Path, mlp_path: P
 
 
 def test_output_folder_missing(runner: CliRunner, tmp_path: Path, mlp_path: Path) -> None:
-    result = runner.invoke(toy, ["scale", str(mlp_path), "-o", str(tmp_path / "nope" / "o.onnx")])
+    result = _toy(runner, ["scale", str(mlp_path), "-o", str(tmp_path / "nope" / "o.onnx")])
     assert result.exit_code == 2
     assert "does not exist" in _one_line_error(result)
 
@@ -190,16 +154,16 @@ def test_output_folder_missing(runner: CliRunner, tmp_path: Path, mlp_path: Path
 def test_output_exists_needs_force(runner: CliRunner, tmp_path: Path, mlp_path: Path) -> None:
     out = tmp_path / "o.onnx"
     out.write_bytes(b"keep")
-    result = runner.invoke(toy, ["scale", str(mlp_path), "-o", str(out)])
+    result = _toy(runner, ["scale", str(mlp_path), "-o", str(out)])
     assert result.exit_code == 2 and "--force" in _one_line_error(result)
     assert out.read_bytes() == b"keep"
-    result = runner.invoke(toy, ["scale", str(mlp_path), "-o", str(out), "--force", "-q"])
+    result = _toy(runner, ["scale", str(mlp_path), "-o", str(out), "--force", "-q"])
     assert result.exit_code == 0 and out.read_bytes() != b"keep"
 
 
 def test_output_onto_input_refused(runner: CliRunner, mlp_path: Path) -> None:
     before = mlp_path.read_bytes()
-    result = runner.invoke(toy, ["scale", str(mlp_path), "-o", str(mlp_path), "--force"])
+    result = _toy(runner, ["scale", str(mlp_path), "-o", str(mlp_path), "--force"])
     assert result.exit_code == 2 and "input" in _one_line_error(result)
     assert mlp_path.read_bytes() == before
 
@@ -208,13 +172,13 @@ def test_output_onto_input_refused(runner: CliRunner, mlp_path: Path) -> None:
 
 
 def test_json_and_model_on_stdout_is_usage_error(runner: CliRunner, mlp_path: Path) -> None:
-    result = runner.invoke(toy, ["scale", str(mlp_path), "-o", "-", "--json"])
+    result = _toy(runner, ["scale", str(mlp_path), "-o", "-", "--json"])
     assert result.exit_code == 2
     assert "--report" in _one_line_error(result)
 
 
 def test_model_bytes_on_stdout_report_on_stderr(runner: CliRunner, tmp_path: Path, mlp_path: Path) -> None:
-    result = runner.invoke(toy, ["scale", str(mlp_path), "-o", "-", "--report", str(tmp_path / "r.json")])
+    result = _toy(runner, ["scale", str(mlp_path), "-o", "-", "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.stderr
     model = onnx.load_from_string(result.stdout_bytes)
     assert model.graph.node[0].op_type == "MatMul"
@@ -224,7 +188,7 @@ def test_model_bytes_on_stdout_report_on_stderr(runner: CliRunner, tmp_path: Pat
 
 
 def test_json_report_shape(runner: CliRunner, tmp_path: Path, mlp_path: Path) -> None:
-    result = runner.invoke(toy, ["scale", str(mlp_path), "-o", str(tmp_path / "o.onnx"), "--json", "-q"])
+    result = _toy(runner, ["scale", str(mlp_path), "-o", str(tmp_path / "o.onnx"), "--json", "-q"])
     assert result.exit_code == 0
     assert result.stderr == ""
     doc = json.loads(result.stdout)
@@ -240,8 +204,8 @@ def test_json_report_shape(runner: CliRunner, tmp_path: Path, mlp_path: Path) ->
 def test_gate_failure_exit_3(runner: CliRunner, tmp_path: Path, mlp_path: Path, snapshot) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    result = runner.invoke(
-        toy,
+    result = _toy(
+        runner,
         [
             "scale",
             str(mlp_path),

@@ -64,7 +64,13 @@ def _run(
     student: ir.Model, teacher: ir.Model, path: Path = MLP_DATA, *, labels: bool = False, seed: int = 0, **kw
 ):  # type: ignore[no-untyped-def]
     feeds, data = _data(teacher, path, labels)
-    config = DistillConfig(teacher=Teacher(teacher, "teacher"), data=data, **kw)
+    config = DistillConfig(
+        teacher="teacher",
+        labels="labels" if labels else None,
+        teacher_model=Teacher(teacher, "teacher"),
+        training=data,
+        **kw,
+    )
     context = TechniqueContext(feeds=feeds, evaluate=lambda m: None, seed=seed)  # type: ignore[arg-type,return-value]
     return distill(student, config, context)
 
@@ -94,7 +100,7 @@ def recovered(mlp: ir.Model):  # type: ignore[no-untyped-def]
 
 
 def test_registered() -> None:
-    assert TECHNIQUES["distill"] is distill
+    assert TECHNIQUES["distill"].technique() is distill
 
 
 def test_recovers_agreement_with_the_teacher(recovered) -> None:  # type: ignore[no-untyped-def]
@@ -232,13 +238,13 @@ def test_cnn_bn_train_mode_updates_running_statistics() -> None:
 
 def test_feature_matching(mlp: ir.Model) -> None:
     hidden = next(n.outputs[0].name for n in mlp.graph if n.op_type == "Relu")
-    result = _run(_pruned(mlp), mlp, epochs=1, matches=((hidden, hidden),))
+    result = _run(_pruned(mlp), mlp, epochs=1, matches=(f"{hidden}={hidden}",))
     assert (
         result.details["teacher_fidelity"]["after"]["loss"]
         < result.details["teacher_fidelity"]["before"]["loss"]
     )
     with pytest.raises(ConfigError, match="--match: the teacher has no tensor named 'nope'"):
-        _run(_pruned(mlp), mlp, epochs=1, matches=((hidden, "nope"),))
+        _run(_pruned(mlp), mlp, epochs=1, matches=(f"{hidden}=nope",))
 
 
 # --- losses in numbers -----------------------------------------------------------------------
@@ -381,7 +387,7 @@ def test_cli_gate_failure_writes_nothing(pruned_file: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--loss", "huber"], "--loss must be auto, kl or mse"),
+        (["--loss", "huber"], "Invalid value for '--loss': 'huber' is not one of 'auto', 'kl', 'mse'"),
         (["--match", "nonsense"], "--match 'nonsense': expected STUDENT_TENSOR=TEACHER_TENSOR"),
         (["--val-split", "1.5"], "--val-split must be in [0, 1)"),
         (["--alpha", "0.3"], "--alpha mixes in the label loss; it needs --labels NAME"),

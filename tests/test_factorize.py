@@ -22,13 +22,14 @@ from modelshrink.cli import app
 from modelshrink.errors import ConfigError
 from modelshrink.feeds import Feeds, load_feeds
 from modelshrink.gates import FLOOR_AGREEMENT, Gates
-from modelshrink.pipeline import RunOptions, session_for_model
+from modelshrink.pipeline import RunOptions
 from modelshrink.runtime import RuntimeOptions, Session
-from modelshrink.techniques import TECHNIQUES, _floor
+from modelshrink.sessions import session_for_model
+from modelshrink.techniques import TECHNIQUES, floor_search
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
 from modelshrink.techniques.factorize import OP_TYPES, FactorizeConfig, factorize
-from modelshrink.techniques.factorize._activations import conv_patches
-from modelshrink.techniques.factorize._ranks import (
+from modelshrink.techniques.factorize.activations import conv_patches
+from modelshrink.techniques.factorize.ranks import (
     Spectrum,
     allowed_ranks,
     budget_ranks,
@@ -491,7 +492,7 @@ def test_input_untouched_and_same_flags_same_bytes() -> None:
     two = factorize(model, config, _context(model))
     assert io.model_bytes(model) == before
     assert io.model_bytes(one.model) == io.model_bytes(two.model)
-    assert TECHNIQUES["factorize"] is factorize
+    assert TECHNIQUES["factorize"].technique() is factorize
     # embeddings are opt-in: by default the lookup stays a lookup
     assert "tok_emb_gather" not in {c.node for c in one.changed}
 
@@ -755,7 +756,7 @@ def test_default_keeps_the_floor_where_an_explicit_rank_does_not(tmp_path: Path)
     search = default.details["default_search"]
     assert search["floor"] == {"min_agreement": FLOOR_AGREEMENT}
     assert search["params_kept_ratio"] == pytest.approx(ratio, abs=1e-6)
-    assert 0 < search["evaluations"] <= _floor.DEFAULT_BUDGET
+    assert 0 < search["evaluations"] <= floor_search.DEFAULT_BUDGET
     assert (
         default.details["rule"] == "no rank rule and no gate: the smallest ranks that keep the fidelity floor"
     )

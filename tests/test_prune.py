@@ -22,7 +22,7 @@ from modelshrink.gates import FLOOR_AGREEMENT, FLOOR_COSINE, Gates
 from modelshrink.pipeline import RunOptions, session_for_model
 from modelshrink.report import Report
 from modelshrink.runtime import RuntimeOptions
-from modelshrink.techniques import _floor
+from modelshrink.techniques import floor_search
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
 from modelshrink.techniques.prune import PruneConfig, prune
 from modelshrink.verify import Fidelity, Reference
@@ -1078,7 +1078,7 @@ def test_default_keeps_the_floor_where_an_explicit_amount_does_not(tmp_path: Pat
     assert default.written and explicit.written  # an explicit amount is done as asked
     search = default.details["default_search"]
     assert search["floor"] == {"min_agreement": FLOOR_AGREEMENT}
-    assert 0.1 < search["reached"] < 0.9 and 0 < search["evaluations"] <= _floor.DEFAULT_BUDGET
+    assert 0.1 < search["reached"] < 0.9 and 0 < search["evaluations"] <= floor_search.DEFAULT_BUDGET
     assert search["checked"]["top1_agreement"] == default.fidelity.top1_agreement
     assert default.details["requested_sparsity"] is None
     written = onnx.load(str(tmp_path / "d.onnx"))

@@ -10,6 +10,7 @@ the point. That is checked with float64 central differences away from the clip e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from modelshrink.techniques.base import TechniqueContext
 from modelshrink.techniques.distill import training_data_from_feeds
 from modelshrink.techniques.distill.autodiff import append_gradients
 from modelshrink.techniques.distill.rules import RULES
-from modelshrink.techniques.quantize import QatSettings, QuantizeConfig, quantize
+from modelshrink.techniques.quantize import QatData, QuantizeConfig, quantize
 from modelshrink.techniques.quantize.lowbit import Grid
 from modelshrink.techniques.quantize.qat import FakeQuant, export, fake_quantize
 
@@ -278,10 +279,8 @@ def test_qat_beats_post_training_quantization(
     ptq = run_technique(
         "quantize", quantize, QuantizeConfig(bits=bits), src, str(tmp_path / "p.onnx"), options
     )
-    qat = api.qat_settings(src, str(train))
-    trained = run_technique(
-        "quantize", quantize, QuantizeConfig(bits=bits, qat=qat), src, str(tmp_path / "q.onnx"), options
-    )
+    qat = QuantizeConfig(bits=bits, qat=True)
+    trained = api.quantize(src, str(tmp_path / "q.onnx"), qat, dataclasses.replace(options, data=str(train)))
     p, q = ptq.fidelity, trained.fidelity
     assert p is not None and q is not None and p.top1_agreement is not None and q.top1_agreement is not None
     print(
@@ -305,7 +304,7 @@ def test_qat_is_deterministic_and_leaves_its_input_alone() -> None:
     loaded = io.load_model(str(SAMPLES / "digits_mlp.onnx"))
     before = io.model_bytes(loaded.model)
     feeds = load_feeds(loaded.model, data=str(SAMPLES / "digits_mlp.npz"), samples=1 << 30)
-    config = QuantizeConfig(bits=2, qat=QatSettings(data=training_data_from_feeds(feeds), epochs=2))
+    config = QuantizeConfig(bits=2, qat=True, epochs=2, qat_data=QatData(training_data_from_feeds(feeds)))
     context = TechniqueContext(feeds=feeds, evaluate=lambda m: None, seed=3)  # type: ignore[arg-type,return-value]
     first = quantize(loaded.model, config, context)
     second = quantize(loaded.model, config, context)
@@ -318,21 +317,18 @@ def test_qat_config_errors() -> None:
     feeds = load_feeds(
         io.load_model(str(SAMPLES / "digits_mlp.onnx")).model, data=str(SAMPLES / "digits_mlp.npz")
     )
-    qat = QatSettings(data=training_data_from_feeds(feeds))
+    qat = QatData(training_data_from_feeds(feeds))
     for kwargs, fragment in [
-        ({"qat": qat}, "--qat trains weights packed at a width"),
-        ({"mode": "int4", "qat": qat}, "--qat trains weights packed at a width"),
-        ({"bits": 2, "qat": qat, "sensitivity": True}, "drop --qat"),
+        ({"qat": True, "qat_data": qat}, "--qat trains weights packed at a width"),
+        ({"mode": "int4", "qat": True}, "--qat trains weights packed at a width"),
+        ({"bits": 2, "qat": True, "sensitivity": True}, "drop --qat"),
+        ({"bits": 2, "qat": True, "epochs": 0}, "--epochs"),
+        ({"bits": 2, "qat": True, "lr": 0.0}, "--lr"),
+        ({"bits": 2, "qat": True, "batch_size": 0}, "--batch-size"),
+        ({"bits": 2, "teacher": "t.onnx"}, "--teacher applies to --qat only"),
     ]:
         with pytest.raises(ConfigError, match=fragment.replace("-", r"\-")):
             QuantizeConfig(**kwargs)  # type: ignore[arg-type]
-    for kwargs, fragment in [
-        ({"epochs": 0}, "--epochs"),
-        ({"lr": 0.0}, "--lr"),
-        ({"batch_size": 0}, "--batch-size"),
-    ]:
-        with pytest.raises(ConfigError, match=fragment.replace("-", r"\-")):
-            QatSettings(data=qat.data, **kwargs)  # type: ignore[arg-type]
 
 
 def test_cli_qat_json_same_bytes_and_teacher(tmp_path: Path) -> None:
@@ -345,7 +341,7 @@ def test_cli_qat_json_same_bytes_and_teacher(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.stderr
         doc = json.loads(result.stdout)
         assert doc["details"]["qat"]["steps"] > 0 and doc["details"]["packing"]["bits"] == 1
-        assert doc["settings"]["config"]["qat"]["epochs"] == 3
+        assert doc["settings"]["config"]["qat"] is True and doc["settings"]["config"]["epochs"] == 3
         outs.append((tmp_path / name).read_bytes())
     assert outs[0] == outs[1] == outs[2]  # the input model is the default teacher
 

@@ -391,7 +391,7 @@ def _int4_toy(k: int, n: int, d: int) -> onnx.ModelProto:
 @pytest.mark.parametrize(("k", "n", "d", "block"), [(40, 24, 24, 16), (64, 32, 48, 32)])
 def test_int4_packing_matches_numpy(monkeypatch, fmt: str, k: int, n: int, d: int, block: int) -> None:
     """With float compute (accuracy_level 0), onnxruntime reproduces our dequantized weights."""
-    from modelshrink.techniques import quantize as quantize_module
+    from modelshrink.techniques.quantize import technique as quantize_module
     from modelshrink.techniques.quantize.weightonly import block_int4
 
     monkeypatch.setattr(quantize_module, "INT4_ACCURACY_LEVEL", 0)
@@ -974,7 +974,7 @@ def test_every_mode_is_deterministic_and_functional(config: QuantizeConfig) -> N
 
 
 def test_registered() -> None:
-    assert TECHNIQUES["quantize"] is quantize
+    assert TECHNIQUES["quantize"].technique() is quantize
 
 
 # --- CLI ---------------------------------------------------------------------------------------------

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import onnx_ir as ir
-
-from modelshrink.feeds import Feeds
 from modelshrink.gates import Gates
-from modelshrink.runtime import RuntimeOptions
-from modelshrink.verify import Fidelity
+from modelshrink.options import RuntimeOptions
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from modelshrink.feeds import Feeds
+    from modelshrink.verify import Fidelity
 
 __all__ = [
     "Change",

@@ -21,9 +21,7 @@ the data decides what the student learns, so random inputs would teach it nothin
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -32,191 +30,18 @@ import onnx_ir as ir
 from onnx import helper
 
 from modelshrink.errors import ConfigError, DataError, UnsupportedModelError
-from modelshrink.feeds import Feeds
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.techniques.base import Change, Judged, Skip, TechniqueContext, TechniqueResult
+from modelshrink.techniques.distill.config import DistillConfig
+from modelshrink.techniques.distill.data import Teacher, TrainingData
 from modelshrink.techniques.distill.optim import OptimizerSpec
 from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
 from modelshrink.techniques.distill.trainer import LoopSettings, evaluate, train
 from modelshrink.verify import is_class_like
 
-__all__ = ["DistillConfig", "Teacher", "TrainingData", "distill", "training_data_from_feeds"]
+__all__ = ["distill"]
 
 logger = logging.getLogger(__name__)
-
-
-class Teacher:
-    """The teacher model (loaded by the CLI). ``deepcopy`` returns it as is and ``str`` is a
-    short label, so the report can list the configuration without copying a model."""
-
-    def __init__(self, model: ir.Model, label: str) -> None:
-        self.model = model
-        self.label = label
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Teacher:
-        return self
-
-    def __repr__(self) -> str:
-        return self.label
-
-
-class TrainingData:
-    """Training inputs (batch-major arrays, one per model input) and optional labels.
-
-    Like :class:`Teacher`, copies are the object itself and ``str`` is a summary.
-    """
-
-    def __init__(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        *,
-        source: str,
-        labels: np.ndarray | None = None,
-        labels_name: str | None = None,
-        warnings: Sequence[str] = (),
-    ) -> None:
-        rows = {len(v) for v in inputs.values()}
-        if len(rows) != 1:
-            raise DataError(f"--data {source}: inputs have different numbers of rows")
-        self.inputs = dict(inputs)
-        self.rows = rows.pop()
-        if labels is not None and len(labels) != self.rows:
-            raise DataError(
-                f"--labels {labels_name}: {len(labels)} labels for {self.rows} input rows in {source}"
-            )
-        self.labels = labels
-        self.labels_name = labels_name
-        self.source = source
-        self.warnings = tuple(warnings)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> TrainingData:
-        return self
-
-    def __repr__(self) -> str:
-        labels = f", labels '{self.labels_name}'" if self.labels_name else ""
-        return f"{self.source}: {self.rows} rows{labels}"
-
-
-def training_data_from_feeds(
-    feeds: Feeds, *, labels: np.ndarray | None = None, labels_name: str | None = None
-) -> TrainingData:
-    """Join feeds (each a batch along axis 0) into one array per input."""
-    if not feeds.samples:
-        raise DataError(f"--data {feeds.source}: no samples")
-    names = list(feeds.samples[0])
-    arrays = {}
-    for name in names:
-        parts = [np.asarray(s[name]) for s in feeds.samples]
-        if len({p.shape[1:] for p in parts}) != 1 or parts[0].ndim == 0:
-            raise DataError(
-                f"--data {feeds.source}: '{name}' has samples of different shapes; distillation "
-                "batches rows along the first axis, so every row must have the same shape"
-            )
-        arrays[name] = np.concatenate(parts, axis=0)
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.dtype.kind not in "iu":
-            raise DataError(f"--labels {labels_name}: labels must be integers, got {labels.dtype}")
-        labels = labels.astype(np.int64)
-    return TrainingData(
-        arrays, source=feeds.source, labels=labels, labels_name=labels_name, warnings=feeds.warnings
-    )
-
-
-LossChoice = Literal["auto", "kl", "mse"]
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Settings of ``modelshrink distill`` (the teacher and data are loaded by the caller).
-
-    Attributes:
-        teacher: The teacher model.
-        data: Training inputs and optional labels.
-        loss: ``auto`` (KL for class-like outputs, MSE otherwise), ``kl`` or ``mse``.
-        temperature: Softening temperature of the KL loss (``--temperature``).
-        alpha: Weight of the cross-entropy with labels (default 0.5 when labels are given).
-        matches: ``(student tensor, teacher tensor)`` pairs for feature matching.
-        optimizer: ``adamw`` or ``sgd`` (with momentum).
-        lr: Peak learning rate.
-        weight_decay: Decoupled weight decay (AdamW) or L2 (SGD), on rank >= 2 weights.
-        momentum: SGD momentum.
-        schedule: ``cosine`` (decay to 0 over all steps) or ``constant``.
-        epochs: Passes over the training rows.
-        batch_size: Rows per step.
-        train: ``all`` or a glob on weight names; the rest stays frozen.
-        bn_mode: ``frozen`` (running statistics, eval behaviour) or ``train`` (batch statistics,
-            running statistics updated).
-        val_split: Share of rows held out for validation (0 disables it).
-        patience: Stop after this many epochs without a better validation score (None: never).
-        keep_zeros: Weights that are exactly zero stay zero (keeps pruned models pruned).
-    """
-
-    teacher: Teacher
-    data: TrainingData
-    loss: LossChoice = "auto"
-    temperature: float = 2.0
-    alpha: float | None = None
-    matches: tuple[tuple[str, str], ...] = ()
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    schedule: Literal["cosine", "constant"] = "cosine"
-    epochs: int = 10
-    batch_size: int = 32
-    train: str = "all"
-    bn_mode: Literal["frozen", "train"] = "frozen"
-    val_split: float = 0.1
-    patience: int | None = None
-    keep_zeros: bool = True
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.loss in ("auto", "kl", "mse"), f"--loss must be auto, kl or mse, got {self.loss!r}"),
-            (
-                self.temperature > 0 and math.isfinite(self.temperature),
-                f"--temperature must be > 0, got {self.temperature}",
-            ),
-            (self.alpha is None or 0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
-            (
-                self.alpha is None or self.data.labels is not None,
-                "--alpha mixes in the label loss; it needs --labels NAME",
-            ),
-            (self.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, got {self.optimizer!r}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (
-                self.schedule in ("cosine", "constant"),
-                f"--schedule must be cosine or constant, got {self.schedule!r}",
-            ),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (bool(self.train), "--train needs 'all' or a glob pattern on weight names"),
-            (self.bn_mode in ("frozen", "train"), f"--bn-mode must be frozen or train, got {self.bn_mode!r}"),
-            (0.0 <= self.val_split < 1.0, f"--val-split must be in [0, 1), got {self.val_split}"),
-            (self.patience is None or self.patience >= 1, f"--patience must be >= 1, got {self.patience}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        if self.val_split > 0 and round(self.data.rows * self.val_split) < 1:
-            raise ConfigError(
-                f"--val-split {self.val_split}: {self.data.rows} rows leave no validation row; "
-                "use more data or --val-split 0"
-            )
-        if self.val_split > 0 and self.data.rows - round(self.data.rows * self.val_split) < 1:
-            raise ConfigError(f"--val-split {self.val_split} leaves no training row")
-        if self.patience is not None and self.val_split == 0:
-            raise ConfigError("--patience needs validation rows; set --val-split above 0")
-
-    @property
-    def label_weight(self) -> float:
-        """Weight of the label loss."""
-        if self.data.labels is None:
-            return 0.0
-        return 0.5 if self.alpha is None else self.alpha
 
 
 # --- the technique ---------------------------------------------------------------------------
@@ -346,16 +171,16 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
             gradient path without a rule, ...).
     """
     model = model.clone()
-    data = config.data
-    _check_inputs(model, config.teacher, data)
-    shared = _float_outputs(model, config.teacher)
-    teacher_features = [t for _, t in config.matches]
+    teacher, data = config.loaded()
+    _check_inputs(model, teacher, data)
+    shared = _float_outputs(model, teacher)
+    teacher_features = [t for _, t in config.pairs]
     produced = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
-    for s, _ in config.matches:
+    for s, _ in config.pairs:
         if s not in produced:
             raise ConfigError(f"--match: the student has no tensor named '{s}'")
     context.progress("distilling · running the teacher", 0, 1)
-    session = _teacher_session(config.teacher, teacher_features, context.runtime)
+    session = _teacher_session(teacher, teacher_features, context.runtime)
     chunk = max(config.batch_size, 64)
     fixed = _batch_dim_of(model)
     if fixed is not None:
@@ -364,7 +189,7 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
         session, data.inputs, [*shared, *teacher_features], _usable_rows(data.rows, fixed), chunk
     )
     targets = {k: computed[k] for k in shared}
-    features = {s: computed[t] for s, t in config.matches}
+    features = {s: computed[t] for s, t in config.pairs}
     context.progress("distilling · running the teacher", 1, 1)
 
     plan, class_outputs = _plan_outputs(config, model, targets)
@@ -385,7 +210,7 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
         temperature=config.temperature,
         labels=labels_spec,
         alpha=config.label_weight,
-        matches=tuple((s, _dims_with_batch(features[s])) for s, _ in config.matches),
+        matches=tuple((s, _dims_with_batch(features[s])) for s, _ in config.pairs),
     )
     student = prepare_student(model, train=config.train, bn_mode=config.bn_mode)
     if not student.params:
@@ -536,10 +361,10 @@ def _result(
     if result.stopped_early:
         notes.append(f"stopped early after epoch {len(result.history)} (--patience {config.patience})")
     details = {
-        "teacher": config.teacher.label,
+        "teacher": config.loaded()[0].label,
         "data": {
-            "source": config.data.source,
-            "rows": config.data.rows,
+            "source": config.loaded()[1].source,
+            "rows": config.loaded()[1].rows,
             "train_rows": train_count,
             "check_rows": check_count,
             "check_rows_from": where,
@@ -567,6 +392,6 @@ def _result(
         "trained_params": int(sum(p.value.size for p in models.params)),
     }
     judged = Judged(
-        against=f"the teacher {config.teacher.label}", agreement=a_agree, rows=check_count, where=where
+        against=f"the teacher {config.loaded()[0].label}", agreement=a_agree, rows=check_count, where=where
     )
     return TechniqueResult(model, tuple(changed), tuple(skipped), tuple(notes), details, judged=judged)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
 from modelshrink.errors import ConfigError
+from modelshrink.flags import exclude_flag, flag, min_elements_flag
 
 if TYPE_CHECKING:
     from modelshrink.techniques.distill import Teacher, TrainingData
@@ -17,10 +18,12 @@ __all__ = [
     "MODE_FORMATS",
     "MODE_OPS",
     "PACKED_MODES",
+    "PANEL",
+    "QAT_PANEL",
     "Calibration",
     "Format",
     "Mode",
-    "QatSettings",
+    "QatData",
     "QuantizeConfig",
 ]
 
@@ -28,6 +31,8 @@ Mode = Literal["int8", "int4", "int2", "binary", "fp16", "bf16", "dynamic", "sta
 Format = Literal["qdq", "cast", "nbits"]
 Calibration = Literal["minmax", "percentile", "entropy"]
 
+PANEL = "Quantization"
+QAT_PANEL = "Quantization-aware training"
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_MIN_ELEMENTS = 1024
 
@@ -62,34 +67,16 @@ DEFAULT_QAT_BATCH = 32
 
 
 @dataclass(frozen=True)
-class QatSettings:
-    """What ``--qat`` trains with (the teacher and data are loaded by the caller).
+class QatData:
+    """What ``--qat`` trains on, loaded from the files the config names (by the API, not here).
 
     Attributes:
         data: Training inputs (every row of ``--data``).
         teacher: The float model the student learns to copy (None: the input model itself).
-        epochs: Passes over the training rows.
-        lr: Peak learning rate (AdamW, cosine decay); None: ``2e-3 / 2^(bits - 1)``.
-        batch_size: Rows per training step.
     """
 
     data: TrainingData
     teacher: Teacher | None = None
-    epochs: int = DEFAULT_QAT_EPOCHS
-    lr: float | None = None
-    batch_size: int = DEFAULT_QAT_BATCH
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-
-    def lr_for(self, bits: int) -> float:
-        """The peak learning rate at ``bits``: ``lr``, or the default for that width."""
-        return self.lr if self.lr is not None else DEFAULT_QAT_LR_1BIT / (1 << (bits - 1))
 
 
 @dataclass(frozen=True)
@@ -118,20 +105,92 @@ class QuantizeConfig:
         sensitivity: Only measure each layer's cost (no model is written).
         fallback: With fidelity gates set, keep the most damaging layers in float until the
             gates pass.
-        qat: Quantization-aware training settings (packed widths only), or None.
+        qat: Quantization-aware training (packed widths only) on ``--data``.
+        teacher: ``--qat``: the float model to copy (path; None: the input model itself).
+        epochs: ``--qat``: passes over the training rows.
+        lr: ``--qat``: peak learning rate (AdamW, cosine decay); None: ``2e-3 / 2^(bits - 1)``.
+        batch_size: ``--qat``: rows per training step.
+        qat_data: ``--qat``: the loaded teacher and training rows (the API loads them from
+            ``teacher`` and ``--data``; the technique reads no files).
     """
 
-    mode: Mode = "int8"
-    bits: int | None = None
-    block_size: int | None = None
-    format: Format | None = None
-    op_types: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    min_elements: int = DEFAULT_MIN_ELEMENTS
-    calibration: Calibration | None = None
-    sensitivity: bool = False
-    fallback: bool = True
-    qat: QatSettings | None = None
+    mode: Mode = flag(
+        "int8",
+        "int8: weight-only per channel (default); int4: weight-only block-wise for MatMul/Gemm/Gather; "
+        "int2 / binary: 2-bit / 1-bit (sign x scale) weights packed at that width (= --bits 2 / 1); "
+        "fp16: weights and compute in float16; bf16: weights stored in bfloat16, float32 compute; "
+        "dynamic: int8 MatMul/Gemm with activations quantized at run time; static: QDQ int8 calibrated "
+        "on --data.",
+        panel=PANEL,
+    )
+    bits: int | None = flag(
+        None,
+        "Weight-only width 1..8, packed at that width in the file and unpacked by ops onnxruntime folds at "
+        "load (replaces the 8 of --mode int8; --mode int2 / binary are --bits 2 / 1).",
+        panel=PANEL,
+        show_default=False,
+    )
+    block_size: int | None = flag(
+        None,
+        "Values per scale (power of two >= 16). int4: blocks along the reduction axis (default 32); --bits / "
+        "int2 / binary: blocks along each output channel (default: one scale per channel).",
+        panel=PANEL,
+        show_default=False,
+    )
+    format: Format | None = flag(
+        None,
+        "int8: cast (Cast+Mul, folded at load: runs at the original's speed; default) or qdq "
+        "(DequantizeLinear; default for providers that run int8 QDQ kernels: TensorRT, OpenVINO, QNN). "
+        "int4: nbits (MatMulNBits, default) or qdq (opset-21 DequantizeLinear). --bits / int2 / binary: "
+        "cast only (BitShift+Cast+Mul, folded at load).",
+        panel=PANEL,
+        show_default=False,
+    )
+    calibration: Calibration | None = flag(
+        None,
+        "static: how activation ranges are set from --data (default minmax).",
+        panel=PANEL,
+        show_default=False,
+    )
+    op_types: tuple[str, ...] | None = flag(
+        None,
+        "Only quantize weights of these ops, e.g. MatMul,Gemm (repeatable; default: all the mode handles).",
+        panel=PANEL,
+        show_default=False,
+    )
+    exclude: tuple[str, ...] = exclude_flag(PANEL)
+    min_elements: int = min_elements_flag(PANEL, DEFAULT_MIN_ELEMENTS)
+    sensitivity: bool = flag(
+        False, "Quantize one layer at a time and print each layer's cost; write nothing.", panel=PANEL
+    )
+    fallback: bool = flag(
+        True,
+        "With --max-error/--min-cosine/--min-agreement: keep the most damaging layers in float until the "
+        "gates pass.",
+        negative="--no-fallback",
+        panel=PANEL,
+    )
+    qat: bool = flag(
+        False,
+        "Quantization-aware training (with --bits / int2 / binary): train the model on --data to copy "
+        "--teacher through fake-quantized weights, then pack the trained weights.",
+        panel=QAT_PANEL,
+    )
+    teacher: str | None = flag(
+        None,
+        "--qat: the float model to copy (.onnx path; default: the input model itself).",
+        panel=QAT_PANEL,
+        show_default=False,
+    )
+    epochs: int = flag(DEFAULT_QAT_EPOCHS, "--qat: passes over the --data rows.", panel=QAT_PANEL)
+    lr: float | None = flag(
+        None,
+        "--qat: peak learning rate (AdamW, cosine; default 2e-3 / 2^(bits-1): 2e-3 at 1 bit, 2.5e-4 at 4 bits).",
+        panel=QAT_PANEL,
+        show_default=False,
+    )
+    batch_size: int = flag(DEFAULT_QAT_BATCH, "--qat: rows per training step.", panel=QAT_PANEL)
+    qat_data: QatData | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in get_args(Mode):
@@ -167,7 +226,15 @@ class QuantizeConfig:
             raise ConfigError(
                 f"--sensitivity applies to --mode int8, int4, int2, binary and dynamic (got --mode {self.mode})"
             )
-        if self.qat is not None:
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.teacher is not None and not self.qat:
+            raise ConfigError("--teacher applies to --qat only")
+        if self.qat:
             if self.width is None:
                 raise ConfigError(
                     f"--qat trains weights packed at a width: add --bits N (1..8), --mode int2 or "
@@ -204,6 +271,10 @@ class QuantizeConfig:
                 f"--bits sets the width of packed weight-only quantization; it does not combine with "
                 f"--mode {self.mode} (use --bits alone, or --mode int2 / binary)"
             )
+
+    def lr_for(self, bits: int) -> float:
+        """The ``--qat`` peak learning rate at ``bits``: ``lr``, or the default for that width."""
+        return self.lr if self.lr is not None else DEFAULT_QAT_LR_1BIT / (1 << (bits - 1))
 
     @property
     def width(self) -> int | None:

@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from modelshrink.errors import ConfigError
 from modelshrink.graph import NameAuthority
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.distill import DistillConfig, Teacher
 from modelshrink.techniques.distill import distill as run_distill
-from modelshrink.techniques.quantize.config import QuantizeConfig
+from modelshrink.techniques.quantize.config import QatData, QuantizeConfig
 from modelshrink.techniques.quantize.lowbit import (
     Codes,
     Grid,
@@ -55,6 +56,7 @@ from modelshrink.techniques.quantize.lowbit import (
     summarize,
     to_codes,
 )
+from modelshrink.techniques.quantize.opset import prepare
 from modelshrink.techniques.quantize.plan import Plan, make_plan
 from modelshrink.techniques.quantize.weightonly import Emitted
 
@@ -245,20 +247,25 @@ def _strip(model: ir.Model, fakes: Sequence[FakeQuant]) -> None:
             graph.initializers.pop(name, None)
 
 
+def _qat_data(config: QuantizeConfig) -> QatData:
+    if config.qat_data is None:
+        raise ConfigError(
+            "--qat needs its training rows loaded: run it through modelshrink.api (or the CLI), which "
+            "loads --data and --teacher into QuantizeConfig.qat_data"
+        )
+    return config.qat_data
+
+
 def _teacher(model: ir.Model, config: QuantizeConfig) -> Teacher:
-    assert config.qat is not None
-    if config.qat.teacher is not None:
-        return config.qat.teacher
-    return Teacher(model, "the input model")
+    loaded = _qat_data(config).teacher
+    return loaded if loaded is not None else Teacher(model, "the input model")
 
 
 def quantize_aware(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
-    """Train ``model`` for the packed grid of ``config`` on ``config.qat.data``, then pack it."""
-    from modelshrink.techniques.quantize import _prepare  # the opset rule of the packed path
-
-    qat = config.qat
-    assert qat is not None and config.width is not None
-    base, notes = _prepare(model, config)
+    """Train ``model`` for the packed grid of ``config`` on ``config.qat_data``, then pack it."""
+    qat = _qat_data(config)
+    assert config.width is not None
+    base, notes = prepare(model, config)
     fq = fake_quantize(base, config)
     if not fq.fakes:
         packed, emitted = export(fq.model, (), config)
@@ -266,11 +273,12 @@ def quantize_aware(model: ir.Model, config: QuantizeConfig, context: TechniqueCo
         return TechniqueResult(packed, emitted.changes, (*fq.plan.skipped, *fq.post_training), tuple(notes))
     teacher = _teacher(model, config)
     distill_config = DistillConfig(
-        teacher=teacher,
-        data=qat.data,
-        epochs=qat.epochs,
-        lr=qat.lr_for(config.width),
-        batch_size=qat.batch_size,
+        teacher=teacher.label,
+        teacher_model=teacher,
+        training=qat.data,
+        epochs=config.epochs,
+        lr=config.lr_for(config.width),
+        batch_size=config.batch_size,
         weight_decay=0.0,
     )
     trained = run_distill(fq.model, distill_config, context)
@@ -288,7 +296,7 @@ def quantize_aware(model: ir.Model, config: QuantizeConfig, context: TechniqueCo
         tuple(notes + _qat_notes(config, teacher, trained, emitted.changes, len(fq.fakes))),
         {
             "packing": summarize(config.width, emitted.changes).as_dict(),
-            "qat": {**_qat_details(details), "lr": qat.lr_for(config.width)},
+            "qat": {**_qat_details(details), "lr": config.lr_for(config.width)},
         },
     )
 
@@ -314,7 +322,7 @@ def _qat_details(details: Mapping[str, Any]) -> dict[str, Any]:
 def _qat_notes(
     config: QuantizeConfig, teacher: Teacher, trained: TechniqueResult, changes: Sequence[Any], fakes: int
 ) -> list[str]:
-    assert config.width is not None and config.qat is not None
+    assert config.width is not None
     d = trained.details
     before = d["teacher_fidelity"]["before"]
     after = d["teacher_fidelity"]["after"]
@@ -340,7 +348,7 @@ def _qat_notes(
         "(straight-through gradient for the rounding); biases and other float32 weights were trained "
         "too; the packed weights are exactly those the training graph computed"
     )
-    if config.qat.teacher is not None:
+    if config.teacher is not None:
         notes.append(
             f"trained to copy {teacher.label}; the fidelity table compares the result with the input model"
         )

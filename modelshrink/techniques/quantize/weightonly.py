@@ -230,6 +230,13 @@ def _value(names: NameAuthority, base: str, dtype: ir.DataType, shape: Sequence[
     return ir.Value(name=names.fresh(base), type=ir.TensorType(dtype), shape=ir.Shape(list(shape)))
 
 
+def _dequantize_node(
+    q_value: ir.Value, s_value: ir.Value, attrs: list[ir.Attr], out: ir.Value, name: str
+) -> ir.Node:
+    """``DequantizeLinear(q, scale)`` writing ``out`` (per axis, or per block with ``block_size``)."""
+    return ir.Node("", "DequantizeLinear", [q_value, s_value], attrs, outputs=[out], name=name)
+
+
 def _initializer(graph: ir.Graph, names: NameAuthority, base: str, array: np.ndarray) -> ir.Value:
     name = names.fresh(base)
     tensor = ir.Tensor(array, name=name)
@@ -322,14 +329,7 @@ def _emit_dq(
             s_value, nodes = _initializer(graph, names, f"{w.name}_scale", scale_arr), []
         attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
         nodes.append(
-            ir.Node(
-                "",
-                "DequantizeLinear",
-                [q_value, s_value],
-                attrs,
-                outputs=[out],
-                name=names.fresh(f"{w.name}_DequantizeLinear"),
-            )
+            _dequantize_node(q_value, s_value, attrs, out, names.fresh(f"{w.name}_DequantizeLinear"))
         )
         storage = "DequantizeLinear"
     else:
@@ -648,16 +648,7 @@ def _int4_qdq(
     else:
         s_value, nodes = _initializer(w.graph, names, f"{w.name}_scale", s_layout), []
     attrs = [ir.AttrInt64("axis", axis), ir.AttrInt64("block_size", block_size)]
-    nodes.append(
-        ir.Node(
-            "",
-            "DequantizeLinear",
-            [q_value, s_value],
-            attrs,
-            outputs=[out],
-            name=names.fresh(f"{w.name}_DequantizeLinear"),
-        )
-    )
+    nodes.append(_dequantize_node(q_value, s_value, attrs, out, names.fresh(f"{w.name}_DequantizeLinear")))
     writer.place(w.graph, nodes, after=const_node)
     _retire(unit, out)
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from modelshrink.techniques.factorize._ranks import Spectrum
+from modelshrink.techniques.factorize.ranks import Spectrum
 
 __all__ = ["DAMPING", "Decomposition", "Gram", "decompose"]
 

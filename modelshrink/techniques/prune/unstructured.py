@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from modelshrink.graph import in_subgraph, op_key, release, weights
 from modelshrink.techniques.base import Change, Skip
-from modelshrink.techniques.prune._common import (
+from modelshrink.techniques.prune.common import (
     FLOAT_TYPES,
     Eligible,
     excluded_by,
@@ -20,8 +20,8 @@ from modelshrink.techniques.prune._common import (
     set_weight,
     weight_uses,
 )
-from modelshrink.techniques.prune._config import PruneConfig
-from modelshrink.techniques.prune._magnitude import (
+from modelshrink.techniques.prune.config import PruneConfig
+from modelshrink.techniques.prune.magnitude import (
     ReductionView,
     magnitude,
     nm_prune,

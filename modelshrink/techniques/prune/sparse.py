@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from modelshrink.graph import NameAuthority, weights
 from modelshrink.io import SPARSE_STORAGE_KEY, SPARSE_STORAGE_VALUE
-from modelshrink.techniques.prune._unstructured import Target
+from modelshrink.techniques.prune.unstructured import Target
 
 __all__ = ["SPARSE_DTYPES", "StorageResult", "store_sparse"]
 

@@ -23,9 +23,9 @@ import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
 from modelshrink.gates import Gates, allowance_used
-from modelshrink.techniques import _floor
+from modelshrink.techniques import floor_search
 from modelshrink.techniques.base import TechniqueContext
-from modelshrink.techniques.factorize._ranks import Spectrum, rank_for_energy, round_rank
+from modelshrink.techniques.factorize.ranks import Spectrum, rank_for_energy, round_rank
 from modelshrink.verify import Fidelity
 
 __all__ = ["FLOOR_ENERGIES", "LADDER_FRACTIONS", "SearchResult", "floor_ranks", "search_ranks"]
@@ -179,8 +179,8 @@ def floor_ranks(
     context: TechniqueContext,
     *,
     total: int,
-    budget: int = _floor.DEFAULT_BUDGET,
-) -> tuple[list[int | None], _floor.FloorResult]:
+    budget: int = floor_search.DEFAULT_BUDGET,
+) -> tuple[list[int | None], floor_search.FloorResult]:
     """The smallest ranks whose model keeps ``context.floor``, in a few runs (see :mod:`_floor`).
 
     Each layer's states are dense, then its allowed ranks from the largest down; the proxy of a
@@ -201,7 +201,7 @@ def floor_ranks(
     """
     states: list[list[int]] = [sorted(a, reverse=True) for a in allowed]
     ladders = [
-        _floor.Ladder(
+        floor_search.Ladder(
             g,
             (0, *(s.dense_params - s.params(r) for r in ranks)),
             (0.0, *(1.0 - s.energy_kept(r) for r in ranks)),
@@ -225,7 +225,7 @@ def floor_ranks(
     def ranks_of(assignment: Mapping[int, int]) -> dict[int, int]:
         return {g: states[g][i - 1] for g, i in assignment.items() if i > 0}
 
-    found = _floor.largest_keeping_floor(
+    found = floor_search.largest_keeping_floor(
         ladders, family, lambda a: context.evaluate(build(ranks_of(a))), context, total=total, budget=budget
     )
     chosen = ranks_of(found.assignment)

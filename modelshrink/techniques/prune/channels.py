@@ -19,7 +19,7 @@ constants to rewrite; and which activations change shape.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from modelshrink.graph import Weight, op_key, weights
 from modelshrink.inputs import Dim
-from modelshrink.techniques.prune._common import FLOAT_TYPES, excluded_by, node_label
+from modelshrink.techniques.prune.common import FLOAT_TYPES, excluded_by, node_label
 
 __all__ = ["Analysis", "Layout", "Seg", "Spaces", "analyze"]
 
@@ -366,6 +366,14 @@ class _Walker:
         for value in node.inputs:
             self.a.block_layout(self.layout(value), reason)
 
+    def known(self, node: ir.Node, label: str) -> tuple[Layout, int] | None:
+        """The layout and rank of a node's first input; None (its inputs blocked) if either is unknown."""
+        lx, r = self.layout(node.inputs[0]), self.rank(node.inputs[0])
+        if lx is None or r is None:
+            self.block_inputs(node, f"{label}: unknown rank")
+            return None
+        return lx, r
+
     def pos(self, layout: Layout, rank: int) -> int:
         return rank + layout.axis
 
@@ -379,28 +387,16 @@ class _Walker:
 
     def visit(self, node: ir.Node) -> None:
         op = node.op_type if node.domain in ("", "ai.onnx") else op_key(node)
-        tracked = [v for v in node.inputs if v is not None and v in self.a.layouts]
-        if op in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
-            getattr(self, f"op_{op.lower()}")(node)
+        source = _SOURCE_HANDLERS.get(op)
+        if source is not None:
+            source(self, node)
             return
-        if not tracked:
+        if not any(v is not None and v in self.a.layouts for v in node.inputs):
             return
         label = f"{op} '{node_label(node)}'"
-        handler = getattr(self, f"op_{op.lower()}", None)
-        if op in _UNARY:
-            self.op_unary(node, label)
-        elif op in _BROADCAST:
-            self.op_broadcast(node, label)
-        elif op in _POOL:
-            self.op_pool(node, label)
-        elif op in _REDUCE or op in ("ArgMax", "ArgMin"):
-            self.op_reduce(node, label)
-        elif op in _SOFTMAX:
-            self.op_softmax(node, label)
-        elif op == "Shape":
-            self.op_shape_reader(node, label)
-        elif handler is not None and op not in SOURCE_OPS:
-            handler(node, label)
+        handler = _HANDLERS.get(op)
+        if handler is not None:
+            handler(self, node, label)
         else:
             self.block_inputs(node, f"its channels reach {label}, which the channel analysis does not follow")
 
@@ -722,11 +718,10 @@ class _Walker:
         self.set_layout(node.outputs[0], lx)
 
     def op_layernormalization(self, node: ir.Node, label: str) -> None:
-        lx = self.layout(node.inputs[0])
-        r = self.rank(node.inputs[0])
-        if lx is None or r is None:
-            self.block_inputs(node, f"{label}: unknown rank")
+        known = self.known(node, label)
+        if known is None:
             return
+        lx, r = known
         axis = node.attributes.get_int("axis", -1)
         axis = axis + r if axis < 0 else axis
         if self.pos(lx, r) >= axis:
@@ -753,11 +748,10 @@ class _Walker:
         return "dynamic" if got_input is None else got_input
 
     def op_reduce(self, node: ir.Node, label: str) -> None:
-        x = node.inputs[0]
-        lx, r = self.layout(x), self.rank(x)
-        if lx is None or r is None:
-            self.block_inputs(node, f"{label}: unknown rank")
+        known = self.known(node, label)
+        if known is None:
             return
+        lx, r = known
         p = self.pos(lx, r)
         keepdims = node.attributes.get_int("keepdims", 1)
         if node.op_type in ("ArgMax", "ArgMin"):
@@ -783,10 +777,10 @@ class _Walker:
         self.set_layout(node.outputs[0], lx.moved(new_p - new_r))
 
     def op_softmax(self, node: ir.Node, label: str) -> None:
-        lx, r = self.layout(node.inputs[0]), self.rank(node.inputs[0])
-        if lx is None or r is None:
-            self.block_inputs(node, f"{label}: unknown rank")
+        known = self.known(node, label)
+        if known is None:
             return
+        lx, r = known
         axis = node.attributes.get_int("axis", -1 if self.opset >= 13 else 1)
         axis = axis + r if axis < 0 else axis
         p = self.pos(lx, r)
@@ -796,10 +790,10 @@ class _Walker:
         self.set_layout(node.outputs[0], lx)
 
     def op_transpose(self, node: ir.Node, label: str) -> None:
-        lx, r = self.layout(node.inputs[0]), self.rank(node.inputs[0])
-        if lx is None or r is None:
-            self.block_inputs(node, f"{label}: unknown rank")
+        known = self.known(node, label)
+        if known is None:
             return
+        lx, r = known
         perm = node.attributes.get_ints("perm")
         perm_list = list(perm) if perm is not None else list(range(r))[::-1]
         new_p = perm_list.index(self.pos(lx, r))
@@ -961,11 +955,10 @@ class _Walker:
         self.set_layout(node.outputs[0], lx)
 
     def op_resize(self, node: ir.Node, label: str) -> None:
-        x = node.inputs[0]
-        lx, r = self.layout(x), self.rank(x)
-        if lx is None or r is None:
-            self.block_inputs(node, f"{label}: unknown rank")
+        known = self.known(node, label)
+        if known is None:
             return
+        lx, r = known
         p = self.pos(lx, r)
         scales = self.floats(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         sizes_value = node.inputs[3] if len(node.inputs) > 3 else None
@@ -996,10 +989,10 @@ class _Walker:
         self.set_layout(node.outputs[0], lx)
 
     def op_pad(self, node: ir.Node, label: str) -> None:
-        lx, r = self.layout(node.inputs[0]), self.rank(node.inputs[0])
-        if lx is None or r is None:
-            self.block_inputs(node, f"{label}: unknown rank")
+        known = self.known(node, label)
+        if known is None:
             return
+        lx, r = known
         p = self.pos(lx, r)
         if self.opset < 11:
             pads: list[int] | None = list(node.attributes.get_ints("pads") or [])
@@ -1042,6 +1035,38 @@ class _Walker:
             if reason is not None:
                 for spec in specs:
                     self.a.block_layout(spec.layout, reason)
+
+
+# How the walk follows each op (the same table dispatch as distill's gradient rules): layers
+# that own channels, then the ops whose output channels follow their inputs'.
+_SOURCE_HANDLERS: dict[str, Callable[[_Walker, ir.Node], None]] = {
+    "Conv": _Walker.op_conv,
+    "ConvTranspose": _Walker.op_convtranspose,
+    "MatMul": _Walker.op_matmul,
+    "Gemm": _Walker.op_gemm,
+}
+_HANDLERS: dict[str, Callable[[_Walker, ir.Node, str], None]] = {
+    **dict.fromkeys(_UNARY, _Walker.op_unary),
+    **dict.fromkeys(_BROADCAST, _Walker.op_broadcast),
+    **dict.fromkeys(_POOL, _Walker.op_pool),
+    **dict.fromkeys((*_REDUCE, "ArgMax", "ArgMin"), _Walker.op_reduce),
+    **dict.fromkeys(_SOFTMAX, _Walker.op_softmax),
+    "Shape": _Walker.op_shape_reader,
+    "BatchNormalization": _Walker.op_batchnormalization,
+    "InstanceNormalization": _Walker.op_instancenormalization,
+    "LayerNormalization": _Walker.op_layernormalization,
+    "Transpose": _Walker.op_transpose,
+    "Squeeze": _Walker.op_squeeze,
+    "Unsqueeze": _Walker.op_unsqueeze,
+    "Flatten": _Walker.op_flatten,
+    "Reshape": _Walker.op_reshape,
+    "Concat": _Walker.op_concat,
+    "Split": _Walker.op_split,
+    "Slice": _Walker.op_slice,
+    "Resize": _Walker.op_resize,
+    "Upsample": _Walker.op_upsample,
+    "Pad": _Walker.op_pad,
+}
 
 
 def _prod(values: Sequence[int]) -> int:

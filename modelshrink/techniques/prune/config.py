@@ -5,15 +5,20 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from modelshrink.errors import ConfigError
+from modelshrink.flags import exclude_flag, flag, min_elements_flag
 
-__all__ = ["DEFAULT_OP_TYPES", "DEFAULT_SPARSITY", "IMPORTANCES", "SCOPES", "PruneConfig"]
+__all__ = ["DEFAULT_OP_TYPES", "DEFAULT_SPARSITY", "IMPORTANCES", "PANEL", "SCOPES", "PruneConfig"]
 
+PANEL = "Pruning"
 DEFAULT_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
 DEFAULT_SPARSITY = 0.5
-SCOPES = ("layer", "global")
-IMPORTANCES = ("auto", "l1", "l2", "activation")
+Scope = Literal["layer", "global"]
+Importance = Literal["auto", "l1", "l2", "activation"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+IMPORTANCES: tuple[str, ...] = get_args(Importance)
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -44,16 +49,52 @@ class PruneConfig:
             turns off the default search, so it needs an amount.
     """
 
-    sparsity: float | None = None
-    scope: str = "layer"
-    pattern: str | None = None
-    structured: bool = False
-    importance: str = "auto"
-    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
-    exclude: tuple[str, ...] = ()
-    min_elements: int = 1024
-    sparse_storage: bool = False
-    search: bool | None = None
+    sparsity: float | None = flag(
+        None,
+        "Fraction to remove: of the weights, or of each channel group with --structured. Default: the "
+        "largest that keeps the fidelity floor (top-1 agreement >= 99% on class-like outputs, else cosine "
+        ">= 0.99), searched in a few trial runs; with a fidelity gate, up to 0.5 as the gate allows.",
+        panel=PANEL,
+        show_default=False,
+    )
+    scope: Scope = flag(
+        "layer",
+        "layer: each tensor loses exactly --sparsity; global: one magnitude threshold over all.",
+        panel=PANEL,
+    )
+    pattern: str | None = flag(
+        None,
+        "N:M, e.g. 2:4: at most N non-zeros in every M weights along the input dimension.",
+        panel=PANEL,
+        show_default=False,
+    )
+    structured: bool = flag(
+        False, "Remove whole channels / hidden units so tensors shrink (and run faster).", panel=PANEL
+    )
+    importance: Importance = flag(
+        "auto",
+        "Channel ranking for --structured: auto (activation with --data, else l1), l1, l2, activation.",
+        panel=PANEL,
+    )
+    op_types: tuple[str, ...] = flag(
+        DEFAULT_OP_TYPES,
+        "Op types whose weights are pruned (repeatable or comma-separated; default MatMul,Gemm,Conv).",
+        panel=PANEL,
+        show_default=False,
+    )
+    exclude: tuple[str, ...] = exclude_flag(PANEL)
+    min_elements: int = min_elements_flag(PANEL)
+    sparse_storage: bool = flag(
+        False, "Store pruned tensors as ONNX sparse tensors where smaller (file size only).", panel=PANEL
+    )
+    search: bool | None = flag(
+        None,
+        "Per-layer sensitivity search under the fidelity gates (default: on when --max-error, --min-cosine "
+        "or --min-agreement is given).",
+        negative="--no-search",
+        panel=PANEL,
+        show_default=False,
+    )
 
     def __post_init__(self) -> None:
         if self.sparsity is not None and not (math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0):

@@ -27,9 +27,9 @@ import numpy as np
 import onnx_ir as ir
 
 from modelshrink.gates import Gates, allowance_used, holds
-from modelshrink.techniques import _floor
+from modelshrink.techniques import floor_search
 from modelshrink.techniques.base import TechniqueContext
-from modelshrink.techniques.prune._magnitude import magnitude
+from modelshrink.techniques.prune.magnitude import magnitude
 from modelshrink.verify import Fidelity
 
 __all__ = ["SearchResult", "Unit", "describe_default", "magnitude_error", "score_share", "search"]
@@ -235,9 +235,9 @@ def score_share(scores: np.ndarray, channels: Sequence[int]) -> tuple[float, ...
     )
 
 
-def describe_default(result: _floor.FloorResult, floor: Gates, amount: str, unit_word: str) -> str:
+def describe_default(result: floor_search.FloorResult, floor: Gates, amount: str, unit_word: str) -> str:
     """The note saying what the default search did, or that nothing kept the floor."""
-    bar = _floor.describe_floor(floor)
+    bar = floor_search.describe_floor(floor)
     runs = f"{result.evaluations} candidate models run"
     if result.assignment:
         spent = "; the run budget ended the search" if result.budget_spent else ""
@@ -248,7 +248,7 @@ def describe_default(result: _floor.FloorResult, floor: Gates, amount: str, unit
             "--max-error) to choose the bar; details.default_search has the runs"
         )
     return (
-        f"no --{amount} and no gate: no {amount} tried keeps the fidelity floor ({bar}{_floor.least_tried(result, unit_word)}), so "
+        f"no --{amount} and no gate: no {amount} tried keeps the fidelity floor ({bar}{floor_search.least_tried(result, unit_word)}), so "
         f"nothing was pruned and the model is unchanged ({runs}); give --{amount} to prune anyway "
         "(the report then shows the damage), or --data so the floor is measured on real inputs"
     )

@@ -33,9 +33,9 @@ from modelshrink.errors import ConfigError
 from modelshrink.graph import NameAuthority, op_key, release
 from modelshrink.sessions import session_for_model
 from modelshrink.techniques.base import Change, Skip, TechniqueContext
-from modelshrink.techniques.prune._channels import SOURCE_OPS, Analysis, Dim, analyze
-from modelshrink.techniques.prune._common import node_label, set_weight
-from modelshrink.techniques.prune._config import PruneConfig
+from modelshrink.techniques.prune.channels import SOURCE_OPS, Analysis, Dim, analyze
+from modelshrink.techniques.prune.common import node_label, set_weight
+from modelshrink.techniques.prune.config import PruneConfig
 
 __all__ = ["Group", "Plan", "apply_plan", "plan", "shapes_of"]
 

@@ -21,8 +21,8 @@ from modelshrink.feeds import Feeds
 from modelshrink.runtime import RuntimeOptions
 from modelshrink.sessions import session_for_model
 from modelshrink.techniques.base import Progress
-from modelshrink.techniques.factorize._decompose import Gram
-from modelshrink.techniques.factorize._layers import Consumer, Group
+from modelshrink.techniques.factorize.decompose import Gram
+from modelshrink.techniques.factorize.layers import Consumer, Group
 
 __all__ = ["collect_grams"]
 

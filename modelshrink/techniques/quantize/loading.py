@@ -1,0 +1,46 @@
+"""Load what ``--qat`` trains on: every row of ``--data``, and the teacher (or the model itself).
+
+Called by the API before the run (the technique reads no files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from modelshrink import io
+from modelshrink.errors import ConfigError
+from modelshrink.feeds import load_feeds
+from modelshrink.options import RunOptions
+from modelshrink.techniques.distill.data import Teacher, training_data_from_feeds
+from modelshrink.techniques.quantize.config import QatData, QuantizeConfig
+
+__all__ = ["load_qat_data"]
+
+
+def load_qat_data(config: QuantizeConfig, source: str, options: RunOptions) -> QuantizeConfig:
+    """``config`` with ``qat_data`` loaded when ``--qat`` is on (left as given otherwise).
+
+    ``--data`` is read against the teacher's inputs, or the model's (``source``) when no
+    teacher is given (then the input model is its own teacher).
+
+    Raises:
+        ConfigError: No data, or the model on stdin without a teacher.
+    """
+    if not config.qat or config.qat_data is not None:
+        return config
+    if options.data is None:
+        raise ConfigError(
+            "--qat needs --data: the quantized model is trained to copy the float model on these "
+            "inputs, so they must be representative of what the model will see"
+        )
+    if config.teacher == io.STDIO:
+        raise ConfigError("--teacher must be a path (stdin is for the model, if anything)")
+    if config.teacher is None and source == io.STDIO:
+        raise ConfigError(
+            "--qat with the model on stdin needs --teacher PATH (the float model to copy): stdin "
+            "cannot be read twice"
+        )
+    loaded = io.load_model(config.teacher if config.teacher is not None else source)
+    feeds = load_feeds(loaded.model, data=options.data, input_shapes=options.input_shapes, samples=1 << 62)
+    teacher = Teacher(loaded.model, loaded.label) if config.teacher is not None else None
+    return dataclasses.replace(config, qat_data=QatData(training_data_from_feeds(feeds), teacher))
