@@ -20,10 +20,10 @@ from modelshrink import io
 from modelshrink.errors import ConfigError
 from modelshrink.feeds import load_feeds
 from modelshrink.inspection import InspectReport, inspect_model
+from modelshrink.io.targets import plan_writes
 from modelshrink.pipeline import RunOptions, run_technique
 from modelshrink.pipeline import compare as _compare
 from modelshrink.report import Report
-from modelshrink.targets import plan_writes
 from modelshrink.techniques import TECHNIQUES, DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
 from modelshrink.techniques.base import Progress, silent_progress
 from modelshrink.techniques.distill import Teacher, read_labels, training_data_from_feeds

@@ -22,13 +22,14 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from modelshrink import __version__, api, io, targets, techniques
+from modelshrink import __version__, api, io, techniques
 from modelshrink._entry import Interrupted, caught_signal, exit_interrupted
 from modelshrink._entry import main as main
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
 from modelshrink.feeds import parse_input_shapes, parse_input_values
 from modelshrink.gates import Gates
 from modelshrink.inspection import render_inspect
+from modelshrink.io import targets
 from modelshrink.pipeline import RunOptions, run_technique
 from modelshrink.pipeline import compare as compare_models
 from modelshrink.report import Report, render_report

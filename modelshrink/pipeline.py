@@ -29,10 +29,10 @@ from modelshrink.errors import ConfigError, ModelshrinkError, UnsupportedModelEr
 from modelshrink.feeds import Feed, Feeds, load_feeds
 from modelshrink.gates import Gates, floor_gates
 from modelshrink.inputs import Scalar
+from modelshrink.io.targets import plan_writes
 from modelshrink.measure import measure_latency, model_stats
 from modelshrink.report import LatencyComparison, Report
 from modelshrink.runtime import RuntimeOptions, Session
-from modelshrink.targets import plan_writes
 from modelshrink.techniques.base import (
     Progress,
     Technique,

@@ -16,7 +16,7 @@ A command writes up to three things: the model (``-o``), the model's external da
 What each kind of path becomes:
 
 - a regular file, or a path that does not exist yet: written to a staging folder beside it and
-  renamed into place (see :mod:`modelshrink.staging`);
+  renamed into place (see :mod:`modelshrink.io.staging`);
 - a symbolic link to a regular file: the link stays, its *target* is replaced the same way;
 - a character device (``/dev/null``), a FIFO, ``/dev/stdout`` or ``/proc/self/fd/N``, or a link
   to one: written through as a stream, like ``-o -``, never replaced and needing no ``--force``.
@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelshrink import staging
 from modelshrink.errors import ConfigError, TargetError
+from modelshrink.io import staging
 
 __all__ = [
     "STDIO",

@@ -2,10 +2,10 @@
 
 Loading validates everything a user can get wrong before any work starts (missing file, not
 ONNX, checker failures, external data that is missing, short or outside the model's folder).
-Where results may go is decided beforehand by :mod:`modelshrink.targets`. Saving is staged:
+Where results may go is decided beforehand by :mod:`modelshrink.io.targets`. Saving is staged:
 the candidate is written into a private folder next to the destination, checked and verified
 from there, and only then moved into place, together with its external data and the report,
-as one unit (:mod:`modelshrink.staging`). A failure or an interrupt leaves nothing behind,
+as one unit (:mod:`modelshrink.io.staging`). A failure or an interrupt leaves nothing behind,
 and an existing file is never touched unless ``force`` is given.
 """
 
@@ -28,8 +28,8 @@ from google.protobuf.message import DecodeError
 
 from modelshrink.errors import InvalidModelError, OutputError
 from modelshrink.graph import allow_plain_initializers
-from modelshrink.staging import Move, Staging, commit_moves, write_stream
-from modelshrink.targets import STDIO, OutputTarget, ReportTarget, Sink, plan_writes
+from modelshrink.io.staging import Move, Staging, commit_moves, write_stream
+from modelshrink.io.targets import STDIO, OutputTarget, ReportTarget, Sink, plan_writes
 
 __all__ = [
     "EXTERNAL_DATA_AUTO_BYTES",
@@ -463,7 +463,7 @@ def check_output_target(
     inputs: tuple[LoadedModel | str, ...] = (),
     stdout_isatty: bool | None = None,
 ) -> OutputTarget:
-    """Validate a model output before work starts (see :func:`modelshrink.targets.plan_writes`).
+    """Validate a model output before work starts (see :func:`modelshrink.io.targets.plan_writes`).
 
     Args:
         output: A path or ``-`` for stdout.
@@ -692,7 +692,7 @@ def commit(
 
     A streamed model is written first; then every file (external data, model, report) is
     renamed into place under the folder locks with signals held back (see
-    :mod:`modelshrink.staging`): either all of them are in place or none is changed.
+    :mod:`modelshrink.io.staging`): either all of them are in place or none is changed.
 
     Raises:
         OutputError: A file that may not be replaced appeared meanwhile, or a write failed.
