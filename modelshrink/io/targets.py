@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelshrink.errors import ConfigError, TargetError
-from modelshrink.io import staging
+from modelshrink.io.staging import probe_writable, sweep_stale
 
 __all__ = [
     "STDIO",
@@ -374,7 +374,7 @@ def plan_writes(
     if out_target is not None and out_target.dest is None:
         folders.add(Path(tempfile.gettempdir()))  # streamed models are staged there
     for folder in sorted(folders, key=str):
-        swept.extend(staging.sweep_stale(folder))
+        swept.extend(sweep_stale(folder))
     return WritePlan(out_target, report_target, tuple(swept))
 
 
@@ -384,7 +384,7 @@ def _check_folder(flag: str, shown: str, file: Path) -> None:
         raise _fail(flag, shown, f"folder '{folder}' does not exist; create it first")
     if not folder.is_dir():
         raise _fail(flag, shown, f"'{folder}' is not a folder")
-    error = staging.probe_writable(folder)
+    error = probe_writable(folder)
     if error is not None:
         raise _fail(flag, shown, f"folder '{folder}' is not writable ({error.strerror or error})")
 
