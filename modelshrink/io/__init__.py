@@ -15,7 +15,7 @@ lives in its own module, and dependencies inside the package point one way (down
 - :mod:`~modelshrink.io.targets`: where a command writes: every path decided and checked
   before any work.
 - :mod:`~modelshrink.io.staging`: staging folders, locks, atomic commits of several files,
-  stale folders of killed runs swept.
+  stale folders of killed runs swept; temporary folders for files never committed.
 
 (``writing`` uses all of the others; ``reading`` uses ``sparse``, ``external`` and ``targets``;
 ``sparse`` uses ``external``; ``targets`` uses ``staging``; ``external`` and ``staging`` use
@@ -27,6 +27,7 @@ from __future__ import annotations
 from modelshrink.io.external import external_files, total_tensor_bytes
 from modelshrink.io.reading import LoadedModel, checker_message, files_read, load_model
 from modelshrink.io.sparse import SPARSE_STORAGE_KEY, SPARSE_STORAGE_VALUE
+from modelshrink.io.staging import temporary_folder
 from modelshrink.io.targets import STDIO, OutputTarget
 from modelshrink.io.writing import (
     SERIALIZE_WHOLE_BYTES,
@@ -59,5 +60,6 @@ __all__ = [
     "model_bytes",
     "stage_model",
     "stage_report",
+    "temporary_folder",
     "total_tensor_bytes",
 ]
