@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 from modelshrink import io
 from modelshrink.errors import ConfigError
 from modelshrink.inspection import InspectReport, inspect_model
-from modelshrink.io import plan_writes
+from modelshrink.io.targets import plan_writes
 from modelshrink.options import RunOptions
 from modelshrink.report import Report
 from modelshrink.techniques import TECHNIQUES, DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig

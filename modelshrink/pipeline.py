@@ -25,12 +25,12 @@ from modelshrink import io
 from modelshrink.errors import ConfigError, ModelshrinkError, UnsupportedModelError
 from modelshrink.feeds import Feed, Feeds, load_feeds
 from modelshrink.gates import Gates, floor_gates
+from modelshrink.io.targets import plan_writes
 from modelshrink.measure import measure_latency, model_stats
 from modelshrink.options import RunOptions
 from modelshrink.report import LatencyComparison, Report
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.sessions import session_for_model
-from modelshrink.targets import plan_writes
 from modelshrink.techniques.base import (
     Progress,
     Technique,

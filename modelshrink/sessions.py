@@ -10,8 +10,6 @@ at 1.65 GB. It sits below the techniques and the pipeline, so both import it dow
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,14 +27,11 @@ def saved_for_runtime(model: ir.Model) -> Iterator[Path | bytes]:
     if io.total_tensor_bytes(model) < io.SERIALIZE_WHOLE_BYTES:
         yield io.model_bytes(model)
         return
-    folder = Path(tempfile.mkdtemp(prefix="modelshrink-eval-"))
-    try:
+    # a folder a killed run leaves behind is swept by the next run that makes one
+    with io.temporary_folder() as folder:
         target = io.OutputTarget(folder / "candidate.onnx", force=True, external_data=True)
-        staged = io.stage_model(model, target)
-        staged.commit()
+        io.stage_model(model, target).commit()
         yield folder / "candidate.onnx"
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def session_for_model(model: ir.Model, runtime: RuntimeOptions, *, label: str = "candidate") -> Session:

@@ -35,8 +35,6 @@ LAYERS: dict[str, int] = {
     "modelshrink.inputs": 2,
     "modelshrink.runtime": 2,
     "modelshrink.io": 3,
-    "modelshrink.targets": 3,
-    "modelshrink.staging": 3,
     "modelshrink.feeds": 3,
     "modelshrink.measure": 3,
     "modelshrink.verify": 4,

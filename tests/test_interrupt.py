@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from modelshrink import api
+from modelshrink import api, io
 from modelshrink.pipeline import RunOptions
 
 import models
@@ -60,6 +61,17 @@ def slow(real):
 os.replace, os.link = slow(os.replace), slow(os.link)
 """
 FAST = ["--no-latency", "--samples", "1", "-q"]
+# A child that holds a temporary folder (as an onnxruntime copy of a big candidate does) until killed.
+HOLD_TEMPORARY_FOLDER = textwrap.dedent(
+    """
+    import time
+    from modelshrink import io
+    with io.temporary_folder() as folder:
+        (folder / "candidate.onnx").write_bytes(b"model bytes")
+        print(folder, flush=True)
+        time.sleep(30)
+    """
+)
 
 
 def _start(patch: str, argv: list[str]) -> subprocess.Popen[str]:
@@ -150,6 +162,36 @@ def test_staging_of_a_killed_run_is_removed_by_the_next_run(tmp_path: Path) -> N
     assert staging.exists()
     api.quantize(str(src), str(out_dir / "c.onnx"), options=options)
     assert sorted(p.name for p in out_dir.iterdir()) == ["b.onnx", "c.onnx"]
+
+
+@pytest.mark.slow
+def test_temporary_folder_of_a_killed_run_is_removed_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files written only for onnxruntime go to io.temporary_folder() in the system temp folder:
+    one that SIGKILL left there is removed when the next process makes one, never while its
+    process lives."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_TEMPORARY_FOLDER],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
+    assert proc.stdout is not None
+    left = Path(proc.stdout.readline().strip())
+    assert left.parent == temp and left.name.startswith(f".modelshrink-{proc.pid}-")
+    with io.temporary_folder() as mine:  # its process lives: left alone
+        assert mine.parent == temp and (left / "candidate.onnx").exists()
+    assert not mine.exists()
+    proc.kill()  # SIGKILL: no clean-up runs
+    proc.wait(timeout=20)
+    assert left.exists()
+    with io.temporary_folder() as mine:
+        assert [p.name for p in temp.iterdir()] == [mine.name]
+    assert not list(temp.iterdir())
 
 
 @pytest.mark.slow

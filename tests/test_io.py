@@ -253,7 +253,7 @@ def test_streamed_one_file_output_reads_back_as_the_same_model(
     loaded = io.load_model(str(src))
     whole = tmp_path / "whole.onnx"
     io.stage_model(loaded.model, io.check_output_target(str(whole), external_data=False)).commit()
-    monkeypatch.setattr(io, "SERIALIZE_WHOLE_BYTES", 0)
+    monkeypatch.setattr(io.writing, "SERIALIZE_WHOLE_BYTES", 0)
     streamed = tmp_path / "streamed.onnx"
     io.stage_model(loaded.model, io.check_output_target(str(streamed), external_data=False)).commit()
     assert not (tmp_path / "streamed.onnx.data").exists()
@@ -271,4 +271,4 @@ def test_streamed_one_file_output_reads_back_as_the_same_model(
 def test_varint_matches_protobuf(size: int) -> None:
     from google.protobuf.internal.encoder import _VarintBytes
 
-    assert io._varint(size) == _VarintBytes(size)
+    assert io.writing._varint(size) == _VarintBytes(size)

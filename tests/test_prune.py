@@ -831,7 +831,7 @@ def test_cli_structured(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def _sparse_constants(proto: onnx.ModelProto) -> int:
-    from modelshrink.io import _proto_graphs
+    from modelshrink.io.sparse import _proto_graphs
 
     return sum(
         1
@@ -885,7 +885,7 @@ def test_sparse_storage_in_subgraphs_constants_and_float16() -> None:
 def to_proto_dense(model: ir.Model) -> onnx.ModelProto:
     """The model with sparse-storage marks ignored (every tensor dense)."""
     proto = ir.serde.serialize_model(model)
-    from modelshrink.io import _proto_graphs
+    from modelshrink.io.sparse import _proto_graphs
 
     for g in _proto_graphs(proto.graph):
         for n in g.node:

@@ -16,7 +16,7 @@ A command writes up to three things: the model (``-o``), the model's external da
 What each kind of path becomes:
 
 - a regular file, or a path that does not exist yet: written to a staging folder beside it and
-  renamed into place (see :mod:`modelshrink.staging`);
+  renamed into place (see :mod:`modelshrink.io.staging`);
 - a symbolic link to a regular file: the link stays, its *target* is replaced the same way;
 - a character device (``/dev/null``), a FIFO, ``/dev/stdout`` or ``/proc/self/fd/N``, or a link
   to one: written through as a stream, like ``-o -``, never replaced and needing no ``--force``.
@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelshrink import staging
 from modelshrink.errors import ConfigError, TargetError
+from modelshrink.io.staging import probe_writable, sweep_stale
 
 __all__ = [
     "STDIO",
@@ -374,7 +374,7 @@ def plan_writes(
     if out_target is not None and out_target.dest is None:
         folders.add(Path(tempfile.gettempdir()))  # streamed models are staged there
     for folder in sorted(folders, key=str):
-        swept.extend(staging.sweep_stale(folder))
+        swept.extend(sweep_stale(folder))
     return WritePlan(out_target, report_target, tuple(swept))
 
 
@@ -384,7 +384,7 @@ def _check_folder(flag: str, shown: str, file: Path) -> None:
         raise _fail(flag, shown, f"folder '{folder}' does not exist; create it first")
     if not folder.is_dir():
         raise _fail(flag, shown, f"'{folder}' is not a folder")
-    error = staging.probe_writable(folder)
+    error = probe_writable(folder)
     if error is not None:
         raise _fail(flag, shown, f"folder '{folder}' is not writable ({error.strerror or error})")
 

@@ -15,6 +15,9 @@ into a staging folder next to its destination, ``.modelshrink-<pid>-<random>``, 
 
 A staging folder whose lock can be taken belongs to a process that is gone (killed before it
 could clean up): :func:`sweep_stale` removes it, and every run sweeps the folders it writes to.
+Files that are never committed (a copy of a model written only for onnxruntime to read) go to
+a :func:`temporary_folder` in the system temp folder, a staging folder like the others: one a
+killed process left there is removed by the next.
 
 What remains: a reader that does not take the folder lock can open a model between the
 renames of its external data and of the model itself (microseconds) and see the new data
@@ -52,6 +55,7 @@ __all__ = [
     "probe_writable",
     "signals_deferred",
     "sweep_stale",
+    "temporary_folder",
     "write_stream",
 ]
 
@@ -218,6 +222,26 @@ def sweep_stale(folder: Path) -> list[Path]:
             if not path.exists():
                 removed.append(path)
     return removed
+
+
+@contextlib.contextmanager
+def temporary_folder() -> Iterator[Path]:
+    """A private folder in the system temp folder, removed on exit, for files never committed.
+
+    It is a :class:`Staging` folder (``.modelshrink-<pid>-<random>``, locked while this process
+    lives), so one left behind by a process killed before it could clean up (SIGKILL, a power
+    cut) is removed by the next call here, as by any run that stages a streamed model in the
+    temp folder (:func:`sweep_stale`).
+
+    Raises:
+        OSError: The folder cannot be created.
+    """
+    sweep_stale(Path(tempfile.gettempdir()))
+    place = Staging(None)
+    try:
+        yield place.folder
+    finally:
+        place.remove()
 
 
 # --- committing ------------------------------------------------------------------------------
