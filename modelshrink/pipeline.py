@@ -26,7 +26,7 @@ from modelshrink.errors import ConfigError, ModelshrinkError, UnsupportedModelEr
 from modelshrink.feeds import Feed, Feeds, load_feeds
 from modelshrink.gates import Gates, floor_gates
 from modelshrink.io.targets import plan_writes
-from modelshrink.measure import measure_latency, model_stats
+from modelshrink.measure import ModelStats, measure_latency, model_stats
 from modelshrink.options import RunOptions
 from modelshrink.report import LatencyComparison, Report
 from modelshrink.runtime import RuntimeOptions, Session
@@ -217,7 +217,7 @@ def compare(
     size_ratio = cand_stats.size_bytes / orig_stats.size_bytes if orig_stats.size_bytes else None
     gates = _gate_results(options, fidelity, size_ratio, latency)
     result = Report(
-        verdict=_verdict(fidelity, size_ratio, latency, feeds),
+        verdict=_verdict(fidelity, (orig_stats, cand_stats), latency, feeds),
         inputs=feeds.inputs,
         probes=feeds.probes,
         command="compare",
@@ -339,7 +339,7 @@ def run_technique(
         written = all(g.passed for g in gates) and result.write
         settings = {"config": _config_dict(config), **options.settings()}
         outcome = Report(
-            verdict=_verdict(fidelity, size_ratio, latency, feeds, result),
+            verdict=_verdict(fidelity, (orig_stats, res_stats), latency, feeds, result),
             inputs=feeds.inputs,
             probes=feeds.probes,
             command=command,
@@ -383,7 +383,7 @@ def _files_read(config: Any, options: RunOptions) -> tuple[str | Path, ...]:
 
 def _verdict(
     fidelity: Fidelity,
-    size_ratio: float | None,
+    stats: tuple[ModelStats, ModelStats],
     latency: LatencyComparison | None,
     feeds: Feeds,
     result: TechniqueResult | None = None,
@@ -393,15 +393,22 @@ def _verdict(
     if latency is not None and latency.original.p50_ms > 0:
         slowdown = latency.result.p50_ms / latency.original.p50_ms
         where = f"{latency.provider.removesuffix('ExecutionProvider').lower()}, {latency.threads or 'default'} thread(s)"
+    original, result_stats = stats
     return judge(
         fidelity,
-        size_ratio=size_ratio,
+        size_ratio=_ratio(result_stats.size_bytes, original.size_bytes),
+        zlib_ratio=_ratio(result_stats.size_zlib_bytes, original.size_zlib_bytes),
         slowdown=slowdown,
         latency_where=where,
         real_data=feeds.real,
         judged=result.judged if result is not None else None,
-        changed=bool(result.changed) if result is not None else None,
+        # a technique may change the graph without a per-weight change (fp16's Casts)
+        changed=(bool(result.changed) or result_stats.ops != original.ops) if result is not None else None,
     )
+
+
+def _ratio(new: int | None, old: int | None) -> float | None:
+    return new / old if new is not None and old else None
 
 
 def _config_dict(config: Any) -> Any:

@@ -191,6 +191,7 @@ def judge(
     *,
     size_ratio: float | None,
     slowdown: float | None,
+    zlib_ratio: float | None = None,
     latency_where: str = "",
     real_data: bool,
     judged: Judged | None = None,
@@ -201,6 +202,7 @@ def judge(
     Args:
         fidelity: Result against the original on the verification feeds.
         size_ratio: Result size / original size (files).
+        zlib_ratio: The same, zlib-compressed (what unstructured sparsity shrinks).
         slowdown: Result p50 / original p50, or None when latency was not measured.
         latency_where: How latency was measured, for the sentence (``cpu, 1 thread``).
         real_data: Whether the verification feeds came from ``--data``.
@@ -239,7 +241,9 @@ def judge(
         advice.append(SKIPPED_ADVICE)
     if size_ratio is not None:
         outcome.append(f"{size_ratio:.3f}x the size")
-        if size_ratio > 1.0:
+        # Larger on disk and compressed alike; an unchanged model is said as such, not as larger.
+        compressed_smaller = zlib_ratio is not None and zlib_ratio < 1.0
+        if size_ratio > 1.0 and not compressed_smaller and changed is not False:
             findings.append(Finding("larger", f"the result is larger than the original ({size_ratio:.3f}x)"))
             advice.append(SKIPPED_ADVICE)
     if slowdown is not None:
