@@ -3,7 +3,8 @@
 A rule receives the forward node and the gradients of its outputs (``dY``, None where no
 gradient flows) and returns one gradient per input (None where it emits none). Formulas, with
 ``Y`` the forward output, are written next to each function; every rule emits standard ONNX
-ops only and is checked against float64 finite differences in ``tests/test_distill_rules.py``.
+ops only and is checked against float64 finite differences in ``tests/test_distill_rules.py``
+and ``tests/test_distill_rules_real.py``.
 
 Choices that matter for speed on onnxruntime's CPU kernels (see
 ``shared/notes/training-engine.md``): masks as ``Mul(dY, Cast(Greater(X, 0)))`` rather than
@@ -44,6 +45,21 @@ def _input(node: onnx.NodeProto, i: int) -> str:
 
 def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
+
+
+_INT_MAX = 2**62  # a Slice bound past either end of any axis
+
+
+def _str_attr(node: onnx.NodeProto, name: str, default: str) -> str:
+    value = _attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _slice_axis(ctx: RuleContext, x: str, start: int, end: int, axis: int, step: int = 1) -> str:
+    inputs = [x, ctx.b.ints([start]), ctx.b.ints([end]), ctx.b.ints([axis])]
+    if step != 1:
+        inputs.append(ctx.b.ints([step]))
+    return ctx.op("Slice", inputs)
 
 
 # --- pass-through ---------------------------------------------------------------------------
@@ -605,8 +621,47 @@ def _conv_geometry(ctx: RuleContext, node: onnx.NodeProto, x: str, w_shape: Sequ
     }
 
 
+def _dynamic_conv_geometry(ctx: RuleContext, node: onnx.NodeProto, w_shape: Sequence[int]) -> dict[str, Any]:
+    """Conv geometry when spatial sizes are only known at run time (explicit pads, VALID, or SAME
+    with stride 1, whose pads do not depend on the size)."""
+    nd = len(w_shape) - 2
+    kernel = list(_attr(node, "kernel_shape") or w_shape[2:])
+    strides = list(_attr(node, "strides") or [1] * nd)
+    dilations = list(_attr(node, "dilations") or [1] * nd)
+    pads = list(_attr(node, "pads") or [0] * (2 * nd))
+    auto_pad = _str_attr(node, "auto_pad", "NOTSET")
+    if auto_pad == "VALID":
+        pads = [0] * (2 * nd)
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if any(s != 1 for s in strides):
+            raise GradientError(
+                f"auto_pad={auto_pad} with strides {strides} pads by the input size, which is only known "
+                "at run time here; give the student a fixed input size"
+            )
+        for i in range(nd):
+            total = (kernel[i] - 1) * dilations[i]
+            small = total // 2
+            pads[i], pads[nd + i] = (
+                (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+            )
+    return {
+        "kernel": kernel,
+        "strides": strides,
+        "dilations": dilations,
+        "pads": pads,
+        "out": None,
+        "nd": nd,
+    }
+
+
 def _conv(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
-    """Conv: dX = ConvTranspose(dY, W); dW by im2col and one Gemm (batched MatMul for groups); dB = sum(dY)."""
+    """Conv: dX = ConvTranspose(dY, W); dW by im2col and one Gemm (batched MatMul for groups); dB = sum(dY).
+
+    With static spatial sizes, ConvTranspose's pads and output_padding restore the exact input
+    size. With sizes known only at run time, ConvTranspose crops only the begin padding and its
+    result is zero-padded (the rows no window reads, when the stride does not divide evenly) and
+    sliced back to X's size; the im2col slices end where dY's size says.
+    """
     dy = dys[0]
     assert dy is not None
     x, w = node.input[0], node.input[1]
@@ -614,20 +669,35 @@ def _conv(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     if w_shape is None:
         raise GradientError(f"weight '{w}' needs a static shape")
     group = int(_attr(node, "group", 1))
-    geo = _conv_geometry(ctx, node, x, w_shape)
+    spatial = ctx.dims(x)[2:]
+    dynamic = not all(isinstance(d, int) for d in spatial)
+    geo = _dynamic_conv_geometry(ctx, node, w_shape) if dynamic else _conv_geometry(ctx, node, x, w_shape)
     nd = geo["nd"]
     dx = dw = db = None
     if ctx.needs(node, 0):
-        dx = ctx.op(
-            "ConvTranspose",
-            [dy, w],
-            group=group,
-            kernel_shape=geo["kernel"],
-            strides=geo["strides"],
-            dilations=geo["dilations"],
-            pads=geo["tpads"],
-            output_padding=geo["output_padding"],
-        )
+        window = {"kernel_shape": geo["kernel"], "strides": geo["strides"], "dilations": geo["dilations"]}
+        if not dynamic:
+            dx = ctx.op(
+                "ConvTranspose",
+                [dy, w],
+                group=group,
+                pads=geo["tpads"],
+                output_padding=geo["output_padding"],
+                **window,
+            )
+        else:
+            pads = geo["pads"]
+            dx = ctx.op("ConvTranspose", [dy, w], group=group, pads=[*pads[:nd], *[0] * nd], **window)
+            if any(s != 1 for s in geo["strides"]):  # X's rows past the last window get zeros
+                size_x = _slice_axis(ctx, ctx.op("Shape", [x]), 2, _INT_MAX, 0)
+                size_dx = _slice_axis(ctx, ctx.op("Shape", [dx]), 2, _INT_MAX, 0)
+                short = ctx.op("Add", [ctx.op("Sub", [size_x, size_dx]), ctx.b.ints(pads[nd:])])
+                dx = ctx.op("Pad", [dx, ctx.op("Concat", [ctx.b.ints([0] * (nd + 4)), short], axis=0)])
+            if any(pads[nd:]):
+                ends = [-p if p else _INT_MAX for p in pads[nd:]]
+                dx = ctx.op(
+                    "Slice", [dx, ctx.b.ints([0] * nd), ctx.b.ints(ends), ctx.b.ints(range(2, 2 + nd))]
+                )
     if ctx.needs(node, 1):
         dw = _conv_weight_grad(ctx, x, dy, w_shape, group, geo)
     if len(node.input) > 2 and ctx.needs(node, 2):
@@ -652,7 +722,7 @@ def _conv_weight_grad(
     )
     xt = ctx.op("Transpose", [x], perm=[1, 0, *range(2, 2 + nd)])  # [C, N, *spatial]
     pad_begin, pad_end = pads[:nd], list(pads[nd:])
-    for i in range(nd):  # ceil-mode windows may read past the end padding
+    for i in range(nd if out is not None else 0):  # ceil-mode windows may read past the end padding
         need = (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
         pad_end[i] = max(pad_end[i], need - geo["spatial"][i] - pad_begin[i])
     if any(pad_begin) or any(pad_end):
@@ -666,13 +736,18 @@ def _conv_weight_grad(
     else:
         pieces = []
         axes = list(range(2, 2 + nd))
+        if out is None:  # sizes known at run time: a window starting at k ends at k + s * (out - 1) + 1
+            span = ctx.op(
+                "Mul", [_slice_axis(ctx, ctx.op("Shape", [dy]), 2, _INT_MAX, 0), ctx.b.ints(strides)]
+            )
         for off in offsets:
             starts = [off[i] * dilations[i] for i in range(nd)]
-            ends = [starts[i] + strides[i] * (out[i] - 1) + 1 for i in range(nd)]
+            if out is None:
+                ends = ctx.op("Add", [span, ctx.b.ints([starts[i] - strides[i] + 1 for i in range(nd)])])
+            else:
+                ends = ctx.b.ints([starts[i] + strides[i] * (out[i] - 1) + 1 for i in range(nd)])
             pieces.append(
-                ctx.op(
-                    "Slice", [xt, ctx.b.ints(starts), ctx.b.ints(ends), ctx.b.ints(axes), ctx.b.ints(strides)]
-                )
+                ctx.op("Slice", [xt, ctx.b.ints(starts), ends, ctx.b.ints(axes), ctx.b.ints(strides)])
             )
         cols = pieces[0] if len(pieces) == 1 else ctx.op("Concat", pieces, axis=1)  # [C, K*N, *out]
     kk = len(offsets)

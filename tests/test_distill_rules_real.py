@@ -1,0 +1,235 @@
+"""Gradient rules for the ops real networks put on their trainable path (issue 17), in random
+shapes and attribute variants, each case checked twice:
+
+- float64 central finite differences on ``onnx.reference`` (as in ``test_distill_rules.py``);
+- on onnxruntime in float32: against the float64 gradient, which catches emitted ops
+  onnxruntime lacks; for what ``onnx.reference`` cannot run, by the adjoint identity
+  <R, Y(w) - Y(0)> = <dL/dw, w> of ops linear in ``w`` against onnxruntime's own forward.
+
+Then ties, refusals (each a GradientError saying why) and the forms chosen for speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_distill_rules import (
+    Case,
+    _case_model,
+    _r,
+    _static_inputs,
+    evaluator,
+    gradient_check,
+)
+
+from modelshrink.techniques.distill.autodiff import append_gradients
+from modelshrink.techniques.distill.grad import GradientError
+from modelshrink.techniques.distill.rules import RULES
+
+# float32 onnxruntime gradient vs float64 onnx.reference gradient, relative to the largest
+# gradient element (float32 rounding through a few MatMuls and reductions)
+F32_GRAD_RTOL = 1e-4
+# adjoint identity in float32, relative to sum(|dY| * |Y|)
+ADJOINT_RTOL = 1e-4
+
+F32 = np.float32
+EMPTY = np.zeros(0, dtype=F32)
+
+
+@dataclass
+class DynCase(Case):
+    """A case whose listed input axes stay symbolic (known only at run time)."""
+
+    dynamic: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def _dyn(case: Case, **axes: Sequence[int]) -> Case:
+    """``case`` with the given axes of the given inputs made symbolic (the rest stay static)."""
+    fields = {f.name: getattr(case, f.name) for f in dataclasses.fields(Case)}
+    return DynCase(**{**fields, "id": case.id + "_dyn"}, dynamic={k: tuple(v) for k, v in axes.items()})
+
+
+def _model(case: Case) -> onnx.ModelProto:
+    """The case's one-node model with static input shapes except the axes ``_dyn`` names."""
+    model = _static_inputs(_case_model(case), case.inputs)
+    for vi in model.graph.input:
+        for i in getattr(case, "dynamic", {}).get(vi.name, ()):
+            d = vi.type.tensor_type.shape.dim[i]
+            d.ClearField("dim_value")
+            d.dim_param = f"{vi.name}_{i}"
+    return model
+
+
+CONV_DYNAMIC_CASES = [
+    _dyn(
+        Case(
+            "conv_stride",
+            "Conv",
+            {"x": _r(2, 2, 7, 6), "w": _r(3, 2, 3, 2)},
+            {"strides": [2, 2], "pads": [1, 0, 0, 1]},
+        ),
+        x=[0, 2, 3],
+    ),
+    _dyn(
+        Case(
+            "conv_stride3",
+            "Conv",
+            {"x": _r(2, 2, 8, 7), "w": _r(3, 2, 2, 3), "b": _r(3)},
+            {"strides": [3, 2], "pads": [0, 2, 1, 0]},
+        ),
+        x=[0, 2, 3],
+    ),
+    _dyn(
+        Case(
+            "conv_groups",
+            "Conv",
+            {"x": _r(2, 4, 5, 5), "w": _r(6, 2, 3, 3), "b": _r(6)},
+            {"group": 2, "pads": [1, 1, 1, 1], "dilations": [2, 1]},
+        ),
+        x=[0, 2, 3],
+    ),
+    _dyn(
+        Case(
+            "conv_same_stride1",
+            "Conv",
+            {"x": _r(1, 2, 5, 6), "w": _r(2, 2, 3, 2)},
+            {"auto_pad": "SAME_LOWER"},
+        ),
+        x=[2, 3],
+    ),
+    _dyn(
+        Case("conv_1d", "Conv", {"x": _r(2, 3, 9), "w": _r(2, 3, 3)}, {"strides": [2], "pads": [1, 1]}), x=[2]
+    ),
+    _dyn(Case("conv_1x1", "Conv", {"x": _r(2, 3, 4, 4), "w": _r(5, 3, 1, 1)}), x=[0, 2, 3]),
+]
+CONV_DYNAMIC_REFUSALS = [
+    (
+        _dyn(
+            Case(
+                "conv_same_stride2",
+                "Conv",
+                {"x": _r(1, 2, 5, 5), "w": _r(2, 2, 2, 2)},
+                {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+            ),
+            x=[2, 3],
+        ),
+        "fixed input size",
+    ),
+]
+
+CASES = [
+    *CONV_DYNAMIC_CASES,
+]
+REFUSALS = [
+    *CONV_DYNAMIC_REFUSALS,
+]
+
+
+def _wrt(case: Case) -> list[str]:
+    return list(case.wrt or [k for k, v in case.inputs.items() if v.dtype == np.float64])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_rule_matches_finite_differences(case: Case) -> None:
+    gradient_check(_model(case), case.inputs, _wrt(case), static=False)
+
+
+# --- the same gradient graphs on onnxruntime (float32) --------------------------------------
+
+
+def _as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float32 copy of a float64 case model (inputs, outputs, float64 constants, attributes)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for init in g.initializer:
+        if init.data_type == TensorProto.DOUBLE:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(F32), init.name))
+    for vi in [*g.input, *g.output]:
+        if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.name == "stash_type":
+                attr.i = TensorProto.FLOAT
+    return m
+
+
+def _gradients(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    wrt: Sequence[str],
+    seeds: Mapping[str, np.ndarray],
+    *,
+    on_ort: bool,
+) -> dict[str, np.ndarray]:
+    """The engine's gradients of sum(output * seed), run on onnxruntime or onnx.reference."""
+    seeded = onnx.ModelProto()
+    seeded.CopyFrom(model)
+    for out, s in seeds.items():
+        seeded.graph.input.append(
+            helper.make_tensor_value_info(
+                f"seed__{out}", helper.np_dtype_to_tensor_dtype(s.dtype), list(s.shape)
+            )
+        )
+    grad_model, grads, _ = append_gradients(
+        seeded, wrt=wrt, seeds={o: f"seed__{o}" for o in seeds}, rules=RULES
+    )
+    names = [grads[w] for w in wrt]
+    assert all(n is not None for n in names)
+    del grad_model.graph.output[:]
+    for w, n in zip(wrt, names, strict=True):
+        elem = helper.np_dtype_to_tensor_dtype(feeds[w].dtype)
+        grad_model.graph.output.append(helper.make_tensor_value_info(n, elem, None))
+    inputs = {**feeds, **{f"seed__{o}": s for o, s in seeds.items()}}
+    if on_ort:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(
+            grad_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        names_in = {i.name for i in session.get_inputs()}
+        out = session.run(list(names), {k: v for k, v in inputs.items() if k in names_in})
+    else:
+        out = evaluator(grad_model).run(list(names), inputs)
+    return dict(zip(wrt, out, strict=True))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.op != "Resize"], ids=lambda c: c.id)
+def test_rule_on_onnxruntime_matches_float64(case: Case) -> None:
+    model = _model(case)
+    wrt = _wrt(case)
+    outputs = [o.name for o in model.graph.output]
+    values = evaluator(model).run(outputs, dict(case.inputs))
+    rng = np.random.default_rng(1)
+    seeds = {o: rng.standard_normal(v.shape) for o, v in zip(outputs, values, strict=True)}
+    want = _gradients(model, case.inputs, wrt, seeds, on_ort=False)
+    feeds32 = {k: (v.astype(F32) if v.dtype == np.float64 else v) for k, v in case.inputs.items()}
+    got = _gradients(
+        _as_float32(model), feeds32, wrt, {k: v.astype(F32) for k, v in seeds.items()}, on_ort=True
+    )
+    for w in wrt:
+        scale = max(float(np.abs(want[w]).max()), 1e-6)
+        np.testing.assert_allclose(got[w], want[w], rtol=0, atol=F32_GRAD_RTOL * scale, err_msg=w)
+
+
+# --- ties, refusals, and the forms chosen for speed ------------------------------------------
+
+
+def _refusal(case: Case, match: str) -> None:
+    model = _model(case)
+    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.DOUBLE, None))
+    with pytest.raises(GradientError, match=match):
+        append_gradients(model, wrt=_wrt(case), seeds={"y0": "seed"}, rules=RULES)
+
+
+@pytest.mark.parametrize(("case", "match"), REFUSALS, ids=lambda v: v.id if isinstance(v, Case) else "")
+def test_refusals_say_why(case: Case, match: str) -> None:
+    _refusal(case, match)
