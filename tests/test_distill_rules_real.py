@@ -21,7 +21,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_distill_rules import (
+    I64,
     Case,
+    _away_from,
     _case_model,
     _r,
     _static_inputs,
@@ -124,7 +126,101 @@ CONV_DYNAMIC_REFUSALS = [
     ),
 ]
 
+ACTIVATION_CASES = [
+    Case("prelu_channel", "PRelu", {"x": _away_from(_r(2, 3, 4, 4), [0.0]), "s": _r(3, 1, 1)}),
+    Case("prelu_shared", "PRelu", {"x": _away_from(_r(2, 3, 4), [0.0]), "s": _r(1)}),
+    Case("prelu_last_axis", "PRelu", {"x": _away_from(_r(2, 3, 4), [0.0]), "s": _r(4)}),
+    Case("prelu_full", "PRelu", {"x": _away_from(_r(3, 4), [0.0]), "s": _r(3, 4)}),
+    Case("softplus", "Softplus", {"x": _r(3, 5) * 3}),
+    Case("mish", "Mish", {"x": _r(3, 5) * 3}),
+    Case("elu", "Elu", {"x": _away_from(_r(3, 5), [0.0])}),
+    Case("elu_alpha", "Elu", {"x": _away_from(_r(3, 5), [0.0])}, {"alpha": 0.3}),
+    Case("selu", "Selu", {"x": _away_from(_r(3, 5), [0.0])}),
+    Case("selu_custom", "Selu", {"x": _away_from(_r(3, 5), [0.0])}, {"alpha": 1.2, "gamma": 0.8}),
+    Case("celu", "Celu", {"x": _away_from(_r(3, 5), [0.0])}),
+    Case("celu_alpha", "Celu", {"x": _away_from(_r(3, 5), [0.0])}, {"alpha": 2.5}),
+    Case("max1", "Max", {"a": _r(3, 4)}),
+    Case("max2", "Max", {"a": _r(3, 4), "b": _r(4)}),
+    Case("max3_bcast", "Max", {"a": _r(2, 3, 1), "b": _r(3, 4), "c": _r(2, 1, 4)}),
+    Case("min2_bcast", "Min", {"a": _r(2, 1), "b": _r(1, 3)}),
+    Case("min3", "Min", {"a": _r(2, 3), "b": _r(2, 3, seed=1), "c": _r(3)}),
+]
+
+REDUCE_CASES = [
+    Case("reducemax13_attr", "ReduceMax", {"x": _r(2, 3, 4)}, {"axes": [1], "keepdims": 1}, opset=13),
+    Case(
+        "reducemin13_attr_drop", "ReduceMin", {"x": _r(2, 3, 4)}, {"axes": [0, -1], "keepdims": 0}, opset=13
+    ),
+    Case("reducemax13_all", "ReduceMax", {"x": _r(2, 3, 4)}, {"keepdims": 0}, opset=13),
+    Case(
+        "reducemax18_input",
+        "ReduceMax",
+        {"x": _r(2, 3, 4)},
+        {"keepdims": 0},
+        consts={"ax": np.asarray([2], I64)},
+        input_order=("x", "ax"),
+    ),
+    Case(
+        "reducemin18_input_keep",
+        "ReduceMin",
+        {"x": _r(2, 3, 4)},
+        consts={"ax": np.asarray([-2, 0], I64)},
+        input_order=("x", "ax"),
+    ),
+    Case("reducemin18_all", "ReduceMin", {"x": _r(2, 3, 4)}),
+    Case("reducemax18_noop", "ReduceMax", {"x": _r(2, 3, 4)}, {"noop_with_empty_axes": 1}),
+    _dyn(
+        Case(
+            "reducemax18_bcast",
+            "ReduceMax",
+            {"x": _r(2, 3, 4)},
+            {"keepdims": 0},
+            consts={"ax": np.asarray([1], I64)},
+            input_order=("x", "ax"),
+        ),
+        x=[0, 1, 2],
+    ),
+]
+
+NORM_CASES = [
+    Case("instnorm", "InstanceNormalization", {"x": _r(2, 3, 4, 5), "s": _r(3), "b": _r(3)}),
+    Case(
+        "instnorm_1d_eps",
+        "InstanceNormalization",
+        {"x": _r(3, 2, 6), "s": _r(2), "b": _r(2)},
+        {"epsilon": 0.1},
+    ),
+    Case("instnorm_3d", "InstanceNormalization", {"x": _r(1, 2, 3, 3, 2), "s": _r(2), "b": _r(2)}),
+    _dyn(
+        Case("instnorm", "InstanceNormalization", {"x": _r(2, 3, 4, 5), "s": _r(3), "b": _r(3)}), x=[0, 2, 3]
+    ),
+    Case(
+        "groupnorm21",
+        "GroupNormalization",
+        {"x": _r(2, 4, 3, 3), "s": _r(4), "b": _r(4)},
+        {"num_groups": 2, "stash_type": TensorProto.DOUBLE},
+        opset=21,
+    ),
+    Case(
+        "groupnorm21_one_group",
+        "GroupNormalization",
+        {"x": _r(2, 3, 5), "s": _r(3), "b": _r(3)},
+        {"num_groups": 1, "epsilon": 1e-3, "stash_type": TensorProto.DOUBLE},
+        opset=21,
+    ),
+    Case(
+        "groupnorm21_per_channel",
+        "GroupNormalization",
+        {"x": _r(2, 3, 2, 3), "s": _r(3), "b": _r(3)},
+        {"num_groups": 3, "stash_type": TensorProto.DOUBLE},
+        opset=21,
+    ),
+]
+
 CASES = [
+    *ACTIVATION_CASES,
+    *REDUCE_CASES,
+    *NORM_CASES,
     *CONV_DYNAMIC_CASES,
 ]
 REFUSALS = [
@@ -220,7 +316,48 @@ def test_rule_on_onnxruntime_matches_float64(case: Case) -> None:
         np.testing.assert_allclose(got[w], want[w], rtol=0, atol=F32_GRAD_RTOL * scale, err_msg=w)
 
 
+def test_group_norm_opset18_scale_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GroupNormalization-18 (scale and bias per group) is deprecated: onnx.checker refuses it,
+    # but exported models have it and both runtimes run it
+    monkeypatch.setattr(onnx.checker, "check_model", lambda *a, **k: None)
+    case = Case(
+        "groupnorm18", "GroupNormalization", {"x": _r(2, 4, 3, 3), "s": _r(2), "b": _r(2)}, {"num_groups": 2}
+    )
+    gradient_check(_case_model(case), case.inputs, ["x", "s", "b"])
+    model = _model(case)
+    outputs = {"y0": np.random.default_rng(2).standard_normal((2, 4, 3, 3))}
+    want = _gradients(model, case.inputs, ["x", "s", "b"], outputs, on_ort=False)
+    feeds32 = {k: v.astype(F32) for k, v in case.inputs.items()}
+    got = _gradients(
+        _as_float32(model), feeds32, ["x", "s", "b"], {"y0": outputs["y0"].astype(F32)}, on_ort=True
+    )
+    for w in ("x", "s", "b"):
+        np.testing.assert_allclose(got[w], want[w], rtol=0, atol=F32_GRAD_RTOL * np.abs(want[w]).max())
+
+
 # --- ties, refusals, and the forms chosen for speed ------------------------------------------
+
+
+def _grads_of(case: Case, seed_value: float = 1.0) -> dict[str, np.ndarray]:
+    model = _model(case)
+    outputs = [o.name for o in model.graph.output]
+    values = evaluator(model).run(outputs, dict(case.inputs))
+    seeds = {o: np.full(v.shape, seed_value) for o, v in zip(outputs, values, strict=True)}
+    return _gradients(model, case.inputs, _wrt(case), seeds, on_ort=False)
+
+
+def test_max_min_ties_share_the_gradient() -> None:
+    a = np.asarray([[1.0, 2.0, 3.0]])
+    grads = _grads_of(Case("max_ties", "Max", {"a": a, "b": np.asarray([[1.0, 0.0, 3.0]]), "c": a.copy()}))
+    np.testing.assert_allclose(grads["a"], [[1 / 3, 0.5, 1 / 3]])
+    np.testing.assert_allclose(grads["b"], [[1 / 3, 0.0, 1 / 3]])
+    np.testing.assert_allclose(grads["a"] + grads["b"] + grads["c"], [[1.0, 1.0, 1.0]])
+
+
+def test_reduce_max_ties_share_the_gradient() -> None:
+    x = np.asarray([[2.0, 5.0, 5.0], [1.0, 1.0, 1.0]])
+    grads = _grads_of(Case("rmax_ties", "ReduceMax", {"x": x}, {"axes": [1], "keepdims": 0}, opset=13))
+    np.testing.assert_allclose(grads["x"], [[0.0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]])
 
 
 def _refusal(case: Case, match: str) -> None:

@@ -186,6 +186,23 @@ def _where(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     return [None, gx, gy]
 
 
+def _max_min(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Max, Min (variadic, broadcasting): with h_i = [X_i == Y], dX_i = dY * h_i / sum_j h_j,
+    summed over X_i's broadcast axes (ties share the gradient evenly, as in PyTorch)."""
+    dy = dys[0]
+    assert dy is not None
+    y = node.output[0]
+    if len(node.input) == 1:
+        return [dy]
+    hits = [_mask(ctx, ctx.op("Equal", [x, y]), y) for x in node.input]
+    share = ctx.op("Div", [dy, ctx.op("Sum", hits)])
+    out = ctx.dims(y)
+    return [
+        ctx.reduce_to(ctx.op("Mul", [share, hit]), out, x) if ctx.needs(node, i) else None
+        for i, (x, hit) in enumerate(zip(node.input, hits, strict=True))
+    ]
+
+
 def _neg(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     """Neg: dX = -dY."""
     dy = dys[0]
@@ -394,6 +411,91 @@ def _log(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     return [ctx.op("Div", [dy, node.input[0]])]
 
 
+def _positive(ctx: RuleContext, x: str) -> str:
+    """``Cast(X > 0)`` in X's type."""
+    return _mask(ctx, ctx.op("Greater", [x, ctx.scalar(0.0, x)]), x)
+
+
+def _prelu(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """PRelu: Y = X if X > 0 else slope * X: dX = dY * (slope + (X > 0) * (1 - slope));
+    dslope = dY * min(X, 0), summed over the axes slope is broadcast along."""
+    dy = dys[0]
+    assert dy is not None
+    x, slope = node.input[0], node.input[1]
+    dx = dslope = None
+    if ctx.needs(node, 0):
+        gain = ctx.op("Mul", [_positive(ctx, x), ctx.op("Sub", [ctx.scalar(1.0, x), slope])])
+        dx = ctx.op("Mul", [dy, ctx.op("Add", [gain, slope])])
+    if ctx.needs(node, 1):
+        negative_part = ctx.op("Min", [x, ctx.scalar(0.0, x)])
+        dslope = ctx.reduce_to(ctx.op("Mul", [dy, negative_part]), ctx.dims(node.output[0]), slope)
+    return [dx, dslope]
+
+
+def _softplus(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Softplus: Y = log(1 + exp(X)): dX = dY * sigmoid(X)."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.op("Mul", [dy, ctx.op("Sigmoid", [node.input[0]])])]
+
+
+def _mish(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Mish: Y = X * t, t = tanh(softplus(X)): dX = dY * (t + X * sigmoid(X) * (1 - t^2))."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    t = ctx.op("Tanh", [ctx.op("Softplus", [x])])
+    one_minus_t2 = ctx.op("Sub", [ctx.scalar(1.0, x), ctx.op("Mul", [t, t])])
+    slope = ctx.op("Add", [t, ctx.op("Mul", [ctx.op("Mul", [x, ctx.op("Sigmoid", [x])]), one_minus_t2])])
+    return [ctx.op("Mul", [dy, slope])]
+
+
+def _exponential_unit(ctx: RuleContext, x: str, y: str, dy: str, pos: float, neg_shift: float) -> str:
+    """``dY * (pos if X > 0 else Y + neg_shift)``: on X <= 0 every *LU below has dY/dX = Y + shift.
+
+    Written with Y rather than exp(X) so that large positive X cannot make inf * 0 = NaN.
+    """
+    m = _positive(ctx, x)
+    neg = ctx.op(
+        "Mul", [ctx.op("Sub", [ctx.scalar(1.0, x), m]), ctx.op("Add", [y, ctx.scalar(neg_shift, x)])]
+    )
+    posm = m if pos == 1.0 else ctx.op("Mul", [m, ctx.scalar(pos, x)])
+    return ctx.op("Mul", [dy, ctx.op("Add", [posm, neg])])
+
+
+def _elu(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Elu: Y = X if X > 0 else alpha * (exp(X) - 1): dX = dY * (1 if X > 0 else Y + alpha)."""
+    dy = dys[0]
+    assert dy is not None
+    alpha = float(_attr(node, "alpha", 1.0))
+    return [_exponential_unit(ctx, node.input[0], node.output[0], dy, 1.0, alpha)]
+
+
+_SELU_ALPHA = 1.67326319217681884765625
+_SELU_GAMMA = 1.05070102214813232421875
+
+
+def _selu(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Selu: Y = gamma * (X if X > 0 else alpha * (exp(X) - 1)):
+    dX = dY * (gamma if X > 0 else Y + gamma * alpha)."""
+    dy = dys[0]
+    assert dy is not None
+    alpha = float(_attr(node, "alpha", _SELU_ALPHA))
+    gamma = float(_attr(node, "gamma", _SELU_GAMMA))
+    return [_exponential_unit(ctx, node.input[0], node.output[0], dy, gamma, gamma * alpha)]
+
+
+def _celu(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Celu: Y = max(0, X) + min(0, alpha * (exp(X / alpha) - 1)):
+    dX = dY * (1 if X > 0 else exp(X / alpha) = Y / alpha + 1)."""
+    dy = dys[0]
+    assert dy is not None
+    x, y = node.input[0], node.output[0]
+    alpha = float(_attr(node, "alpha", 1.0))
+    scaled_y = y if alpha == 1.0 else ctx.op("Mul", [y, ctx.scalar(1.0 / alpha, x)])
+    return [_exponential_unit(ctx, x, scaled_y, dy, 1.0, 1.0)]
+
+
 # --- softmax ----------------------------------------------------------------------------------
 
 
@@ -454,6 +556,23 @@ def _reduce_sum_mean(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grad
     if node.op_type == "ReduceMean":
         dy = ctx.op("Mul", [dy, ctx.op("Reciprocal", [ctx.count(x, node.output[0])])])
     return [ctx.op("Expand", [dy, ctx.shape_of(x)])]
+
+
+def _reduce_max_min(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """ReduceMax, ReduceMin: with h = [X == Y] (Y and dY unsqueezed back when keepdims=0),
+    dX = h * dY / sum(h over the axes) (ties share the gradient evenly, as PyTorch's amax)."""
+    dy = dys[0]
+    assert dy is not None
+    x, y = node.input[0], node.output[0]
+    axes = _reduce_axes(ctx, node)
+    if axes is None:
+        return [dy]
+    if not int(_attr(node, "keepdims", 1)):
+        dy = ctx.op("Unsqueeze", [dy, ctx.b.ints(axes)])
+        y = ctx.op("Unsqueeze", [y, ctx.b.ints(axes)])
+    hit = _mask(ctx, ctx.op("Equal", [x, y]), x)
+    count = ctx.b.reduce("ReduceSum", hit, axes, keepdims=True)
+    return [ctx.op("Mul", [hit, ctx.op("Div", [dy, count])])]
 
 
 # --- linear algebra -------------------------------------------------------------------------
@@ -943,6 +1062,96 @@ def _layer_norm(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     return [dx, dscale, dbias]
 
 
+def _normalize_backward(ctx: RuleContext, g: str, xhat: str, inv_std: str, axes: Sequence[int]) -> str:
+    """dX of xhat = (X - mean) * inv_std over ``axes``, given g = dL/dxhat:
+    inv_std * (g - mean(g) - xhat * mean(g * xhat))."""
+    mean_g = ctx.b.reduce("ReduceMean", g, axes, keepdims=True)
+    mean_gx = ctx.b.reduce("ReduceMean", ctx.op("Mul", [g, xhat]), axes, keepdims=True)
+    inner = ctx.op("Sub", [ctx.op("Sub", [g, mean_g]), ctx.op("Mul", [xhat, mean_gx])])
+    return ctx.op("Mul", [inner, inv_std])
+
+
+def _standardize(ctx: RuleContext, x: str, axes: Sequence[int], eps: float, like: str) -> tuple[str, str]:
+    """(xhat, inv_std) of ``x`` (of ``like``'s type) over ``axes``; the statistics are recomputed
+    because these forward ops output none."""
+    centred = ctx.op("Sub", [x, ctx.b.reduce("ReduceMean", x, axes, keepdims=True)])
+    var = ctx.b.reduce("ReduceMean", ctx.op("Mul", [centred, centred]), axes, keepdims=True)
+    inv_std = ctx.op("Reciprocal", [ctx.op("Sqrt", [ctx.op("Add", [var, ctx.scalar(eps, like)])])])
+    return ctx.op("Mul", [centred, inv_std]), inv_std
+
+
+def _instance_norm(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """InstanceNormalization over the spatial axes of each (n, c): with xh = (X - mean) * inv_std
+    and g = dY * scale, dX = inv_std * (g - mean(g) - xh * mean(g * xh));
+    dscale = sum(dY * xh), dB = sum(dY) over the batch and spatial axes."""
+    dy = dys[0]
+    assert dy is not None
+    x, scale = node.input[0], node.input[1]
+    rank = ctx.rank(x)
+    if rank < 3:
+        raise GradientError(f"input '{x}' has rank {rank}; InstanceNormalization needs [N, C, D1, ...]")
+    spatial = list(range(2, rank))
+    xhat, inv_std = _standardize(ctx, x, spatial, float(_attr(node, "epsilon", 1e-5)), x)
+    dx = dscale = dbias = None
+    if ctx.needs(node, 0):
+        g = ctx.op("Mul", [dy, ctx.op("Reshape", [scale, ctx.b.ints(_channel_shape(rank))])])
+        dx = _normalize_backward(ctx, g, xhat, inv_std, spatial)
+    if ctx.needs(node, 1):
+        dscale = ctx.b.reduce("ReduceSum", ctx.op("Mul", [dy, xhat]), [0, *spatial], keepdims=False)
+    if ctx.needs(node, 2):
+        dbias = ctx.b.reduce("ReduceSum", dy, [0, *spatial], keepdims=False)
+    return [dx, dscale, dbias]
+
+
+def _group_norm(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """GroupNormalization: X [N, C, ...] viewed as [N, G, C/G * spatial] is normalized per (n, group)
+    (statistics recomputed), then Y = scale * xh + B per channel (opset 21) or per group (opset
+    18-20, where scale and B have G values): dX as for InstanceNormalization on the grouped view,
+    with g = dY * scale per channel; dscale = sum(dY * xh), dB = sum(dY) over batch and spatial
+    axes, then over the channels of each group for the opset 18 form."""
+    dy = dys[0]
+    assert dy is not None
+    x, scale = node.input[0], node.input[1]
+    rank = ctx.rank(x)
+    groups = int(_attr(node, "num_groups"))
+    channels = ctx.dims(x)[1]
+    if not isinstance(channels, int):
+        raise GradientError(f"needs a static channel count; input '{x}' has {list(ctx.dims(x))}")
+    per_group = ctx.b.opset < 21
+    spatial = list(range(2, rank))
+    grouped = ctx.op("Reshape", [x, ctx.b.ints([0, groups, -1])])
+    xhat_g, inv_std = _standardize(ctx, grouped, [2], float(_attr(node, "epsilon", 1e-5)), x)
+    xhat = ctx.reshape_like(xhat_g, x)
+    cshape = ctx.b.ints(_channel_shape(rank))
+
+    def per_channel(values: str) -> str:
+        if not per_group:
+            return ctx.op("Reshape", [values, cshape])
+        spread = ctx.op(
+            "Expand",
+            [ctx.op("Reshape", [values, ctx.b.ints([groups, 1])]), ctx.b.ints([groups, channels // groups])],
+        )
+        return ctx.op("Reshape", [spread, cshape])
+
+    def summed(values: str) -> str:
+        total = ctx.b.reduce("ReduceSum", values, [0, *spatial], keepdims=False)  # [C]
+        if not per_group:
+            return total
+        return ctx.b.reduce(
+            "ReduceSum", ctx.op("Reshape", [total, ctx.b.ints([groups, -1])]), [1], keepdims=False
+        )
+
+    dx = dscale = dbias = None
+    if ctx.needs(node, 0):
+        g = ctx.op("Reshape", [ctx.op("Mul", [dy, per_channel(scale)]), ctx.b.ints([0, groups, -1])])
+        dx = ctx.reshape_like(_normalize_backward(ctx, g, xhat_g, inv_std, [2]), x)
+    if ctx.needs(node, 1):
+        dscale = summed(ctx.op("Mul", [dy, xhat]))
+    if ctx.needs(node, 2):
+        dbias = summed(dy)
+    return [dx, dscale, dbias]
+
+
 # --- indexing, joining, slicing -------------------------------------------------------------
 
 
@@ -1089,6 +1298,8 @@ RULES: dict[str, Rule] = {
     "Pow": Rule(_pow),
     "Sum": Rule(_sum),
     "Where": Rule(_where, inputs=(1, 2)),
+    "Max": Rule(_max_min),
+    "Min": Rule(_max_min),
     "Neg": _unary(_neg),
     "Abs": _unary(_abs),
     "Reciprocal": _unary(_reciprocal),
@@ -1106,11 +1317,19 @@ RULES: dict[str, Rule] = {
     "Sqrt": _unary(_sqrt),
     "Exp": _unary(_exp),
     "Log": _unary(_log),
+    "PRelu": Rule(_prelu, inputs=(0, 1)),
+    "Softplus": _unary(_softplus),
+    "Mish": _unary(_mish),
+    "Elu": _unary(_elu),
+    "Selu": _unary(_selu),
+    "Celu": _unary(_celu),
     "Softmax": _unary(_softmax),
     "LogSoftmax": _unary(_log_softmax),
     # reductions
     "ReduceSum": _unary(_reduce_sum_mean),
     "ReduceMean": _unary(_reduce_sum_mean),
+    "ReduceMax": _unary(_reduce_max_min),
+    "ReduceMin": _unary(_reduce_max_min),
     # linear algebra
     "MatMul": Rule(_matmul),
     "Gemm": Rule(_gemm),
@@ -1122,6 +1341,8 @@ RULES: dict[str, Rule] = {
     # normalization
     "BatchNormalization": Rule(_batch_norm, inputs=(0, 1, 2), outputs=(0,)),
     "LayerNormalization": Rule(_layer_norm, inputs=(0, 1, 2), outputs=(0,), prepare=_prepare_layer_norm),
+    "InstanceNormalization": Rule(_instance_norm),
+    "GroupNormalization": Rule(_group_norm),
     # indexing, joining, slicing
     "Gather": Rule(_gather, inputs=(0,), min_opset=16),
     "Concat": Rule(_concat),
