@@ -69,6 +69,63 @@ def _model(case: Case) -> onnx.ModelProto:
     return model
 
 
+CONV_TRANSPOSE_CASES = [
+    Case(
+        "convt",
+        "ConvTranspose",
+        {"x": _r(2, 3, 4, 4), "w": _r(3, 2, 3, 3), "b": _r(2)},
+        {"pads": [1, 1, 1, 1]},
+    ),
+    Case(
+        "convt_stride_outpad",
+        "ConvTranspose",
+        {"x": _r(2, 3, 3, 4), "w": _r(3, 4, 3, 2)},
+        {"strides": [2, 3], "pads": [1, 0, 0, 1], "output_padding": [1, 2]},
+    ),
+    Case(
+        "convt_groups_dilation",
+        "ConvTranspose",
+        {"x": _r(1, 4, 3, 3), "w": _r(4, 3, 2, 2), "b": _r(6)},
+        {"group": 2, "dilations": [2, 1], "strides": [2, 2]},
+    ),
+    Case(
+        "convt_depthwise",
+        "ConvTranspose",
+        {"x": _r(2, 3, 3, 3), "w": _r(3, 1, 4, 4)},
+        {"group": 3, "strides": [2, 2], "pads": [1, 1, 1, 1]},
+    ),
+    Case(
+        "convt_1d",
+        "ConvTranspose",
+        {"x": _r(2, 3, 5), "w": _r(3, 2, 3)},
+        {"strides": [2], "output_padding": [1]},
+    ),
+    Case(
+        "convt_3d", "ConvTranspose", {"x": _r(1, 2, 2, 3, 2), "w": _r(2, 2, 2, 2, 2)}, {"strides": [2, 1, 2]}
+    ),
+]
+CONV_TRANSPOSE_RUNTIME_CASES = [
+    # the float64 stand-in ConvTranspose of the FD tests has no auto_pad/output_shape
+    Case(f"convt_{cid}", "ConvTranspose", {"x": _r(2, 3, 3, 4), "w": _r(3, 2, *attrs["kernel_shape"])}, attrs)
+    for cid, attrs in [
+        ("same_upper", {"strides": [2, 2], "auto_pad": "SAME_UPPER", "kernel_shape": [4, 4]}),
+        ("same_lower", {"strides": [2, 2], "auto_pad": "SAME_LOWER", "kernel_shape": [2, 4]}),
+        ("output_shape", {"strides": [2, 1], "output_shape": [7, 6], "kernel_shape": [3, 3]}),
+        ("valid", {"strides": [2, 2], "auto_pad": "VALID", "kernel_shape": [3, 3]}),
+    ]
+]
+CONV_TRANSPOSE_REFUSALS = [
+    (
+        Case(
+            "convt_odd_output_shape",
+            "ConvTranspose",
+            {"x": _r(1, 2, 3, 3), "w": _r(2, 2, 3, 3)},
+            {"strides": [2, 2], "output_shape": [6, 6]},
+        ),
+        "explicit pads",
+    ),
+]
+
 CONV_DYNAMIC_CASES = [
     _dyn(
         Case(
@@ -222,9 +279,15 @@ CASES = [
     *REDUCE_CASES,
     *NORM_CASES,
     *CONV_DYNAMIC_CASES,
+    *CONV_TRANSPOSE_CASES,
+]
+# linear in what is differentiated, checked against onnxruntime's own forward
+RUNTIME_CASES = [
+    *CONV_TRANSPOSE_RUNTIME_CASES,
 ]
 REFUSALS = [
     *CONV_DYNAMIC_REFUSALS,
+    *CONV_TRANSPOSE_REFUSALS,
 ]
 
 
@@ -314,6 +377,29 @@ def test_rule_on_onnxruntime_matches_float64(case: Case) -> None:
     for w in wrt:
         scale = max(float(np.abs(want[w]).max()), 1e-6)
         np.testing.assert_allclose(got[w], want[w], rtol=0, atol=F32_GRAD_RTOL * scale, err_msg=w)
+
+
+@pytest.mark.parametrize("case", RUNTIME_CASES, ids=lambda c: c.id)
+def test_linear_rule_on_onnxruntime_is_the_adjoint(case: Case) -> None:
+    # onnxruntime and onnx.reference disagree on some Resize forms (e.g. which scale a
+    # non-integer output size transforms coordinates with); the rule follows the runtime it
+    # runs on, so each is checked against its own forward: <R, Y(w) - Y(0)> = <dL/dw, w>
+    model = _as_float32(_model(case))
+    feeds = {k: (v.astype(F32) if v.dtype == np.float64 else v) for k, v in case.inputs.items()}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    forward = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out = model.graph.output[0].name
+    y = forward.run([out], feeds)[0]
+    r = np.random.default_rng(5).standard_normal(y.shape).astype(F32)
+    wrt = _wrt(case)
+    grads = _gradients(model, feeds, wrt, {out: r}, on_ort=True)
+    for w in wrt:
+        y0 = forward.run([out], {**feeds, w: np.zeros_like(feeds[w])})[0]
+        lhs = float(np.sum(r.astype(np.float64) * (y - y0)))
+        rhs = float(np.sum(grads[w].astype(np.float64) * feeds[w]))
+        scale = float(np.sum(np.abs(r) * (np.abs(y) + np.abs(y0))))
+        assert abs(lhs - rhs) <= ADJOINT_RTOL * scale, f"{w}: <R, dY> {lhs} != <dw, w> {rhs}"
 
 
 def test_group_norm_opset18_scale_per_group(monkeypatch: pytest.MonkeyPatch) -> None:

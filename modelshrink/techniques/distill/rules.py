@@ -882,6 +882,82 @@ def _conv_weight_grad(
     return ctx.op("Reshape", [dw2, ctx.b.ints(list(w_shape))])
 
 
+def _conv_transpose_pads(
+    ctx: RuleContext, node: onnx.NodeProto, x: str, y: str, kernel: Sequence[int]
+) -> list[int]:
+    """The begin and end pads ConvTranspose applied, from ``pads`` or from auto_pad/output_shape.
+
+    With auto_pad SAME_* or output_shape the runtime splits the total padding itself; an even
+    total splits the same way under every convention, an odd one is refused.
+    """
+    xdims, ydims = ctx.dims(x), ctx.dims(y)
+    nd = len(kernel)
+    spatial_in, spatial_out = list(xdims[2:]), list(ydims[2:])
+    if not all(isinstance(d, int) for d in [*spatial_in, *spatial_out]):
+        raise GradientError(
+            f"needs static spatial dims for its gradient; '{x}' has {list(xdims)} and '{y}' has "
+            f"{list(ydims)} (give the student a fixed input size)"
+        )
+    strides = list(_attr(node, "strides") or [1] * nd)
+    dilations = list(_attr(node, "dilations") or [1] * nd)
+    out_pad = list(_attr(node, "output_padding") or [0] * nd)
+    auto_pad = _str_attr(node, "auto_pad", "NOTSET")
+    pads = list(_attr(node, "pads") or [0] * (2 * nd))
+    if auto_pad == "VALID":
+        pads = [0] * (2 * nd)
+    for i in range(nd):
+        n, m = int(spatial_in[i]), int(spatial_out[i])  # type: ignore[arg-type]
+        full = strides[i] * (n - 1) + out_pad[i] + (kernel[i] - 1) * dilations[i] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER") or _attr(node, "output_shape") is not None:
+            total = full - m
+            if total < 0 or total % 2:
+                raise GradientError(
+                    f"total padding {total} on spatial axis {i} (from auto_pad={auto_pad} or "
+                    "output_shape) splits differently across runtimes; give explicit pads"
+                )
+            pads[i] = pads[nd + i] = total // 2
+        if full - pads[i] - pads[nd + i] != m:
+            raise GradientError(f"output size {m} on spatial axis {i} does not follow from its attributes")
+        if out_pad[i] >= strides[i]:
+            raise GradientError(f"output_padding {out_pad[i]} >= stride {strides[i]} is not supported")
+    return pads
+
+
+def _conv_transpose(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """ConvTranspose, the adjoint of the Conv X <- Y with the same attributes and weight:
+    dX = Conv(dY, W) with the forward's strides, pads, dilations and group;
+    dW[c, o, k] = sum over (n, q) of X[n, c, q] * dYpad[n, o, q*s + k*d], which is Conv's im2col
+    weight gradient with input and output gradient swapped; dB = sum(dY)."""
+    dy = dys[0]
+    assert dy is not None
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    w_shape = ctx.static_shape(w)
+    if w_shape is None:
+        raise GradientError(f"weight '{w}' needs a static shape")
+    group = int(_attr(node, "group", 1))
+    nd = len(w_shape) - 2
+    kernel = list(_attr(node, "kernel_shape") or w_shape[2:])
+    strides = list(_attr(node, "strides") or [1] * nd)
+    dilations = list(_attr(node, "dilations") or [1] * nd)
+    pads = _conv_transpose_pads(ctx, node, x, y, kernel)
+    conv_attrs: dict[str, Any] = {
+        "kernel_shape": kernel,
+        "strides": strides,
+        "dilations": dilations,
+        "pads": pads,
+    }
+    dx = dw = db = None
+    if ctx.needs(node, 0):
+        dx = ctx.op("Conv", [dy, w], group=group, **conv_attrs)
+    if ctx.needs(node, 1):
+        adjoint = helper.make_node("Conv", [y, w], [node.output[0]], **conv_attrs)
+        geo = _conv_geometry(ctx, adjoint, y, w_shape)
+        dw = _conv_weight_grad(ctx, dy, x, w_shape, group, geo)
+    if len(node.input) > 2 and ctx.needs(node, 2):
+        db = ctx.b.reduce("ReduceSum", dy, [0, *range(2, 2 + nd)], keepdims=False)
+    return [dx, dw, db]
+
+
 # --- pooling ----------------------------------------------------------------------------------
 
 
@@ -1334,6 +1410,7 @@ RULES: dict[str, Rule] = {
     "MatMul": Rule(_matmul),
     "Gemm": Rule(_gemm),
     "Conv": Rule(_conv),
+    "ConvTranspose": Rule(_conv_transpose),
     # pooling
     "MaxPool": Rule(_maxpool, inputs=(0,), outputs=(0,), prepare=_prepare_maxpool, min_opset=16),
     "AveragePool": _unary(_average_pool),
