@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -67,6 +68,202 @@ def _model(case: Case) -> onnx.ModelProto:
             d.ClearField("dim_value")
             d.dim_param = f"{vi.name}_{i}"
     return model
+
+
+def _resize(
+    cid: str,
+    x: np.ndarray,
+    attrs: dict[str, Any],
+    *,
+    opset: int,
+    scales: Sequence[float] | None = None,
+    sizes: Sequence[int] | None = None,
+    roi: Sequence[float] | None = None,
+    op: str = "Resize",
+) -> Case:
+    """A Resize (or Upsample) case in the input form of its opset."""
+    consts: dict[str, np.ndarray] = {}
+    if scales is not None:
+        consts["sc"] = np.asarray(scales, dtype=F32)
+    if sizes is not None:
+        consts["sz"] = np.asarray(sizes, dtype=I64)
+    if op == "Upsample" and opset < 9:
+        attrs = {**attrs, "scales": [float(s) for s in consts.pop("sc")]}
+        order: tuple[str, ...] = ("x",)
+    elif op == "Upsample" or opset == 10:
+        order = ("x", "sc")
+    else:
+        if roi is not None:
+            consts["roi"] = np.asarray(roi, dtype=F32)
+        elif opset < 13:
+            consts["roi"] = EMPTY
+        if sizes is not None and opset < 13:
+            consts["sc"] = EMPTY
+        order = ("x", "roi" if "roi" in consts else "", "sc" if "sc" in consts else "")
+        if sizes is not None:
+            order = (*order, "sz")
+    return Case(cid, op, {"x": x}, attrs, consts=consts, input_order=order, opset=opset)
+
+
+# (mode, coordinate_transformation_mode, nearest_mode, extra attributes, lowest opset)
+RESIZE_MODES: list[tuple[str, str, str | None, dict[str, Any], int]] = [
+    ("nearest", "half_pixel", "round_prefer_floor", {}, 11),
+    ("nearest", "half_pixel", "round_prefer_ceil", {}, 11),
+    ("nearest", "asymmetric", "floor", {}, 11),
+    ("nearest", "asymmetric", "ceil", {}, 11),
+    ("nearest", "asymmetric", "round_prefer_floor", {}, 11),
+    ("nearest", "align_corners", "round_prefer_floor", {}, 11),
+    ("nearest", "pytorch_half_pixel", "floor", {}, 11),
+    ("nearest", "pytorch_half_pixel", "round_prefer_ceil", {}, 11),
+    ("nearest", "tf_crop_and_resize", "round_prefer_floor", {"extrapolation_value": 0.5}, 11),
+    ("nearest", "half_pixel_symmetric", "round_prefer_floor", {}, 19),
+    ("linear", "half_pixel", None, {}, 11),
+    ("linear", "asymmetric", None, {}, 11),
+    ("linear", "align_corners", None, {}, 11),
+    ("linear", "pytorch_half_pixel", None, {}, 11),
+    ("linear", "tf_crop_and_resize", None, {}, 11),
+    ("linear", "half_pixel_symmetric", None, {}, 19),
+    ("linear", "half_pixel", None, {"antialias": 1}, 18),
+    ("cubic", "half_pixel", None, {}, 11),
+    ("cubic", "asymmetric", None, {"cubic_coeff_a": -0.5, "exclude_outside": 1}, 11),
+]
+# scales, or sizes for an input of spatial size (3, 4): integer upsampling (the sum-pool
+# form for nearest), fractional, downsampling, and sizes both integer and not
+RESIZE_SIZES: dict[str, dict[str, Any]] = {
+    "up2": {"scales": [1, 1, 2, 2]},
+    "up3x2": {"scales": [1, 1, 3, 2]},
+    "frac": {"scales": [1, 1, 1.5, 0.6]},
+    "down": {"scales": [1, 1, 0.5, 0.75]},
+    "sizes": {"sizes": [7, 5]},
+    "sizes_x2": {"sizes": [6, 8]},
+}
+
+
+def _resize_cases() -> list[Case]:
+    rng = np.random.default_rng(17)
+    cases = []
+    opsets = [11, 13, 18, 19]
+    for k, (mode, ctm, nearest, extra, lowest) in enumerate(RESIZE_MODES):
+        kinds = list(RESIZE_SIZES)
+        picked = [kinds[(k + i) % len(kinds)] for i in range(0, len(kinds), 2)]  # 3 of 6, rotating
+        if mode == "nearest" and nearest == "round_prefer_floor" and ctm == "half_pixel":
+            picked = kinds  # the default: every size kind
+        for kind in picked:
+            opset = max(lowest, opsets[(k + len(cases)) % len(opsets)])
+            n, c = (int(v) for v in rng.integers(1, 3, 2))
+            x = _r(n, c, 3, 4, seed=k)
+            attrs = {"mode": mode, "coordinate_transformation_mode": ctm, **extra}
+            if nearest is not None:
+                attrs["nearest_mode"] = nearest
+            spec = dict(RESIZE_SIZES[kind])
+            if "sizes" in spec:
+                spec["sizes"] = [n, c, *spec["sizes"]]
+            roi = [0, 0, 0.2, 0.1, 1, 1, 0.9, 0.7] if ctm == "tf_crop_and_resize" else None
+            cid = (
+                f"resize{opset}_{mode}_{ctm}_{nearest or ''}{'_aa' if extra.get('antialias') else ''}_{kind}"
+            )
+            cases.append(_resize(cid, x, attrs, opset=opset, roi=roi, **spec))
+    x = _r(2, 3, 3, 4)
+    cases += [
+        # opset 18 `axes`, other ranks, a resized channel axis
+        _resize("resize18_axes", x, {"mode": "linear", "axes": [2, 3]}, opset=18, scales=[1.5, 2]),
+        _resize("resize18_axes_sizes", x, {"mode": "nearest", "axes": [2, 3]}, opset=18, sizes=[6, 12]),
+        _resize("resize13_1d", _r(2, 3, 5), {"mode": "linear"}, opset=13, scales=[1, 1, 2.5]),
+        _resize("resize13_1d_nearest", _r(2, 3, 5), {"mode": "nearest"}, opset=13, scales=[1, 1, 3]),
+        _resize("resize13_3d", _r(1, 2, 2, 3, 3), {"mode": "linear"}, opset=13, scales=[1, 1, 2, 1.5, 2]),
+        _resize("resize13_channels", x, {"mode": "nearest"}, opset=13, scales=[1, 1.5, 1, 2]),
+        _resize("resize13_batch_dup", x, {"mode": "nearest"}, opset=13, scales=[2, 1, 1, 1]),
+    ]
+    # symbolic (run-time) sizes: the sum-pool form, and the identity-matrix form
+    cases += [
+        _dyn(
+            _resize("resize13_nearest_up2", x, {"mode": "nearest"}, opset=13, scales=[1, 1, 2, 2]),
+            x=[0, 2, 3],
+        ),
+        _dyn(
+            _resize(
+                "resize13_nearest_asym",
+                x,
+                {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+                opset=13,
+                scales=[1, 1, 3, 2],
+            ),
+            x=[0, 2, 3],
+        ),
+        _dyn(_resize("resize13_linear", x, {"mode": "linear"}, opset=13, scales=[1, 1, 2, 2]), x=[0, 2, 3]),
+        _dyn(_resize("resize11_sizes", x, {"mode": "linear"}, opset=11, sizes=[2, 3, 5, 7]), x=[2, 3]),
+    ]
+    return cases
+
+
+def _resize_runtime_cases() -> list[Case]:
+    """Resize forms onnx.reference cannot run (Resize-10, Upsample, tf_half_pixel_for_nn,
+    unsorted negative `axes`): checked on onnxruntime only."""
+    x = _r(2, 3, 3, 4)
+    half_nn = {"mode": "nearest", "coordinate_transformation_mode": "tf_half_pixel_for_nn"}
+    return [
+        _resize("resize10_nearest_up2", x, {"mode": "nearest"}, opset=10, scales=[1, 1, 2, 2]),
+        _resize("resize10_nearest_frac", x, {"mode": "nearest"}, opset=10, scales=[1, 1, 1.7, 2.5]),
+        _resize("resize10_nearest_down", x, {"mode": "nearest"}, opset=10, scales=[1, 1, 0.7, 0.5]),
+        _resize("resize10_linear", x, {"mode": "linear"}, opset=10, scales=[1, 1, 2, 1.5]),
+        _resize("upsample9_nearest", x, {"mode": "nearest"}, opset=9, scales=[1, 1, 2, 3], op="Upsample"),
+        _resize("upsample9_linear", x, {"mode": "linear"}, opset=9, scales=[1, 1, 2, 2], op="Upsample"),
+        _resize("upsample7_nearest", x, {"mode": "nearest"}, opset=7, scales=[1, 1, 2, 2], op="Upsample"),
+        _resize("upsample7_linear", x, {"mode": "linear"}, opset=7, scales=[1, 1, 1.5, 2], op="Upsample"),
+        _dyn(
+            _resize("upsample9_nearest", x, {"mode": "nearest"}, opset=9, scales=[1, 1, 2, 2], op="Upsample"),
+            x=[0, 2, 3],
+        ),
+        _resize(
+            "resize11_half_nn_floor_up2",
+            x,
+            {**half_nn, "nearest_mode": "floor"},
+            opset=11,
+            scales=[1, 1, 2, 2],
+        ),
+        _resize(
+            "resize11_half_nn_floor_frac",
+            x,
+            {**half_nn, "nearest_mode": "floor"},
+            opset=11,
+            scales=[1, 1, 1.5, 2.5],
+        ),
+        _resize(
+            "resize11_half_nn_round",
+            x,
+            {**half_nn, "nearest_mode": "round_prefer_ceil"},
+            opset=11,
+            scales=[1, 1, 2, 3],
+        ),
+        _resize("resize18_axes_unsorted", x, {"mode": "linear", "axes": [-1, 2]}, opset=18, scales=[1.5, 2]),
+    ]
+
+
+RESIZE_CASES = _resize_cases()
+RESIZE_RUNTIME_CASES = _resize_runtime_cases()
+RESIZE_REFUSALS = [
+    (
+        _resize(
+            "resize_keep_aspect",
+            _r(1, 2, 3, 4),
+            {"mode": "linear", "keep_aspect_ratio_policy": "not_larger"},
+            opset=18,
+            sizes=[1, 2, 6, 6],
+        ),
+        "keep_aspect_ratio_policy",
+    ),
+    (
+        Case(
+            "resize_crop_computed_roi",
+            "Resize",
+            {"x": _r(1, 2, 3, 4), "roi": np.asarray([0, 0, 0, 0, 1, 1, 1, 1], F32)},
+            {"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize"},
+            consts={"sc": np.asarray([1, 1, 2, 2], F32)},
+            input_order=("x", "roi", "sc"),
+        ),
+        "computed roi",
+    ),
+]
 
 
 CONV_TRANSPOSE_CASES = [
@@ -280,14 +477,18 @@ CASES = [
     *NORM_CASES,
     *CONV_DYNAMIC_CASES,
     *CONV_TRANSPOSE_CASES,
+    *RESIZE_CASES,
 ]
 # linear in what is differentiated, checked against onnxruntime's own forward
 RUNTIME_CASES = [
     *CONV_TRANSPOSE_RUNTIME_CASES,
+    *RESIZE_CASES,
+    *RESIZE_RUNTIME_CASES,
 ]
 REFUSALS = [
     *CONV_DYNAMIC_REFUSALS,
     *CONV_TRANSPOSE_REFUSALS,
+    *RESIZE_REFUSALS,
 ]
 
 
@@ -456,3 +657,32 @@ def _refusal(case: Case, match: str) -> None:
 @pytest.mark.parametrize(("case", "match"), REFUSALS, ids=lambda v: v.id if isinstance(v, Case) else "")
 def test_refusals_say_why(case: Case, match: str) -> None:
     _refusal(case, match)
+
+
+def _op_types(case: Case) -> set[str]:
+    model = _model(case)
+    seeded = onnx.ModelProto()
+    seeded.CopyFrom(model)
+    seeded.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.DOUBLE, None))
+    grad_model, _, _ = append_gradients(seeded, wrt=_wrt(case), seeds={"y0": "seed"}, rules=RULES)
+    return {n.op_type for n in grad_model.graph.node[len(model.graph.node) :]}
+
+
+@pytest.mark.parametrize(
+    ("ctm", "nearest"),
+    [
+        ("asymmetric", "floor"),
+        ("half_pixel", "round_prefer_floor"),
+        ("pytorch_half_pixel", "round_prefer_ceil"),
+    ],
+)
+def test_nearest_integer_upsampling_is_a_sum_pool(ctm: str, nearest: str) -> None:
+    attrs = {"mode": "nearest", "coordinate_transformation_mode": ctm, "nearest_mode": nearest}
+    case = _dyn(_resize("up", _r(2, 3, 4, 4), attrs, opset=13, scales=[1, 1, 2, 2]), x=[0, 2, 3])
+    assert _op_types(case) <= {"Reshape", "ReduceSum", "Shape", "Gather", "Concat"}
+
+
+def test_linear_resize_contracts_with_a_matrix_not_a_scatter() -> None:
+    case = _resize("lin", _r(2, 3, 4, 4), {"mode": "linear"}, opset=13, scales=[1, 1, 2, 2])
+    ops = _op_types(case)
+    assert "MatMul" in ops and not {"ScatterElements", "ScatterND"} & ops

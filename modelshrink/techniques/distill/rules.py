@@ -11,7 +11,9 @@ Choices that matter for speed on onnxruntime's CPU kernels (see
 ``Where``; Conv's input gradient as ``ConvTranspose`` with ``output_padding`` restoring the
 exact input size; Conv's weight gradient by im2col (strided ``Slice``s + one ``Gemm``/batched
 ``MatMul``); MaxPool through its ``Indices`` and ``ScatterElements(reduction="add")``;
-embedding ``Gather`` through ``ScatterND(reduction="add")``.
+embedding ``Gather`` through ``ScatterND(reduction="add")``; nearest ``Resize`` by an integer
+factor as a sum-pool (``Reshape`` + ``ReduceSum``), other resizes as one ``MatMul`` per
+resized axis.
 """
 
 from __future__ import annotations
@@ -60,6 +62,37 @@ def _slice_axis(ctx: RuleContext, x: str, start: int, end: int, axis: int, step:
     if step != 1:
         inputs.append(ctx.b.ints([step]))
     return ctx.op("Slice", inputs)
+
+
+def _dim1(ctx: RuleContext, name: str, axis: int) -> str:
+    """Dim ``axis`` of a forward value as a 1-D int64 tensor of one element (constant when static)."""
+    d = ctx.dims(name)[axis]
+    if isinstance(d, int):
+        return ctx.b.ints([d])
+    return ctx.op("Gather", [ctx.shape_of(name), ctx.b.ints([axis])])
+
+
+def _dim_part(ctx: RuleContext, name: str, axis: int) -> int | str:
+    """Dim ``axis`` as an int when static, else as a 1-D tensor (for :func:`_shape_vector`)."""
+    d = ctx.dims(name)[axis]
+    return d if isinstance(d, int) else _dim1(ctx, name, axis)
+
+
+def _shape_vector(ctx: RuleContext, parts: Sequence[int | str]) -> str:
+    """A 1-D int64 shape from ints and 1-D int64 tensors (one constant when all are ints)."""
+    pieces: list[str] = []
+    run: list[int] = []
+    for part in parts:
+        if isinstance(part, int):
+            run.append(part)
+            continue
+        if run:
+            pieces.append(ctx.b.ints(run))
+            run = []
+        pieces.append(part)
+    if run:
+        pieces.append(ctx.b.ints(run))
+    return pieces[0] if len(pieces) == 1 else ctx.op("Concat", pieces, axis=0)
 
 
 # --- pass-through ---------------------------------------------------------------------------
@@ -1348,6 +1381,214 @@ def _slice(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     return [_flat_scatter_add(ctx, x, picked, dy)]
 
 
+# --- resampling, padding, tiling ------------------------------------------------------------
+
+
+def _contract_axis(ctx: RuleContext, g: str, matrix: str, axis: int, rank: int) -> str:
+    """``g`` with axis ``axis`` (size m) contracted with ``matrix`` [n, m]: that axis becomes n."""
+    if axis == rank - 2:
+        return ctx.op("MatMul", [matrix, g])
+    matrix_t = ctx.op("Transpose", [matrix], perm=[1, 0])
+    if axis == rank - 1:
+        return ctx.op("MatMul", [g, matrix_t])
+    perm = list(range(rank))
+    perm[axis], perm[-1] = perm[-1], perm[axis]
+    moved = ctx.op("MatMul", [ctx.op("Transpose", [g], perm=perm), matrix_t])
+    return ctx.op("Transpose", [moved], perm=perm)
+
+
+# (coordinate_transformation_mode, nearest_mode) pairs under which nearest upsampling by an
+# integer factor k reads input i for outputs k*i .. k*i + k - 1 (each input copied k times):
+# asymmetric: x = o/k; half_pixel: x = (o + 1/2)/k - 1/2, within 1/2 - 1/(2k) of i, so every
+# rounding gives i; tf_half_pixel_for_nn: x = (o + 1/2)/k, in [i, i + 1). "simple" is Resize-10
+# and Upsample: truncation when upsampling.
+_NEAREST_COPIES = frozenset(
+    {("asymmetric", "floor"), ("asymmetric", "simple"), ("tf_half_pixel_for_nn", "floor")}
+    | set(
+        itertools.product(
+            ("half_pixel", "pytorch_half_pixel", "half_pixel_symmetric"),
+            ("round_prefer_floor", "round_prefer_ceil"),
+        )
+    )
+)
+
+
+class _ResizeForm:
+    """What a Resize/Upsample node says about each axis (inputs and attributes of every opset)."""
+
+    def __init__(self, ctx: RuleContext, node: onnx.NodeProto) -> None:
+        self.node = node
+        self.x, self.y = node.input[0], node.output[0]
+        self.rank = ctx.rank(self.x)
+        opset = ctx.b.opset
+        self.upsample = node.op_type == "Upsample"
+        self.legacy = self.upsample or opset < 11  # asymmetric, Resize-10/Upsample nearest rounding
+        self.mode = _str_attr(node, "mode", "nearest")
+        if self.legacy:
+            self.ctm, self.nearest = "asymmetric", "simple"
+        else:
+            self.ctm = _str_attr(node, "coordinate_transformation_mode", "half_pixel")
+            self.nearest = _str_attr(node, "nearest_mode", "round_prefer_floor")
+        axes = _attr(node, "axes") if opset >= 18 and not self.upsample else None
+        self.axes = [_axis(int(a), self.rank) for a in axes] if axes else list(range(self.rank))
+        self.scales_name = self.sizes_name = roi_name = ""
+        self.scales: np.ndarray | None = None
+        if self.upsample and opset < 9:
+            self.scales = np.asarray(_attr(node, "scales"), dtype=np.float32)
+        elif self.legacy:
+            self.scales_name = _input(node, 1)
+        else:
+            roi_name, self.scales_name, self.sizes_name = _input(node, 1), _input(node, 2), _input(node, 3)
+        if self.sizes_name:
+            self.scales_name = ""
+            if _str_attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
+                raise GradientError(
+                    "keep_aspect_ratio_policy other than 'stretch' with 'sizes' is not supported; "
+                    "export the resize with scales"
+                )
+        elif self.scales_name:
+            self.scales = ctx.const_value(self.scales_name)
+        self.sizes = ctx.const_value(self.sizes_name) if self.sizes_name else None
+        self.roi: np.ndarray | None = None
+        if self.ctm == "tf_crop_and_resize":
+            self.roi = ctx.const_value(roi_name)
+            if self.roi is None:
+                raise GradientError("tf_crop_and_resize with a computed roi is not supported")
+            self.roi = self.roi.reshape(-1)
+
+    def scale(self, j: int) -> float | None:
+        """The constant scale of the j-th resized axis, if the node has one."""
+        return None if self.scales is None else float(self.scales.reshape(-1)[j])
+
+    def out_size(self, ctx: RuleContext, j: int) -> Dim:
+        a = self.axes[j]
+        if self.sizes is not None:
+            return int(self.sizes.reshape(-1)[j])
+        return ctx.dims(self.y)[a]
+
+    def box(self, j: int) -> tuple[float, float]:
+        if self.roi is None:
+            return (0.0, 1.0)
+        return float(self.roi[j]), float(self.roi[len(self.axes) + j])
+
+    def unscaled(self, ctx: RuleContext, j: int) -> bool:
+        """Whether the resize leaves axis j as it is (scale 1, full roi)."""
+        if self.box(j) != (0.0, 1.0):
+            return False
+        s = self.scale(j)
+        if s is not None:
+            return s == 1.0
+        n = ctx.dims(self.x)[self.axes[j]]
+        # sizes: same size means scale 1; a computed scale that keeps the size is in
+        # [1, 1 + 1/n), and exporters compute exactly 1 there
+        return n is not None and n == self.out_size(ctx, j)
+
+    def copy_factor(self, ctx: RuleContext, j: int) -> int:
+        """k when axis j is nearest upsampling that copies each input k >= 2 times, else 0."""
+        if self.mode != "nearest" or (self.ctm, self.nearest) not in _NEAREST_COPIES:
+            return 0
+        s = self.scale(j)
+        if s is not None:
+            return int(s) if s.is_integer() and s >= 2 else 0
+        n, m = ctx.dims(self.x)[self.axes[j]], self.out_size(ctx, j)
+        if self.sizes_name and isinstance(n, int) and isinstance(m, int) and n and m % n == 0 and m >= 2 * n:
+            return m // n
+        return 0
+
+    def matrix(self, ctx: RuleContext, j: int) -> str:
+        """A^T [n, m] of axis j (A[o, i]: weight of input i in output o): the same op applied to
+        an identity matrix along its last axis."""
+        a, node, x = self.axes[j], self.node, self.x
+        opset = ctx.b.opset
+        dtype = helper.tensor_dtype_to_np_dtype(ctx.elem(x))
+        n = ctx.dims(x)[a]
+        if isinstance(n, int):
+            eye = ctx.b.const(np.eye(n, dtype=dtype), "resize_eye")
+        elif opset >= 9:
+            n1 = _dim1(ctx, x, a)
+            zero = onnx.numpy_helper.from_array(np.zeros(1, dtype=dtype))
+            eye = ctx.op(
+                "EyeLike", [ctx.op("ConstantOfShape", [ctx.op("Concat", [n1, n1], axis=0)], value=zero)]
+            )
+        else:
+            raise GradientError(f"needs a static size of axis {a} of '{x}' at opset {opset}")
+        skip = {"axes", "keep_aspect_ratio_policy", "extrapolation_value", "scales"}
+        attrs = {at.name: helper.get_attribute_value(at) for at in node.attribute if at.name not in skip}
+        s = self.scale(j)
+        if s is not None:
+            scales = ctx.b.const(np.asarray([1.0, s], dtype=np.float32), "resize_scales")
+        elif self.scales_name:
+            one = ctx.b.const(np.asarray([1.0], dtype=np.float32), "resize_scales")
+            scales = ctx.op("Concat", [one, ctx.op("Gather", [self.scales_name, ctx.b.ints([j])])], axis=0)
+        else:
+            scales = ""
+        if self.upsample and opset < 9:
+            return ctx.op("Upsample", [eye], scales=[1.0, float(s)], **attrs)  # type: ignore[arg-type]
+        if self.legacy:
+            return ctx.op(node.op_type, [eye, scales], **attrs)
+        empty = ctx.b.const(np.zeros(0, dtype=np.float32), "empty") if opset < 13 else ""
+        roi = empty
+        if self.roi is not None:
+            start, end = self.box(j)
+            roi = ctx.b.const(np.asarray([0.0, start, 1.0, end], dtype=self.roi.dtype), "resize_roi")
+        if not self.sizes_name:
+            return ctx.op("Resize", [eye, roi, scales], **attrs)
+        m = self.out_size(ctx, j)
+        sizes = _shape_vector(
+            ctx,
+            [
+                n if isinstance(n, int) else _dim1(ctx, x, a),
+                m if isinstance(m, int) else _dim1(ctx, self.y, a),
+            ],
+        )
+        return ctx.op("Resize", [eye, roi, scales or empty, sizes], **attrs)
+
+
+def _resize(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Resize (opsets 10-19) and Upsample (7, 9). Nearest, linear and cubic resizes are separable:
+    along each resized axis Y = A X for a matrix A[o, i] (weight of input i in output o), so
+    dX = dY multiplied along each resized axis by A^T.
+
+    - Nearest upsampling by an integer factor k that copies each input k times (asymmetric with
+      floor or Resize-10/Upsample rounding, half_pixel and pytorch_half_pixel with round_prefer_*,
+      ...; scales, or static sizes): dX = ReduceSum(Reshape(dY, [..., n, k, ...]), the k axes),
+      a sum-pool, no matrix and no scatter. Works with dynamic sizes.
+    - Any other axis (linear, cubic, every coordinate_transformation_mode and nearest_mode,
+      cubic_coeff_a, exclude_outside, antialias, a tf_crop_and_resize roi, non-integer scales):
+      A^T [n, m] is the same op applied to an n x n identity along its last axis, so it follows
+      the runtime's own coordinate arithmetic, and dY is contracted with it by one MatMul (a
+      constant the runtime folds when n and the scale are static).
+    Axes the resize leaves alone cost nothing. Refused: keep_aspect_ratio_policy other than
+    stretch with `sizes`; tf_crop_and_resize with a computed roi.
+    """
+    dy = dys[0]
+    assert dy is not None
+    form = _ResizeForm(ctx, node)
+    x, rank = form.x, form.rank
+    copies: dict[int, int] = {}
+    g = dy
+    for j, a in enumerate(form.axes):
+        if form.unscaled(ctx, j):
+            continue
+        k = form.copy_factor(ctx, j)
+        if k:
+            copies[a] = k
+        else:
+            g = _contract_axis(ctx, g, form.matrix(ctx, j), a, rank)
+    if copies:
+        parts: list[int | str] = []
+        summed = []
+        for i in range(rank):
+            parts.append(_dim_part(ctx, x, i))
+            if i in copies:
+                summed.append(len(parts))
+                parts.append(copies[i])
+        g = ctx.b.reduce(
+            "ReduceSum", ctx.op("Reshape", [g, _shape_vector(ctx, parts)]), summed, keepdims=False
+        )
+    return [g]
+
+
 # --- the table ------------------------------------------------------------------------------
 
 
@@ -1425,4 +1666,7 @@ RULES: dict[str, Rule] = {
     "Concat": Rule(_concat),
     "Split": Rule(_split, inputs=(0,)),
     "Slice": Rule(_slice, inputs=(0,)),
+    # resampling, padding, tiling, rearranging
+    "Resize": Rule(_resize, inputs=(0,)),
+    "Upsample": Rule(_resize, inputs=(0,)),
 }
