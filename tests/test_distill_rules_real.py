@@ -266,6 +266,142 @@ RESIZE_REFUSALS = [
 ]
 
 
+PAD_X = _r(2, 3, 5)
+
+PAD_CASES = [
+    Case(
+        "pad_constant",
+        "Pad",
+        {"x": PAD_X},
+        consts={"p": np.asarray([0, 1, 2, 0, 2, 3], I64)},
+        input_order=("x", "p"),
+    ),
+    Case(
+        "pad_constant_value",
+        "Pad",
+        {"x": PAD_X},
+        consts={"p": np.asarray([1, 0, 0, 0, 1, 2], I64), "v": np.asarray(0.5)},
+        input_order=("x", "p", "v"),
+    ),
+    Case("pad10_constant_attr", "Pad", {"x": PAD_X}, {"pads": [0, 1, 2, 1, 0, 1], "value": 0.3}, opset=10),
+    Case(
+        "pad18_constant_axes",
+        "Pad",
+        {"x": PAD_X},
+        consts={"p": np.asarray([2, 1, 0, 3], I64), "ax": np.asarray([-1, 1], I64)},
+        input_order=("x", "p", "", "ax"),
+    ),
+    Case(
+        "pad10_reflect_attr", "Pad", {"x": PAD_X}, {"pads": [0, 2, 1, 0, 1, 4], "mode": "reflect"}, opset=10
+    ),
+    Case("pad10_edge_attr", "Pad", {"x": PAD_X}, {"pads": [1, 0, 3, 0, 2, 2], "mode": "edge"}, opset=10),
+    Case(
+        "pad13_reflect",
+        "Pad",
+        {"x": PAD_X},
+        {"mode": "reflect"},
+        consts={"p": np.asarray([0, 1, 4, 0, 2, 3], I64)},
+        input_order=("x", "p"),
+        opset=13,
+    ),
+    Case(
+        "pad_edge",
+        "Pad",
+        {"x": PAD_X},
+        {"mode": "edge"},
+        consts={"p": np.asarray([0, 2, 3, 0, 0, 6], I64)},
+        input_order=("x", "p"),
+    ),
+    Case(
+        "pad_edge_single",
+        "Pad",
+        {"x": _r(2, 1, 3)},
+        {"mode": "edge"},
+        consts={"p": np.asarray([0, 2, 1, 0, 3, 0], I64)},
+        input_order=("x", "p"),
+    ),
+    Case(
+        "pad18_reflect_axes",
+        "Pad",
+        {"x": _r(2, 3, 4, 5)},
+        {"mode": "reflect"},
+        consts={"p": np.asarray([1, 2, 2, 3], I64), "ax": np.asarray([2, 3], I64)},
+        input_order=("x", "p", "", "ax"),
+    ),
+    Case(
+        "pad18_edge_axes",
+        "Pad",
+        {"x": _r(2, 3, 4, 5)},
+        {"mode": "edge"},
+        consts={"p": np.asarray([0, 2, 1, 3], I64), "ax": np.asarray([-2, -1], I64)},
+        input_order=("x", "p", "", "ax"),
+    ),
+    Case(
+        "pad19_wrap",
+        "Pad",
+        {"x": PAD_X},
+        {"mode": "wrap"},
+        consts={"p": np.asarray([0, 1, 2, 0, 2, 3], I64)},
+        input_order=("x", "p"),
+        opset=19,
+    ),
+    # pads computed at run time (a graph input here): the index-map scatter, and -pads
+    Case(
+        "pad_reflect_computed",
+        "Pad",
+        {"x": PAD_X, "p": np.asarray([0, 1, 2, 0, 1, 3], I64)},
+        {"mode": "reflect"},
+    ),
+    Case(
+        "pad_edge_computed", "Pad", {"x": PAD_X, "p": np.asarray([1, 1, 0, 0, 2, 3], I64)}, {"mode": "edge"}
+    ),
+    _dyn(
+        Case(
+            "pad_reflect",
+            "Pad",
+            {"x": PAD_X},
+            {"mode": "reflect"},
+            consts={"p": np.asarray([0, 0, 4, 0, 0, 3], I64)},
+            input_order=("x", "p"),
+        ),
+        x=[0, 2],
+    ),
+]
+PAD_RUNTIME_CASES = [
+    # onnx.reference (numpy.pad) cannot crop; onnxruntime can
+    Case("pad_constant_computed", "Pad", {"x": PAD_X, "p": np.asarray([1, -1, 0, 0, 2, -3], I64)}),
+    *(
+        Case(
+            f"pad_negative_{mode}_{i}",
+            "Pad",
+            {"x": _r(3, 4, 6)},
+            {"mode": mode},
+            consts={"p": np.asarray(pads, I64)},
+            input_order=("x", "p"),
+        )
+        for i, (pads, mode) in enumerate(
+            [
+                ([0, -1, 2, 0, 2, -3], "constant"),
+                ([-1, 0, -2, 0, 1, 0], "constant"),
+                ([0, -1, 2, 0, 1, -2], "reflect"),
+                ([0, 2, -1, 0, -2, 1], "edge"),
+            ]
+        )
+    ),
+]
+PAD_REFUSALS = [
+    (
+        Case(
+            "pad_reflect_computed_13",
+            "Pad",
+            {"x": PAD_X, "p": np.asarray([0, 1, 1, 0, 1, 1], I64)},
+            {"mode": "reflect"},
+            opset=13,
+        ),
+        "opset 16",
+    ),
+]
+
 CONV_TRANSPOSE_CASES = [
     Case(
         "convt",
@@ -471,6 +607,29 @@ NORM_CASES = [
     ),
 ]
 
+REARRANGE_CASES = [
+    Case("d2s_dcr", "DepthToSpace", {"x": _r(2, 8, 2, 3)}, {"blocksize": 2}),
+    Case("d2s_crd", "DepthToSpace", {"x": _r(1, 18, 2, 2)}, {"blocksize": 3, "mode": "CRD"}),
+    _dyn(
+        Case("d2s_crd", "DepthToSpace", {"x": _r(2, 8, 2, 3)}, {"blocksize": 2, "mode": "CRD"}), x=[0, 2, 3]
+    ),
+    Case("s2d", "SpaceToDepth", {"x": _r(2, 2, 4, 6)}, {"blocksize": 2}),
+    Case("tile", "Tile", {"x": _r(2, 3)}, consts={"r": np.asarray([2, 3], I64)}, input_order=("x", "r")),
+    Case(
+        "tile_ones",
+        "Tile",
+        {"x": _r(2, 3, 2)},
+        consts={"r": np.asarray([1, 3, 1], I64)},
+        input_order=("x", "r"),
+    ),
+    Case("tile_noop", "Tile", {"x": _r(2, 3)}, consts={"r": np.asarray([1, 1], I64)}, input_order=("x", "r")),
+    Case("tile_computed", "Tile", {"x": _r(1, 3, 2), "r": np.asarray([4, 1, 2], I64)}),
+    _dyn(
+        Case("tile", "Tile", {"x": _r(2, 3)}, consts={"r": np.asarray([3, 2], I64)}, input_order=("x", "r")),
+        x=[0, 1],
+    ),
+]
+
 CASES = [
     *ACTIVATION_CASES,
     *REDUCE_CASES,
@@ -478,17 +637,21 @@ CASES = [
     *CONV_DYNAMIC_CASES,
     *CONV_TRANSPOSE_CASES,
     *RESIZE_CASES,
+    *PAD_CASES,
+    *REARRANGE_CASES,
 ]
 # linear in what is differentiated, checked against onnxruntime's own forward
 RUNTIME_CASES = [
     *CONV_TRANSPOSE_RUNTIME_CASES,
     *RESIZE_CASES,
     *RESIZE_RUNTIME_CASES,
+    *PAD_RUNTIME_CASES,
 ]
 REFUSALS = [
     *CONV_DYNAMIC_REFUSALS,
     *CONV_TRANSPOSE_REFUSALS,
     *RESIZE_REFUSALS,
+    *PAD_REFUSALS,
 ]
 
 
@@ -686,3 +849,16 @@ def test_linear_resize_contracts_with_a_matrix_not_a_scatter() -> None:
     case = _resize("lin", _r(2, 3, 4, 4), {"mode": "linear"}, opset=13, scales=[1, 1, 2, 2])
     ops = _op_types(case)
     assert "MatMul" in ops and not {"ScatterElements", "ScatterND"} & ops
+
+
+@pytest.mark.parametrize("mode", ["edge", "reflect"])
+def test_edge_and_reflect_pad_use_slices_not_a_scatter(mode: str) -> None:
+    case = Case(
+        "p",
+        "Pad",
+        {"x": PAD_X},
+        {"mode": mode},
+        consts={"p": np.asarray([0, 1, 2, 0, 2, 3], I64)},
+        input_order=("x", "p"),
+    )
+    assert not {"ScatterElements", "ScatterND"} & _op_types(case)

@@ -13,7 +13,7 @@ exact input size; Conv's weight gradient by im2col (strided ``Slice``s + one ``G
 ``MatMul``); MaxPool through its ``Indices`` and ``ScatterElements(reduction="add")``;
 embedding ``Gather`` through ``ScatterND(reduction="add")``; nearest ``Resize`` by an integer
 factor as a sum-pool (``Reshape`` + ``ReduceSum``), other resizes as one ``MatMul`` per
-resized axis.
+resized axis; edge/reflect ``Pad`` as slices and adds (a scatter only for computed pads).
 """
 
 from __future__ import annotations
@@ -1589,6 +1589,185 @@ def _resize(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     return [g]
 
 
+def _add_at(ctx: RuleContext, x: str, axis: int, start: int, end: int, value: str) -> str:
+    """``x`` with ``value`` added to its slice [start, end) along ``axis``."""
+    head = _slice_axis(ctx, x, 0, start, axis)
+    body = ctx.op("Add", [_slice_axis(ctx, x, start, end, axis), value])
+    tail = _slice_axis(ctx, x, end, _INT_MAX, axis)
+    return ctx.op("Concat", [head, body, tail], axis=axis)
+
+
+def _unpad_axis(ctx: RuleContext, g: str, axis: int, before: int, after: int, mode: str) -> str:
+    """The adjoint of edge or reflect padding of one axis by ``before``/``after`` >= 0."""
+    inner = _slice_axis(ctx, g, before, -after if after else _INT_MAX, axis)
+    if mode == "edge":
+        if before:
+            strip = ctx.b.reduce("ReduceSum", _slice_axis(ctx, g, 0, before, axis), [axis], keepdims=True)
+            inner = _add_at(ctx, inner, axis, 0, 1, strip)
+        if after:
+            strip = ctx.b.reduce(
+                "ReduceSum", _slice_axis(ctx, g, -after, _INT_MAX, axis), [axis], keepdims=True
+            )
+            inner = _add_at(ctx, inner, axis, -1, _INT_MAX, strip)
+        return inner
+    # reflect: Y[before - t] = X[t] and Y[before + n - 1 + t] = X[n - 1 - t] for t = 1..pad
+    if before:
+        strip = _slice_axis(ctx, g, before - 1, -_INT_MAX, axis, -1)  # mirrors X[1 .. before]
+        inner = _add_at(ctx, inner, axis, 1, 1 + before, strip)
+    if after:
+        strip = _slice_axis(ctx, g, -1, -after - 1, axis, -1)  # mirrors X[n - 1 - after .. n - 2]
+        inner = _add_at(ctx, inner, axis, -1 - after, -1, strip)
+    return inner
+
+
+def _unpad_constant(ctx: RuleContext, dy: str, rank: int, axes: Sequence[int], pads: np.ndarray) -> str:
+    """The adjoint of constant padding by constant pads: slice off what was added, zero-fill
+    what was cropped (negative pads)."""
+    flat = [int(p) for p in pads.reshape(-1)]
+    begins, ends = flat[: len(axes)], flat[len(axes) :]
+    cropped = [(a, b, e) for a, b, e in zip(axes, begins, ends, strict=True) if b > 0 or e > 0]
+    if cropped:
+        dy = ctx.op(
+            "Slice",
+            [
+                dy,
+                ctx.b.ints([max(b, 0) for _, b, _ in cropped]),
+                ctx.b.ints([-e if e > 0 else _INT_MAX for _, _, e in cropped]),
+                ctx.b.ints([a for a, _, _ in cropped]),
+            ],
+        )
+    fill = [0] * (2 * rank)
+    for a, b, e in zip(axes, begins, ends, strict=True):
+        fill[a], fill[rank + a] = max(-b, 0), max(-e, 0)
+    if not any(fill):
+        return dy
+    if ctx.b.opset < 11:
+        return ctx.op("Pad", [dy], pads=fill, mode="constant")
+    return ctx.op("Pad", [dy, ctx.b.ints(fill)])
+
+
+def _pad(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Pad (opset 2 attribute form, 11+ input form, 18 ``axes``):
+
+    - constant: dX = dY with what was added sliced off and what was cropped (negative pads)
+      zero-filled again; with computed pads, Pad(dY, -pads), which does both;
+    - edge and reflect with constant pads >= 0, axis by axis: the inner part of dY, plus the sum
+      of each edge strip added to the edge element it copies (edge), or each strip mirrored onto
+      the elements it copies (reflect): slices and adds, no scatter;
+    - anything else (computed or negative pads, wrap): the same Pad applied to the index map
+      of X gives the source of every output element, and
+      dX = ScatterElements(zeros, that map, dY, reduction='add') (opset 16).
+    """
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    rank = ctx.rank(x)
+    opset = ctx.b.opset
+    mode = _str_attr(node, "mode", "constant")
+    pads_name = axes_name = ""
+    if opset < 11:
+        pads: np.ndarray | None = np.asarray(_attr(node, "pads"), dtype=np.int64)
+    else:
+        pads_name, axes_name = _input(node, 1), _input(node, 3)
+        pads = ctx.const_value(pads_name)
+    axes_value = ctx.const_value(axes_name) if axes_name else np.arange(rank)
+    if mode == "constant":
+        if pads is None or axes_value is None:  # computed: crop with the negated pads
+            negated = ctx.op("Neg", [pads_name])
+            return [ctx.op("Pad", [dy, negated, "", axes_name] if axes_name else [dy, negated])]
+        return [_unpad_constant(ctx, dy, rank, [_axis(int(a), rank) for a in axes_value.reshape(-1)], pads)]
+    if mode in ("edge", "reflect") and pads is not None and axes_value is not None and (pads >= 0).all():
+        axes = [_axis(int(a), rank) for a in axes_value.reshape(-1)]
+        flat = [int(p) for p in pads.reshape(-1)]
+        g = dy
+        for i, a in enumerate(axes):
+            before, after = flat[i], flat[len(axes) + i]
+            size = ctx.dims(x)[a]
+            if mode == "reflect" and isinstance(size, int) and max(before, after) >= size:
+                break  # reflecting more than the axis holds: the runtime decides; follow it below
+            if before or after:
+                g = _unpad_axis(ctx, g, a, before, after, mode)
+        else:
+            return [g]
+    if opset < 16:
+        raise GradientError(f"mode '{mode}' with these pads needs opset 16 for its gradient (a scatter-add)")
+    index = ctx.op(
+        "Reshape",
+        [
+            ctx.op(
+                "Range",
+                [
+                    ctx.b.const(np.asarray(0, np.int64)),
+                    ctx.op("Size", [x]),
+                    ctx.b.const(np.asarray(1, np.int64)),
+                ],
+            ),
+            ctx.shape_of(x),
+        ],
+    )
+    source = ctx.op("Pad", [index, pads_name, "", axes_name] if axes_name else [index, pads_name], mode=mode)
+    return [_flat_scatter_add(ctx, x, source, dy)]
+
+
+def _tile(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Tile: along axis i, Y holds r_i copies of X one after the other, so
+    dX = ReduceSum(Reshape(dY, [r_0, d_0, r_1, d_1, ...]), the r axes) (axes with r_i = 1 are not
+    split; computed repeats: r = Shape(Y) / Shape(X) at run time)."""
+    dy = dys[0]
+    assert dy is not None
+    x, y = node.input[0], node.output[0]
+    rank = ctx.rank(x)
+    repeats = ctx.const_value(node.input[1])
+    if repeats is not None:
+        parts: list[int | str] = []
+        summed = []
+        for i, r in enumerate(int(r) for r in repeats.reshape(-1)):
+            if r != 1:
+                summed.append(len(parts))
+                parts.append(r)
+            parts.append(_dim_part(ctx, x, i))
+        if not summed:
+            return [dy]
+        shape = _shape_vector(ctx, parts)
+    else:
+        xs = ctx.op("Shape", [x])
+        reps = ctx.op("Div", [ctx.op("Shape", [y]), xs])
+        pairs = [ctx.op("Unsqueeze", [v, ctx.b.ints([1])]) for v in (reps, xs)]
+        shape = ctx.op("Reshape", [ctx.op("Concat", pairs, axis=1), ctx.b.ints([-1])])
+        summed = list(range(0, 2 * rank, 2))
+    return [ctx.b.reduce("ReduceSum", ctx.op("Reshape", [dy, shape]), summed, keepdims=False)]
+
+
+def _depth_to_space(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """DepthToSpace is a permutation of elements, so dX is the inverse permutation of dY:
+    SpaceToDepth(dY) for mode DCR (its exact inverse); for CRD, Reshape(dY, [N, C/b², H, b, W, b])
+    -> Transpose(0, 1, 3, 5, 2, 4) -> Reshape(X's shape)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    b = int(_attr(node, "blocksize"))
+    if _str_attr(node, "mode", "DCR") == "DCR":
+        return [ctx.op("SpaceToDepth", [dy], blocksize=b)]
+    channels = ctx.dims(x)[1]
+    depth: int | str = (
+        channels // (b * b)
+        if isinstance(channels, int)
+        else ctx.op("Div", [_dim1(ctx, x, 1), ctx.b.ints([b * b])])
+    )
+    shape = _shape_vector(
+        ctx, [_dim_part(ctx, x, 0), depth, _dim_part(ctx, x, 2), b, _dim_part(ctx, x, 3), b]
+    )
+    moved = ctx.op("Transpose", [ctx.op("Reshape", [dy, shape])], perm=[0, 1, 3, 5, 2, 4])
+    return [ctx.reshape_like(moved, x)]
+
+
+def _space_to_depth(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """SpaceToDepth: dX = DepthToSpace(dY, mode DCR), its exact inverse permutation."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.op("DepthToSpace", [dy], blocksize=int(_attr(node, "blocksize")), mode="DCR")]
+
+
 # --- the table ------------------------------------------------------------------------------
 
 
@@ -1669,4 +1848,8 @@ RULES: dict[str, Rule] = {
     # resampling, padding, tiling, rearranging
     "Resize": Rule(_resize, inputs=(0,)),
     "Upsample": Rule(_resize, inputs=(0,)),
+    "Pad": Rule(_pad, inputs=(0,)),
+    "Tile": Rule(_tile, inputs=(0,)),
+    "DepthToSpace": _unary(_depth_to_space),
+    "SpaceToDepth": _unary(_space_to_depth),
 }
