@@ -630,6 +630,143 @@ REARRANGE_CASES = [
     ),
 ]
 
+EINSUM_CASES = [
+    Case(f"einsum_{name}", "Einsum", dict(zip("abc", arrays, strict=False)), {"equation": eq})
+    for name, eq, arrays in [
+        ("bmm", "bij,bjk->bik", [_r(2, 3, 4), _r(2, 4, 5)]),
+        ("scores", "bhqd,bhkd->bhqk", [_r(2, 2, 3, 4), _r(2, 2, 5, 4)]),
+        ("context", "bhqk,bhkd->bhqd", [_r(2, 2, 3, 5), _r(2, 2, 5, 4)]),
+        ("proj", "bsh,hd->bsd", [_r(2, 3, 4), _r(4, 5)]),
+        ("xl_scores", "ibnd,jbnd->bnij", [_r(3, 2, 2, 4), _r(5, 2, 2, 4)]),
+        ("transpose", "ij->ji", [_r(3, 4)]),
+        ("heads", "bqhd->bhqd", [_r(2, 3, 2, 4)]),
+        ("rowsum", "ij->i", [_r(3, 4)]),
+        ("total", "ij->", [_r(3, 4)]),
+        ("dot", "i,i->", [_r(4), _r(4)]),
+        ("hadamard", "ij,ij->ij", [_r(3, 4), _r(3, 4)]),
+        ("lonely", "ij,jk->k", [_r(3, 4), _r(4, 5)]),
+        ("chain3", "bij,bjk,bkl->bil", [_r(2, 3, 4), _r(2, 4, 2), _r(2, 2, 3)]),
+        ("implicit", "ij,jk", [_r(3, 4), _r(4, 5)]),
+        ("upper", "BiJ,BJk->Bik", [_r(2, 3, 4), _r(2, 4, 5)]),
+        ("ellipsis", "...ij,...jk->...ik", [_r(2, 3, 3, 4), _r(2, 3, 4, 2)]),
+        ("ellipsis_rank", "...ij,jk->...ik", [_r(2, 3, 3, 4), _r(4, 2)]),
+        ("ellipsis_implicit", "...ij,...jk", [_r(2, 3, 4), _r(2, 4, 2)]),
+        ("ellipsis_mid", "b...d,bd->b...", [_r(2, 3, 2, 4), _r(2, 4)]),
+    ]
+]
+EINSUM_REFUSALS = [
+    (Case("einsum_diagonal", "Einsum", {"a": _r(3, 3)}, {"equation": "ii->i"}), "diagonal"),
+    (
+        Case(
+            "einsum_bcast", "Einsum", {"a": _r(1, 3, 4), "b": _r(2, 4, 5)}, {"equation": "...ij,...jk->...ik"}
+        ),
+        "broadcast",
+    ),
+]
+
+INDEX_CASES = [
+    Case(
+        "gather_elements_axis1",
+        "GatherElements",
+        {"x": _r(3, 4)},
+        {"axis": 1},
+        consts={"i": np.asarray([[0, 3, -1], [1, 1, 0], [2, 0, 0]], I64)},
+        input_order=("x", "i"),
+    ),
+    Case(
+        "gather_elements_axis0_dup",
+        "GatherElements",
+        {"x": _r(3, 2, 2)},
+        consts={
+            "i": np.asarray([[[0, 2], [2, 2]], [[-1, 0], [1, 1]], [[0, 0], [0, 0]], [[1, 2], [0, 1]]], I64)
+        },
+        input_order=("x", "i"),
+    ),
+    Case(
+        "gather_elements_last_int32",
+        "GatherElements",
+        {"x": _r(2, 3, 4)},
+        {"axis": 2},
+        consts={"i": np.random.default_rng(3).integers(-4, 4, (2, 3, 3)).astype(np.int32)},
+        input_order=("x", "i"),
+    ),
+    Case(
+        "scatternd",
+        "ScatterND",
+        {"x": _r(4, 3, 2), "u": _r(2, 3, 2)},
+        consts={"i": np.asarray([[1], [3]], I64)},
+        input_order=("x", "i", "u"),
+    ),
+    Case(
+        "scatternd_elements",
+        "ScatterND",
+        {"x": _r(3, 4), "u": _r(3)},
+        consts={"i": np.asarray([[0, 1], [2, 3], [1, 0]], I64)},
+        input_order=("x", "i", "u"),
+    ),
+    Case(
+        "scatternd_add",
+        "ScatterND",
+        {"x": _r(4, 3), "u": _r(3, 3)},
+        {"reduction": "add"},
+        consts={"i": np.asarray([[1], [3], [1]], I64)},
+        input_order=("x", "i", "u"),
+    ),
+    Case(
+        "scatter_elements",
+        "ScatterElements",
+        {"x": _r(4, 3), "u": _r(2, 3)},
+        consts={"i": np.asarray([[1, 0, 2], [3, 2, 1]], I64)},
+        input_order=("x", "i", "u"),
+    ),
+    Case(
+        "scatter_elements_add_axis1",
+        "ScatterElements",
+        {"x": _r(2, 4), "u": _r(2, 3)},
+        {"axis": 1, "reduction": "add"},
+        consts={"i": np.asarray([[1, 1, 3], [0, -1, 0]], I64)},
+        input_order=("x", "i", "u"),
+    ),
+    Case("split11_attr", "Split", {"x": _r(2, 7)}, {"axis": 1, "split": [3, 4]}, outputs=2, opset=11),
+    Case("split18_uneven", "Split", {"x": _r(7, 2)}, {"axis": 0, "num_outputs": 3}, outputs=3),
+    Case("split_negative_axis", "Split", {"x": _r(2, 3, 4)}, {"axis": -1, "num_outputs": 2}, outputs=2),
+]
+INDEX_RUNTIME_CASES = [
+    # onnx.reference's GatherElements mishandles a negative axis
+    Case(
+        "gather_elements_negative_axis",
+        "GatherElements",
+        {"x": _r(2, 3, 4)},
+        {"axis": -1},
+        consts={"i": np.random.default_rng(4).integers(-4, 4, (2, 3, 5))},
+        input_order=("x", "i"),
+    ),
+]
+INDEX_REFUSALS = [
+    (
+        Case(
+            "scatter_mul",
+            "ScatterND",
+            {"x": _r(4, 3), "u": _r(1, 3)},
+            {"reduction": "mul"},
+            consts={"i": np.asarray([[1]], I64)},
+            input_order=("x", "i", "u"),
+        ),
+        "reduction 'mul'",
+    ),
+    (
+        Case(
+            "gather_elements_opset13",
+            "GatherElements",
+            {"x": _r(3, 4)},
+            consts={"i": np.asarray([[0, 1, 2, 0]], I64)},
+            input_order=("x", "i"),
+            opset=13,
+        ),
+        "opset 16",
+    ),
+]
+
 CASES = [
     *ACTIVATION_CASES,
     *REDUCE_CASES,
@@ -639,6 +776,8 @@ CASES = [
     *RESIZE_CASES,
     *PAD_CASES,
     *REARRANGE_CASES,
+    *EINSUM_CASES,
+    *INDEX_CASES,
 ]
 # linear in what is differentiated, checked against onnxruntime's own forward
 RUNTIME_CASES = [
@@ -646,12 +785,15 @@ RUNTIME_CASES = [
     *RESIZE_CASES,
     *RESIZE_RUNTIME_CASES,
     *PAD_RUNTIME_CASES,
+    *INDEX_RUNTIME_CASES,
 ]
 REFUSALS = [
     *CONV_DYNAMIC_REFUSALS,
     *CONV_TRANSPOSE_REFUSALS,
     *RESIZE_REFUSALS,
     *PAD_REFUSALS,
+    *EINSUM_REFUSALS,
+    *INDEX_REFUSALS,
 ]
 
 

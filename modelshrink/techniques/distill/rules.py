@@ -711,6 +711,85 @@ def _gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     return [da, db, dc]
 
 
+def _einsum_terms(equation: str, ranks: Sequence[int]) -> tuple[list[str], str]:
+    """The input terms and output term of an Einsum, with ``...`` replaced by letters (the same
+    letter for the same right-aligned broadcast axis) and the implicit output made explicit."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        raise GradientError(f"equation '{equation}' has {len(terms)} terms for {len(ranks)} inputs")
+    used = set(eq) - {".", ",", "-", ">"}
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    widths = [rank - len(t.replace("...", "")) for t, rank in zip(terms, ranks, strict=True) if "..." in t]
+    width = max(widths, default=0)
+    if width > len(spare):
+        raise GradientError(f"equation '{equation}': too many axes under '...'")
+    ell = "".join(spare[:width])  # letter of each broadcast axis, outermost first
+
+    def expand(term: str, rank: int | None) -> str:
+        if "..." not in term:
+            return term
+        w = (rank - len(term.replace("...", ""))) if rank is not None else width
+        return term.replace("...", ell[width - w :])
+
+    inputs = [expand(t, r) for t, r in zip(terms, ranks, strict=True)]
+    for t in inputs:
+        if t and not t.isalpha():
+            raise GradientError(f"equation '{equation}': cannot read term '{t}'")
+        if len(set(t)) != len(t):
+            raise GradientError(
+                f"equation '{equation}': a label repeated within one operand (a diagonal) has no gradient rule"
+            )
+    if arrow:
+        output = expand(rhs, None)
+    else:
+        counts: dict[str, int] = {}
+        for t in inputs:
+            for c in t:
+                counts[c] = counts.get(c, 0) + 1
+        output = ell + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in ell))
+    return inputs, output
+
+
+def _einsum(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """Einsum without repeated labels in one operand (batched matmuls ``bij,bjk->bik``,
+    attention ``bhqd,bhkd->bhqk`` and ``bhqk,bhkd->bhqd``, projections, transposes, reductions,
+    ``...``): dX_i = Einsum(dY and the other operands -> X_i's term), with the labels only X_i
+    has (summed over in the forward) put back by Unsqueeze + Expand. Letters stand for the
+    ``...`` axes, so operands whose ``...`` axes broadcast (one has size 1 where another does
+    not) are refused; diagonals (``ii->i``) are refused."""
+    dy = dys[0]
+    assert dy is not None
+    equation = _str_attr(node, "equation", "")
+    ranks = [ctx.rank(x) for x in node.input]
+    terms, output = _einsum_terms(equation, ranks)
+    sizes: dict[str, Dim] = {}
+    for x, term in zip(node.input, terms, strict=True):
+        for label, d in zip(term, ctx.dims(x), strict=True):
+            seen = sizes.setdefault(label, d)
+            if isinstance(seen, int) and isinstance(d, int) and seen != d:
+                raise GradientError(
+                    f"equation '{equation}': label '{label}' has sizes {seen} and {d} (broadcast "
+                    "axes under '...' are not supported)"
+                )
+    grads: Grads = []
+    for i, x in enumerate(node.input):
+        if not ctx.needs(node, i):
+            grads.append(None)
+            continue
+        others = [t for j, t in enumerate(terms) if j != i]
+        elsewhere = set(output).union(*others)
+        kept = "".join(c for c in terms[i] if c in elsewhere)
+        operands = [dy, *(v for j, v in enumerate(node.input) if j != i)]
+        grad = ctx.op("Einsum", operands, equation=f"{','.join([output, *others])}->{kept}")
+        if kept != terms[i]:
+            missing = [k for k, c in enumerate(terms[i]) if c not in elsewhere]
+            grad = ctx.op("Expand", [ctx.op("Unsqueeze", [grad, ctx.b.ints(missing)]), ctx.shape_of(x)])
+        grads.append(grad)
+    return grads
+
+
 # --- convolution ----------------------------------------------------------------------------
 
 
@@ -1381,6 +1460,62 @@ def _slice(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     return [_flat_scatter_add(ctx, x, picked, dy)]
 
 
+def _positive_indices(ctx: RuleContext, indices: str, data: str, axis: int) -> str:
+    """``indices`` into axis ``axis`` of ``data`` with negative values wrapped, as int64."""
+    dim = ctx.op("Gather", [ctx.shape_of(data), ctx.b.const(np.asarray(axis, dtype=np.int64))])
+    fixed = ctx.op(
+        "Where",
+        [
+            ctx.op("Less", [indices, ctx.b.const(np.asarray(0, dtype=_np_int(ctx, indices)))]),
+            ctx.op("Add", [indices, _cast_like(ctx, dim, indices)]),
+            indices,
+        ],
+    )
+    if _np_int(ctx, indices) != np.int64:
+        fixed = ctx.op("Cast", [fixed], to=onnx.TensorProto.INT64)
+    return fixed
+
+
+def _gather_elements(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """GatherElements: dX = ScatterElements(zeros, indices, dY, axis, reduction='add')."""
+    dy = dys[0]
+    assert dy is not None
+    if ctx.b.opset < 16:
+        raise GradientError("its gradient (a scatter-add) needs opset 16")
+    data, indices = node.input[0], node.input[1]
+    axis = _axis(int(_attr(node, "axis", 0)), ctx.rank(data))
+    fixed = _positive_indices(ctx, indices, data, axis)
+    return [ctx.op("ScatterElements", [ctx.zeros_like(data), fixed, dy], axis=axis, reduction="add"), None]
+
+
+def _scatter(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """ScatterND and ScatterElements (indices constant or computed, never differentiated):
+    reduction 'none': dData = the same scatter of zeros into dY (overwritten elements get
+    nothing), dUpdates = GatherND/GatherElements(dY, indices); reduction 'add': dData = dY and
+    the same dUpdates. Refused: 'mul', 'max', 'min'."""
+    dy = dys[0]
+    assert dy is not None
+    data, indices, updates = node.input[:3]
+    reduction = _str_attr(node, "reduction", "none")
+    if reduction not in ("none", "add"):
+        raise GradientError(f"reduction '{reduction}' has no gradient rule (only 'none' and 'add')")
+    attrs: dict[str, Any] = {}
+    gather = "GatherND"
+    if node.op_type == "ScatterElements":
+        attrs["axis"] = _axis(int(_attr(node, "axis", 0)), ctx.rank(data))
+        gather = "GatherElements"
+    ddata = dupdates = None
+    if ctx.needs(node, 0):
+        ddata = (
+            dy
+            if reduction == "add"
+            else ctx.op(node.op_type, [dy, indices, ctx.zeros_like(updates)], **attrs)
+        )
+    if ctx.needs(node, 2):
+        dupdates = ctx.op(gather, [dy, indices], **attrs)
+    return [ddata, None, dupdates]
+
+
 # --- resampling, padding, tiling ------------------------------------------------------------
 
 
@@ -1831,6 +1966,7 @@ RULES: dict[str, Rule] = {
     "Gemm": Rule(_gemm),
     "Conv": Rule(_conv),
     "ConvTranspose": Rule(_conv_transpose),
+    "Einsum": Rule(_einsum),
     # pooling
     "MaxPool": Rule(_maxpool, inputs=(0,), outputs=(0,), prepare=_prepare_maxpool, min_opset=16),
     "AveragePool": _unary(_average_pool),
@@ -1845,6 +1981,9 @@ RULES: dict[str, Rule] = {
     "Concat": Rule(_concat),
     "Split": Rule(_split, inputs=(0,)),
     "Slice": Rule(_slice, inputs=(0,)),
+    "GatherElements": Rule(_gather_elements, inputs=(0,), min_opset=16),
+    "ScatterND": Rule(_scatter, inputs=(0, 2)),
+    "ScatterElements": Rule(_scatter, inputs=(0, 2)),
     # resampling, padding, tiling, rearranging
     "Resize": Rule(_resize, inputs=(0,)),
     "Upsample": Rule(_resize, inputs=(0,)),
