@@ -1686,8 +1686,10 @@ def _resize(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
 
     - Nearest upsampling by an integer factor k that copies each input k times (asymmetric with
       floor or Resize-10/Upsample rounding, half_pixel and pytorch_half_pixel with round_prefer_*,
-      ...; scales, or static sizes): dX = ReduceSum(Reshape(dY, [..., n, k, ...]), the k axes),
-      a sum-pool, no matrix and no scatter. Works with dynamic sizes.
+      ...; scales, or static sizes): dX is a sum-pool of dY, k^2 * AveragePool(dY, kernel k,
+      stride k) on spatial axes (onnxruntime's pooling kernel is twice as fast as the
+      equivalent ReduceSum(Reshape(dY, [..., n, k, ...])), used for batch or channel axes); no
+      matrix and no scatter, also with sizes known only at run time.
     - Any other axis (linear, cubic, every coordinate_transformation_mode and nearest_mode,
       cubic_coeff_a, exclude_outside, antialias, a tf_crop_and_resize roi, non-integer scales):
       A^T [n, m] is the same op applied to an n x n identity along its last axis, so it follows
@@ -1710,7 +1712,11 @@ def _resize(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
             copies[a] = k
         else:
             g = _contract_axis(ctx, g, form.matrix(ctx, j), a, rank)
-    if copies:
+    if copies and min(copies) >= 2 and 3 <= rank <= 5:  # spatial axes: a pooling kernel does it
+        kernel = [copies.get(i, 1) for i in range(2, rank)]
+        pooled = ctx.op("AveragePool", [g], kernel_shape=kernel, strides=kernel)
+        g = ctx.op("Mul", [pooled, ctx.scalar(float(math.prod(kernel)), x)])
+    elif copies:
         parts: list[int | str] = []
         summed = []
         for i in range(rank):
@@ -1732,10 +1738,19 @@ def _add_at(ctx: RuleContext, x: str, axis: int, start: int, end: int, value: st
     return ctx.op("Concat", [head, body, tail], axis=axis)
 
 
-def _unpad_axis(ctx: RuleContext, g: str, axis: int, before: int, after: int, mode: str) -> str:
-    """The adjoint of edge or reflect padding of one axis by ``before``/``after`` >= 0."""
+def _unpad_axis(ctx: RuleContext, g: str, axis: int, before: int, after: int, mode: str, n: Dim) -> str:
+    """The adjoint of edge or reflect padding of one axis (size ``n``) by ``before``/``after`` >= 0.
+
+    Reflect: Y[before - t] = X[t] and Y[before + n - 1 + t] = X[n - 1 - t] for t = 1..pad, so
+    each strip, reversed, adds onto the elements next to the edge; edge: each strip's sum adds
+    onto the edge element. With a static n, one Split of dY into the strips and the parts of X
+    they add to and one Concat (two passes over dY); otherwise slices and a Concat per strip.
+    """
+    reflect = mode == "reflect"
+    if isinstance(n, int) and n - 2 - (before + after if reflect else 0) >= 0:
+        return _unpad_axis_split(ctx, g, axis, before, after, reflect, n)
     inner = _slice_axis(ctx, g, before, -after if after else _INT_MAX, axis)
-    if mode == "edge":
+    if not reflect:
         if before:
             strip = ctx.b.reduce("ReduceSum", _slice_axis(ctx, g, 0, before, axis), [axis], keepdims=True)
             inner = _add_at(ctx, inner, axis, 0, 1, strip)
@@ -1745,7 +1760,6 @@ def _unpad_axis(ctx: RuleContext, g: str, axis: int, before: int, after: int, mo
             )
             inner = _add_at(ctx, inner, axis, -1, _INT_MAX, strip)
         return inner
-    # reflect: Y[before - t] = X[t] and Y[before + n - 1 + t] = X[n - 1 - t] for t = 1..pad
     if before:
         strip = _slice_axis(ctx, g, before - 1, -_INT_MAX, axis, -1)  # mirrors X[1 .. before]
         inner = _add_at(ctx, inner, axis, 1, 1 + before, strip)
@@ -1753,6 +1767,34 @@ def _unpad_axis(ctx: RuleContext, g: str, axis: int, before: int, after: int, mo
         strip = _slice_axis(ctx, g, -1, -after - 1, axis, -1)  # mirrors X[n - 1 - after .. n - 2]
         inner = _add_at(ctx, inner, axis, -1 - after, -1, strip)
     return inner
+
+
+def _unpad_axis_split(
+    ctx: RuleContext, g: str, axis: int, before: int, after: int, reflect: bool, n: int
+) -> str:
+    """:func:`_unpad_axis` by one Split and one Concat: dY along ``axis`` is [strip before, X[0],
+    the part the strip mirrors (reflect), the middle, the part the other strip mirrors, X[n-1],
+    strip after]."""
+    mirrored = (before, after) if reflect else (0, 0)
+    sizes = [before, 1, mirrored[0], n - 2 - sum(mirrored), mirrored[1], 1, after]
+    kept = [i for i, size in enumerate(sizes) if size]
+    lengths = [sizes[i] for i in kept]
+    if ctx.b.opset < 13:
+        split = ctx.op("Split", [g], axis=axis, split=lengths, outputs=len(kept))
+    else:
+        split = ctx.op("Split", [g, ctx.b.ints(lengths)], axis=axis, outputs=len(kept))
+    parts = dict(zip(kept, split if len(kept) > 1 else [split], strict=True))
+    # (strip, the part it adds onto): reflect strips reversed onto the mirrored parts, edge
+    # strips summed onto the edge elements
+    for src, dst in ((0, 2), (6, 4)) if reflect else ((0, 1), (6, 5)):
+        if sizes[src]:
+            if reflect:
+                add = _slice_axis(ctx, parts[src], -1, -_INT_MAX, axis, -1)
+            else:
+                add = ctx.b.reduce("ReduceSum", parts[src], [axis], keepdims=True)
+            parts[dst] = ctx.op("Add", [parts[dst], add])
+    pieces = [parts[i] for i in range(1, 6) if sizes[i]]
+    return pieces[0] if len(pieces) == 1 else ctx.op("Concat", pieces, axis=axis)
 
 
 def _unpad_constant(ctx: RuleContext, dy: str, rank: int, axes: Sequence[int], pads: np.ndarray) -> str:
@@ -1821,7 +1863,7 @@ def _pad(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
             if mode == "reflect" and isinstance(size, int) and max(before, after) >= size:
                 break  # reflecting more than the axis holds: the runtime decides; follow it below
             if before or after:
-                g = _unpad_axis(ctx, g, a, before, after, mode)
+                g = _unpad_axis(ctx, g, a, before, after, mode, size)
         else:
             return [g]
     if opset < 16:
