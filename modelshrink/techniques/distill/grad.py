@@ -188,7 +188,7 @@ class Builder:
 
     def reduce(self, op_type: str, x: str, axes: Sequence[int], *, keepdims: bool) -> str:
         """``ReduceSum``/``ReduceMean``/... over ``axes`` in the form this opset wants."""
-        takes_input = op_type == "ReduceSum" or self.opset >= 18
+        takes_input = (op_type == "ReduceSum" and self.opset >= 13) or self.opset >= 18
         if takes_input:
             return self.op(op_type, [x, self.ints(axes)], keepdims=int(keepdims))
         return self.op(op_type, [x], axes=list(axes), keepdims=int(keepdims))
