@@ -44,7 +44,7 @@ from test_distill_rules import (
     gradient_check,
 )
 
-from modelshrink import PruneConfig, RunOptions, api
+from modelshrink import DistillConfig, PruneConfig, RunOptions, api
 from modelshrink.techniques.distill.autodiff import append_gradients
 from modelshrink.techniques.distill.grad import GradientError
 from modelshrink.techniques.distill.rules import RULES
@@ -1111,8 +1111,9 @@ def test_fpn_detector_pruned_then_distilled(tmp_path: Path) -> None:
     options = RunOptions(latency=False)
     pruned, recovered = tmp_path / "pruned.onnx", tmp_path / "recovered.onnx"
     api.prune(str(teacher_path), str(pruned), PruneConfig(sparsity=0.25, structured=True), options)
-    config = api.distill_config(str(teacher_path), str(tmp_path / "train.npz"), epochs=5, lr=3e-3)
-    report = json.loads(api.distill(str(pruned), str(recovered), config, options).to_json())
+    config = DistillConfig(teacher=str(teacher_path), epochs=5, lr=3e-3)
+    train = dataclasses.replace(options, data=str(tmp_path / "train.npz"))
+    report = json.loads(api.distill(str(pruned), str(recovered), config, train).to_json())
     fidelity = report["details"]["teacher_fidelity"]
     assert fidelity["after"]["loss"] < 0.3 * fidelity["before"]["loss"]
     losses = [h["train_loss"] for h in report["details"]["history"]]
