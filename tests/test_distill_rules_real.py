@@ -1054,21 +1054,7 @@ def _forward(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> np.ndar
     return session.run(None, dict(feeds))[0]
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "nearest",
-        pytest.param(
-            "linear",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="onnx's version converter turns Upsample/Resize-10 linear into Resize with the "
-                "default half_pixel instead of asymmetric, so the train step (run at opset 13) "
-                "computes another function than the model",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
 def test_old_upsample_trains_at_the_converted_opset(mode: str) -> None:
     model = _upsample_net(mode)
     student = prepare_student(ir.serde.deserialize_model(model))

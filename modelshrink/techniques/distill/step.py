@@ -45,7 +45,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BnMode = Literal["frozen", "train"]
-_NEEDS_OPSET_16 = {"MaxPool", "Gather"}
+# Ops whose gradient rule emits ops of opset 16 (ScatterElements/ScatterND with reduction).
+_NEEDS_OPSET_16 = {op for op, rule in RULES.items() if rule.min_opset >= 16}
+# Before opset 11, Upsample and Resize map output to input coordinates as x / scale
+# ("asymmetric") and pick the floor for nearest; onnx's version converter writes a Resize
+# with the defaults (half_pixel, round_prefer_floor) instead, which computes another function.
+_OLD_RESIZE_BEFORE = 11
 _MIN_OPSET = 13
 
 
@@ -190,10 +195,23 @@ def _ensure_opset(proto: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
             f"the student uses opset {opset}; its train step needs opset {target} and the "
             f"onnx version converter failed: {exc}"
         ) from exc
+    if opset < _OLD_RESIZE_BEFORE:  # every Resize now came from an Upsample or a Resize-10
+        for node in converted.graph.node:
+            if node.op_type == "Resize":
+                _keep_old_resize_semantics(node)
     notes.append(
         f"the train step ran at opset {target} (the student uses {opset}); the output keeps opset {opset}"
     )
     return converted
+
+
+def _keep_old_resize_semantics(node: onnx.NodeProto) -> None:
+    """Give a converted Upsample / Resize-10 the coordinates it had: ``x / scale``, floor."""
+    keep = [a for a in node.attribute if a.name not in ("coordinate_transformation_mode", "nearest_mode")]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+    node.attribute.append(helper.make_attribute("nearest_mode", "floor"))
 
 
 def _params_to_inputs(proto: onnx.ModelProto, names: Sequence[str]) -> None:
