@@ -51,7 +51,7 @@ from modelshrink.inputs import (
     input_specs,
     plan_inputs,
 )
-from modelshrink.options import parse_input_shapes, parse_input_values
+from modelshrink.options import parse_input_shapes, parse_input_values, parse_rows
 
 __all__ = [
     "Feed",
@@ -530,6 +530,7 @@ def _array_feeds(
     input_shapes: Mapping[str, tuple[int, ...]],
     input_values: Mapping[str, Scalar],
     max_samples: int,
+    rows: str | None = None,
 ) -> Feeds:
     label = str(path)
     arrays = _read_arrays(path, specs)
@@ -562,15 +563,27 @@ def _array_feeds(
         detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise DataError(f"--data {label}: inputs have different numbers of samples ({detail})")
     total = next(iter(counts.values()))
-    used = min(total, max_samples)
-    samples = tuple({name: items[i] for name, items in per_input.items()} for i in range(used))
+    chosen = _selected(list(range(total)), rows)
+    if not chosen:
+        raise DataError(f"--data {label}: --rows {rows} selects none of its {total} samples")
+    used = min(len(chosen), max_samples)
+    samples = tuple({name: items[i] for name, items in per_input.items()} for i in chosen[:used])
     for sample in samples[1:]:
         for spec in specs:
             if spec.dims is not None and spec.name not in input_values:
                 _check_shape(spec.name, sample[spec.name].shape, spec, label)
     samples = tuple(_fill_values(sample, specs, input_shapes, input_values) for sample in samples)
-    source = f"{label} ({used} of {total} samples)" if used < total else f"{label} ({total} samples)"
+    picked = f", --rows {rows}" if rows is not None else ""
+    source = f"{label} ({used} of {total} samples{picked})" if used < total else f"{label} ({total} samples)"
     return _real_feeds(samples, specs, source, warnings, input_values)
+
+
+def _selected(items: list[Any], rows: str | None) -> list[Any]:
+    """The items ``--rows`` keeps (all of them without it)."""
+    if rows is None:
+        return items
+    keep = parse_rows(rows)
+    return [item for i, item in enumerate(items) if keep(i, len(items))]
 
 
 def _fill_values(
@@ -680,6 +693,7 @@ def load_feeds(
     seed: int = 0,
     samples: int | None = None,
     probe: Probe | None = None,
+    rows: str | None = None,
 ) -> Feeds:
     """Feeds for ``model``: from ``data`` if given, else synthetic.
 
@@ -690,6 +704,7 @@ def load_feeds(
         input_values: ``--input-value`` fills: a number every feed of that input holds.
         seed: Seed for synthetic inputs.
         samples: At most this many feeds (default: 8 synthetic, up to 128 real).
+        rows: ``--rows``: which samples of ``data`` to use (:func:`options.parse_rows`).
         probe: Runs the original on a feed. When given and some synthetic size or value had to
             be guessed, candidates are tried in order until the original runs on one with
             finite outputs (see :mod:`modelshrink.inputs`); without it the first is used.
@@ -737,5 +752,5 @@ def load_feeds(
                 raise ConfigError(
                     "--input-value fills inputs of .npz/.npy data, not of test_data_set folders"
                 )
-            return _test_data_feeds(sets or [path], specs, limit, data)
-    return _array_feeds(path, specs, input_shapes, input_values, limit)
+            return _test_data_feeds(_selected(sets or [path], rows), specs, limit, data)
+    return _array_feeds(path, specs, input_shapes, input_values, limit, rows)

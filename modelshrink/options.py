@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "Scalar",
     "parse_input_shapes",
     "parse_input_values",
+    "parse_rows",
 ]
 
 Scalar = int | float | bool
@@ -102,6 +103,36 @@ def parse_input_values(items: Sequence[str]) -> dict[str, Scalar]:
     return values
 
 
+_SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(\d*)\s*)?$")
+_MODULO = re.compile(r"^\s*%\s*(\d+)\s*(!?=)\s*(\d+)\s*$")
+
+
+def parse_rows(spec: str) -> Callable[[int, int], bool]:
+    """``--rows``: which samples of ``--data`` to use, as ``keep(index, total)``.
+
+    ``A:B`` or ``A:B:S`` (a Python slice over the samples), ``%K=R`` (the samples whose index
+    modulo K is R) and ``%K!=R`` (the others): ``%5!=4`` and ``%5=4`` split the data into
+    four-fifths and the fifth held out, the same way every time.
+
+    Raises:
+        ConfigError: Malformed spec.
+    """
+    if match := _MODULO.match(spec):
+        k, op, r = int(match.group(1)), match.group(2), int(match.group(3))
+        if k < 1 or r >= k:
+            raise ConfigError(f"--rows '{spec}': %K=R needs K >= 1 and 0 <= R < K")
+        if op == "=":
+            return lambda i, total: i % k == r
+        return lambda i, total: i % k != r
+    if match := _SLICE.match(spec):
+        start, stop, step = (int(g) if g else None for g in match.groups())
+        if step == 0:
+            raise ConfigError(f"--rows '{spec}': the step must be >= 1")
+        window = slice(start, stop, step)
+        return lambda i, total: i in range(*window.indices(total))
+    raise ConfigError(f"--rows '{spec}': expected A:B (a slice of the samples), %K=R or %K!=R, e.g. %5!=4")
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How sessions are created; identical for original and candidate.
@@ -154,6 +185,7 @@ class RunOptions:
 
     Attributes:
         data: ``--data`` path, or None for synthetic inputs.
+        rows: Which samples of ``data`` to use (see :func:`parse_rows`), or None for all.
         input_shapes: ``--input-shape`` overrides.
         input_values: ``--input-value`` fills (a number every feed of that input holds).
         seed: Seed for synthetic inputs and anything random in a technique.
@@ -190,6 +222,13 @@ class RunOptions:
         show_default=False,
         default_factory=dict,
     )
+    rows: str | None = flag(
+        None,
+        "Use only these samples of --data: A:B (a slice), %K=R or %K!=R (index modulo K is / is not R), "
+        "e.g. %5!=4 to calibrate on four fifths and %5=4 to score on the fifth held out.",
+        panel=DATA_PANEL,
+        show_default=False,
+    )
     seed: int = flag(0, "Seed for synthetic inputs and any randomness.", panel=DATA_PANEL)
     samples: int | None = flag(
         None,
@@ -210,6 +249,10 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ConfigError(f"--seed must be a number >= 0, got {self.seed}")
+        if self.rows is not None:
+            parse_rows(self.rows)
+            if self.data is None:
+                raise ConfigError("--rows selects samples of --data; pass --data")
         if self.samples is not None and self.samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {self.samples}")
         if self.latency_runs is not None and self.latency_runs < 1:
@@ -223,6 +266,7 @@ class RunOptions:
             "data": self.data,
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "input_values": dict(self.input_values),
+            "rows": self.rows,
             "seed": self.seed,
             "samples": self.samples,
             "gates": dataclasses.asdict(self.gates),

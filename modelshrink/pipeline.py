@@ -76,6 +76,7 @@ def feeds_for(options: RunOptions, model: ir.Model, session: Session | None = No
         seed=options.seed,
         samples=options.samples,
         probe=probe,
+        rows=options.rows,
     )
 
 

@@ -36,7 +36,9 @@ def load_distill_data(config: DistillConfig, source: str, options: RunOptions) -
     if config.teacher == io.STDIO:
         raise ConfigError("--teacher must be a path (stdin is for the student, if anything)")
     loaded = io.load_model(config.teacher)
-    feeds = load_feeds(loaded.model, data=options.data, input_shapes=options.input_shapes, samples=1 << 62)
+    feeds = load_feeds(
+        loaded.model, data=options.data, input_shapes=options.input_shapes, samples=1 << 62, rows=options.rows
+    )
     labels = read_labels(options.data, config.labels) if config.labels else None
     return dataclasses.replace(
         config,

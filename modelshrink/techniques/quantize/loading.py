@@ -41,6 +41,8 @@ def load_qat_data(config: QuantizeConfig, source: str, options: RunOptions) -> Q
             "cannot be read twice"
         )
     loaded = io.load_model(config.teacher if config.teacher is not None else source)
-    feeds = load_feeds(loaded.model, data=options.data, input_shapes=options.input_shapes, samples=1 << 62)
+    feeds = load_feeds(
+        loaded.model, data=options.data, input_shapes=options.input_shapes, samples=1 << 62, rows=options.rows
+    )
     teacher = Teacher(loaded.model, loaded.label) if config.teacher is not None else None
     return dataclasses.replace(config, qat_data=QatData(training_data_from_feeds(feeds), teacher))
