@@ -32,6 +32,7 @@ from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
 from modelshrink._version import __version__
+from modelshrink.auto.config import AutoConfig
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
 from modelshrink.flags import FLAG, Flag, comma_list, field_type, flag
 from modelshrink.options import RunOptions
@@ -541,3 +542,62 @@ command(
 )
 for _spec in TECHNIQUES.values():
     add_technique(app, _spec)
+
+
+def _auto(values: dict[str, Any]) -> None:
+    reporting: Reporting = build(Reporting, values)
+    _setup_logging(reporting.verbose, reporting.quiet)
+    with user_errors():
+        outputs: Outputs = build(Outputs, values)
+        _check_stdout(outputs.output, reporting.json)
+        options: RunOptions = build(RunOptions, values)
+        config: AutoConfig = build(AutoConfig, values)
+        from modelshrink import io
+        from modelshrink.auto import auto
+        from modelshrink.auto.render import render_candidates
+
+        io.plan_writes(
+            output=outputs.output,
+            report=reporting.report,
+            reads=(*io.files_read(values["src"]), options.data),
+            force=reporting.force,
+            external_data=outputs.external_data,
+            json_stdout=reporting.json,
+            files={"--plot": config.plot},
+        )
+        with progress_sink(reporting.quiet) as progress:
+            report = auto(
+                values["src"],
+                outputs.output,
+                config,
+                options,
+                force=reporting.force,
+                external_data=outputs.external_data,
+                progress=progress,
+                report=reporting.report,
+            )
+        if not reporting.quiet:
+            render_candidates(report, err_console)
+        finish(report, json_=reporting.json, quiet=reporting.quiet)
+
+
+command(
+    app,
+    "auto",
+    _help(
+        "Search every technique for the smallest (or fastest) model that passes your gates.",
+        "Quantization modes, pruning, factorization, distillation and their chains are tried cheapest "
+        "first, each scored against the original on samples of --data held out from every technique; "
+        "the best that passes every gate is written, with a table of every candidate and the commands "
+        "that reproduce it. Without a fidelity gate, the fidelity floor applies.",
+        [
+            "modelshrink auto sample_models/digits_cnn.onnx -o small.onnx --data sample_models/digits_cnn.npz",
+            "modelshrink auto model.onnx -o fast.onnx --data inputs.npz --goal latency --min-agreement 0.99",
+            "modelshrink auto model.onnx -o small.onnx --time-budget 2m --plot pareto.png",
+        ],
+        DOCS.format(name="auto"),
+    ),
+    [_argument("src", MODEL_ARG)],
+    [Outputs, AutoConfig, RunOptions, Reporting],
+    _auto,
+)

@@ -210,6 +210,7 @@ class RunOptions:
         names=("--input-shape",),
         panel=DATA_PANEL,
         parse=parse_input_shapes,
+        render=lambda shapes: [f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items()],
         show_default=False,
         default_factory=dict,
     )
@@ -219,6 +220,9 @@ class RunOptions:
         names=("--input-value",),
         panel=DATA_PANEL,
         parse=parse_input_values,
+        render=lambda values: [
+            f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()
+        ],
         show_default=False,
         default_factory=dict,
     )

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "modelshrink"
 
 # Longest prefix wins.
-LAYERS: dict[str, int] = {
+LAYERS: dict[str, float] = {
     "modelshrink._version": 0,
     "modelshrink.errors": 0,
     "modelshrink.flags": 0,
@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "modelshrink.inspection": 7,
     "modelshrink.pipeline": 8,
     "modelshrink.api": 9,
+    "modelshrink.auto": 9.5,
     "modelshrink.cli": 10,
     "modelshrink.__main__": 11,
     "modelshrink._entry": 11,
