@@ -231,7 +231,8 @@ def build(cls: type, values: dict[str, Any]) -> Any:
             kwargs[f.name] = build(nested, values)
         elif isinstance(meta, Flag) and f.name in values:
             given = values[f.name]
-            if given is None and (meta.parse is not None or _is_text_list(field_type(cls, f))):
+            listed = meta.parse is not None or _is_text_list(field_type(cls, f))
+            if listed and not given:  # a repeatable flag not given (None, or an empty list)
                 continue
             kwargs[f.name] = _value(cls, f, meta, given)
     return cls(**kwargs)

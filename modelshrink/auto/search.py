@@ -9,13 +9,13 @@ How it goes:
    report says what data would unlock.
 3. The gates are the user's; without a fidelity gate, the fidelity floor of every command
    (top-1 agreement >= 99 % on class-like outputs, else cosine >= 0.99).
-4. Recipes run cheapest first (:mod:`.candidates`), each command in a child process exactly as
-   printed in the report, each step on the previous one's result; then the result is scored
-   against the original on the held-out samples with ``modelshrink compare`` (latency
+4. Recipes run cheapest first (:mod:`.candidates`), each step on the previous one's result with
+   the very config and options its printed command line builds; then the result is scored
+   against the original on the held-out samples as ``modelshrink compare`` does (latency
    interleaved with the original, on the provider in use). A recipe that cannot beat the best
    result so far (its smallest reachable size; whether it can be faster at all) is skipped.
 5. No recipe starts once ``--time-budget`` is spent; one still running past it by a twentieth
-   is stopped (SIGTERM: it removes its files) and marked abandoned.
+   is stopped (an alarm unwinds it like Ctrl-C, removing its files) and marked abandoned.
 6. The best result that passes every gate is written, atomically, with the usual report of it
    against the original (on the held-out samples) and every candidate in ``details.auto``.
    Ctrl-C or SIGTERM writes nothing, unless ``--keep-best``: then the best so far is written.
@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import gc
 import logging
 import math
 import shlex
 import shutil
 import signal
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from typing import Any
 from modelshrink import api, io
 from modelshrink.auto.candidates import MIN_TRAIN_SAMPLES, Recipe, Step, Weights, recipes
 from modelshrink.auto.config import AutoConfig
-from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
+from modelshrink.errors import ConfigError, GateError, ModelshrinkError
 from modelshrink.feeds import load_feeds
 from modelshrink.flags import to_argv
 from modelshrink.gates import Gates, floor_gates
@@ -56,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 # A recipe still running this long past the budget (as a share of it) is stopped.
 OVERRUN = 0.05
-_EXIT_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -94,10 +92,6 @@ class _Plan:
     fidelity_gates: Gates  # what gated steps search under
 
 
-def _child(argv: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "modelshrink", *argv]
-
-
 def _shown(argv: Sequence[str]) -> str:
     return "modelshrink " + shlex.join(argv)
 
@@ -128,6 +122,7 @@ def _step_argv(step: Step, src: str, out: str, plan: _Plan, cfg: AutoConfig) -> 
 
 
 def _score_argv(candidate: str, plan: _Plan, cfg: AutoConfig) -> list[str]:
+    """The compare command a candidate is scored with (what :func:`_try` runs)."""
     argv = ["compare", plan.src, candidate]
     if plan.data is not None:
         argv += ["--data", plan.data, "--rows", cfg.heldout_rows, "--samples", str(1 << 30)]
@@ -155,72 +150,79 @@ class _Deadline:
         return max(1.0, self.budget_s * (1 + OVERRUN) - self.elapsed)
 
 
-class _Abandoned(Exception):
-    pass
+class _Abandoned(BaseException):
+    """The time budget ran out while a candidate ran (raised by the alarm; unwinds like Ctrl-C,
+    so the step removes its staged files)."""
 
 
-def _run(argv: list[str], deadline: _Deadline) -> subprocess.CompletedProcess[str]:
-    """Run one command in a child process; stop it (SIGTERM, then SIGKILL) past the deadline."""
-    child = subprocess.Popen(_child(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def _alarm(deadline: _Deadline) -> Iterator[None]:
+    """Raise :class:`_Abandoned` in this thread past the deadline (main thread only; elsewhere
+    a running candidate finishes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ring(signum: int, frame: object) -> None:
+        raise _Abandoned
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, deadline.left())
     try:
-        out, err = child.communicate(timeout=deadline.left())
-    except subprocess.TimeoutExpired:
-        _stop(child)
-        raise _Abandoned from None
-    except BaseException:  # an interrupt of our own: the child goes too
-        _stop(child)
-        raise
-    return subprocess.CompletedProcess(argv, child.returncode, out, err)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
-def _stop(child: subprocess.Popen[str]) -> None:
-    if child.poll() is None:
-        child.send_signal(signal.SIGTERM)  # it removes its staged files and exits 143
-        try:
-            child.communicate(timeout=_EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].removeprefix("error: ") if lines else "(no message)"
+def _step_options(step: Step, plan: _Plan) -> RunOptions:
+    """The options the step's command line gives (see :func:`_step_argv`)."""
+    options = dataclasses.replace(
+        plan.calibrate, gates=plan.fidelity_gates if step.gated else Gates(), latency=False
+    )
+    if plan.data is None or not step.calibrate:
+        options = dataclasses.replace(options, data=None, rows=None)
+    return options
 
 
 def _try(recipe: Recipe, plan: _Plan, cfg: AutoConfig, folder: Path, deadline: _Deadline) -> Tried:
+    """Run a recipe's steps and score the result (in this process: the same configs and options
+    the printed commands build; ``tests/test_auto.py`` checks they give the same bytes)."""
     started = time.monotonic()
     tried = Tried(recipe.name, "error")
-    current = plan.src
-    shown_in = "MODEL"
-    for i, step in enumerate(recipe.steps, 1):
-        out = folder / f"{recipe.name}.{i}.onnx"
-        argv = _step_argv(step, current, str(out), plan, cfg)
-        shown_out = "OUT" if i == len(recipe.steps) else f"step{i}.onnx"
-        shown = _step_argv(step, shown_in, shown_out, plan, cfg)
-        tried.commands.append(_shown([a for a in shown if a not in ("--force", "-q")]))
-        try:
-            done = _run(argv, deadline)
-        except _Abandoned:
-            tried.status, tried.reason = "abandoned", f"stopped at the time budget during step {i}"
-            tried.seconds = time.monotonic() - started
-            return tried
-        if done.returncode != 0:
-            tried.reason = f"step {i} ({step.command}) exited {done.returncode}: {_last_line(done.stderr)}"
-            tried.seconds = time.monotonic() - started
-            return tried
-        current, shown_in = str(out), shown_out
+    current, shown_in = plan.src, "MODEL"
     try:
-        scored = _run(_score_argv(current, plan, cfg), deadline)
+        with _alarm(deadline):
+            for i, step in enumerate(recipe.steps, 1):
+                out = folder / f"{recipe.name}.{i}.onnx"
+                shown_out = "OUT" if i == len(recipe.steps) else f"step{i}.onnx"
+                shown = _step_argv(step, shown_in, shown_out, plan, cfg)
+                tried.commands.append(_shown([a for a in shown if a not in ("--force", "-q")]))
+                try:
+                    done = api.run(
+                        step.command, current, str(out), step.config, _step_options(step, plan), force=True
+                    )
+                except ModelshrinkError as exc:
+                    tried.reason = f"step {i} ({step.command}): {exc.message}"
+                    return tried
+                if not done.written:  # a gated step could not meet the gates: nothing written
+                    tried.status = "failed gates"
+                    failed = ", ".join(g.describe() for g in done.failed_gates)
+                    tried.reason = f"step {i} ({step.command}): {failed}"
+                    return tried
+                current, shown_in = str(out), shown_out
+            try:
+                scored = api.compare(plan.src, current, plan.score)
+            except ModelshrinkError as exc:
+                tried.reason = f"scoring: {exc.message}"
+                return tried
     except _Abandoned:
-        tried.status, tried.reason = "abandoned", "stopped at the time budget while scoring"
+        tried.status, tried.reason = "abandoned", "stopped at the time budget"
+        return tried
+    finally:
         tried.seconds = time.monotonic() - started
-        return tried
-    tried.seconds = time.monotonic() - started
-    if scored.returncode not in (0, EXIT_GATE) or not scored.stdout.strip():
-        tried.reason = f"scoring exited {scored.returncode}: {_last_line(scored.stderr)}"
-        return tried
-    _fill(tried, json.loads(scored.stdout))
+        gc.collect()
+    _fill(tried, scored.to_dict())
     tried.path = Path(current)
     return tried
 
@@ -438,6 +440,8 @@ def _finish(
     ran = [t for t in table if t.path is not None]
     if not ran:
         reasons = "; ".join(f"{t.name}: {t.reason}" for t in table if t.reason)[:600]
+        if any(t.status == "failed gates" for t in table):
+            raise GateError(f"auto: no candidate passes the gates ({reasons})")
         raise ModelshrinkError(f"auto: no candidate could be built and scored ({reasons})")
     pick = best or max(ran, key=lambda t: (t.cosine or -1.0, t.top1_agreement or 0.0))
     assert pick.path is not None
