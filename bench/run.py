@@ -29,6 +29,7 @@ GROUPS = {
     "distill": "bench_distill",
     "conformance": "bench_conformance",
     "realworld": "bench_realworld",
+    "auto": "bench_auto",
     "big": "bench_big",
 }
 

@@ -196,8 +196,9 @@ def _option(cls: type, f: dataclasses.Field[Any], meta: Flag) -> pyinspect.Param
         default = f.default
     else:
         default = pyinspect.Parameter.empty  # a required flag
-    return pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, default=default,
-                               annotation=Annotated[kind, option])  # fmt: skip
+    return pyinspect.Parameter(
+        f.name, pyinspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]
+    )
 
 
 def options_of(cls: type) -> list[pyinspect.Parameter]:

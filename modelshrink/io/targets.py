@@ -219,9 +219,10 @@ def _resolve(flag: str, shown: str) -> _Resolved:
         except FileNotFoundError:
             if via_link:
                 raise _fail(
-                    flag, shown, f"a symbolic link to '{hop}', which does not exist; create it or pass "
-                    "another path"
-                ) from None  # fmt: skip
+                    flag,
+                    shown,
+                    f"a symbolic link to '{hop}', which does not exist; create it or pass another path",
+                ) from None
             return _Resolved(flag, shown, file=Path(shown))
         except OSError as exc:
             raise _fail(flag, shown, f"cannot be examined: {exc.strerror or exc}") from None
@@ -452,10 +453,12 @@ def _check_sidecar(output: str, data: Path, force: bool, *, link_folder: Path | 
     """The external data file that will be written next to the model."""
     if link_folder is not None and os.path.realpath(link_folder) != os.path.realpath(data.parent):
         raise _fail(
-            "-o", output, f"is a symbolic link into another folder ('{data.parent}'); the model's "
+            "-o",
+            output,
+            f"is a symbolic link into another folder ('{data.parent}'); the model's "
             "external data would be looked for next to the link by some tools and next to its "
-            "target by others; pass the target's path, or --no-external-data"
-        )  # fmt: skip
+            "target by others; pass the target's path, or --no-external-data",
+        )
     try:
         st = os.lstat(data)
     except FileNotFoundError:
@@ -465,14 +468,17 @@ def _check_sidecar(output: str, data: Path, force: bool, *, link_folder: Path | 
     if not stat.S_ISREG(st.st_mode):
         what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else _kind(st.st_mode)
         raise _fail(
-            "-o", output, f"its external data would replace '{data}', which is {what}; remove it "
-            "or choose another output"
-        )  # fmt: skip
+            "-o",
+            output,
+            f"its external data would replace '{data}', which is {what}; remove it or choose another output",
+        )
     if not force:
         raise _fail(
-            "-o", output, f"its external data file '{data}' already exists; pass --force to "
-            "overwrite it, or choose another output"
-        )  # fmt: skip
+            "-o",
+            output,
+            f"its external data file '{data}' already exists; pass --force to "
+            "overwrite it, or choose another output",
+        )
 
 
 def _plan_report(

@@ -247,10 +247,18 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
     where = "validation split" if len(val_rows) else "training rows (no --val-split)"
     frozen_values = {p.name: p.value for p in models.untrained}
     before = evaluate(
-        eval_session, models, inputs, targets, labels, features,
-        {**{p.name: p.value for p in models.params}, **frozen_values}, student.buffers,
-        check_rows, batch_size, class_outputs,
-    )  # fmt: skip
+        eval_session,
+        models,
+        inputs,
+        targets,
+        labels,
+        features,
+        {**{p.name: p.value for p in models.params}, **frozen_values},
+        student.buffers,
+        check_rows,
+        batch_size,
+        class_outputs,
+    )
     result = train(
         models,
         inputs=inputs,
@@ -267,9 +275,18 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
         progress=context.progress,
     )
     after = evaluate(
-        eval_session, models, inputs, targets, labels, features,
-        {**result.params, **frozen_values}, result.buffers, check_rows, batch_size, class_outputs,
-    )  # fmt: skip
+        eval_session,
+        models,
+        inputs,
+        targets,
+        labels,
+        features,
+        {**result.params, **frozen_values},
+        result.buffers,
+        check_rows,
+        batch_size,
+        class_outputs,
+    )
     _write_back(model, {**result.params, **result.buffers})
     if fixed is not None and fixed != config.batch_size:
         student.notes.append(

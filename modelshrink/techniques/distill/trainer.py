@@ -157,9 +157,18 @@ def train(
     val_text = ""
     if eval_session is not None:  # epoch 0: the student as it came is a candidate too
         loss0, agree0 = evaluate(
-            eval_session, models, inputs, targets, labels, features,
-            {**models.unflatten(flat), **frozen}, bufs, val_rows, settings.batch_size, class_outputs,
-        )  # fmt: skip
+            eval_session,
+            models,
+            inputs,
+            targets,
+            labels,
+            features,
+            {**models.unflatten(flat), **frozen},
+            bufs,
+            val_rows,
+            settings.batch_size,
+            class_outputs,
+        )
         best = (-(agree0 if agree0 is not None else 0.0), loss0)
     for epoch in range(1, settings.epochs + 1):
         order = rng.permutation(train_rows) if settings.shuffle else train_rows
