@@ -222,7 +222,7 @@ def _recurrence(
     if form == "unroll" and steps is not None:
         return _unrolled(e, carries, sequences, step, reverse, steps)
     b = e.b
-    sub = Builder(b.taken, b.opset, b.prefix)
+    sub = b.child()
     inner = _Emit(sub, e.elem)
     carry_in = [sub.fresh("carry") for _ in carries]
     slice_in = [sub.fresh("step") for _ in sequences]
@@ -241,7 +241,6 @@ def _recurrence(
         [_value_info(n, e.elem, r) for n, (_, r) in zip(body_outs, carries, strict=False)]
         + [_value_info(n, e.elem, r) for n, r in zip(body_outs[len(carries) :], outputs, strict=True)],
     )
-    b.taken.update(sub.taken)
     b.initializers.extend(sub.initializers)
     direction = 1 if reverse else 0
     results = b.op(

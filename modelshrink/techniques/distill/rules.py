@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from modelshrink.techniques.distill.control import CONTROL_RULES
 from modelshrink.techniques.distill.grad import Builder, Dim, GradientError, Rule, RuleContext
 from modelshrink.techniques.distill.recurrent import RECURRENT_RULES
 
@@ -2036,4 +2037,6 @@ RULES: dict[str, Rule] = {
     "SpaceToDepth": _unary(_space_to_depth),
     # recurrent layers (backpropagation through time: recurrent.py)
     **RECURRENT_RULES,
+    # control flow: If, Scan, Loop (their bodies differentiated with this table: control.py)
+    **CONTROL_RULES,
 }

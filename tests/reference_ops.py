@@ -7,6 +7,8 @@
   onnxruntime in float32 for every variant the gradient tests use.
 - ``Scan``: onnx.reference refuses ``scan_input_directions``/``scan_output_directions`` 1
   (reverse); onnxruntime runs them.
+- ``Loop``: onnx.reference concatenates the scan outputs of the iterations along their first
+  axis (``np.vstack``); onnxruntime (and the spec) stack them along a new first axis.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-__all__ = ["RECURRENT_REFERENCE_OPS"]
+__all__ = ["STAND_IN_OPS"]
 
 
 def _act(name: str, x: np.ndarray) -> np.ndarray:
@@ -173,4 +175,32 @@ class Scan(OpRun):
         return tuple(states + stacked)
 
 
-RECURRENT_REFERENCE_OPS = [LSTM, GRU, RNN, Scan]
+class Loop(OpRun):
+    """Loop whose scan outputs are stacked along a new first axis."""
+
+    def need_context(self) -> bool:
+        return True
+
+    def _run(self, M, cond, *args: Any, context=None, body=None, attributes=None, bindings=None):  # type: ignore[no-untyped-def]
+        names_in, names_out = self.body.input_names, self.body.output_names
+        n = len(names_in) - 2
+        k = len(names_out) - 1 - n
+        states = list(args)
+        scans: list[list[np.ndarray]] = [[] for _ in range(k)]
+        go = True if cond is None else bool(cond)
+        it = 0
+        while go and (M is None or it < int(M)):
+            inputs = dict(context or {})
+            inputs[names_in[0]] = np.asarray(it, dtype=np.int64)
+            inputs[names_in[1]] = np.asarray(go)
+            inputs.update(zip(names_in[2:], states, strict=True))
+            outs = self._run_body(inputs, attributes=attributes, bindings=bindings)  # type: ignore[attr-defined]
+            go = bool(outs[0])
+            states = list(outs[1 : 1 + n])
+            for j in range(k):
+                scans[j].append(outs[1 + n + j])
+            it += 1
+        return tuple(states + [np.stack(s) for s in scans])
+
+
+STAND_IN_OPS = [LSTM, GRU, RNN, Scan, Loop]
