@@ -1,23 +1,31 @@
 """Gradients through If, Scan and Loop bodies that read weights from the enclosing scope.
 
 Each model is checked like a rule: float64 central finite differences on ``onnx.reference``,
-then the same gradient graph on onnxruntime in float32 against the float64 gradient.
+then the same gradient graph on onnxruntime in float32 against the float64 gradient. Then a
+model whose weights live in If branches (its decoder an LSTM) distills: the branch the data's
+rate picks trains, the other is left exactly as it was.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from test_distill_rules import _r, float64_model, gradient_check
 from test_distill_rules_real import F32_GRAD_RTOL, _as_float32, _gradients
 
+from modelshrink import DistillConfig, RunOptions, api
 from modelshrink.techniques.distill.autodiff import append_gradients
 from modelshrink.techniques.distill.grad import GradientError
 from modelshrink.techniques.distill.rules import RULES
+
+import models
+import patterns
 
 F32 = np.float32
 D = TensorProto.DOUBLE
@@ -292,6 +300,76 @@ def test_scan_along_another_axis_is_refused() -> None:
     model.graph.input.append(helper.make_tensor_value_info("seed", D, None))
     with pytest.raises(GradientError, match=r"node 'over_time' \(Scan\).*axes other than 0"):
         append_gradients(model, wrt=["w"], seeds={"ys": "seed"}, rules=RULES)
+
+
+# --- through distill: weights in If branches, an LSTM decoder ------------------------------------
+
+
+def _weights(graph: onnx.GraphProto, found: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Float weights of a graph and its bodies, by name."""
+    found = {} if found is None else found
+    for t in graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            found[t.name] = numpy_helper.to_array(t)
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _weights(a.g, found)
+    return found
+
+
+def _perturbed(model: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
+    """A copy whose float weights (bodies included) are off by about half their mean size."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for t in graph.initializer:
+            a = numpy_helper.to_array(t)
+            if a.dtype == F32 and a.size > 1:
+                noise = 0.5 * np.abs(a).mean() * rng.standard_normal(a.shape)
+                t.CopyFrom(numpy_helper.from_array((a + noise).astype(F32), t.name))
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+
+    visit(copy.graph)
+    return copy
+
+
+def _audio(rows: int, rng: np.random.Generator, samples: int = 512) -> np.ndarray:
+    t = np.arange(samples) / 16000
+    tone = np.sin(2 * np.pi * rng.uniform(100, 2000, (rows, 1)) * t) * rng.uniform(0.1, 1, (rows, 1))
+    return (tone + 0.1 * rng.standard_normal((rows, samples))).astype(F32)
+
+
+@pytest.mark.parametrize(("rate", "trained", "kept"), [(16000, "k16_", "k8_"), (8000, "k8_", "k16_")])
+def test_lstm_decoder_in_an_if_branch_distills(tmp_path: Path, rate: int, trained: str, kept: str) -> None:
+    # the issue's recurrent audio model: its decoder an LSTM inside the If branch an int64 rate
+    # picks; before, its weights were skipped ("inside an If/Loop/Scan body: not trained")
+    teacher = patterns.audio_lstm_decoder(0)
+    student = _perturbed(teacher, np.random.default_rng(5))
+    teacher_path = models.save(teacher, tmp_path / "teacher.onnx")
+    student_path = models.save(student, tmp_path / "student.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "train.npz", input=_audio(256, rng), sr=np.full(256, rate, np.int64))
+    out = tmp_path / "out.onnx"
+    config = DistillConfig(teacher=str(teacher_path), epochs=5, lr=3e-3, weight_decay=0.0)
+    report = json.loads(
+        api.distill(
+            str(student_path), str(out), config, RunOptions(data=str(tmp_path / "train.npz"), latency=False)
+        ).to_json()
+    )
+    fidelity = report["details"]["teacher_fidelity"]
+    assert fidelity["after"]["loss"] < 0.5 * fidelity["before"]["loss"]
+    before, after = _weights(student.graph), _weights(onnx.load(str(out)).graph)
+    moved = {k for k in before if before[k].size > 1 and not np.array_equal(before[k], after[k])}
+    assert {k for k in before if k.startswith(trained) and before[k].size > 1} <= moved
+    assert not {k for k in moved if k.startswith(kept)}  # the branch not taken: no gradient, no decay
+    assert "w_out" in moved
+    trained_weights = {c["details"]["weight"] for c in report["changes"]}
+    assert moved <= trained_weights
 
 
 # --- onnxruntime -----------------------------------------------------------------------------------

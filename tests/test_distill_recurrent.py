@@ -3,14 +3,18 @@
 Each variant is one recurrent node in random small shapes: every direction, layouts 0 and 1,
 ``B`` present or not, ``initial_h``/``initial_c`` given or not, ``sequence_lens`` with padding
 steps, GRU ``linear_before_reset`` 0 and 1, some supported non-default activations, and only
-some of Y / Y_h / Y_c used. The float64 forward is the stand-in of ``recurrent_reference.py``
+some of Y / Y_h / Y_c used. The float64 forward is the stand-in of ``reference_ops.py``
 (which follows onnxruntime, checked here in float32); the same gradient graph then runs on
-onnxruntime in float32 and must match the float64 gradient.
+onnxruntime in float32 and must match the float64 gradient. Last, a CRNN text recogniser
+(Conv features, bidirectional LSTM, per-frame classes) is pruned and distilled back.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,10 +24,14 @@ from onnx import TensorProto, helper
 from test_distill_rules import _static_inputs, evaluator, float64_model, gradient_check
 from test_distill_rules_real import F32_GRAD_RTOL, _as_float32, _gradients
 
+from modelshrink import DistillConfig, PruneConfig, RunOptions, api
 from modelshrink.techniques.distill import recurrent
 from modelshrink.techniques.distill.autodiff import append_gradients
 from modelshrink.techniques.distill.grad import GradientError
 from modelshrink.techniques.distill.rules import RULES
+
+import models
+import patterns
 
 F32 = np.float32
 I32 = np.int32
@@ -254,3 +262,48 @@ def test_unsupported_lstm_forms_are_refused_naming_the_node(attrs: dict, inputs:
     model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.DOUBLE, None))
     with pytest.raises(GradientError, match=rf"node 'the_lstm' \(LSTM\).*{match}"):
         append_gradients(model, wrt=["w"], seeds={"Y": "seed"}, rules=RULES)
+
+
+# --- a CRNN text recogniser, pruned then distilled -------------------------------------------------
+
+
+def _text_lines(rows: int, rng: np.random.Generator) -> np.ndarray:
+    """16 x 32 grey lines with a few bright strokes: something for the recogniser's frames."""
+    x = 0.1 * rng.standard_normal((rows, 1, 16, 32)).astype(F32)
+    for i in range(rows):
+        for _ in range(int(rng.integers(2, 6))):
+            col, width = int(rng.integers(0, 28)), int(rng.integers(2, 5))
+            top, height = int(rng.integers(0, 6)), int(rng.integers(6, 10))
+            x[i, 0, top : top + height, col : col + width] += rng.uniform(0.5, 1.5)
+    return x
+
+
+def _frame_agreement(path: Path, teacher: np.ndarray, images: np.ndarray) -> float:
+    out = _ort(onnx.load(str(path))).run(None, {"image": images})[0]
+    return float((out.argmax(-1) == teacher.argmax(-1)).mean())
+
+
+def test_crnn_pruned_then_distilled(tmp_path: Path) -> None:
+    teacher_path = models.save(patterns.crnn_ocr(0), tmp_path / "crnn.onnx")
+    np.savez(tmp_path / "lines.npz", image=_text_lines(256, np.random.default_rng(1)))
+    held_out = _text_lines(64, np.random.default_rng(2))
+    teacher_out = _ort(onnx.load(str(teacher_path))).run(None, {"image": held_out})[0]
+    options = RunOptions(latency=False)
+    pruned, recovered = tmp_path / "pruned.onnx", tmp_path / "recovered.onnx"
+    api.prune(str(teacher_path), str(pruned), PruneConfig(sparsity=0.25, structured=True), options)
+    assert (
+        onnx.numpy_helper.to_array(
+            next(i for i in onnx.load(str(pruned)).graph.initializer if i.name == "c2_w")
+        ).shape[0]
+        < 32
+    ), "structured pruning removed no channel"
+    config = DistillConfig(teacher=str(teacher_path), epochs=5, lr=3e-3)
+    train = dataclasses.replace(options, data=str(tmp_path / "lines.npz"))
+    report = json.loads(api.distill(str(pruned), str(recovered), config, train).to_json())
+    fidelity = report["details"]["teacher_fidelity"]
+    assert fidelity["after"]["loss"] < 0.6 * fidelity["before"]["loss"]
+    trained = {c["details"]["weight"] for c in report["changes"]}
+    assert {"rnn_W", "rnn_R", "rnn_B", "c1_w", "c2_w", "c3_w", "fc_w"} <= trained
+    before = _frame_agreement(pruned, teacher_out, held_out)
+    after = _frame_agreement(recovered, teacher_out, held_out)
+    assert after > before + 0.02, (before, after)
