@@ -31,6 +31,7 @@ GROUPS = {
     "realworld": "bench_realworld",
     "auto": "bench_auto",
     "big": "bench_big",
+    "recurrent": "bench_recurrent",
 }
 
 

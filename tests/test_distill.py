@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from modelshrink import io
 from modelshrink.cli import app
-from modelshrink.errors import ConfigError, UnsupportedModelError
+from modelshrink.errors import ConfigError
 from modelshrink.feeds import load_feeds
 from modelshrink.graph import weights
 from modelshrink.techniques import TECHNIQUES
@@ -300,17 +300,23 @@ def test_mse_and_cross_entropy_loss_values() -> None:
 # --- skips and errors ------------------------------------------------------------------------
 
 
-def _if_model() -> ir.Model:
-    """x @ W, then an If whose branches hold their own weights (not trained)."""
+def _if_model(*, same_name_in_else: bool = False) -> ir.Model:
+    """x @ W, then an If whose then branch holds its own weight ``tw``."""
     then_g = helper.make_graph(
         [helper.make_node("Mul", ["h", "tw"], ["o1"])], "then", [], [helper.make_tensor_value_info("o1", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(np.full(4, 2.0, np.float32), "tw")],
     )  # fmt: skip
+    else_nodes = [helper.make_node("Identity", ["h"], ["o2"])]
+    else_inits = []
+    if same_name_in_else:  # a sibling body defines a value of the same name
+        else_nodes = [helper.make_node("Mul", ["h", "tw"], ["o2"])]
+        else_inits = [numpy_helper.from_array(np.full(4, 3.0, np.float32), "tw")]
     else_g = helper.make_graph(
-        [helper.make_node("Identity", ["h"], ["o2"])],
+        else_nodes,
         "else",
         [],
         [helper.make_tensor_value_info("o2", TensorProto.FLOAT, None)],
+        initializer=else_inits,
     )
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
@@ -326,15 +332,27 @@ def _if_model() -> ir.Model:
     return ir.serde.deserialize_model(proto)
 
 
-def test_if_on_the_gradient_path_is_a_clear_error_and_subgraph_weights_are_skipped(tmp_path: Path) -> None:
-    model = _if_model()
-    student = prepare_student(model)
-    assert ("tw", "inside an If/Loop/Scan body: not trained") in [(n, r) for n, _, _, r in student.frozen]
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32))
-    with pytest.raises(
-        UnsupportedModelError, match=r"node 'branch' \(If\) is on the gradient path and has no gradient rule"
-    ):
-        _run(model, model, tmp_path / "d.npz", epochs=1)
+def test_if_branch_weights_train_and_are_written_back_in_their_branch(tmp_path: Path) -> None:
+    student, teacher = _if_model(), _if_model()
+    for w in weights(teacher):
+        if w.name == "tw":
+            w.value.const_value = ir.Tensor(np.full(4, 2.5, np.float32), name="tw")
+    assert "tw" in [p.name for p in prepare_student(student).params]
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32))
+    result = _run(student, teacher, tmp_path / "d.npz", epochs=3, lr=1e-2)
+    trained = _inits(result.model)
+    assert not np.allclose(trained["tw"], 2.0)
+    assert "tw" in {c.details["weight"] for c in result.changed}
+    then_branch = (
+        next(n for n in result.model.graph if n.op_type == "If").attributes["then_branch"].as_graph()
+    )
+    assert "tw" in then_branch.initializers and "tw" not in result.model.graph.initializers
+
+
+def test_body_weight_whose_name_another_body_defines_is_skipped() -> None:
+    student = prepare_student(_if_model(same_name_in_else=True))
+    reasons = [r for n, _, _, r in student.frozen if n == "tw"]
+    assert reasons and all("defined in more than one graph" in r for r in reasons)
 
 
 # --- the command -----------------------------------------------------------------------------

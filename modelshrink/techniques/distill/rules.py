@@ -27,7 +27,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from modelshrink.techniques.distill.control import CONTROL_RULES
 from modelshrink.techniques.distill.grad import Builder, Dim, GradientError, Rule, RuleContext
+from modelshrink.techniques.distill.recurrent import RECURRENT_RULES
 
 __all__ = ["RULES"]
 
@@ -2033,4 +2035,8 @@ RULES: dict[str, Rule] = {
     "Tile": Rule(_tile, inputs=(0,)),
     "DepthToSpace": _unary(_depth_to_space),
     "SpaceToDepth": _unary(_space_to_depth),
+    # recurrent layers (backpropagation through time: recurrent.py)
+    **RECURRENT_RULES,
+    # control flow: If, Scan, Loop (their bodies differentiated with this table: control.py)
+    **CONTROL_RULES,
 }

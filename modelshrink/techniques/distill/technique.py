@@ -141,15 +141,16 @@ def _float_outputs(student: ir.Model, teacher: Teacher) -> list[str]:
 
 
 def _write_back(model: ir.Model, values: Mapping[str, np.ndarray]) -> None:
-    """Replace the trained weights' values in the student's own graph, by name."""
-    for key, graph_value in list(model.graph.initializers.items()):
+    """Replace the trained weights' values in the student's own graphs (If/Loop/Scan bodies
+    too), by name."""
+    for key, graph_value in [i for g in model.graphs() for i in g.initializers.items()]:
         if key in values:
             old = graph_value.const_value
             name = old.name if old is not None else key
             graph_value.const_value = ir.Tensor(
                 np.ascontiguousarray(values[key], dtype=np.float32), name=name
             )
-    for node in model.graph:
+    for node in model.graph.all_nodes():
         out_name = node.outputs[0].name if node.outputs else None
         if node.op_type == "Constant" and out_name is not None and out_name in values:
             attr = node.attributes.get("value")
@@ -215,7 +216,7 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
     student = prepare_student(model, train=config.train, bn_mode=config.bn_mode)
     if not student.params:
         raise ConfigError(
-            f"--train {config.train}: no trainable weight (float32, non-scalar, main graph) matches"
+            f"--train {config.train}: no trainable weight (float32, non-scalar) matches"
             if config.train != "all"
             else "the student has no trainable float32 weight"
         )
