@@ -83,6 +83,7 @@ __all__ = [
     "check_shape",
     "data_files",
     "data_layouts",
+    "describe_rows",
     "file_feed",
     "fill_values",
     "find_test_data_sets",
@@ -796,9 +797,28 @@ def data_layouts(
         layouts[spec.name] = array_rows(spec.name, arrays[spec.name], spec, axis, batch, label)
     counts = {name: rows.items for name, rows in layouts.items() if rows.items is not None}
     if len(set(counts.values())) > 1:
-        detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
-        raise DataError(f"--data {label}: inputs have different numbers of samples ({detail})")
+        raise DataError(
+            f"--data {label}: inputs have different numbers of samples ({describe_rows(layouts, specs)}); "
+            "each array holds its input's rows along the input's batch axis (or one input per "
+            "array[i]); if an input's batch axis is not the one shown, pass --batch-axis NAME:AXIS"
+        )
     return layouts, next(iter(counts.values()), 1)
+
+
+def describe_rows(layouts: Mapping[str, ArrayRows], specs: Sequence[InputSpec]) -> str:
+    """``input: 96 on axis 0, state: 2 on axis 1 of [2,batch,32], sr: 96 values``."""
+    shapes = {s.name: s.shape_text() for s in specs}
+    parts = []
+    for name, rows in layouts.items():
+        if rows.items is None:
+            continue
+        if rows.axis is None:
+            parts.append(f"{name}: {rows.items} values (no batch axis)")
+        elif rows.stacked:
+            parts.append(f"{name}: {rows.items} x {rows.item_rows} rows (one input per array[i])")
+        else:
+            parts.append(f"{name}: {rows.items * rows.item_rows} rows on axis {rows.axis} of {shapes[name]}")
+    return ", ".join(parts)
 
 
 def _array_feeds(
