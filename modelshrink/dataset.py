@@ -36,7 +36,6 @@ import onnx_ir as ir
 
 from modelshrink.errors import DataError
 from modelshrink.feeds import (
-    ArrayRows,
     DataArrays,
     Feed,
     Feeds,
@@ -53,6 +52,7 @@ from modelshrink.feeds import (
     load_npy,
     read_data_arrays,
     read_test_data_set,
+    take_rows,
 )
 from modelshrink.inputs import BatchAxis, InputSpec, Scalar, input_specs
 from modelshrink.inputs import batch_axes as find_batch_axes
@@ -246,7 +246,8 @@ def _from_arrays(
     item_rows = per_item[0] if per_item else 1
     rows = items * item_rows
     for name, layout in layouts.items():
-        _check_first(name, layout, by_name[name], dtypes[name], label)
+        if by_name[name].dims is not None:
+            check_shape(name, np.asarray(layout.item(0)).shape, by_name[name], label)
     constant = {n: np.asarray(r.array, dtype=dtypes[n]) for n, r in layouts.items() if r.items is None}
     varying = {n: r for n, r in layouts.items() if r.axis is None and r.items is not None}
     names = sorted(varying)
@@ -276,11 +277,6 @@ def _from_arrays(
         warnings=warnings,
         release=data.release,
     )
-
-
-def _check_first(name: str, layout: ArrayRows, spec: InputSpec, dtype: np.dtype, label: str) -> None:
-    if spec.dims is not None:
-        check_shape(name, np.asarray(layout.item(0)).shape, spec, label)
 
 
 def _filled(
@@ -326,21 +322,22 @@ class _Items:
     def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         items = np.searchsorted(self._starts, rows, side="right") - 1
         within = rows - self._starts[items]
-        names = [n for n, a in self._axes.items() if a.axis is not None and n not in self._values]
-        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        order: list[np.ndarray] = []
+        axes = {n: a.axis for n, a in self._axes.items() if a.axis is not None and n not in self._values}
+        feed: dict[str, np.ndarray] = {}
         for item in dict.fromkeys(items.tolist()):
             where = np.flatnonzero(items == item)
-            feed = self._load(item)  # files: memory-mapped, only the rows taken are read
-            for n in names:
-                parts[n].append(np.take(feed[n], within[where], axis=self._axes[n].axis))
-            order.append(where)
-        back = np.argsort(np.concatenate(order), kind="stable")
-        feed = {}
-        for n in names:
-            axis = self._axes[n].axis
-            joined = parts[n][0] if len(parts[n]) == 1 else np.concatenate(parts[n], axis=axis)
-            feed[n] = joined if len(order) == 1 else np.take(joined, back, axis=axis)
+            source = self._load(item)  # files: memory-mapped, only the rows taken are read
+            for n, axis in axes.items():
+                part = take_rows(source[n], within[where], axis)
+                if len(where) == len(rows):
+                    feed[n] = part
+                    continue
+                if n not in feed:
+                    shape = list(part.shape)
+                    shape[axis] = len(rows)
+                    feed[n] = np.empty(shape, dtype=part.dtype)
+                index: tuple[Any, ...] = (*([slice(None)] * axis), where)
+                feed[n][index] = part
         return _filled(feed, self._specs, self._axes, self._shapes, self._values, len(rows))
 
 
@@ -353,7 +350,7 @@ def _scan_items(
     labels_name: str | None,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]], np.ndarray | None]:
     """Rows per item, group of each item, the values of each group, and the labels."""
-    batched = [n for n, a in axes.items() if a.axis is not None and n not in input_values]
+    batched = {n: a.axis for n, a in axes.items() if a.axis is not None and n not in input_values}
     plain = [n for n, a in axes.items() if a.axis is None and n not in input_values]
     counts = np.zeros(count, np.int64)
     item_groups = np.zeros(count, np.int32)
@@ -362,9 +359,9 @@ def _scan_items(
     labels: list[np.ndarray] = []
     for i in range(count):
         feed = load(i)
-        sizes = {n: int(feed[n].shape[axes[n].axis]) for n in batched}  # type: ignore[index]
+        sizes = {n: int(feed[n].shape[axis]) for n, axis in batched.items()}
         if len(set(sizes.values())) > 1:
-            detail = ", ".join(f"{n}: {k} on axis {axes[n].axis}" for n, k in sizes.items())
+            detail = ", ".join(f"{n}: {k} on axis {batched[n]}" for n, k in sizes.items())
             raise DataError(
                 f"--data {name_of(i)}: inputs have different numbers of rows along their batch axes "
                 f"({detail}); if an axis is wrong, pass --batch-axis NAME:AXIS"
@@ -636,7 +633,7 @@ class RowStore:
         if self._array is None:
             self._file.flush()
             self._array = load_npy(self.path, self._maps)
-        out = np.take(self._array, rows, axis=0)
+        out = take_rows(self._array, rows, 0)
         self._release.release()
         return out
 

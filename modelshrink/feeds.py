@@ -96,6 +96,7 @@ __all__ = [
     "read_data_arrays",
     "read_data_file",
     "read_test_data_set",
+    "take_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -654,6 +655,16 @@ def _cast(name: str, array: np.ndarray, spec: InputSpec, label: str, warnings: l
     return array if array.dtype == want else array.astype(want)
 
 
+def take_rows(array: np.ndarray, rows: np.ndarray, axis: int) -> np.ndarray:
+    """``array``'s entries ``rows`` along ``axis``, a copy.
+
+    Indexing, not ``np.take``: a member of an ``.npz`` starts at any byte, and ``np.take`` on an
+    unaligned (memory-mapped) array first copies the whole array.
+    """
+    index: tuple[Any, ...] = (*([slice(None)] * axis), np.asarray(rows, dtype=np.int64))
+    return array[index]
+
+
 @dataclass(frozen=True)
 class ArrayRows:
     """How one array of ``--data`` holds an input: feeds (items), and rows along the batch axis.
@@ -691,7 +702,7 @@ class ArrayRows:
         """The given rows, stacked along the batch axis (a copy)."""
         assert self.axis is not None
         if not self.stacked:
-            return np.take(self.array, rows, axis=self.axis)
+            return take_rows(self.array, rows, self.axis)
         items, within = np.divmod(rows, self.item_rows)
         index: tuple[Any, ...] = (items, *([slice(None)] * self.axis), within)
         return np.moveaxis(self.array[index], 0, self.axis)
@@ -906,13 +917,33 @@ def _file_feeds(
     input_values: Mapping[str, Scalar],
     max_samples: int,
 ) -> Feeds:
+    """Feeds from a folder of files, cut as arrays are: feeds of the batch size (the input's
+    static size, ``--input-shape``, or 1) within each file, so ``max_samples`` bounds the rows
+    read whatever the files hold."""
     warnings: list[str] = []
-    samples = []
-    for path in files[:max_samples]:
-        feed = file_feed(path, specs, axes, input_values, warnings)
-        samples.append(fill_values(feed, specs, input_shapes, input_values))
+    samples: list[Feed] = []
+    by_name = {s.name: s for s in specs}
+    read = 0
+    for path in files:
+        if len(samples) >= max_samples:
+            break
+        read += 1
+        feed = file_feed(path, specs, axes, input_values, warnings, maps=[])
+        layouts = {}
+        for name, value in feed.items():
+            axis = axes.get(name)
+            override = input_shapes.get(name)
+            batch = (
+                override[axis] if override is not None and axis is not None and axis < len(override) else None
+            )
+            layouts[name] = array_rows(name, value, by_name[name], axis, batch, str(path))
+        count = min((r.items for r in layouts.values() if r.items is not None), default=1)
+        for i in range(min(count, max_samples - len(samples))):
+            sample = {name: np.array(rows.item(i)) for name, rows in layouts.items()}
+            samples.append(fill_values(sample, specs, input_shapes, input_values))
     used, total = len(samples), len(files)
-    source = f"{label} ({used} of {total} files)" if used < total else f"{label} ({total} files)"
+    whole = f"{read} of {total} files" if read < total else f"{total} files"
+    source = f"{label} ({used} samples from {whole})"
     return _real_feeds(tuple(samples), specs, source, list(dict.fromkeys(warnings)), input_values)
 
 

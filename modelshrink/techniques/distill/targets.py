@@ -8,17 +8,22 @@ Two ways, the same numbers:
   :func:`modelshrink.io.temporary_folder`, swept if the process is killed); a batch reads its
   rows back. One teacher pass for the whole run.
 - *per batch*: the teacher runs on each batch as it is fed. Used when some target has no batch
-  axis (its value cannot be split into rows).
+  axis (its value cannot be split into rows), or when the cache would take more than half the
+  free space of the temporary folder.
 
-Both keep memory bounded by a batch (or a chunk), whatever the size of the data. Measured on
-the sample models (see the README's distill section), the cache is the faster of the two from
-the second epoch on: the teacher's forward pass is a third or more of a training step.
+Both keep memory bounded by a batch (or a chunk), whatever the size of the data. Which is
+faster depends on what dominates (``bench/bench_distill.py`` measures both): where the models'
+arithmetic does (real models; the sample models), the cache, since the teacher's forward pass
+is a third or more of a training step and it runs once instead of every epoch (per batch cost
+10-20 % more CPU over 5 epochs on the samples); where reading the data does (a model that
+costs next to nothing per row), per batch, since the cache's pass reads the data once more.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -166,6 +171,17 @@ def teacher_targets(
         yield TeacherTargets(session, names, data, sample, axes, None)
         return
     with folder() as where:
+        need = rows * sum(v.nbytes // max(len(chunks[0]), 1) for v in sample.values())
+        free = shutil.disk_usage(where).free
+        if need > free // 2:
+            logger.info(
+                "the teacher's outputs would take %d MB of the temporary folder's %d MB free: "
+                "computed per batch",
+                need >> 20,
+                free >> 20,
+            )
+            yield TeacherTargets(session, names, data, sample, axes, None)
+            return
         stores: dict[str, RowStore] = {}
         try:
             for i, name in enumerate(names):
@@ -182,7 +198,9 @@ def teacher_targets(
                     outputs = {n: _head(v, axes[n], len(part)) for n, v in outputs.items()}
                 data.release()
                 for name, value in outputs.items():
-                    stores[name].write(part, np.moveaxis(value, axes[name], 0))  # type: ignore[arg-type]
+                    axis = axes[name]
+                    assert axis is not None
+                    stores[name].write(part, np.moveaxis(value, axis, 0))
                 progress(done + 1, len(chunks))
             yield TeacherTargets(session, names, data, sample, axes, stores)
         finally:
