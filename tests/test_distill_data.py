@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 from modelshrink import api, io
 from modelshrink.cli import app
 from modelshrink.dataset import open_dataset
-from modelshrink.errors import DataError
+from modelshrink.errors import ConfigError, DataError
 from modelshrink.feeds import load_feeds
 from modelshrink.inputs import batch_axes, input_specs
-from modelshrink.options import RunOptions
+from modelshrink.options import RunOptions, parse_batch_axes
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.techniques.base import TechniqueContext
 from modelshrink.techniques.distill import DistillConfig, Teacher, distill
@@ -128,6 +128,13 @@ def test_batch_axes_follow_the_declared_dims() -> None:
     assert [axes[n].axis for n in ("input", "state", "sr")] == [0, 1, None]
     assert "'batch'" in axes["state"].why and axes["sr"].why == "a scalar"
     assert batch_axes(specs, {"state": None})["state"].why == "--batch-axis"
+    with pytest.raises(ConfigError, match="--batch-axis nope: the model has no such input"):
+        batch_axes(specs, {"nope": 0})
+    with pytest.raises(ConfigError, match=r"--batch-axis state:3: the input has 3 axes \[2,batch,32\]"):
+        batch_axes(specs, {"state": 3})
+    assert parse_batch_axes(["state:1", "sr:none"]) == {"state": 1, "sr": None}
+    with pytest.raises(ConfigError, match="expected NAME:AXIS"):
+        parse_batch_axes(["state=1"])
 
 
 def test_feeds_cut_rows_along_the_batch_axis_and_a_scalar_given_once_fills_every_feed(tmp_path: Path) -> None:
