@@ -26,6 +26,7 @@ __all__ = [
     "RunOptions",
     "RuntimeOptions",
     "Scalar",
+    "parse_batch_axes",
     "parse_input_shapes",
     "parse_input_values",
     "parse_rows",
@@ -69,6 +70,25 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
             raise ConfigError(f"--input-shape '{item}': dimensions must be >= 1")
         shapes[name] = values
     return shapes
+
+
+def parse_batch_axes(items: Sequence[str]) -> dict[str, int | None]:
+    """Parse ``NAME:AXIS`` items (``--batch-axis state:1``, ``--batch-axis sr:none``).
+
+    Raises:
+        ConfigError: Malformed item.
+    """
+    axes: dict[str, int | None] = {}
+    for item in items:
+        name, sep, text = item.rpartition(":")
+        text = text.strip().lower()
+        if not sep or not name or not (text.isdigit() or text == "none"):
+            raise ConfigError(
+                f"--batch-axis '{item}': expected NAME:AXIS like state:1 (an axis number, or none "
+                "for an input without one)"
+            )
+        axes[name] = None if text == "none" else int(text)
+    return axes
 
 
 def parse_input_values(items: Sequence[str]) -> dict[str, Scalar]:
@@ -188,6 +208,8 @@ class RunOptions:
         rows: Which samples of ``data`` to use (see :func:`parse_rows`), or None for all.
         input_shapes: ``--input-shape`` overrides.
         input_values: ``--input-value`` fills (a number every feed of that input holds).
+        batch_axes: ``--batch-axis`` overrides: the axis an input stacks rows along (None:
+            none); the others are found from the declared dims (:func:`inputs.batch_axes`).
         seed: Seed for synthetic inputs and anything random in a technique.
         samples: Max feeds (None: 8 synthetic, up to 128 real).
         gates: Quality gates.
@@ -233,6 +255,15 @@ class RunOptions:
         panel=DATA_PANEL,
         show_default=False,
     )
+    batch_axes: Mapping[str, int | None] = flag(
+        help="The axis an input stacks rows along in --data, e.g. state:1, or sr:none for an input "
+        "fed as it is (repeatable); default: found from the declared dims (the report says how).",
+        names=("--batch-axis",),
+        panel=DATA_PANEL,
+        parse=parse_batch_axes,
+        show_default=False,
+        default_factory=dict,
+    )
     seed: int = flag(0, "Seed for synthetic inputs and any randomness.", panel=DATA_PANEL)
     samples: int | None = flag(
         None,
@@ -271,6 +302,7 @@ class RunOptions:
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "input_values": dict(self.input_values),
             "rows": self.rows,
+            "batch_axes": dict(self.batch_axes),
             "seed": self.seed,
             "samples": self.samples,
             "gates": dataclasses.asdict(self.gates),

@@ -36,6 +36,7 @@ LAYERS: dict[str, float] = {
     "modelshrink.runtime": 2,
     "modelshrink.io": 3,
     "modelshrink.feeds": 3,
+    "modelshrink.dataset": 3,
     "modelshrink.measure": 3,
     "modelshrink.verify": 4,
     "modelshrink.sessions": 4,

@@ -83,9 +83,21 @@ def test_auto_writes_the_best_that_passes_and_its_recipe_reproduces_it(
 ) -> None:
     out, plot = tmp_path / "small.onnx", tmp_path / "pareto.png"
     code, doc, err = _run(
-        runner, str(MLP), "-o", str(out), "--data", str(MLP_DATA), "--only", "int8,bf16,3bit",
-        "--min-agreement", "0.99", "--plot", str(plot), "--latency-runs", "20",
-    )  # fmt: skip
+        runner,
+        str(MLP),
+        "-o",
+        str(out),
+        "--data",
+        str(MLP_DATA),
+        "--only",
+        "int8,bf16,3bit",
+        "--min-agreement",
+        "0.99",
+        "--plot",
+        str(plot),
+        "--latency-runs",
+        "20",
+    )
     assert code == 0, err
     assert doc is not None and doc["command"] == "auto" and doc["output"]["written"]
     auto = doc["details"]["auto"]

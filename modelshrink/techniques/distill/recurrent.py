@@ -390,9 +390,12 @@ def _recurrent(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
         lens64 = e.op("Cast", [lens], to=TensorProto.INT64)
         time = e.op(
             "Range",
-            [e.b.const(np.asarray(0, np.int64), "zero_i"), e.op("Squeeze", [steps_len, e.b.ints([0])]),
-             e.b.const(np.asarray(1, np.int64), "one_i")],
-        )  # fmt: skip
+            [
+                e.b.const(np.asarray(0, np.int64), "zero_i"),
+                e.op("Squeeze", [steps_len, e.b.ints([0])]),
+                e.b.const(np.asarray(1, np.int64), "one_i"),
+            ],
+        )
         valid = e.op(
             "Less",
             [e.op("Unsqueeze", [time, e.b.ints([1, 2])]), e.op("Unsqueeze", [lens64, e.b.ints([0, 2])])],
