@@ -22,7 +22,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -472,39 +472,65 @@ def add_technique(target: typer.Typer, spec: TechniqueSpec) -> None:
     )
 
 
+@contextlib.contextmanager
+def _writing_command(values: dict[str, Any]) -> Iterator[tuple[Reporting, Outputs, RunOptions]]:
+    """The shared bundles of a command that writes a model, built from the parsed ``values``;
+    the block runs under :func:`user_errors`."""
+    reporting: Reporting = build(Reporting, values)
+    _setup_logging(reporting.verbose, reporting.quiet)
+    with user_errors():
+        outputs: Outputs = build(Outputs, values)
+        _check_stdout(outputs.output, reporting.json)
+        options: RunOptions = build(RunOptions, values)
+        yield reporting, outputs, options
+
+
+def _planned_run(
+    values: dict[str, Any],
+    outputs: Outputs,
+    options: RunOptions,
+    reporting: Reporting,
+    run: Callable[..., Report],
+    files: Mapping[str, str | None] | None = None,
+) -> Report:
+    """Check every path the command writes before anything is read (a teacher or --data too;
+    the pipeline checks again once it knows the files it reads), then call
+    ``run(src, output, **shared)`` with the shared keyword arguments, under a progress bar."""
+    from modelshrink import io
+
+    io.plan_writes(
+        output=outputs.output,
+        report=reporting.report,
+        reads=(*io.files_read(values["src"]), options.data),
+        force=reporting.force,
+        external_data=outputs.external_data,
+        json_stdout=reporting.json,
+        files=files,
+    )
+    with progress_sink(reporting.quiet) as progress:
+        return run(
+            values["src"],
+            outputs.output,
+            force=reporting.force,
+            external_data=outputs.external_data,
+            progress=progress,
+            report=reporting.report,
+        )
+
+
 def _technique(spec: TechniqueSpec) -> Callable[[dict[str, Any]], None]:
     def run(values: dict[str, Any]) -> None:
-        reporting: Reporting = build(Reporting, values)
-        _setup_logging(reporting.verbose, reporting.quiet)
-        with user_errors():
-            outputs: Outputs = build(Outputs, values)
-            _check_stdout(outputs.output, reporting.json)
-            options: RunOptions = build(RunOptions, values)
+        with _writing_command(values) as (reporting, outputs, options):
             config = build(spec.config, values)
-            from modelshrink import api, io
+            from modelshrink import api
 
-            # Every path written is checked before anything is read (a teacher or --data too);
-            # the pipeline checks again once it knows the files it reads.
-            io.plan_writes(
-                output=outputs.output,
-                report=reporting.report,
-                reads=(*io.files_read(values["src"]), options.data),
-                force=reporting.force,
-                external_data=outputs.external_data,
-                json_stdout=reporting.json,
+            report = _planned_run(
+                values,
+                outputs,
+                options,
+                reporting,
+                lambda src, out, **shared: api.run(spec, src, out, config, options, **shared),
             )
-            with progress_sink(reporting.quiet) as progress:
-                report = api.run(
-                    spec,
-                    values["src"],
-                    outputs.output,
-                    config,
-                    options,
-                    force=reporting.force,
-                    external_data=outputs.external_data,
-                    progress=progress,
-                    report=reporting.report,
-                )
             finish(report, json_=reporting.json, quiet=reporting.quiet)
 
     return run
@@ -547,37 +573,19 @@ for _spec in TECHNIQUES.values():
 
 
 def _auto(values: dict[str, Any]) -> None:
-    reporting: Reporting = build(Reporting, values)
-    _setup_logging(reporting.verbose, reporting.quiet)
-    with user_errors():
-        outputs: Outputs = build(Outputs, values)
-        _check_stdout(outputs.output, reporting.json)
-        options: RunOptions = build(RunOptions, values)
+    with _writing_command(values) as (reporting, outputs, options):
         config: AutoConfig = build(AutoConfig, values)
-        from modelshrink import io
         from modelshrink.auto import auto
         from modelshrink.auto.render import render_candidates
 
-        io.plan_writes(
-            output=outputs.output,
-            report=reporting.report,
-            reads=(*io.files_read(values["src"]), options.data),
-            force=reporting.force,
-            external_data=outputs.external_data,
-            json_stdout=reporting.json,
+        report = _planned_run(
+            values,
+            outputs,
+            options,
+            reporting,
+            lambda src, out, **shared: auto(src, out, config, options, **shared),
             files={"--plot": config.plot},
         )
-        with progress_sink(reporting.quiet) as progress:
-            report = auto(
-                values["src"],
-                outputs.output,
-                config,
-                options,
-                force=reporting.force,
-                external_data=outputs.external_data,
-                progress=progress,
-                report=reporting.report,
-            )
         if not reporting.quiet:
             render_candidates(report, err_console)
         finish(report, json_=reporting.json, quiet=reporting.quiet)

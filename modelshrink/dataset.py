@@ -56,9 +56,9 @@ from modelshrink.feeds import (
 )
 from modelshrink.inputs import BatchAxis, InputSpec, Scalar, input_specs
 from modelshrink.inputs import batch_axes as find_batch_axes
-from modelshrink.options import parse_rows
+from modelshrink.options import RunOptions, parse_rows
 
-__all__ = ["Dataset", "RowStore", "dataset_from_feeds", "open_dataset"]
+__all__ = ["Dataset", "RowStore", "dataset_from_feeds", "open_dataset", "open_run_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -528,6 +528,20 @@ def open_dataset(
     """
     dataset = _open(model, data, input_shapes, input_values, batch_axes, labels)
     return dataset.select(rows) if rows is not None else dataset
+
+
+def open_run_dataset(model: ir.Model, options: RunOptions, labels: str | None = None) -> Dataset:
+    """:func:`open_dataset` with the data flags of ``options`` (``--data`` must be set)."""
+    assert options.data is not None
+    return open_dataset(
+        model,
+        options.data,
+        input_shapes=options.input_shapes,
+        input_values=options.input_values,
+        batch_axes=options.batch_axes,
+        rows=options.rows,
+        labels=labels,
+    )
 
 
 def _open(

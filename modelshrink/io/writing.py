@@ -19,9 +19,11 @@ A model is written in one of three ways:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -296,14 +298,9 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
             f"the result holds {total / 1e9:.1f} GB of tensors and needs an external data file; "
             f"write it with -o FILE instead of -o {target.label if target.sink is not None else '-'}"
         )
-    parent = target.dest.parent if target.dest is not None else None
-    name = target.dest.name if target.dest is not None else "model.onnx"
-    try:
-        place = Staging(parent)
-    except OSError as exc:
-        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
-    staged = StagedModel(target, place.folder, place.folder / name, None, place)
-    try:
+    staged = _new_stage(target)
+    name = staged.path.name
+    with _discarded_on_failure(staged):
         copy = model.clone()
         allow_plain_initializers(copy)
         data_name = name + ".data" if external else None
@@ -321,15 +318,37 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
                 external_data=data_name,
                 size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
             )
-        if data_name is not None and (place.folder / data_name).exists():
-            staged.data_path = place.folder / data_name
+        if data_name is not None and (staged.folder / data_name).exists():
+            staged.data_path = staged.folder / data_name
+    return staged
+
+
+def _new_stage(target: OutputTarget) -> StagedModel:
+    """An empty stage for ``target``: a private folder next to it, the file under its name.
+
+    Raises:
+        OutputError: The folder cannot be made.
+    """
+    parent = target.dest.parent if target.dest is not None else None
+    name = target.dest.name if target.dest is not None else "model.onnx"
+    try:
+        place = Staging(parent)
+    except OSError as exc:
+        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
+    return StagedModel(target, place.folder, place.folder / name, None, place)
+
+
+@contextlib.contextmanager
+def _discarded_on_failure(staged: StagedModel) -> Iterator[None]:
+    """Discard ``staged`` if the block fails; an OSError becomes a one-line OutputError."""
+    try:
+        yield
     except OSError as exc:
         staged.discard()
-        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
+        raise OutputError(f"{staged.target.label}: cannot write: {exc.strerror or exc}") from exc
     except BaseException:
         staged.discard()
         raise
-    return staged
 
 
 def stage_copy(source: Path, target: OutputTarget) -> StagedModel:
@@ -343,21 +362,9 @@ def stage_copy(source: Path, target: OutputTarget) -> StagedModel:
     """
     if source.with_name(source.name + ".data").exists():
         return stage_model(load_model(str(source)).model, target)
-    parent = target.dest.parent if target.dest is not None else None
-    name = target.dest.name if target.dest is not None else "model.onnx"
-    try:
-        place = Staging(parent)
-    except OSError as exc:
-        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
-    staged = StagedModel(target, place.folder, place.folder / name, None, place)
-    try:
+    staged = _new_stage(target)
+    with _discarded_on_failure(staged):
         shutil.copyfile(source, staged.path)
-    except OSError as exc:
-        staged.discard()
-        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
-    except BaseException:
-        staged.discard()
-        raise
     return staged
 
 

@@ -1,5 +1,5 @@
 """Load what a :class:`DistillConfig` names: the teacher model, and ``--data`` opened for reading
-batch by batch (:func:`modelshrink.dataset.open_dataset`; nothing is loaded whole).
+batch by batch (:func:`modelshrink.dataset.open_run_dataset`; nothing is loaded whole).
 
 Called by the API before the run (the technique reads no files). Also the errors a user can
 act on before any work: no ``--data``, a teacher from stdin.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from modelshrink import io
-from modelshrink.dataset import open_dataset
+from modelshrink.dataset import open_run_dataset
 from modelshrink.errors import ConfigError
 from modelshrink.options import RunOptions
 from modelshrink.techniques.distill.config import DistillConfig
@@ -37,13 +37,5 @@ def load_distill_data(config: DistillConfig, source: str, options: RunOptions) -
     if config.teacher == io.STDIO:
         raise ConfigError("--teacher must be a path (stdin is for the student, if anything)")
     loaded = io.load_model(config.teacher)
-    training = open_dataset(
-        loaded.model,
-        options.data,
-        input_shapes=options.input_shapes,
-        input_values=options.input_values,
-        batch_axes=options.batch_axes,
-        rows=options.rows,
-        labels=config.labels,
-    )
+    training = open_run_dataset(loaded.model, options, labels=config.labels)
     return dataclasses.replace(config, teacher_model=Teacher(loaded.model, loaded.label), training=training)

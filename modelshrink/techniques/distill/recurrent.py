@@ -356,6 +356,34 @@ class _DirGrads:
     dc0: str | None = None
 
 
+def _backward(
+    e: _Emit,
+    nd: _Node,
+    carries: list[tuple[str, int]],
+    seqs: list[tuple[str, int]],
+    step: Callable[[_Emit, list[str], list[str]], tuple[list[str], list[str]]],
+) -> tuple[list[str], list[str]]:
+    """Backpropagation through time: ``step`` run from the last time step to the first, the
+    carried gradients in ``carries``, one stacked output per step."""
+    return _recurrence(
+        e, carries=carries, sequences=seqs, outputs=[2], step=step, reverse=True, steps=nd.steps, form=FORM
+    )
+
+
+def _stacked_grads(e: _Emit, dd: _Direction, dgates: str, dh0: str, dc0: str | None = None) -> _DirGrads:
+    """The gradients of a direction whose gates are ``x W^T + h R^T + Wb + Rb`` stacked (RNN,
+    LSTM), from the per-step gate gradients ``dgates`` [T, B, G*H]: Wb and Rb get the same."""
+    db = _sum_tb(e, dgates)
+    return _DirGrads(
+        dx=e.op("MatMul", [dgates, dd.w]),
+        dw=_gemm_t(e, dgates, dd.x),
+        dr=_gemm_t(e, dgates, dd.h_prev),
+        db=e.op("Concat", [db, db], axis=0),
+        dh0=dh0,
+        dc0=dc0,
+    )
+
+
 def _transpose_if(e: _Emit, v: str | None, layout: int, perm: Sequence[int]) -> str | None:
     if v is None or layout == 0:
         return v
@@ -524,24 +552,8 @@ def _rnn_direction(nd: _Node, dd: _Direction) -> _DirGrads:
             new = s.add(new, s.mul(dh, xs[-1]))
         return [new], [da]
 
-    (dh0,), (da,) = _recurrence(
-        e,
-        carries=[(_carry_init(nd, dd.dyh), 2)],
-        sequences=seqs,
-        outputs=[2],
-        step=step,
-        reverse=True,
-        steps=nd.steps,
-        form=FORM,
-    )
-    db = _sum_tb(e, da)
-    return _DirGrads(
-        dx=e.op("MatMul", [da, dd.w]),
-        dw=_gemm_t(e, da, dd.x),
-        dr=_gemm_t(e, da, dd.h_prev),
-        db=e.op("Concat", [db, db], axis=0),
-        dh0=dh0,
-    )
+    (dh0,), (da,) = _backward(e, nd, [(_carry_init(nd, dd.dyh), 2)], seqs, step)
+    return _stacked_grads(e, dd, da, dh0)
 
 
 def _gru_direction(nd: _Node, dd: _Direction) -> _DirGrads:
@@ -597,16 +609,7 @@ def _gru_direction(nd: _Node, dd: _Direction) -> _DirGrads:
             new = s.add(s.add(s.op("MatMul", [cat, r_zr]), s.mul(u, s_b)), s.mul(dh, s_zk))
         return [new], [dh]
 
-    (dh0,), (dh_all,) = _recurrence(
-        e,
-        carries=[(_carry_init(nd, dd.dyh), 2)],
-        sequences=seqs,
-        outputs=[2],
-        step=step,
-        reverse=True,
-        steps=nd.steps,
-        form=FORM,
-    )
+    (dh0,), (dh_all,) = _backward(e, nd, [(_carry_init(nd, dd.dyh), 2)], seqs, step)
     dz = e.mul(dh_all, kz)
     dn = e.mul(dh_all, kn)
     if lbr:
@@ -699,25 +702,10 @@ def _lstm_direction(nd: _Node, dd: _Direction) -> _DirGrads:
             new_h = s.add(new_h, s.mul(dh, rest[0]))
         return [new_h, s.mul(dc, s_f)], [dgates]
 
-    (dh0, dc0), (dg,) = _recurrence(
-        e,
-        carries=[(_carry_init(nd, dd.dyh), 2), (_carry_init(nd, dd.dyc), 2)],
-        sequences=seqs,
-        outputs=[2],
-        step=step,
-        reverse=True,
-        steps=nd.steps,
-        form=FORM,
+    (dh0, dc0), (dg,) = _backward(
+        e, nd, [(_carry_init(nd, dd.dyh), 2), (_carry_init(nd, dd.dyc), 2)], seqs, step
     )
-    db = _sum_tb(e, dg)
-    return _DirGrads(
-        dx=e.op("MatMul", [dg, dd.w]),
-        dw=_gemm_t(e, dg, dd.x),
-        dr=_gemm_t(e, dg, dd.h_prev),
-        db=e.op("Concat", [db, db], axis=0),
-        dh0=dh0,
-        dc0=dc0,
-    )
+    return _stacked_grads(e, dd, dg, dh0, dc0)
 
 
 def _rule(inputs: tuple[int, ...]) -> Rule:

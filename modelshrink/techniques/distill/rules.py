@@ -1353,19 +1353,7 @@ def _gather(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
     rank = ctx.rank(data)
     q = ctx.rank(indices)
     axis = _axis(int(_attr(node, "axis", 0)), rank)
-    shape = ctx.op("Shape", [data])
-    dim = ctx.op("Gather", [shape, ctx.b.const(np.asarray(axis, dtype=np.int64))])  # scalar
-    fixed = ctx.op(
-        "Where",
-        [
-            ctx.op("Less", [indices, ctx.b.const(np.asarray(0, dtype=_np_int(ctx, indices)))]),
-            ctx.op("Add", [indices, _cast_like(ctx, dim, indices)]),
-            indices,
-        ],
-    )
-    if _np_int(ctx, indices) != np.int64:
-        fixed = ctx.op("Cast", [fixed], to=onnx.TensorProto.INT64)
-    idx = ctx.op("Unsqueeze", [fixed, ctx.b.ints([-1])])
+    idx = ctx.op("Unsqueeze", [_positive_indices(ctx, indices, data, axis), ctx.b.ints([-1])])
     if axis == 0:
         zeros = ctx.zeros_like(data)
         return [ctx.op("ScatterND", [zeros, idx, dy], reduction="add"), None]
@@ -1375,7 +1363,7 @@ def _gather(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
         inverse[p] = i
     yperm = [*range(axis, axis + q), *range(axis), *range(axis + q, rank - 1 + q)]
     dyt = ctx.op("Transpose", [dy], perm=yperm)
-    tshape = ctx.op("Gather", [shape, ctx.b.ints(perm)])
+    tshape = ctx.op("Gather", [ctx.shape_of(data), ctx.b.ints(perm)])
     value = onnx.numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(ctx.elem(data))))
     zeros = ctx.op("ConstantOfShape", [tshape], value=value)
     scattered = ctx.op("ScatterND", [zeros, idx, dyt], reduction="add")

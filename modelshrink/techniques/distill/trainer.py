@@ -184,8 +184,11 @@ def train(
     step = 0
     stopped = False
     val_text = ""
-    if eval_session is not None:  # epoch 0: the student as it came is a candidate too
-        loss0, agree0 = evaluate(
+
+    def validate() -> tuple[float, float | None]:
+        """Loss and agreement of the current weights on the validation batches."""
+        assert eval_session is not None
+        return evaluate(
             eval_session,
             models,
             feeder,
@@ -194,6 +197,9 @@ def train(
             val_batches,
             class_outputs,
         )
+
+    if eval_session is not None:  # epoch 0: the student as it came is a candidate too
+        loss0, agree0 = validate()
         best = (-(agree0 if agree0 is not None else 0.0), loss0)
     for epoch in range(1, settings.epochs + 1):
         order = rng.permutation(train_rows) if settings.shuffle else train_rows
@@ -239,15 +245,7 @@ def train(
             )
         val_loss = val_agree = None
         if eval_session is not None:
-            val_loss, val_agree = evaluate(
-                eval_session,
-                models,
-                feeder,
-                {**models.unflatten(flat), **frozen},
-                bufs,
-                val_batches,
-                class_outputs,
-            )
+            val_loss, val_agree = validate()
             val_text = f" · val loss {val_loss:.4g}" + (
                 f" · agreement {val_agree:.1%}" if val_agree is not None else ""
             )

@@ -1,5 +1,5 @@
 """Load what ``--qat`` trains on: ``--data`` opened for reading batch by batch (the same
-:func:`modelshrink.dataset.open_dataset` as ``distill``), and the teacher (or the model itself).
+:func:`modelshrink.dataset.open_run_dataset` as ``distill``), and the teacher (or the model itself).
 
 Called by the API before the run (the technique reads no files).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from modelshrink import io
-from modelshrink.dataset import open_dataset
+from modelshrink.dataset import open_run_dataset
 from modelshrink.errors import ConfigError
 from modelshrink.options import RunOptions
 from modelshrink.techniques.distill.data import Teacher
@@ -42,13 +42,6 @@ def load_qat_data(config: QuantizeConfig, source: str, options: RunOptions) -> Q
             "cannot be read twice"
         )
     loaded = io.load_model(config.teacher if config.teacher is not None else source)
-    training = open_dataset(
-        loaded.model,
-        options.data,
-        input_shapes=options.input_shapes,
-        input_values=options.input_values,
-        batch_axes=options.batch_axes,
-        rows=options.rows,
-    )
+    training = open_run_dataset(loaded.model, options)
     teacher = Teacher(loaded.model, loaded.label) if config.teacher is not None else None
     return dataclasses.replace(config, qat_data=QatData(training, teacher))
