@@ -7,14 +7,17 @@ code (``tests/test_docs.py``, ``tests/test_doc_examples.py``):
   ``<!-- /flags -->``, generated from the Typer command (:func:`flag_table`).
   ``MODELSHRINK_UPDATE_DOCS=1 pytest tests/test_docs.py`` rewrites them.
 - **Command lines** in fenced ``sh`` blocks: every one that calls ``modelshrink`` is parsed by
-  the command it names (unknown flags, bad choices and missing arguments fail); the runnable
-  ones are run. A ``text`` block marked ``<!-- output -->`` is what the command line before it
-  prints, and is compared with what it prints now (:func:`printed_lines`).
+  the command it names (unknown flags, bad choices and missing arguments fail), and run on the
+  sample models, unless its block is marked ``<!-- illustrative: REASON -->`` (it names your
+  model, needs a GPU, takes minutes, ...). A ``text`` block marked ``<!-- output -->`` is what
+  the command line before it prints, and is compared with what it prints now
+  (:func:`printed_lines`).
 - **Links**: every relative link points to a file that exists, and an anchor to a heading in it.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import typing
@@ -36,9 +39,11 @@ FLAGS_START = "<!-- flags: {name} -->"
 FLAGS_END = "<!-- /flags -->"
 RUN_MARK = "<!-- run -->"
 OUTPUT_MARK = "<!-- output -->"
+ILLUSTRATIVE = re.compile(r"<!-- illustrative:(.*)-->")
 # Arguments of a command that name files it reads: an example runs only when they exist.
 READS = ("src", "model", "original", "candidate", "data", "teacher")
-# Flags whose example is about latency: those keep it; every other example runs with --no-latency.
+# Flags whose example is about latency (and `auto --goal latency`): those keep it; every other
+# example runs with --no-latency.
 LATENCY_FLAGS = ("--latency", "--no-latency", "--latency-runs", "--min-speedup")
 
 
@@ -55,6 +60,12 @@ class Block:
     @property
     def where(self) -> str:
         return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+    @property
+    def illustrative(self) -> str | None:
+        """Why the block is shown but not run (``<!-- illustrative: REASON -->``), else None."""
+        m = ILLUSTRATIVE.fullmatch(self.mark)
+        return m.group(1).strip() if m else None
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,8 @@ def with_speed(argv: tuple[str, ...]) -> tuple[str, ...]:
     """``--no-latency`` added where the example is not about latency and the command has it."""
     if not argv or argv[0] not in COMMANDS or "--help" in argv:
         return argv
-    if any(p.name == "latency" for p in COMMANDS[argv[0]].params) and not set(argv) & set(LATENCY_FLAGS):
+    about_latency = set(argv) & set(LATENCY_FLAGS) or ("--goal", "latency") in itertools.pairwise(argv)
+    if any(p.name == "latency" for p in COMMANDS[argv[0]].params) and not about_latency:
         return (*argv, "--no-latency")
     return argv
 
@@ -272,6 +284,18 @@ def table_flags(page: Path) -> set[str]:
             for span in re.findall(r"`([^`]*)`", line):
                 found.update(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", span))
     return found
+
+
+def marked_table(page: Path, mark: str) -> list[list[str]]:
+    """The cells of the table right after ``<!-- MARK -->`` (header and rule left out)."""
+    lines = page.read_text().splitlines()
+    start = lines.index(f"<!-- {mark} -->") + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows[2:]
 
 
 # --- links ---------------------------------------------------------------------------------

@@ -3,16 +3,18 @@
 Per page (``README.md``, ``docs/*.md``), in a fresh folder holding a copy of
 ``sample_models/``, in page order (so an example may read what an earlier one wrote):
 
-- every command line of an ``sh`` block made only of ``modelshrink`` stages (optionally fed by
-  ``cat FILE`` and ending in ``> FILE``) whose input files exist there is run in-process, with
+- every command line of an ``sh`` block that calls ``modelshrink`` is run in-process, with
   ``--no-latency`` added unless the example is about latency. It must exit 0, or the code a
-  trailing ``# exit N`` comment gives;
+  trailing ``# exit N`` comment gives. It must be runnable: made only of ``modelshrink`` stages
+  (optionally fed by ``cat FILE`` and ending in ``> FILE``), reading files that exist there
+  (the samples, or what an earlier example wrote). A block that cannot (it names your model,
+  needs a GPU, takes minutes) is marked ``<!-- illustrative: REASON -->``: its lines are only
+  parsed (``tests/test_docs.py``), and the reason must say why in a few words;
 - every ``python`` block preceded by ``<!-- run -->`` is executed;
 - every ``text`` block preceded by ``<!-- output -->`` is what the example just before it prints:
   each of its lines (latency aside; whitespace collapsed, since the terminal's width decides the
   wrapping) must be in what that example prints now.
 
-Lines naming files that do not exist (``model.onnx``) are only parsed (``tests/test_docs.py``).
 Every page has at least one example that runs.
 """
 
@@ -32,16 +34,20 @@ from modelshrink.cli import app
 SAMPLES = ROOT / "sample_models"
 
 
-def _run_line(line: docpages.CommandLine, runner: CliRunner) -> str | None:
-    """Run one command line in the current folder: what it printed on stderr (None: not runnable)."""
-    if line.foreign or not line.calls:
-        return None
+def _why_not_runnable(line: docpages.CommandLine) -> str | None:
+    """Why a command line cannot run in the current folder, or None."""
+    if line.foreign:
+        return line.foreign
     for stage in line.stages:
-        if stage.argv[:1] == ("cat",):
-            if not Path(stage.argv[1]).exists():
-                return None
-        elif any(not Path(f).exists() for f in docpages.files_read(stage.argv)):
-            return None
+        files = [stage.argv[1]] if stage.argv[:1] == ("cat",) else docpages.files_read(stage.argv)
+        missing = [f for f in files if not Path(f).exists()]
+        if missing:
+            return f"reads {missing[0]}, which is neither a sample nor written by an earlier example"
+    return None
+
+
+def _run_line(line: docpages.CommandLine, runner: CliRunner) -> str:
+    """Run one runnable command line in the current folder: what it printed on stderr."""
     data: bytes | None = None
     code = 0
     printed = ""
@@ -94,6 +100,7 @@ def test_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     ran = []
+    not_run = []
     start = time.perf_counter()
     printed: str | None = None
     for block in docpages.blocks(page):
@@ -103,12 +110,28 @@ def test_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             ran.append((block.where, time.perf_counter() - began))
         elif block.mark == docpages.OUTPUT_MARK:
             _check_output(block, printed)
+        elif block.lang == "sh" and (reason := block.illustrative) is not None:
+            printed = None
+            assert len(reason.split()) >= 3, f"{block.where}: say why it is illustrative, in a few words"
+            assert any(line.calls for line in docpages.command_lines(block)), (
+                f"{block.where}: marked illustrative but shows no modelshrink command: drop the mark"
+            )
         elif block.lang == "sh":
             for line in docpages.command_lines(block):
+                if not line.calls:
+                    continue
+                if (why := _why_not_runnable(line)) is not None:
+                    not_run.append(f"{line.where}: '{line.text[:80]}': {why}")
+                    printed = None
+                    continue
                 began = time.perf_counter()
-                if (printed := _run_line(line, runner)) is not None:
-                    ran.append((line.text, time.perf_counter() - began))
+                printed = _run_line(line, runner)
+                ran.append((line.text, time.perf_counter() - began))
     seconds = time.perf_counter() - start
+    assert not not_run, (
+        "examples that cannot run on the sample models: make them run, or mark their block "
+        "'<!-- illustrative: why -->':\n  " + "\n  ".join(not_run)
+    )
     assert ran, f"{page.relative_to(ROOT)} has no example that runs on the sample models"
     slowest = sorted(ran, key=lambda r: -r[1])[:3]
     print(f"{page.relative_to(ROOT)}: {len(ran)} examples in {seconds:.1f} s; slowest:")

@@ -102,6 +102,19 @@ def test_every_flag_is_in_a_table_of_its_page(name: str) -> None:
     assert not missing, f"docs/{name}.md does not list {missing} of '{name}' in a table"
 
 
+def test_auto_page_lists_every_candidate() -> None:
+    """docs/auto.md's table of candidates is the one ``auto`` builds, name for name."""
+    from modelshrink.auto.candidates import Weights, recipes
+
+    built = {r.name for r in recipes(Weights(4, 1, 1, 1), original="MODEL", epochs=1)}
+    rows = docpages.marked_table(_page("auto"), "candidates")
+    listed = {name for row in rows for name in re.findall(r"`([^`]+)`", row[0])}
+    assert listed == built, (
+        f"docs/auto.md's candidates differ from auto's: missing {sorted(built - listed)}, "
+        f"gone {sorted(listed - built)}"
+    )
+
+
 def _all_options() -> set[str]:
     """Every option of every command, and of ``modelshrink`` itself (--version, --help)."""
     group = typer.main.get_command(app)
