@@ -22,7 +22,6 @@ commands calibrate and train on ``--rows %5!=4``), under the same gate.
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from modelshrink import api
@@ -39,7 +39,7 @@ from modelshrink.gates import Gates
 from modelshrink.options import RunOptions, RuntimeOptions
 from modelshrink.techniques import DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
 
-from common import ROOT
+from common import ROOT, pil_python, wheel_file
 
 SAMPLES = ROOT / "sample_models"
 CAL, HELD = "%5!=4", "%5=4"
@@ -47,6 +47,7 @@ SIZE_TARGET = 0.7
 SPEED_TARGET = 1.3
 BUDGET_TOLERANCE = 0.10
 GATES = Gates(min_agreement=0.99)
+REC_LINES = 200
 
 
 def _options(data: str, rows: str, **kw: Any) -> RunOptions:
@@ -269,20 +270,10 @@ def _magika_features(
     return np.asarray(a + b[-end:], dtype=np.int32)
 
 
-def _magika(tmp: Path) -> tuple[Path, str] | None:
-    model = Path("/tmp/real/x/magika/models/standard_v3_3/model.onnx")
-    if not model.exists():
-        wheel = tmp / "whl"
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel), "magika==1.0.3"]
-        )
-        if done.returncode != 0:
-            return None
-        import zipfile
-
-        with zipfile.ZipFile(next(wheel.glob("*.whl"))) as z:
-            z.extract("magika/models/standard_v3_3/model.onnx", tmp / "x")
-        model = tmp / "x/magika/models/standard_v3_3/model.onnx"
+def _magika(tmp: Path) -> tuple[Path | None, str]:
+    model, why = wheel_file("magika==1.0.3", "magika/models/standard_v3_3/model.onnx")
+    if model is None:
+        return None, why
     files = [
         p
         for folder in ("/usr/share/doc", "/usr/lib/python3", "/usr/bin", "/etc")
@@ -293,6 +284,53 @@ def _magika(tmp: Path) -> tuple[Path, str] | None:
     data = tmp / "magika.npz"
     np.savez(data, bytes=x)
     return model, str(data)
+
+
+def _ppocr_rec(tmp: Path) -> tuple[Path | None, str]:
+    """PP-OCRv4's recognizer and text lines rendered for it (``x [200, 3, 48, 320]``)."""
+    model, why = wheel_file(
+        "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
+    )
+    if model is None:
+        return None, why
+    python, why = pil_python()
+    if python is None:
+        return None, f"Pillow, needed to render text lines, could not be installed: {why}"
+    lines = tmp / "lines.npz"
+    render = [
+        str(python),
+        str(ROOT / "bench" / "render_text_lines.py"),
+        str(lines),
+        "--count",
+        str(REC_LINES),
+    ]
+    proc = subprocess.run(render, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, f"rendering failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+    data = tmp / "rec.npz"
+    np.savez(data, x=np.load(lines)["x"])  # the text stays apart: it is not an input
+    return model, str(data)
+
+
+def _decoded(model: Path, x: np.ndarray) -> list[str]:
+    """CTC greedy decoding of the recognizer's output, with the characters its metadata holds."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    chars = ["", *session.get_modelmeta().custom_metadata_map["character"].splitlines(), " "]
+    out = []
+    for row in np.concatenate([session.run(None, {"x": x[i : i + 16]})[0] for i in range(0, len(x), 16)]):
+        best = row.argmax(-1)
+        keep = (best != 0) & np.concatenate([[True], best[1:] != best[:-1]])
+        out.append("".join(chars[c] for c in best[keep]))
+    return out
+
+
+def _rec_strings(original: Path, chosen: Path, data: str) -> str:
+    """How many held-out lines the chosen model reads exactly as the original does."""
+    x = np.load(data)["x"]
+    held = x[[i for i in range(len(x)) if i % 5 == 4]]
+    a, b = _decoded(original, held), _decoded(chosen, held)
+    same = sum(p == q for p, q in zip(a, b, strict=True))
+    return f"decoded text of held-out lines: {same}/{len(a)} identical to the original's"
 
 
 def run() -> bool:
@@ -312,11 +350,17 @@ def run() -> bool:
         )
         resnet, shapes_data = _trained_resnet(tmp)
         results.append(_latency_row("resnet-like 224x224", resnet, shapes_data, tmp, {}))
-        magika = _magika(tmp)
-        if magika is None:
-            print("magika: skipped (cannot download magika==1.0.3 from PyPI)")
+        model, data = _magika(tmp)
+        if model is None:
+            print(f"magika: skipped ({data})")
         else:
-            results.append(_size_row("magika standard_v3_3 (byte features of files here)", *magika, tmp))
+            results.append(_size_row("magika standard_v3_3 (byte features of files here)", model, data, tmp))
+        model, data = _ppocr_rec(tmp)
+        if model is None:
+            print(f"PP-OCRv4 recognizer: skipped ({data})")
+        else:
+            results.append(_size_row("PP-OCRv4 recognizer (rendered text lines)", model, data, tmp))
+            print("  " + _rec_strings(model, tmp / f"{model.stem}.auto-size.onnx", data))
         walls = []
         for _ in range(3):
             _, seconds = _auto(resnet, shapes_data, tmp, "size", {}, budget="60s")
