@@ -258,7 +258,7 @@ def test_range_method_is_chosen_per_tensor_and_recorded(tmp_path: Path) -> None:
     assert report.fidelity.mean_abs_error < forced.fidelity.mean_abs_error
 
 
-def test_static_rewrites_conv_affine_and_hard_swish(tmp_path: Path) -> None:
+def test_static_rewrites_conv_batch_norm_affine_and_hard_swish(tmp_path: Path) -> None:
     rng = np.random.default_rng(10)
     f32 = np.float32
     inits = [
@@ -270,9 +270,14 @@ def test_static_rewrites_conv_affine_and_hard_swish(tmp_path: Path) -> None:
         numpy_helper.from_array(np.array(0.0, f32), "zero"),
         numpy_helper.from_array(np.array(6.0, f32), "six"),
         numpy_helper.from_array((rng.standard_normal((32, 32, 1, 1)) / 6).astype(f32), "W2"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, 32).astype(f32), "gamma"),
+        numpy_helper.from_array((0.3 * rng.standard_normal(32)).astype(f32), "beta"),
+        numpy_helper.from_array((0.3 * rng.standard_normal(32)).astype(f32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, 32).astype(f32), "var"),
     ]
     nodes = [
-        helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "W", "B"], ["c0"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c0", "gamma", "beta", "mean", "var"], ["c"], name="bn"),
         helper.make_node("Mul", ["a", "c"], ["ca"], name="scale"),
         helper.make_node("Add", ["ca", "b"], ["cb"], name="shift"),
         helper.make_node("Add", ["cb", "three"], ["p3"], name="hs_add"),
@@ -286,6 +291,7 @@ def test_static_rewrites_conv_affine_and_hard_swish(tmp_path: Path) -> None:
     report, out = _static(tmp_path, model, x, "rewrites")
     ops = _ops(out)
     assert ops["HardSigmoid"] == 1 and ops["Clip"] == ops["Div"] == ops["Add"] == 0 and ops["Mul"] == 1
+    assert ops["BatchNormalization"] == 0
     assert report.details["folded_affine"] == ["conv"] and report.details["hard_swish"] == 1
     assert report.fidelity is not None and report.fidelity.cosine >= 0.999
     assert {c.node for c in report.changes} == {"conv", "conv2"}

@@ -3,10 +3,12 @@
 Each keeps the float model's function (up to float rounding) and makes the quantized one better:
 
 - **Affine folding.** ``Conv -> Mul(c) -> Add(d)`` with constants per output channel (or
-  scalars) becomes one Conv: ``W' = c W``, ``b' = c b + d``. onnxruntime folds these itself
-  in the float model, but not across the QuantizeLinear that follows a quantized Conv, so
-  without this they would run in float on every call (PP-OCRv4's detector has 28 such pairs),
-  and the Conv's output would be quantized before its scale instead of after it.
+  scalars) becomes one Conv: ``W' = c W``, ``b' = c b + d``; an inference BatchNormalization
+  is the same with ``c = gamma / sqrt(var + eps)``, ``d = beta - c mean``. onnxruntime folds
+  these itself in the float model, but not across the QuantizeLinear that follows a quantized
+  Conv, so without this they would run in float on every call (PP-OCRv4's detector has 28
+  such pairs, the sample CNN 4 BatchNormalizations), and the Conv's output would be quantized
+  before its scale instead of after it.
 - **Hard-swish in two ops.** ``x * Clip(x + 3, 0, 6) / 6`` (hard-swish written out, as
   paddle2onnx exports it) becomes ``x * HardSigmoid(x)`` (alpha 1/6, beta 1/2): the same values
   in two passes over the activation instead of four. Between quantized Convs these run in float
@@ -103,8 +105,22 @@ def _set_const(
     node.replace_input_with(index, value)
 
 
+def _batch_norm(node: ir.Node, slot: int, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """An inference BatchNormalization as ``y = factor * x + shift`` per channel, or None."""
+    if op_key(node) != "BatchNormalization" or slot != 0 or len(node.inputs) != 5 or len(node.outputs) != 1:
+        return None
+    if _attr_int(node, "training_mode", 0) or node.outputs[0].is_graph_output():
+        return None
+    params = [_float_const(v) for v in node.inputs[1:]]
+    if any(p is None or p.shape != (channels,) for p in params):
+        return None
+    scale, bias, mean, var = (p.astype(np.float64) for p in params if p is not None)
+    factor = scale / np.sqrt(var + _attr_float(node, "epsilon", 1e-5))
+    return factor.astype(np.float32), (bias - mean * factor).astype(np.float32)
+
+
 def fold_affine(model: ir.Model, names: NameAuthority) -> list[str]:
-    """Fold ``Conv -> Mul/Add`` by per-channel constants into the Conv; the Conv names changed."""
+    """Fold ``Conv -> BatchNormalization/Mul/Add`` (per-channel constants) into the Conv; the Convs."""
     folded: list[str] = []
     for node in list(model.graph):
         if op_key(node) != "Conv" or len(node.inputs) < 2:
@@ -124,6 +140,14 @@ def fold_affine(model: ir.Model, names: NameAuthority) -> list[str]:
         absorbed: list[ir.Node] = []
         while (user := _only_user(out)) is not None:
             reader, slot = user
+            norm = _batch_norm(reader, slot, channels) if reader.graph is model.graph else None
+            if norm is not None:
+                factor, shift = norm
+                w *= factor.reshape((-1,) + (1,) * (w.ndim - 1))
+                b = b * factor + shift
+                absorbed.append(reader)
+                out = reader.outputs[0]
+                continue
             if (
                 op_key(reader) not in ("Mul", "Add")
                 or len(reader.inputs) != 2
