@@ -130,6 +130,19 @@ def test_fallback_keeps_the_damaging_layers_in_float(tmp_path: Path) -> None:
     assert out2.read_bytes() == out.read_bytes() and again.details["fallback"] == fallback
 
 
+def test_sensitivity_ranks_static_layers_and_writes_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = [rng.standard_normal((64, 64)) / 8 for _ in range(3)] + [rng.standard_normal((64, 32)) / 8]
+    w[1][:, 5] *= 300
+    w[2][5, :] /= 300
+    x = rng.standard_normal((32, 1, 64)).astype(np.float32)
+    report, out = _static(tmp_path, _matmul_chain(w), x, "sens", Gates(min_cosine=0.999), sensitivity=True)
+    assert not report.written and not out.exists()
+    rows = report.details["sensitivity"]
+    assert {r["layer"] for r in rows[:2]} == {"mm1", "mm2"} and rows[0]["cost"] > 1 > rows[-1]["cost"]
+    assert report.notes[0].startswith("--sensitivity: each layer alone in int8")
+
+
 def test_every_layer_in_int8_when_the_gates_hold(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     model = _matmul_chain([rng.standard_normal((64, 64)) / 8, rng.standard_normal((64, 32)) / 8])

@@ -249,9 +249,10 @@ class QuantizeConfig:
                 )
         if not self.bias_correction and self.mode != "static":
             raise ConfigError(f"--no-bias-correction applies to --mode static only (got --mode {self.mode})")
-        if self.sensitivity and self.mode not in ("int8", "int4", "int2", "binary", "dynamic"):
+        if self.sensitivity and self.mode not in ("int8", "int4", "int2", "binary", "dynamic", "static"):
             raise ConfigError(
-                f"--sensitivity applies to --mode int8, int4, int2, binary and dynamic (got --mode {self.mode})"
+                "--sensitivity applies to --mode int8, int4, int2, binary, dynamic and static "
+                f"(got --mode {self.mode})"
             )
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")

@@ -206,6 +206,16 @@ def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) 
     qdq = quantize_static_qdq(model, config, context)
     if not qdq.units:
         return TechniqueResult(qdq.model, qdq.changes, qdq.skips, qdq.notes, qdq.details)
+    if config.sensitivity:
+        ranked = score_units(qdq.units, lambda keep: to_float(qdq, keep)[0], context)
+        table = format_table(ranked, with_cost=context.gates.fidelity_gates)
+        notes = (
+            "--sensitivity: each layer alone in int8 (the others in float), most damaging first; the "
+            "report's figures are for every layer in int8; nothing is written\n" + table,
+            *qdq.notes,
+        )
+        details = {**qdq.details, "sensitivity": _table_rows(ranked)}
+        return TechniqueResult(qdq.model, skipped=qdq.skips, notes=notes, details=details, write=False)
     if context.gates.fidelity_gates and config.fallback:
         done = _static_fallback(qdq, context)
     else:
