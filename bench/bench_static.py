@@ -114,18 +114,14 @@ def measure(
     """
     calibrate, held, rows = data
     out = tmp / f"{name.split()[0]}.{gate[-1]}.static.onnx"
-    code, doc, err, seconds = _cli(
-        "quantize", str(model), "-o", str(out), "--mode", "static", "--data", str(calibrate), *gate,
-        "--samples", str(rows),
-        "--no-latency", "--force",
-    )  # fmt: skip
+    quantize = ["quantize", str(model), "-o", str(out), "--mode", "static", "--force", "--no-latency"]
+    code, doc, err, seconds = _cli(*quantize, "--data", str(calibrate), "--samples", str(rows), *gate)
     if code != 0 or doc is None:
         print(f"  {name}: quantize exited {code}: {err.splitlines()[-1] if err else ''}")
         return False, None
     cal = doc["fidelity"]["worst"]
-    code_held, held_doc, err_held, _ = _cli(
-        "compare", str(model), str(out), "--data", str(held), *gate, "--samples", str(rows), "--no-latency"
-    )  # fmt: skip
+    compare = ["compare", str(model), str(out), "--no-latency"]
+    code_held, held_doc, err_held, _ = _cli(*compare, "--data", str(held), "--samples", str(rows), *gate)
     if held_doc is None:
         print(f"  {name}: compare exited {code_held}: {err_held}")
         return False, None
