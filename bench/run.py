@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 GROUPS = {
     "spine": "bench_spine",
     "quantize": "bench_quantize",
+    "static": "bench_static",
     "lowbit": "bench_lowbit",
     "prune": "bench_prune",
     "factorize": "bench_factorize",

@@ -448,12 +448,18 @@ def _static(d: Dim) -> bool:
     return isinstance(d, int) and d > 0
 
 
+# Names exporters give a dimension they know nothing about: two of them are not the same size
+# (paddle2onnx declares ``x [-1, 3, ?, ?]``: the ``?`` are height and width, not a batch).
+_ANONYMOUS = frozenset({"?", "", "unk", "None"})
+
+
 def batch_symbol(specs: Sequence[InputSpec]) -> str | None:
     """The symbolic dimension that is the batch, or None when no input has one.
 
     Among the symbols of inputs of rank >= 2 (and rank-1 symbols named like a batch), the one
     named like a batch (``batch``, ``N``, ``batch_size``, ...) wins, then the one shared by the
-    most inputs, then the one most often on axis 0, then the first declared. ``input [batch,
+    most inputs, then the one most often on axis 0, then the first declared. Anonymous names
+    (``?``) are not symbols. ``input [batch,
     samples]`` and ``state [2, batch, 128]`` give ``batch``; ``x [n, 3, h, w]`` gives ``n``.
     """
     scores: dict[str, list[int]] = {}
@@ -462,7 +468,7 @@ def batch_symbol(specs: Sequence[InputSpec]) -> str | None:
             continue
         rank = len(spec.dims)
         for d in dict.fromkeys(spec.dims):
-            if not isinstance(d, str) or (rank < 2 and not _BATCH_NAME.match(d)):
+            if not isinstance(d, str) or d in _ANONYMOUS or (rank < 2 and not _BATCH_NAME.match(d)):
                 continue
             score = scores.setdefault(d, [1 if _BATCH_NAME.match(d) else 0, 0, 0, -len(scores)])
             score[1] += 1

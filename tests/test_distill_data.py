@@ -25,7 +25,7 @@ from modelshrink.cli import app
 from modelshrink.dataset import open_dataset
 from modelshrink.errors import ConfigError, DataError
 from modelshrink.feeds import load_feeds
-from modelshrink.inputs import batch_axes, input_specs
+from modelshrink.inputs import InputSpec, batch_axes, batch_symbol, input_specs
 from modelshrink.options import RunOptions, parse_batch_axes
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.techniques.base import TechniqueContext
@@ -133,6 +133,10 @@ def test_batch_axes_follow_the_declared_dims() -> None:
     with pytest.raises(ConfigError, match=r"--batch-axis state:3: the input has 3 axes \[2,batch,32\]"):
         batch_axes(specs, {"state": 3})
     assert parse_batch_axes(["state:1", "sr:none"]) == {"state": 1, "sr": None}
+    # paddle2onnx's declaration: -1 for the batch, '?' for height and width (not one symbol)
+    paddle = [InputSpec("x", np.dtype(np.float32), (-1, 3, "?", "?"), "tensor(float)")]
+    assert batch_symbol(paddle) is None
+    assert batch_axes(paddle)["x"].axis == 0
     with pytest.raises(ConfigError, match="expected NAME:AXIS"):
         parse_batch_axes(["state=1"])
 
