@@ -20,6 +20,7 @@ __all__ = [
     "PACKED_MODES",
     "PANEL",
     "QAT_PANEL",
+    "RECURRENT_OPS",
     "Calibration",
     "Format",
     "Mode",
@@ -46,15 +47,19 @@ MODE_FORMATS: dict[str, tuple[str, ...]] = {
 # Modes stored packed at their true width, and their width (see lowbit.py).
 PACKED_MODES: dict[str, int] = {"int2": 2, "binary": 1}
 
+# Recurrent ops: their W (input) and R (recurrence) weights are quantized, one scale per
+# direction and gate row; biases B, peepholes P and initial states stay float.
+RECURRENT_OPS: tuple[str, ...] = ("LSTM", "GRU", "RNN")
 # Op types whose weights each mode can quantize (the default for --op-types).
 MODE_OPS: dict[str, tuple[str, ...]] = {
-    "int8": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
+    "int8": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS),
     "int4": ("MatMul", "Gemm", "Gather"),
-    "int2": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
-    "binary": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
+    "int2": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS),
+    "binary": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS),
     "fp16": (),  # every op that is safe in float16; see fp16.py
-    "bf16": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
-    "dynamic": ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose"),
+    "bf16": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS),
+    # LSTM: DynamicQuantizeLSTM; GRU/RNN (no integer kernel): weight-only int8, as Conv
+    "dynamic": ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose", *RECURRENT_OPS),
     "static": ("Conv", "MatMul", "Gemm"),
 }
 
@@ -119,7 +124,7 @@ class QuantizeConfig:
         "int8: weight-only per channel (default); int4: weight-only block-wise for MatMul/Gemm/Gather; "
         "int2 / binary: 2-bit / 1-bit (sign x scale) weights packed at that width (= --bits 2 / 1); "
         "fp16: weights and compute in float16; bf16: weights stored in bfloat16, float32 compute; "
-        "dynamic: int8 MatMul/Gemm with activations quantized at run time; static: QDQ int8 calibrated "
+        "dynamic: int8 MatMul/Gemm/LSTM with activations quantized at run time; static: QDQ int8 calibrated "
         "on --data.",
         panel=PANEL,
     )
