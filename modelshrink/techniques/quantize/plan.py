@@ -18,6 +18,7 @@ from modelshrink.techniques.quantize.config import MODE_OPS, RECURRENT_OPS, Quan
 
 __all__ = [
     "CANDIDATE_OPS",
+    "INT4_PACKED_KINDS",
     "QUANTIZABLE_TYPES",
     "Plan",
     "Unit",
@@ -32,6 +33,9 @@ QUANTIZABLE_TYPES = FLOAT_TYPES - {ir.DataType.DOUBLE}
 # Ops whose weights some weight-only mode can quantize: a weight read by one of these is a
 # candidate, and the report says what happened to it.
 CANDIDATE_OPS = frozenset(MODE_OPS["int8"])
+# Kinds of weight that --mode int4 stores as packed 4-bit codes (lowbit.py) rather than in
+# MatMulNBits / GatherBlockQuantized (no int4 Conv or LSTM kernel exists to take them).
+INT4_PACKED_KINDS = frozenset({"conv", "recurrent"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,8 +45,9 @@ class Use:
     Attributes:
         node: The consumer.
         index: Its input slot.
-        axis: int8: the per-channel (output) axis; int4: the block (reduction) axis. None for a
-            per-tensor scale (rank-1 weights). For ``recurrent`` weights, axis 1 together with axis 0: one scale per
+        axis: int8: the per-channel (output) axis; int4: the block (reduction) axis (Conv and
+            recurrent weights: the output axis, as int8). None for a per-tensor scale (rank-1
+            weights). For ``recurrent`` weights, axis 1 together with axis 0: one scale per
             direction and gate row.
         kind: ``matmul`` (MatMul/Gemm weight), ``conv``, ``gather`` or ``recurrent`` (W or R of
             LSTM/GRU/RNN, ``[directions, gates x hidden, input or hidden]``).
@@ -152,6 +157,8 @@ def _role_int8(node: ir.Node, index: int, rank: int) -> Use | str:
 def _role_int4(node: ir.Node, index: int, shape: tuple[int, ...], config: QuantizeConfig) -> Use | str:
     """int4: the block (reduction) axis of a weight in this slot, or why it cannot be int4."""
     op = op_key(node)
+    if op in ("Conv", "ConvTranspose", *RECURRENT_OPS):  # packed 4-bit codes, per output channel
+        return _role_int8(node, index, len(shape))
     nbits = config.storage == "nbits"
     if len(shape) != 2:
         return f"{op} weight of rank {len(shape)}: int4 block quantization needs a 2-D weight"
@@ -181,7 +188,7 @@ def _role_int4(node: ir.Node, index: int, shape: tuple[int, ...], config: Quanti
         if nbits and shape[1] % 2:
             return f"table rows of odd length {shape[1]}: GatherBlockQuantized needs even rows (try --format qdq)"
         return Use(node, index, 1, "gather")
-    return f"{op} is not quantized by --mode int4 (MatMul, Gemm, Gather only; use --mode int8)"
+    return f"{op} is not quantized by --mode int4"
 
 
 def _role_dynamic(node: ir.Node, index: int, shape: tuple[int, ...]) -> Use | str:

@@ -12,7 +12,9 @@ Modes:
   stored as int8 and a standard ``DequantizeLinear`` rebuilds ``W'`` in front of the
   consumer (``Cast + Mul`` on opsets without per-axis DequantizeLinear, < 13). About 4x
   smaller; compute stays in float, so no speed-up is expected.
-- ``int4``: block-wise weight-only for MatMul/Gemm/Gather (see ``weightonly.py``).
+- ``int4``: block-wise weight-only for MatMul/Gemm/Gather (see ``weightonly.py``); Conv,
+  ConvTranspose and LSTM/GRU/RNN weights as packed 4-bit codes, blocks along each output
+  channel, rebuilt by ops onnxruntime folds at load (see ``lowbit.py``).
 - ``int2``, ``binary`` and ``--bits N`` (1..8): weight-only at that width, packed at that
   width in the file and rebuilt by standard ops that onnxruntime folds at load (see
   ``lowbit.py``); with ``--qat`` the model is first trained for the grid (see ``qat.py``).
@@ -54,7 +56,7 @@ from modelshrink.techniques.quantize.dynamic import quantize_dynamic
 from modelshrink.techniques.quantize.fp16 import ACTIVATION_LIMIT, FLOAT32_OPS, activation_peaks, convert_fp16
 from modelshrink.techniques.quantize.lowbit import packed_notes, quantize_packed, summarize
 from modelshrink.techniques.quantize.opset import prepare
-from modelshrink.techniques.quantize.plan import Plan, Unit, make_plan
+from modelshrink.techniques.quantize.plan import INT4_PACKED_KINDS, Plan, Unit, make_plan
 from modelshrink.techniques.quantize.recurrent import DYNAMIC_LSTM, quantize_dynamic_lstm
 from modelshrink.techniques.quantize.search import (
     Scored,
@@ -124,14 +126,18 @@ def _apply_units(
     elif config.mode == "bf16":
         emitted = store_bf16(model, units, names)
     elif config.mode == "int4":
-        emitted = quantize_int4(
+        # MatMulNBits / GatherBlockQuantized; Conv and recurrent weights (no int4 kernel takes
+        # them) as packed 4-bit codes that onnxruntime unpacks when it loads the model
+        packed = [u for u in units if u.uses[0].kind in INT4_PACKED_KINDS]
+        blocks = quantize_int4(
             model,
-            units,
+            [u for u in units if u.uses[0].kind not in INT4_PACKED_KINDS],
             names,
             block_size=config.block,
             fmt=config.storage,
             accuracy_level=INT4_ACCURACY_LEVEL,
         )
+        emitted = _merged(units, blocks, quantize_packed(model, packed, names, bits=4, block=config.block))
     else:
         emitted = quantize_int8(model, units, names, cast=config.storage == "cast")
     return model, plan, emitted
@@ -241,17 +247,32 @@ def _recurrent_dynamic_notes(emitted: Emitted) -> list[str]:
 
 
 def _int4_notes(config: QuantizeConfig, emitted: Emitted) -> list[str]:
-    if config.storage == "nbits":
-        return [
-            "int4 uses onnxruntime's com.microsoft MatMulNBits / GatherBlockQuantized kernels "
-            f"(accuracy_level {INT4_ACCURACY_LEVEL}: activations are quantized to int8 per block inside "
-            "the kernel); runtimes other than onnxruntime may not have them: --format qdq is portable"
-        ]
-    return [
-        "int4 weights are rebuilt by block-wise DequantizeLinear in front of each reader "
-        "(onnxruntime may fuse DequantizeLinear + MatMul into MatMulNBits when it loads the model); "
-        "Gather tables are dequantized whole on every call in this format"
-    ]
+    notes: list[str] = []
+    if emitted.storages - {"4-bit packed (BitShift+Cast+Mul)"}:
+        if config.storage == "nbits":
+            notes.append(
+                "int4 uses onnxruntime's com.microsoft MatMulNBits / GatherBlockQuantized kernels "
+                f"(accuracy_level {INT4_ACCURACY_LEVEL}: activations are quantized to int8 per block inside "
+                "the kernel); runtimes other than onnxruntime may not have them: --format qdq is portable"
+            )
+        else:
+            notes.append(
+                "int4 weights are rebuilt by block-wise DequantizeLinear in front of each reader "
+                "(onnxruntime may fuse DequantizeLinear + MatMul into MatMulNBits when it loads the model); "
+                "Gather tables are dequantized whole on every call in this format"
+            )
+    packed = sorted(
+        {c.op_type for c in emitted.changes if str(c.details["storage"]).startswith("4-bit packed")}
+    )
+    if packed:
+        notes.append(
+            f"{', '.join(packed)} weights: 4-bit codes packed two per byte, one float32 scale per "
+            f"{config.block} values along each output channel (or gate row), rebuilt by standard ops "
+            "(BitShift, Cast, Mul, Reshape) that onnxruntime folds once when it loads the model: "
+            "those layers compute in float at the original's speed with float weights in memory; "
+            "only the file is small (no runtime has an int4 Conv or LSTM kernel to feed)"
+        )
+    return notes
 
 
 def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
