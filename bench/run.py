@@ -24,6 +24,8 @@ GROUPS = {
     "spine": "bench_spine",
     "quantize": "bench_quantize",
     "lowbit": "bench_lowbit",
+    "rnnweights": "bench_rnn_weights",
+    "int4conv": "bench_int4_conv",
     "prune": "bench_prune",
     "factorize": "bench_factorize",
     "distill": "bench_distill",
