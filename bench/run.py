@@ -31,7 +31,9 @@ GROUPS = {
     "distill": "bench_distill",
     "conformance": "bench_conformance",
     "realworld": "bench_realworld",
+    "auto": "bench_auto",
     "big": "bench_big",
+    "recurrent": "bench_recurrent",
 }
 
 

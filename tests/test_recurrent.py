@@ -273,7 +273,7 @@ def test_lstm_weight_computed_at_run_time_is_named() -> None:
 def test_crnn_ocr_int8_size_and_fidelity(tmp_path: Path) -> None:
     """The CRNN-style recognizer at int8: at most 0.27x the size, above the fidelity floor, and
     onnxruntime runs the float model's graph (Cast + Mul folded at load)."""
-    src = models.save(patterns.crnn_ocr(), tmp_path / "crnn.onnx")
+    src = models.save(patterns.crnn_ocr_stacked(), tmp_path / "crnn.onnx")
     out = tmp_path / "q.onnx"
     options = RunOptions(latency=False, samples=4)
     report = run_technique("quantize", quantize, QuantizeConfig(), str(src), str(out), options)
@@ -291,7 +291,7 @@ def test_crnn_ocr_int8_size_and_fidelity(tmp_path: Path) -> None:
 def test_crnn_ocr_dynamic_with_a_gate(tmp_path: Path) -> None:
     """--mode dynamic under --min-agreement: the fallback ranks LSTM weights with the rest and the
     gate holds; the LSTMs it keeps quantized run as DynamicQuantizeLSTM."""
-    src = models.save(patterns.crnn_ocr(), tmp_path / "crnn.onnx")
+    src = models.save(patterns.crnn_ocr_stacked(), tmp_path / "crnn.onnx")
     out = tmp_path / "q.onnx"
     options = RunOptions(latency=False, samples=4, gates=Gates(min_agreement=CRNN_MIN_AGREEMENT))
     report = run_technique("quantize", quantize, QuantizeConfig(mode="dynamic"), str(src), str(out), options)
