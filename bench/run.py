@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 GROUPS = {
     "spine": "bench_spine",
     "quantize": "bench_quantize",
+    "static": "bench_static",
     "lowbit": "bench_lowbit",
     "rnnweights": "bench_rnn_weights",
     "int4conv": "bench_int4_conv",
