@@ -36,17 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from common import ROOT
+from common import ROOT, pil_python, wheel_file
 
 SAMPLES = ROOT / "sample_models"
-CACHE = ROOT / "build" / "realmodels"
-PIL_VENV = ROOT / "build" / "bench-pil"
 WHEEL = "rapidocr-onnxruntime==1.4.4"
 DETECTOR = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
 LATENCY_TARGET = 0.8
@@ -199,39 +196,6 @@ def bench_cnn(tmp: Path) -> bool:
     return ok
 
 
-def _detector() -> tuple[Path | None, str]:
-    target = CACHE / "x" / DETECTOR
-    if target.exists():
-        return target, ""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(CACHE.glob("rapidocr_onnxruntime-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            return None, f"could not download {WHEEL}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-        wheels = sorted(CACHE.glob("rapidocr_onnxruntime-*.whl"))
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        wheel.extract(DETECTOR, CACHE / "x")
-    return target, ""
-
-
-def _pil_python() -> tuple[Path | None, str]:
-    python = PIL_VENV / "bin" / "python"
-    probe = [str(python), "-c", "import PIL, numpy"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python, ""
-    steps = [
-        [sys.executable, "-m", "venv", str(PIL_VENV)],
-        [str(python), "-m", "pip", "install", "-q", "pillow", "numpy"],
-    ]
-    for step in steps:
-        proc = subprocess.run(step, capture_output=True, text=True)
-        if proc.returncode != 0:
-            return None, f"'{' '.join(step[-3:])}' failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-    return python, ""
-
-
 def _text_iou(original: Path, result: Path, held: Path) -> float:
     pages = np.load(held)["x"]
     a, b = _session(original), _session(result)
@@ -245,11 +209,11 @@ def _text_iou(original: Path, result: Path, held: Path) -> float:
 
 
 def bench_detector(tmp: Path) -> bool:
-    model, why = _detector()
+    model, why = wheel_file(WHEEL, DETECTOR)
     if model is None:
         print(f"  PP-OCRv4 detector: skipped ({why})")
         return True
-    python, why = _pil_python()
+    python, why = pil_python()
     if python is None:
         why = f"Pillow, needed to render text pages, could not be installed: {why}"
         print(f"  PP-OCRv4 detector: skipped ({why})")
