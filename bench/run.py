@@ -25,6 +25,8 @@ GROUPS = {
     "quantize": "bench_quantize",
     "static": "bench_static",
     "lowbit": "bench_lowbit",
+    "rnnweights": "bench_rnn_weights",
+    "int4conv": "bench_int4_conv",
     "prune": "bench_prune",
     "factorize": "bench_factorize",
     "distill": "bench_distill",

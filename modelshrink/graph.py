@@ -217,8 +217,17 @@ class NameAuthority:
         return name
 
 
-# The operand that holds the weight, for the ops the techniques compress.
-WEIGHT_OPERAND = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+# The operands that hold weights, for the ops the techniques compress.
+WEIGHT_OPERANDS: dict[str, tuple[int, ...]] = {
+    "MatMul": (1,),
+    "Gemm": (1,),
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "Gather": (0,),
+    "LSTM": (1, 2),
+    "GRU": (1, 2),
+    "RNN": (1, 2),
+}
 # Ops without inputs whose output is not a constant.
 _RANDOM_OPS = frozenset(
     {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
@@ -268,32 +277,34 @@ def run_time_weights(
     wanted = set(op_types)
     for _, node in all_nodes(model):
         key = op_key(node)
-        slot = WEIGHT_OPERAND.get(key)
-        if key not in wanted or slot is None or len(node.inputs) <= slot:
+        if key not in wanted:
             continue
-        value = node.inputs[slot]
-        producer = value.producer() if value is not None else None
-        if value is None or producer is None or producer.op_type == "Constant":
-            continue  # an input, an initializer or a Constant: a weight, or not one
-        name = value.name or "<unnamed>"
-        if excluded_by(exclude, node.name or "", key, name) is not None or not _computed_from_constants(
-            value
-        ):
-            continue
-        if producer.op_type == "ConstantOfShape":
-            reason = (
-                f"weight '{name}' is made at run time by ConstantOfShape: one value repeated, no "
-                "stored weights to compress (folding it would write every value and make the "
-                "file larger)"
-            )
-        else:
-            reason = (
-                f"weight '{name}' is computed at run time from constants by {producer.op_type} "
-                f"'{producer.name or producer.op_type}'; fold constants first (e.g. with onnxslim) "
-                "so that it is stored as a weight"
-            )
-        found.append((node, reason))
+        for slot in WEIGHT_OPERANDS.get(key, ()):
+            value = node.inputs[slot] if len(node.inputs) > slot else None
+            producer = value.producer() if value is not None else None
+            if value is None or producer is None or producer.op_type == "Constant":
+                continue  # an input, an initializer or a Constant: a weight, or not one
+            name = value.name or "<unnamed>"
+            if excluded_by(exclude, node.name or "", key, name) is not None or not _computed_from_constants(
+                value
+            ):
+                continue
+            found.append((node, _run_time_reason(name, producer)))
     return found
+
+
+def _run_time_reason(name: str, producer: ir.Node) -> str:
+    if producer.op_type == "ConstantOfShape":
+        return (
+            f"weight '{name}' is made at run time by ConstantOfShape: one value repeated, no "
+            "stored weights to compress (folding it would write every value and make the "
+            "file larger)"
+        )
+    return (
+        f"weight '{name}' is computed at run time from constants by {producer.op_type} "
+        f"'{producer.name or producer.op_type}'; fold constants first (e.g. with onnxslim) "
+        "so that it is stored as a weight"
+    )
 
 
 # IR version 3 requires every initializer to be listed as a graph input; IR 4 lifted that.

@@ -13,6 +13,8 @@ dynamic axis gets a *kind* and a short ladder of sizes, tried in order on the or
 - audio-like samples (the last axis of a 2-D or 3-D float input): 512, 1024, 16000, then 256,
   64, 16
 - token sequences (integer inputs): 16, 64, 128, 512, 8; other sequence axes: 16, 64, 512, 8, 1
+  (among them the time axis of an input read by an LSTM/GRU/RNN, axis 0 of a time-major
+  ``[seq, batch, size]``: one step from a zero state would never reach the recurrence weights)
 
 Axes that share a symbol share a size. A size the graph fixes wins over the ladder: an input
 that feeds a ``Reshape`` to a constant shape has as many elements as that shape.
@@ -414,6 +416,23 @@ class InputPlan:
         return "; ".join(parts)
 
 
+_RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
+
+
+def _recurrent_time_axes(model: ir.Model) -> dict[str, int]:
+    """Inputs read (through casts and reshapes) as the sequence X of an LSTM/GRU/RNN: their time
+    axis (0, or 1 for ``layout=1``)."""
+    found: dict[str, int] = {}
+    for value in graph_inputs(model.graph):
+        for use in _forward(value):
+            node = use.node
+            if node.op_type in _RECURRENT and node.domain in ("", "ai.onnx") and use.idx == 0:
+                layout = node.attributes.get("layout")
+                found[value.name or ""] = 1 if layout is not None and layout.as_int() == 1 else 0
+                break
+    return found
+
+
 def _batch_symbols(specs: Sequence[InputSpec]) -> set[str]:
     symbols: set[str] = set()
     for spec in specs:
@@ -673,7 +692,15 @@ def plan_inputs(
     input_values: Mapping[str, Scalar],
 ) -> InputPlan:
     """Decide, per input, what is given, what the graph fixes, and what must be guessed."""
-    batch_symbols = _batch_symbols(specs)
+    time_axes = _recurrent_time_axes(model)
+    time_symbols = {
+        d
+        for spec in specs
+        if spec.name in time_axes and spec.dims is not None and len(spec.dims) > time_axes[spec.name]
+        for d in [spec.dims[time_axes[spec.name]]]
+        if isinstance(d, str)
+    }
+    batch_symbols = _batch_symbols(specs) - time_symbols
     reshaped = _reshape_sizes(model)
     groups: dict[object, list[tuple[str, int]]] = {}
     kinds: dict[object, str] = {}
@@ -692,7 +719,10 @@ def plan_inputs(
             d = spec.dims[axis]
             key: object = d if isinstance(d, str) else (spec.name, axis)
             groups.setdefault(key, []).append((spec.name, axis))
-            kind = _axis_kind(spec, axis, batch_symbols)
+            if time_axes.get(spec.name) == axis or d in time_symbols:
+                kind = "sequence"
+            else:
+                kind = _axis_kind(spec, axis, batch_symbols)
             if key not in kinds or kind == "batch":
                 kinds[key] = kind
     axes = []

@@ -18,6 +18,14 @@ real model when every dynamic axis was 1 and every integer input was drawn from 
   ``If`` branch an int64 rate picks (every weight of the model lives in a branch but the head).
 - :func:`crnn_ocr`: a CRNN text recogniser: Conv feature extractor, the height folded into
   channels, a bidirectional ``LSTM`` over the width, per-frame class scores.
+
+And the shapes of real model families whose weights a technique must reach:
+
+- :func:`crnn_ocr_stacked`: a CRNN / PP-OCR-rec-style text recognizer: a small CNN feature
+  extractor, two bidirectional LSTMs over the width, a Linear layer and per-frame class scores
+  (most of its weights are LSTM ``W``/``R``).
+- :func:`recurrent_zoo`: an LSTM, a GRU and an RNN in each direction, side by side.
+- :func:`recurrent_layer`: one LSTM, GRU or RNN in a chosen direction (and layout).
 """
 
 from __future__ import annotations
@@ -29,10 +37,15 @@ from onnx import TensorProto, helper
 from models import _model, init
 
 __all__ = [
+    "DIRECTIONS",
+    "GATES",
     "audio_lstm_decoder",
     "crnn_ocr",
+    "crnn_ocr_stacked",
     "fpn_detector",
     "picky_length",
+    "recurrent_layer",
+    "recurrent_zoo",
     "saturating_classifier",
     "streaming_audio",
 ]
@@ -372,6 +385,195 @@ def crnn_ocr(seed: int = 0, classes: int = 12, hidden: int = 24) -> onnx.ModelPr
         "crnn_ocr",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 16, "W"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "frames", classes])],
+        inits,
+    )
+    return _model(graph)
+
+
+# Gate rows per hidden unit of each recurrent op.
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _rnn_weights(
+    rng: np.random.Generator,
+    op: str,
+    dirs: int,
+    hidden: int,
+    size: int,
+    gain_w: float = 1.0,
+    gain_r: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [dirs, gates*H, size], R [dirs, gates*H, H], B [dirs, 2*gates*H]: PyTorch's initial
+    scale (uniform within 1/sqrt(H)), W times ``gain_w``, R times ``gain_r``."""
+    rows = GATES[op] * hidden
+    bound = 1 / np.sqrt(hidden)
+    w = rng.uniform(-bound * gain_w, bound * gain_w, (dirs, rows, size)).astype(np.float32)
+    r = rng.uniform(-bound * gain_r, bound * gain_r, (dirs, rows, hidden)).astype(np.float32)
+    b = rng.uniform(-bound, bound, (dirs, 2 * rows)).astype(np.float32)
+    return w, r, b
+
+
+DIRECTIONS = ("forward", "reverse", "bidirectional")
+
+
+def recurrent_zoo(seed: int = 0, *, hidden: int = 32, size: int = 40) -> onnx.ModelProto:
+    """x [seq, batch, size] read by one LSTM, GRU and RNN in each direction (W, R, B
+    initializers ``{op}_{direction}_W`` ...), each node named ``{op}_{direction}``, each giving
+    its ``Y`` as an output of the same name."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, outputs = [], [], []
+    for op in GATES:
+        for direction in DIRECTIONS:
+            name = f"{op}_{direction}"
+            dirs = 2 if direction == "bidirectional" else 1
+            w, r, b = _rnn_weights(rng, op, dirs, hidden, size)
+            inits += [init(f"{name}_W", w), init(f"{name}_R", r), init(f"{name}_B", b)]
+            nodes.append(
+                helper.make_node(
+                    op,
+                    ["x", f"{name}_W", f"{name}_R", f"{name}_B"],
+                    [name],
+                    name=name,
+                    hidden_size=hidden,
+                    direction=direction,
+                )
+            )
+            outputs.append(
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, ["seq", dirs, "batch", hidden])
+            )
+    graph = helper.make_graph(
+        nodes,
+        "recurrent_zoo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", "batch", size])],
+        outputs,
+        inits,
+    )
+    return _model(graph)
+
+
+def recurrent_layer(
+    op: str = "LSTM",
+    direction: str = "forward",
+    seed: int = 0,
+    *,
+    hidden: int = 32,
+    size: int = 40,
+    layout: int = 0,
+) -> onnx.ModelProto:
+    """One ``op`` named ``rnn`` (W, R, B initializers): ``x [seq, batch, size]`` -> ``y [seq, dirs,
+    batch, hidden]``; with ``layout=1`` (opset 14) batch-major: ``x [batch, seq, size]`` -> ``y
+    [batch, seq, dirs, hidden]``."""
+    rng = np.random.default_rng(seed)
+    dirs = 2 if direction == "bidirectional" else 1
+    w, r, b = _rnn_weights(rng, op, dirs, hidden, size)
+    x_dims: list[str | int] = ["batch", "seq", size] if layout else ["seq", "batch", size]
+    y_dims: list[str | int] = ["batch", "seq", dirs, hidden] if layout else ["seq", dirs, "batch", hidden]
+    attrs: dict[str, object] = {"hidden_size": hidden, "direction": direction}
+    if layout:
+        attrs["layout"] = layout
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "W", "R", "B"], ["y"], name="rnn", **attrs)],
+        f"{op.lower()}_{direction}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_dims)],
+        [init("W", w), init("R", r), init("B", b)],
+    )
+    return _model(graph)
+
+
+def crnn_ocr_stacked(seed: int = 0, *, hidden: int = 96, classes: int = 97) -> onnx.ModelProto:
+    """A CRNN-style text recognizer (like PP-OCR's CRNN rec models).
+
+    ``x [N, 3, 32, W]`` -> 4 Conv+Relu (pooling to height 4, width W/4; BatchNormalization on
+    the third) -> mean over the height -> frames ``[W/4, N, 128]`` -> bidirectional LSTM ->
+    bidirectional LSTM -> Linear -> Softmax: ``probs [N, W/4, classes]``, per-frame class
+    scores that a CTC decoder reads. Untrained weights give every frame the same flat scores, so
+    the LSTMs' W and the Linear layer are scaled up (x4 and x48) and R down (x0.5): the top
+    class then changes along the line (5 classes on the synthetic feeds). It stays a random
+    model: near-ties between classes on some frames make it more sensitive to rounding than a
+    trained one (bfloat16 storage alone moves 0.4 % of the frames' top class).
+    """
+    rng = np.random.default_rng(seed)
+    chans = [(3, 32), (32, 64), (64, 128), (128, 128)]
+    inits = [init(f"conv{i}_w", _conv_w(rng, co, ci, 3)) for i, (ci, co) in enumerate(chans)]
+    inits += [
+        init(f"conv{i}_b", (0.05 * rng.standard_normal(co)).astype(np.float32))
+        for i, (_, co) in enumerate(chans)
+    ]
+    inits += [
+        init("bn_scale", (1 + 0.1 * rng.standard_normal(128)).astype(np.float32)),
+        init("bn_bias", (0.1 * rng.standard_normal(128)).astype(np.float32)),
+        init("bn_mean", (0.1 * rng.standard_normal(128)).astype(np.float32)),
+        init("bn_var", (1 + 0.1 * rng.uniform(size=128)).astype(np.float32)),
+        init("frames_shape", np.array([0, 0, -1], dtype=np.int64)),
+        init(
+            "fc_w", (48 * rng.standard_normal((2 * hidden, classes)) / np.sqrt(2 * hidden)).astype(np.float32)
+        ),
+        init("fc_b", (0.01 * rng.standard_normal(classes)).astype(np.float32)),
+    ]
+    nodes = []
+    x = "x"
+    for i in range(4):
+        nodes.append(
+            helper.make_node(
+                "Conv", [x, f"conv{i}_w", f"conv{i}_b"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]
+            )
+        )
+        y = f"c{i}"
+        if i == 2:
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization", [y, "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn"], name="bn"
+                )
+            )
+            y = "bn"
+        nodes.append(helper.make_node("Relu", [y], [f"r{i}"], name=f"relu{i}"))
+        x = f"r{i}"
+        if i < 3:  # pool 2x2 twice, then the height only
+            kernel = [2, 2] if i < 2 else [2, 1]
+            nodes.append(
+                helper.make_node(
+                    "MaxPool", [x], [f"p{i}"], name=f"pool{i}", kernel_shape=kernel, strides=kernel
+                )
+            )
+            x = f"p{i}"
+    nodes += [
+        helper.make_node("ReduceMean", [x], ["col"], name="height_mean", axes=[2], keepdims=0),
+        helper.make_node("Transpose", ["col"], ["seq0"], name="to_frames", perm=[2, 0, 1]),
+    ]
+    size = 128
+    for layer in range(2):
+        w, r, b = _rnn_weights(rng, "LSTM", 2, hidden, size, gain_w=4, gain_r=0.5)
+        inits += [init(f"lstm{layer}_W", w), init(f"lstm{layer}_R", r), init(f"lstm{layer}_B", b)]
+        nodes += [
+            helper.make_node(
+                "LSTM",
+                [f"seq{layer}", f"lstm{layer}_W", f"lstm{layer}_R", f"lstm{layer}_B"],
+                [f"lstm{layer}_y"],
+                name=f"lstm{layer}",
+                hidden_size=hidden,
+                direction="bidirectional",
+            ),
+            # [T, 2, N, H] -> [T, N, 2, H] -> [T, N, 2H]
+            helper.make_node(
+                "Transpose", [f"lstm{layer}_y"], [f"lstm{layer}_t"], name=f"lstm{layer}_t", perm=[0, 2, 1, 3]
+            ),
+            helper.make_node(
+                "Reshape", [f"lstm{layer}_t", "frames_shape"], [f"seq{layer + 1}"], name=f"lstm{layer}_cat"
+            ),
+        ]
+        size = 2 * hidden
+    nodes += [
+        helper.make_node("MatMul", ["seq2", "fc_w"], ["fc"], name="fc"),
+        helper.make_node("Add", ["fc", "fc_b"], ["logits"], name="fc_bias"),
+        helper.make_node("Transpose", ["logits"], ["logits_nt"], name="batch_first", perm=[1, 0, 2]),
+        helper.make_node("Softmax", ["logits_nt"], ["probs"], name="softmax", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "crnn_ocr",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, "W"])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", "T", classes])],
         inits,
     )
     return _model(graph)

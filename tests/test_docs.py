@@ -141,7 +141,7 @@ def test_every_option_named_exists(page: Path) -> None:
     """A flag renamed or removed in the code cannot live on in the prose."""
     known = _all_options() | FOREIGN_OPTIONS
     text = page.read_text()
-    named = set(re.findall(r"(?<![\w/.-])(--[a-z][a-z0-9-]*[a-z0-9])(?![\w-])", text))
+    named = set(re.findall(r"(?<![\w/.#-])(--[a-z][a-z0-9-]*[a-z0-9])(?![\w-])", text))
     unknown = sorted(named - known)
     assert not unknown, f"{page.relative_to(ROOT)} names options no command has: {unknown}"
 

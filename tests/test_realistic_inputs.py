@@ -93,6 +93,18 @@ def test_saturating_model_is_never_verified_at_1x1(tmp_path: Path) -> None:
     assert not np.array_equal(outs[0], outs[1])  # the outputs move with the inputs
 
 
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_recurrent_input_gets_many_time_steps(tmp_path: Path, op: str) -> None:
+    """x [seq, batch, size] feeds an LSTM/GRU/RNN: axis 0 is time, not batch. One step from a
+    zero state never reaches the recurrence weights R, so R's quantization went unverified."""
+    loaded = load_model(
+        str(models.save(patterns.recurrent_layer(op, "bidirectional"), tmp_path / "rnn.onnx"))
+    )
+    feeds = load_feeds(loaded.model, data=None, samples=2)
+    assert feeds.samples[0]["x"].shape == (16, 1, 40)
+    assert any("axis 0: sequence length" in w for w in feeds.warnings)
+
+
 def _logits(path: Path | None, feed: dict) -> np.ndarray:
     import onnxruntime as ort
 

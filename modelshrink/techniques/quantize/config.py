@@ -20,6 +20,7 @@ __all__ = [
     "PACKED_MODES",
     "PANEL",
     "QAT_PANEL",
+    "RECURRENT_OPS",
     "Calibration",
     "Format",
     "Mode",
@@ -46,15 +47,20 @@ MODE_FORMATS: dict[str, tuple[str, ...]] = {
 # Modes stored packed at their true width, and their width (see lowbit.py).
 PACKED_MODES: dict[str, int] = {"int2": 2, "binary": 1}
 
+# Recurrent ops: their W (input) and R (recurrence) weights are quantized, one scale per
+# direction and gate row; biases B, peepholes P and initial states stay float.
+RECURRENT_OPS: tuple[str, ...] = ("LSTM", "GRU", "RNN")
 # Op types whose weights each mode can quantize (the default for --op-types).
 MODE_OPS: dict[str, tuple[str, ...]] = {
-    "int8": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
-    "int4": ("MatMul", "Gemm", "Gather"),
-    "int2": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
-    "binary": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
+    "int8": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS),
+    # Conv and recurrent weights: 4-bit codes packed two per byte, unpacked by ops folded at load
+    "int4": ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose", *RECURRENT_OPS),
+    "int2": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS),
+    "binary": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS),
     "fp16": (),  # every op that is safe in float16; see fp16.py
-    "bf16": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"),
-    "dynamic": ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose"),
+    "bf16": ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS),
+    # LSTM: DynamicQuantizeLSTM; GRU/RNN (no integer kernel): weight-only int8, as Conv
+    "dynamic": ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose", *RECURRENT_OPS),
     "static": ("Conv", "MatMul", "Gemm"),
 }
 
@@ -91,13 +97,16 @@ class QuantizeConfig:
         bits: Weight-only width 1..8 stored packed at that width (see ``lowbit.py``); with
             ``mode`` int8 (the default) it replaces the 8, and it must agree with int2 (2)
             and binary (1); other modes do not take it.
-        block_size: Values per scale: int4 blocks along the reduction axis (default 32);
-            packed widths: blocks along each output channel (default: one scale per channel).
+        block_size: Values per scale: int4 blocks along the reduction axis (default 32; for
+            Conv and LSTM/GRU/RNN weights that axis runs along each output channel or gate
+            row); packed widths: blocks along each output channel (default: one scale per
+            channel).
         format: Storage. int8: ``cast`` (``Cast + Mul``, which onnxruntime folds at load: the
             default, unless the provider runs QDQ int8 kernels) or ``qdq``
             (``DequantizeLinear``, the default for TensorRT/OpenVINO/QNN-like providers). int4: ``nbits`` (onnxruntime
             ``MatMulNBits`` / ``GatherBlockQuantized``, default) or ``qdq`` (standard opset-21
-            block-wise ``DequantizeLinear``).
+            block-wise ``DequantizeLinear``); in both, Conv and recurrent weights are packed
+            4-bit codes unpacked by ops folded at load (see ``lowbit.py``).
         op_types: Only quantize weights of these op types (None: the mode's default set).
         exclude: Node names, op types, weight names or glob patterns left alone.
         min_elements: Weights with fewer elements are left in float.
@@ -119,10 +128,10 @@ class QuantizeConfig:
 
     mode: Mode = flag(
         "int8",
-        "int8: weight-only per channel (default); int4: weight-only block-wise for MatMul/Gemm/Gather; "
-        "int2 / binary: 2-bit / 1-bit (sign x scale) weights packed at that width (= --bits 2 / 1); "
+        "int8: weight-only per channel (default); int4: weight-only block-wise (MatMulNBits for "
+        "MatMul/Gemm/Gather, packed 4-bit codes folded at load for Conv and LSTM/GRU/RNN); int2 / binary: 2-bit / 1-bit (sign x scale) weights packed at that width (= --bits 2 / 1); "
         "fp16: weights and compute in float16; bf16: weights stored in bfloat16, float32 compute; "
-        "dynamic: int8 MatMul/Gemm with activations quantized at run time; static: QDQ int8 calibrated "
+        "dynamic: int8 MatMul/Gemm/LSTM with activations quantized at run time; static: QDQ int8 calibrated "
         "on --data.",
         panel=PANEL,
     )
@@ -135,8 +144,8 @@ class QuantizeConfig:
     )
     block_size: int | None = flag(
         None,
-        "Values per scale (power of two >= 16). int4: blocks along the reduction axis (default 32); --bits / "
-        "int2 / binary: blocks along each output channel (default: one scale per channel).",
+        "Values per scale (power of two >= 16). int4: blocks along the reduction axis (default 32; Conv, "
+        "LSTM/GRU/RNN: along each output channel); --bits / int2 / binary: blocks along each output channel (default: one scale per channel).",
         panel=PANEL,
         show_default=False,
     )

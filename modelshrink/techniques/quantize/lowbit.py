@@ -124,16 +124,21 @@ class Layout:
         shape: The weight's shape.
         axis: The output-channel axis (None: the whole tensor is one row).
         block: Values per scale along a row (None: one scale per row).
+        merged: The channels are every axis up to ``axis`` (recurrent weights ``[directions,
+            gates x hidden, K]`` with ``axis`` 1: one row per direction and gate row).
     """
 
     shape: tuple[int, ...]
     axis: int | None
     block: int | None = None
+    merged: bool = False
 
     @property
     def channels(self) -> int:
         """Rows (output channels)."""
-        return self.shape[self.axis] if self.axis is not None else 1
+        if self.axis is None:
+            return 1
+        return math.prod(self.shape[: self.axis + 1]) if self.merged else self.shape[self.axis]
 
     @property
     def size(self) -> int:
@@ -159,7 +164,7 @@ class Layout:
     def perm(self) -> tuple[int, ...]:
         """Axes order that puts the channel axis first."""
         dims = range(len(self.shape))
-        if self.axis is None:
+        if self.axis is None or self.merged:
             return tuple(dims)
         return (self.axis, *(d for d in dims if d != self.axis))
 
@@ -539,7 +544,7 @@ class PackingSummary:
 
 def layout_of(unit: Unit, block: int | None) -> Layout:
     """The layout of a unit's weight: rows along its output-channel axis, optional blocks."""
-    return Layout(tuple(unit.weight.shape), unit.axis, block)
+    return Layout(tuple(unit.weight.shape), unit.axis, block, merged=unit.merged_rows)
 
 
 def quantize_packed(
@@ -590,7 +595,7 @@ def quantize_packed(
         granularity = (
             "per-tensor"
             if unit.axis is None
-            else f"per-channel axis {unit.axis}"
+            else ("per direction and gate row" if layout.merged else f"per-channel axis {unit.axis}")
             + (f", blocks of {layout.block_len}" if layout.blocks > 1 else "")
         )
         changes.append(

@@ -14,7 +14,7 @@ from modelshrink.errors import UnsupportedModelError
 from modelshrink.runtime import runs_qdq
 from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.lowbit import UNPACK_MIN_OPSET
-from modelshrink.techniques.quantize.plan import make_plan
+from modelshrink.techniques.quantize.plan import INT4_PACKED_KINDS, make_plan
 from modelshrink.techniques.quantize.weightonly import default_opset
 
 __all__ = ["MIN_OPSET", "QDQ_INT4_OPSET", "prepare", "raise_opset"]
@@ -97,6 +97,14 @@ def prepare(model: ir.Model, config: QuantizeConfig) -> tuple[ir.Model, list[str
             f"raised the opset from {opset} to {QDQ_INT4_OPSET} with onnx's version converter: block-wise "
             "int4 DequantizeLinear needs it (and IR version 10)"
         ]
+    if config.mode == "int4" and opset < UNPACK_MIN_OPSET:
+        packed = [u for u in make_plan(model, config).units if u.uses[0].kind in INT4_PACKED_KINDS]
+        if packed:
+            raised = raise_opset(model, UNPACK_MIN_OPSET, why="--mode int4 on Conv/LSTM weights (BitShift)")
+            return raised, [
+                f"raised the opset from {opset} to {UNPACK_MIN_OPSET} with onnx's version converter: the "
+                f"BitShift that unpacks the 4-bit {packed[0].op_type} weights needs it"
+            ]
     target = MIN_OPSET.get(config.mode, 0)
     if opset < target and make_plan(model, config).units:
         raised = raise_opset(model, target, why=f"--mode {config.mode}")

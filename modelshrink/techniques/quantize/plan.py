@@ -14,9 +14,18 @@ import onnx_ir as ir
 
 from modelshrink.graph import FLOAT_TYPES, Weight, excluded_by, op_key, run_time_weights, weights
 from modelshrink.techniques.base import Skip
-from modelshrink.techniques.quantize.config import MODE_OPS, QuantizeConfig
+from modelshrink.techniques.quantize.config import MODE_OPS, RECURRENT_OPS, QuantizeConfig
 
-__all__ = ["CANDIDATE_OPS", "QUANTIZABLE_TYPES", "Plan", "Unit", "Use", "excluded_by", "make_plan"]
+__all__ = [
+    "CANDIDATE_OPS",
+    "INT4_PACKED_KINDS",
+    "QUANTIZABLE_TYPES",
+    "Plan",
+    "Unit",
+    "Use",
+    "excluded_by",
+    "make_plan",
+]
 
 # float64 weights are left alone: DequantizeLinear has no float64 output before opset 19 and
 # onnxruntime's kernels take float32/float16 scales only.
@@ -24,6 +33,9 @@ QUANTIZABLE_TYPES = FLOAT_TYPES - {ir.DataType.DOUBLE}
 # Ops whose weights some weight-only mode can quantize: a weight read by one of these is a
 # candidate, and the report says what happened to it.
 CANDIDATE_OPS = frozenset(MODE_OPS["int8"])
+# Kinds of weight that --mode int4 stores as packed 4-bit codes (lowbit.py) rather than in
+# MatMulNBits / GatherBlockQuantized (no int4 Conv or LSTM kernel exists to take them).
+INT4_PACKED_KINDS = frozenset({"conv", "recurrent"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,9 +45,12 @@ class Use:
     Attributes:
         node: The consumer.
         index: Its input slot.
-        axis: int8: the per-channel (output) axis; int4: the block (reduction) axis. None for a
-            per-tensor scale (rank-1 weights).
-        kind: ``matmul`` (MatMul/Gemm weight), ``conv`` or ``gather``.
+        axis: int8: the per-channel (output) axis; int4: the block (reduction) axis (Conv and
+            recurrent weights: the output axis, as int8). None for a per-tensor scale (rank-1
+            weights). For ``recurrent`` weights, axis 1 together with axis 0: one scale per
+            direction and gate row.
+        kind: ``matmul`` (MatMul/Gemm weight), ``conv``, ``gather`` or ``recurrent`` (W or R of
+            LSTM/GRU/RNN, ``[directions, gates x hidden, input or hidden]``).
     """
 
     node: ir.Node
@@ -56,6 +71,12 @@ class Unit:
     def axis(self) -> int | None:
         """The axis every use agrees on."""
         return self.uses[0].axis
+
+    @property
+    def merged_rows(self) -> bool:
+        """True when the channels span axes 0 and 1 (recurrent ``[directions, gates x hidden, K]``):
+        the weight is quantized as ``[directions x gates x hidden, K]`` rows."""
+        return self.uses[0].kind == "recurrent"
 
     @property
     def layer(self) -> str:
@@ -90,9 +111,25 @@ def _attr_float(node: ir.Node, name: str, default: float) -> float:
     return float(attr.as_float()) if attr is not None else default
 
 
+_RECURRENT_INPUTS = {3: "bias B", 5: "initial_h", 6: "initial_c", 7: "peepholes P"}
+
+
+def _role_recurrent(node: ir.Node, index: int, rank: int) -> Use | str:
+    """LSTM/GRU/RNN: W (slot 1) and R (slot 2) get one scale per direction and gate row."""
+    op = op_key(node)
+    if index not in (1, 2):
+        return f"{_RECURRENT_INPUTS.get(index, f'input {index}')} of {op}: kept in float"
+    if rank != 3:
+        name = "W" if index == 1 else "R"
+        return f"{op} {name} of rank {rank}: expected [directions, gates x hidden, size]"
+    return Use(node, index, 1, "recurrent")
+
+
 def _role_int8(node: ir.Node, index: int, rank: int) -> Use | str:
     """int8: the output-channel axis of a weight in this slot, or why the slot is not a weight."""
     op = op_key(node)
+    if op in RECURRENT_OPS:
+        return _role_recurrent(node, index, rank)
     per_tensor = rank < 2
     if op == "MatMul":
         if index == 1:
@@ -120,6 +157,8 @@ def _role_int8(node: ir.Node, index: int, rank: int) -> Use | str:
 def _role_int4(node: ir.Node, index: int, shape: tuple[int, ...], config: QuantizeConfig) -> Use | str:
     """int4: the block (reduction) axis of a weight in this slot, or why it cannot be int4."""
     op = op_key(node)
+    if op in ("Conv", "ConvTranspose", *RECURRENT_OPS):  # packed 4-bit codes, per output channel
+        return _role_int8(node, index, len(shape))
     nbits = config.storage == "nbits"
     if len(shape) != 2:
         return f"{op} weight of rank {len(shape)}: int4 block quantization needs a 2-D weight"
@@ -149,13 +188,14 @@ def _role_int4(node: ir.Node, index: int, shape: tuple[int, ...], config: Quanti
         if nbits and shape[1] % 2:
             return f"table rows of odd length {shape[1]}: GatherBlockQuantized needs even rows (try --format qdq)"
         return Use(node, index, 1, "gather")
-    return f"{op} is not quantized by --mode int4 (MatMul, Gemm, Gather only; use --mode int8)"
+    return f"{op} is not quantized by --mode int4"
 
 
 def _role_dynamic(node: ir.Node, index: int, shape: tuple[int, ...]) -> Use | str:
     """dynamic: MatMul/Gemm second input, 2-D; the axis is the output-channel axis N."""
     op = op_key(node)
-    if op in ("Gather", "Conv", "ConvTranspose"):  # weight-only int8, as --mode int8 does
+    # weight-only int8 as --mode int8 does (LSTM then becomes DynamicQuantizeLSTM where it can)
+    if op in ("Gather", "Conv", "ConvTranspose", *RECURRENT_OPS):
         return _role_int8(node, index, len(shape))
     if op == "Gemm" and index == 2:
         return "bias (C) of Gemm: kept in float"
@@ -194,8 +234,10 @@ def _uses(w: Weight, relevant: list[tuple[ir.Node, int]], config: QuantizeConfig
             f"shared by {_node_name(a.node)} (axis {a.axis}) and {_node_name(b.node)} "
             f"(axis {b.axis}): no one quantization axis suits both readers"
         )
-    if config.mode in ("int4", "dynamic") and len({u.kind for u in uses}) > 1:
-        return f"shared by a Gather and a MatMul/Gemm, which need different {config.mode} layouts"
+    kinds = {u.kind for u in uses}
+    if config.mode in ("int4", "dynamic") and len(kinds) > 1:
+        readers = " and ".join(sorted(dict.fromkeys(op_key(u.node) for u in uses)))
+        return f"shared by {readers}, which need different {config.mode} layouts"
     return uses
 
 

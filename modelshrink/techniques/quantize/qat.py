@@ -148,6 +148,16 @@ def fake_quantize(model: ir.Model, config: QuantizeConfig) -> FakeQuantModel:
     post: list[Skip] = []
     for unit in plan.units:
         w = unit.weight
+        if unit.merged_rows:
+            post.append(
+                Skip(
+                    unit.layer,
+                    unit.op_type,
+                    f"'{w.name}': the training engine has no gradient rule for {unit.op_type}: not trained, "
+                    "quantized post-training",
+                )
+            )
+            continue
         if w.graph is not model.graph or w.kind != "initializer" or w.dtype != ir.DataType.FLOAT:
             where = (
                 "inside an If/Loop/Scan body"

@@ -7,17 +7,22 @@ Modes:
       s_c = max|W_c| / 127,  q = clip(round(W / s_c), -127, 127),  W' = q * s_c
 
   The channel axis is the consumer's output axis: MatMul ``W[K, N]`` -> 1, Gemm -> 0 or 1 by
-  ``transB``, Conv -> 0, ConvTranspose -> 1, Gather tables -> one scale per row. ``q`` is
+  ``transB``, Conv -> 0, ConvTranspose -> 1, Gather tables -> one scale per row, LSTM/GRU/RNN
+  ``W`` and ``R`` -> one scale per direction and gate row (biases stay float). ``q`` is
   stored as int8 and a standard ``DequantizeLinear`` rebuilds ``W'`` in front of the
   consumer (``Cast + Mul`` on opsets without per-axis DequantizeLinear, < 13). About 4x
   smaller; compute stays in float, so no speed-up is expected.
-- ``int4``: block-wise weight-only for MatMul/Gemm/Gather (see ``weightonly.py``).
+- ``int4``: block-wise weight-only for MatMul/Gemm/Gather (see ``weightonly.py``); Conv,
+  ConvTranspose and LSTM/GRU/RNN weights as packed 4-bit codes, blocks along each output
+  channel, rebuilt by ops onnxruntime folds at load (see ``lowbit.py``).
 - ``int2``, ``binary`` and ``--bits N`` (1..8): weight-only at that width, packed at that
   width in the file and rebuilt by standard ops that onnxruntime folds at load (see
   ``lowbit.py``); with ``--qat`` the model is first trained for the grid (see ``qat.py``).
 - ``fp16``: weights and compute in float16 with float32 inputs/outputs (see ``fp16.py``).
 - ``bf16``: weights stored in bfloat16, compute in float32 (see ``bf16.py``).
-- ``dynamic`` / ``static``: int8 activations too, through onnxruntime's quantizers.
+- ``dynamic``: int8 weights and activations quantized at run time (``DynamicQuantizeLinear`` +
+  ``MatMulInteger``, see ``dynamic.py``; LSTM: ``DynamicQuantizeLSTM``, see ``recurrent.py``).
+- ``static``: int8 activations too, through onnxruntime's quantizer.
 
 Applies to float weights (float32/float16/bfloat16) of at least ``--min-elements`` elements
 read by the ops above, wherever they live: initializers, ``Constant`` nodes and
@@ -46,12 +51,13 @@ from modelshrink.runtime import executes_qdq, runs_qdq
 from modelshrink.sessions import session_for_model
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.bf16 import BF16_NOTES, store_bf16
-from modelshrink.techniques.quantize.config import QuantizeConfig
+from modelshrink.techniques.quantize.config import RECURRENT_OPS, QuantizeConfig
 from modelshrink.techniques.quantize.dynamic import quantize_dynamic
 from modelshrink.techniques.quantize.fp16 import ACTIVATION_LIMIT, FLOAT32_OPS, activation_peaks, convert_fp16
 from modelshrink.techniques.quantize.lowbit import packed_notes, quantize_packed, summarize
 from modelshrink.techniques.quantize.opset import prepare
-from modelshrink.techniques.quantize.plan import Plan, Unit, make_plan
+from modelshrink.techniques.quantize.plan import INT4_PACKED_KINDS, Plan, Unit, make_plan
+from modelshrink.techniques.quantize.recurrent import DYNAMIC_LSTM, quantize_dynamic_lstm
 from modelshrink.techniques.quantize.search import (
     Scored,
     check_agreement_gate,
@@ -101,35 +107,65 @@ def _apply_units(
     units: list[Unit] = [u for u in plan.units if keep is None or u.index in keep]
     names = NameAuthority(model)
     if config.mode == "dynamic":
-        # MatMul/Gemm compute in int8; Gather tables are gathered in int8; Conv weights are
-        # stored in int8 behind Cast + Mul, which onnxruntime folds at load (float Conv speed).
+        # MatMul/Gemm compute in int8; LSTM becomes DynamicQuantizeLSTM where it can; Gather
+        # tables are gathered in int8; Conv, GRU and RNN weights (and LSTMs that cannot be
+        # rewritten) are stored in int8 behind Cast + Mul, which onnxruntime folds at load.
         dense = quantize_dynamic(model, [u for u in units if u.uses[0].kind == "matmul"], names)
+        lstm = quantize_dynamic_lstm(model, [u for u in units if u.uses[0].kind == "recurrent"], names)
         rows = quantize_int8(model, [u for u in units if u.uses[0].kind == "gather"], names)
-        convs = quantize_int8(model, [u for u in units if u.uses[0].kind == "conv"], names, cast=True)
-        parts = (*dense.changes, *rows.changes, *convs.changes)
-        changes = {c.details["weight"]: c for c in parts}
-        ordered = tuple(changes[u.weight.name] for u in units if u.weight.name in changes)
-        emitted = Emitted(
-            ordered,
-            dense.storages | rows.storages | convs.storages,
-            dense.skipped + rows.skipped + convs.skipped,
+        convs = quantize_int8(
+            model,
+            [u for u in units if u.uses[0].kind == "conv"] + [u for u, _ in lstm.weight_only],
+            names,
+            cast=True,
         )
+        convs = _with_reasons(convs, {u.weight.name: why for u, why in lstm.weight_only})
+        emitted = _merged(units, dense, lstm.emitted, rows, convs)
     elif config.width is not None:
         emitted = quantize_packed(model, units, names, bits=config.width, block=config.block_size)
     elif config.mode == "bf16":
         emitted = store_bf16(model, units, names)
     elif config.mode == "int4":
-        emitted = quantize_int4(
+        # MatMulNBits / GatherBlockQuantized; Conv and recurrent weights (no int4 kernel takes
+        # them) as packed 4-bit codes that onnxruntime unpacks when it loads the model
+        packed = [u for u in units if u.uses[0].kind in INT4_PACKED_KINDS]
+        blocks = quantize_int4(
             model,
-            units,
+            [u for u in units if u.uses[0].kind not in INT4_PACKED_KINDS],
             names,
             block_size=config.block,
             fmt=config.storage,
             accuracy_level=INT4_ACCURACY_LEVEL,
         )
+        emitted = _merged(units, blocks, quantize_packed(model, packed, names, bits=4, block=config.block))
     else:
         emitted = quantize_int8(model, units, names, cast=config.storage == "cast")
     return model, plan, emitted
+
+
+def _merged(units: list[Unit], *parts: Emitted) -> Emitted:
+    """Several emitters' results as one, the changes in plan order."""
+    changes = {c.details["weight"]: c for part in parts for c in part.changes}
+    return Emitted(
+        tuple(changes[u.weight.name] for u in units if u.weight.name in changes),
+        frozenset().union(*(part.storages for part in parts)),
+        tuple(s for part in parts for s in part.skipped),
+    )
+
+
+def _with_reasons(emitted: Emitted, reasons: dict[str, str]) -> Emitted:
+    """Say in each change of a weight named in ``reasons`` why it got this storage."""
+    changes = tuple(
+        dataclasses.replace(
+            c,
+            what=f"{c.what}; float compute: {reasons[c.details['weight']]}",
+            details={**c.details, "why_weight_only": reasons[c.details["weight"]]},
+        )
+        if c.details["weight"] in reasons
+        else c
+        for c in emitted.changes
+    )
+    return dataclasses.replace(emitted, changes=changes)
 
 
 def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted) -> list[str]:
@@ -155,6 +191,7 @@ def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted
             "load (its ConvInteger is generally slower than float Conv on CPU: quantize_dynamic's "
             "ConvInteger made the sample CNN 4x slower)"
         )
+        notes.extend(_recurrent_dynamic_notes(emitted))
         return notes
     notes.append(
         "weight-only int8: weights are stored in int8 and turned back into float at run time, so "
@@ -188,18 +225,54 @@ def _weight_only_notes(model: ir.Model, config: QuantizeConfig, emitted: Emitted
     return notes
 
 
+def _recurrent_dynamic_notes(emitted: Emitted) -> list[str]:
+    notes: list[str] = []
+    if DYNAMIC_LSTM in emitted.storages:
+        notes.append(
+            f"LSTM: onnxruntime's com.microsoft {DYNAMIC_LSTM}: W and R in int8 (one scale per "
+            "direction and gate row, stored transposed as the kernel reads them); at every step the "
+            "kernel quantizes the input and the hidden state to uint8 and runs the gate products in "
+            "integers; biases and initial states stay float"
+        )
+    weight_only = sorted(
+        {c.op_type for c in emitted.changes if "why_weight_only" in c.details and c.op_type in RECURRENT_OPS}
+    )
+    if weight_only:
+        notes.append(
+            f"{', '.join(weight_only)}: weights stored in int8 (one scale per direction and gate row) "
+            "behind Cast + Mul, folded at load, with float compute: onnxruntime has an integer kernel "
+            "for LSTM only (each change says why its layer got this storage)"
+        )
+    return notes
+
+
 def _int4_notes(config: QuantizeConfig, emitted: Emitted) -> list[str]:
-    if config.storage == "nbits":
-        return [
-            "int4 uses onnxruntime's com.microsoft MatMulNBits / GatherBlockQuantized kernels "
-            f"(accuracy_level {INT4_ACCURACY_LEVEL}: activations are quantized to int8 per block inside "
-            "the kernel); runtimes other than onnxruntime may not have them: --format qdq is portable"
-        ]
-    return [
-        "int4 weights are rebuilt by block-wise DequantizeLinear in front of each reader "
-        "(onnxruntime may fuse DequantizeLinear + MatMul into MatMulNBits when it loads the model); "
-        "Gather tables are dequantized whole on every call in this format"
-    ]
+    notes: list[str] = []
+    if emitted.storages - {"4-bit packed (BitShift+Cast+Mul)"}:
+        if config.storage == "nbits":
+            notes.append(
+                "int4 uses onnxruntime's com.microsoft MatMulNBits / GatherBlockQuantized kernels "
+                f"(accuracy_level {INT4_ACCURACY_LEVEL}: activations are quantized to int8 per block inside "
+                "the kernel); runtimes other than onnxruntime may not have them: --format qdq is portable"
+            )
+        else:
+            notes.append(
+                "int4 weights are rebuilt by block-wise DequantizeLinear in front of each reader "
+                "(onnxruntime may fuse DequantizeLinear + MatMul into MatMulNBits when it loads the model); "
+                "Gather tables are dequantized whole on every call in this format"
+            )
+    packed = sorted(
+        {c.op_type for c in emitted.changes if str(c.details["storage"]).startswith("4-bit packed")}
+    )
+    if packed:
+        notes.append(
+            f"{', '.join(packed)} weights: 4-bit codes packed two per byte, one float32 scale per "
+            f"{config.block} values along each output channel (or gate row), rebuilt by standard ops "
+            "(BitShift, Cast, Mul, Reshape) that onnxruntime folds once when it loads the model: "
+            "those layers compute in float at the original's speed with float weights in memory; "
+            "only the file is small (no runtime has an int4 Conv or LSTM kernel to feed)"
+        )
+    return notes
 
 
 def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:

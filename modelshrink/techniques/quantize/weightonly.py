@@ -6,6 +6,13 @@ int8 (per output channel ``c``, symmetric)::
     q   = clip(round(W / s_c), -127, 127)    stored as int8
     W'  = q * s_c                 computed at run time by DequantizeLinear(q, s, axis)
 
+LSTM/GRU/RNN weights ``W [directions, gates x hidden, input]`` and ``R [directions, gates x
+hidden, hidden]`` get one scale per direction and gate row: they are quantized as rows
+``[directions x gates x hidden, K]`` (biases ``B`` and initial states stay float). Cast + Mul
+reads scales ``[directions, gates x hidden, 1]``; DequantizeLinear, which has a single axis,
+takes axis 1 for one direction and, for two, dequantizes the ``[2 x gates x hidden, K]`` rows
+and a ``Reshape`` restores the weight's shape.
+
 The dequantized tensor keeps the weight's name, so every reader is unchanged. Where the
 model's opset has no per-axis ``DequantizeLinear`` (< 13), or none for the weight's float type
 (float16/bfloat16 scales need opset 19), the same values come from ``Cast(q) * s`` instead; the
@@ -318,27 +325,45 @@ def _emit_dq(
     w = unit.weight
     axis = unit.axis
     graph = w.graph
-    q_value, const_node = _store_quantized(unit, names, q, writer)
+    # recurrent weights of two directions: DequantizeLinear's one axis cannot hold a scale per
+    # direction and gate row, so the rows are dequantized flat and reshaped
+    flat = per_axis_dq and unit.merged_rows and q.shape[0] > 1
+    q_value, const_node = _store_quantized(unit, names, q.reshape(-1, q.shape[-1]) if flat else q, writer)
     out = _value(names, f"{w.name}_dequantized", w.dtype, w.shape)
+
+    def const(base: str, array: np.ndarray) -> tuple[ir.Value, list[ir.Node]]:
+        if const_node is not None:
+            node, value = _constant(names, base, array)
+            return value, [node]
+        return _initializer(graph, names, base, array), []
+
     if per_axis_dq:
         scale_arr = scale if axis is not None else scale.reshape(())
-        if const_node is not None:
-            s_node, s_value = _constant(names, f"{w.name}_scale", scale_arr)
-            nodes = [s_node]
-        else:
-            s_value, nodes = _initializer(graph, names, f"{w.name}_scale", scale_arr), []
-        attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
-        nodes.append(
-            _dequantize_node(q_value, s_value, attrs, out, names.fresh(f"{w.name}_DequantizeLinear"))
+        s_value, nodes = const(f"{w.name}_scale", scale_arr)
+        attrs = [ir.AttrInt64("axis", 0 if flat else axis)] if axis is not None else []
+        rows = (
+            _value(names, f"{w.name}_rows", w.dtype, (q.shape[0] * q.shape[1], q.shape[-1])) if flat else out
         )
+        nodes.append(
+            _dequantize_node(q_value, s_value, attrs, rows, names.fresh(f"{w.name}_DequantizeLinear"))
+        )
+        if flat:
+            shape_value, shape_nodes = const(f"{w.name}_shape", np.asarray(w.shape, np.int64))
+            nodes += shape_nodes
+            nodes.append(
+                ir.Node(
+                    "", "Reshape", [rows, shape_value], outputs=[out], name=names.fresh(f"{w.name}_Reshape")
+                )
+            )
         storage = "DequantizeLinear"
     else:
-        scale_arr = scale.reshape(_bshape(q.ndim, axis)) if axis is not None else scale.reshape(())
-        if const_node is not None:
-            s_node, s_value = _constant(names, f"{w.name}_scale", scale_arr)
-            nodes = [s_node]
+        if unit.merged_rows:
+            scale_arr = scale.reshape((*q.shape[:2], *([1] * (q.ndim - 2))))
+        elif axis is not None:
+            scale_arr = scale.reshape(_bshape(q.ndim, axis))
         else:
-            s_value, nodes = _initializer(graph, names, f"{w.name}_scale", scale_arr), []
+            scale_arr = scale.reshape(())
+        s_value, nodes = const(f"{w.name}_scale", scale_arr)
         cast_out = _value(names, f"{w.name}_cast", w.dtype, w.shape)
         nodes.append(
             ir.Node(
@@ -426,6 +451,14 @@ def _emit_gather_first(
     return "Gather+Cast+Mul"
 
 
+def _int8_view(arr: np.ndarray, unit: Unit) -> tuple[np.ndarray, int | None]:
+    """The array and axis that give one int8 scale per channel (per direction and gate row for
+    recurrent weights: ``[directions x gates x hidden, K]``, axis 0)."""
+    if unit.merged_rows:
+        return arr.reshape(-1, arr.shape[-1]), 0
+    return arr, unit.axis
+
+
 def quantize_int8(
     model: ir.Model, units: Sequence[Unit], names: NameAuthority, *, cast: bool = False
 ) -> Emitted:
@@ -446,13 +479,13 @@ def quantize_int8(
         w = unit.weight
         dtype = w.dtype
         try:
-            quantized = symmetric_int8(w.numpy(), unit.axis, np.dtype(dtype.numpy()))
+            quantized = symmetric_int8(*_int8_view(w.numpy(), unit), np.dtype(dtype.numpy()))
         except NonFiniteWeightError as exc:
             skipped.append(Skip(unit.layer, unit.op_type, f"'{w.name}': {exc}"))
             continue
         finally:
             _release(w.tensor)
-        q, scale, snr = quantized.q, quantized.scale, quantized.snr_db
+        q, scale, snr = quantized.q.reshape(w.shape), quantized.scale, quantized.snr_db
         gather_only = all(u.kind == "gather" for u in unit.uses)
         dq_ok = (
             not cast
@@ -465,7 +498,13 @@ def quantize_int8(
         else:
             storage = _emit_dq(unit, names, writer, q, scale, per_axis_dq=dq_ok)
         storages.add(storage)
-        granularity = "per-tensor" if unit.axis is None else f"per-channel axis {unit.axis}"
+        granularity = (
+            "per-tensor"
+            if unit.axis is None
+            else "per direction and gate row"
+            if unit.merged_rows
+            else f"per-channel axis {unit.axis}"
+        )
         changes.append(
             weight_change(
                 model,
