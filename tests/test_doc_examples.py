@@ -10,7 +10,8 @@ Per page (``README.md``, ``docs/*.md``), in a fresh folder holding a copy of
   (the samples, or what an earlier example wrote). A block that cannot (it names your model,
   needs a GPU, takes minutes) is marked ``<!-- illustrative: REASON -->``: its lines are only
   parsed (``tests/test_docs.py``), and the reason must say why in a few words;
-- every ``python`` block preceded by ``<!-- run -->`` is executed;
+- every ``python`` block preceded by ``<!-- run -->`` is executed; any other must be marked
+  ``<!-- illustrative: REASON -->`` (it needs pillow, your photos, ...) and still compile;
 - every ``text`` block preceded by ``<!-- output -->`` is what the example just before it prints:
   each of its lines (latency aside; whitespace collapsed, since the terminal's width decides the
   wrapping) must be in what that example prints now.
@@ -110,6 +111,14 @@ def test_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             ran.append((block.where, time.perf_counter() - began))
         elif block.mark == docpages.OUTPUT_MARK:
             _check_output(block, printed)
+        elif block.lang == "python":
+            reason = block.illustrative
+            assert reason is not None, (
+                f"{block.where}: a python example runs ('<!-- run -->' before it) or says why it "
+                "cannot ('<!-- illustrative: why -->')"
+            )
+            assert len(reason.split()) >= 3, f"{block.where}: say why it is illustrative, in a few words"
+            compile(block.text, block.where, "exec")  # still valid Python
         elif block.lang == "sh" and (reason := block.illustrative) is not None:
             printed = None
             assert len(reason.split()) >= 3, f"{block.where}: say why it is illustrative, in a few words"
