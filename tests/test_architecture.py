@@ -55,6 +55,7 @@ TECHNIQUE_BASE = (
     "modelshrink.techniques.spec",
     "modelshrink.techniques.base",
     "modelshrink.techniques.floor_search",
+    "modelshrink.techniques.layerwise",
 )
 
 
