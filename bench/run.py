@@ -30,6 +30,7 @@ GROUPS = {
     "conformance": "bench_conformance",
     "realworld": "bench_realworld",
     "big": "bench_big",
+    "dataaware": "bench_dataaware",
 }
 
 

@@ -321,6 +321,6 @@ def notes(ranker: Ranker, feeds_count: int, targets: int) -> list[str]:
 
 MAGNITUDE_NOTE = (
     "importance: magnitude (no --data); --data CALIB.npz ranks weights by their real inputs "
-    "(SparseGPT by default, or --importance wanda), which on the sample models lowered the output "
-    "error of 50-60 % sparsity 2x-4x"
+    "(SparseGPT by default, or --importance wanda): on the sample models SparseGPT's mean output "
+    "error on held-out rows was 0.2x-0.8x of magnitude's at 50 %, 60 % and 2:4"
 )

@@ -112,7 +112,8 @@ class Fitting:
         notes = []
         if self.method == "gptq":
             notes.append(
-                f"--method gptq: {done} weight(s) rounded by GPTQ, fitted to {self.rows:,} rows of layer inputs "
+                f"--method gptq: {done} weight(s) rounded by GPTQ, fitted to {self.rows:,} rows of layer "
+                "inputs "
                 f"from {feeds_count} --data feed(s) in {self.stages} stage(s) (each stage fitted to inputs "
                 "that carry the error of the layers quantized before it); damping "
                 f"{self.damping:g}, act-order {'on' if self.act_order else 'off'}; same storage and size as "
@@ -141,8 +142,8 @@ class Fitting:
 
 RTN_NOTE = (
     "rounding: to nearest (no --data); --data CALIB.npz fits the rounding to real activations "
-    "(GPTQ, --method gptq), which on the sample models cut the output error of 4- and 3-bit "
-    "weights by 2x-5x at the same file size"
+    "(GPTQ, --method gptq): on the sample models its mean output error on held-out rows was "
+    "0.16x-0.56x of round-to-nearest's at 4 and 3 bits, at the same file size"
 )
 
 
