@@ -12,11 +12,23 @@
    the same model, batch and loss in PyTorch, both on one thread, interleaved rounds, median.
    Targets: <= 1.3x PyTorch for the MLP and transformer, <= 1.6x for the CNN. PyTorch is not
    a dependency: without it this part is skipped and says how to run it.
+3. Data larger than memory. ``modelshrink distill --epochs 1`` on an image model (input
+   ``[N, 3, 224, 224]``, 602 KB per row) with generated ``--data`` of 100 MB and of 4 GB, in
+   two layouts: a folder holding ``image.npy`` (memory-mapped) and a folder of ``.npz`` files
+   of 32 rows each. Peak RSS of the child process (``os.wait4``), and rows/s. Target: the
+   4 GB run's peak RSS below 1.5x the 100 MB run's, in each layout. Then, on the 100 MB data,
+   the teacher's outputs cached once vs computed per batch (3 epochs, in-process, median of
+   interleaved rounds): which is faster.
+
+    python bench/run.py distill                      # all three
+    python bench/bench_distill.py data               # only the third (DATA_GB=1 for a quicker one)
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -27,9 +39,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
-from common import ROOT, run_cli
+from common import ROOT, run_cli, run_cli_rss
 
 SAMPLES = ROOT / "sample_models"
 HELD_OUT = 120  # rows of digits_mlp.npz kept for measuring agreement, never trained on
@@ -94,10 +106,22 @@ def recovery() -> bool:
         np.savez(folder / "train.npz", input=x[train], labels=labels[train])
         start = time.perf_counter()
         run = run_cli(
-            "distill", str(folder / "damaged.onnx"), "--teacher", str(SAMPLES / "digits_mlp.onnx"),
-            "--data", str(folder / "train.npz"), "-o", str(folder / "recovered.onnx"),
-            "--epochs", "30", "--lr", "2e-3", "--no-latency", "-q", "--json",
-        )  # fmt: skip
+            "distill",
+            str(folder / "damaged.onnx"),
+            "--teacher",
+            str(SAMPLES / "digits_mlp.onnx"),
+            "--data",
+            str(folder / "train.npz"),
+            "-o",
+            str(folder / "recovered.onnx"),
+            "--epochs",
+            "30",
+            "--lr",
+            "2e-3",
+            "--no-latency",
+            "-q",
+            "--json",
+        )
         seconds = time.perf_counter() - start
         if run.returncode != 0:
             print(f"  distill failed (exit {run.returncode}): {run.stderr.decode()[-500:]}")
@@ -281,13 +305,177 @@ def step_time() -> bool:
     return ok
 
 
+# --- data larger than memory ------------------------------------------------------------------
+
+IMAGE = (3, 224, 224)
+ROW_BYTES = int(np.prod(IMAGE)) * 4
+RSS_TARGET = 1.5
+FILE_ROWS = 32  # rows per .npz file in the folder-of-files layout
+
+
+def _image_model(path: Path, *, seed: int, noise: float = 0.0) -> Path:
+    """image [N, 3, 224, 224] -> Conv 8x8 stride 8 (16 channels) -> Relu -> GlobalAveragePool
+    -> Flatten -> Gemm: logits [N, 10]. Cheap per row, so the data dominates."""
+    rng = np.random.default_rng(seed)
+    conv = (rng.standard_normal((16, 3, 8, 8)) / np.sqrt(192)).astype(np.float32)
+    fc = (rng.standard_normal((10, 16)) / 4).astype(np.float32)
+    if noise:
+        noisy = np.random.default_rng(seed + 1)
+        conv = (conv + noise * noisy.standard_normal(conv.shape) / np.sqrt(192)).astype(np.float32)
+        fc = (fc + noise * noisy.standard_normal(fc.shape) / 4).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["image", "conv_w"], ["c"], strides=[8, 8], name="stem"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1, name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "images",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", *IMAGE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [
+            numpy_helper.from_array(conv, "conv_w"),
+            numpy_helper.from_array(fc, "fc_w"),
+            numpy_helper.from_array(np.zeros(10, np.float32), "fc_b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _chunks(rows: int, seed: int, size: int = 64) -> Any:
+    rng = np.random.default_rng(seed)
+    for start in range(0, rows, size):
+        yield rng.standard_normal((min(size, rows - start), *IMAGE), dtype=np.float32)
+
+
+def _write_npy_folder(folder: Path, rows: int) -> None:
+    """``folder/image.npy`` of ``rows`` rows, written chunk by chunk (never whole in memory)."""
+    folder.mkdir(parents=True)
+    with (folder / "image.npy").open("wb") as f:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (rows, *IMAGE)}
+        np.lib.format.write_array_header_1_0(f, header)
+        for chunk in _chunks(rows, 0):
+            f.write(chunk.tobytes())
+
+
+def _write_file_folder(folder: Path, rows: int) -> None:
+    """``folder/batchNNNNN.npz``: files of FILE_ROWS rows each."""
+    folder.mkdir(parents=True)
+    for i, chunk in enumerate(_chunks(rows, 0, FILE_ROWS)):
+        np.savez(folder / f"batch{i:05d}.npz", image=chunk)
+
+
+def _distill_rss(folder: Path, models: Path, data: Path) -> tuple[float, float, int, float]:
+    """Peak RSS (MB), seconds, rows and rows/s of one distill run over ``data``."""
+    run = run_cli_rss(
+        "distill",
+        str(models / "student.onnx"),
+        "--teacher",
+        str(models / "teacher.onnx"),
+        "--data",
+        str(data),
+        "-o",
+        str(folder / "out.onnx"),
+        "--force",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--no-latency",
+        "-q",
+        "--json",
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"distill failed (exit {run.returncode}): {run.stderr.decode()[-600:]}")
+    rows = int(run.json()["details"]["data"]["rows"])
+    return run.peak_rss_mb, run.seconds, rows, rows / run.seconds
+
+
+def _teacher_modes(models: Path, data: Path, rounds: int = 3) -> dict[str, float]:
+    """Seconds of the technique phase (3 epochs) with the teacher cached vs per batch."""
+    from modelshrink import api
+    from modelshrink.options import RunOptions
+    from modelshrink.techniques.distill import DistillConfig, technique
+
+    times: dict[str, list[float]] = {"cached": [], "per batch": []}
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
+        for _ in range(rounds):
+            for mode in times:
+                technique._CACHE_TEACHER = mode == "cached"
+                report = api.distill(
+                    str(models / "student.onnx"),
+                    str(Path(tmp) / "out.onnx"),
+                    DistillConfig(teacher=str(models / "teacher.onnx"), epochs=3),
+                    RunOptions(data=str(data), latency=False, samples=8),
+                    force=True,
+                )
+                times[mode].append(report.timings_s["technique"])
+    technique._CACHE_TEACHER = True
+    return {mode: statistics.median(values) for mode, values in times.items()}
+
+
+def data_memory() -> bool:
+    """Peak RSS with 100 MB and 4 GB of --data, two layouts; teacher cache vs per batch."""
+    big_gb = float(os.environ.get("DATA_GB", "4"))
+    sizes = {"100 MB": round(100e6 / ROW_BYTES), f"{big_gb:g} GB": round(big_gb * 1e9 / ROW_BYTES)}
+    print(
+        f"data larger than memory: distill --epochs 1 on image [N, 3, 224, 224] ({ROW_BYTES / 1e3:.0f} KB "
+        "per row), peak RSS of the child (os.wait4)"
+    )
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="bench-distill-data-") as tmp:
+        root = Path(tmp)
+        models = root / "models"
+        models.mkdir()
+        _image_model(models / "teacher.onnx", seed=0)
+        _image_model(models / "student.onnx", seed=0, noise=0.5)
+        layouts = {
+            "folder with image.npy (memory-mapped)": _write_npy_folder,
+            f"folder of .npz files, {FILE_ROWS} rows each": _write_file_folder,
+        }
+        for layout, write in layouts.items():
+            peaks = {}
+            for label, rows in sizes.items():
+                data = root / "data"
+                write(data, rows)
+                peak, seconds, used, rate = _distill_rss(root, models, data)
+                if label == "100 MB" and layout.startswith("folder with"):
+                    modes = _teacher_modes(models, data)
+                peaks[label] = peak
+                print(
+                    f"  {layout:40s} {label:>6s}: {used:5d} rows, peak RSS {peak:6.0f} MB, "
+                    f"{seconds:5.1f} s ({rate:,.0f} rows/s end to end)"
+                )
+                shutil.rmtree(data)
+            small, big = peaks.values()
+            ratio = big / small
+            met = ratio < RSS_TARGET
+            ok = ok and met
+            print(f"    ratio {ratio:.2f}x (target < {RSS_TARGET}x) -> {'met' if met else 'MISSED'}")
+    faster = min(modes, key=lambda m: modes[m])
+    print(
+        "  teacher outputs on the 100 MB data, 3 epochs (technique seconds, median of 3 interleaved "
+        f"rounds): cached {modes['cached']:.2f} s, per batch {modes['per batch']:.2f} s -> {faster} is faster"
+    )
+    return ok
+
+
 def run() -> bool:
-    """Both benchmarks; True when every target was met."""
+    """All three benchmarks; True when every target was met."""
     ok_recovery = recovery()
     print()
     ok_steps = step_time()
-    return ok_recovery and ok_steps
+    print()
+    ok_data = data_memory()
+    return ok_recovery and ok_steps and ok_data
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["data"]:
+        sys.exit(0 if data_memory() else 1)
     sys.exit(0 if run() else 1)

@@ -94,9 +94,11 @@ def _big_mlp(path: Path) -> Path:
 
 
 def _size_and_latency(tmp: Path) -> bool:
-    print(f"-- size and latency at --rank-ratio {RANK_RATIO} (targets: size <= {SIZE_TARGET}x, "
-          f"p50 latency <= {LATENCY_TARGET}x; each ratio is original vs result interleaved in one "
-          f"process; median of {LATENCY_REPEATS} such measurements)")  # fmt: skip
+    print(
+        f"-- size and latency at --rank-ratio {RANK_RATIO} (targets: size <= {SIZE_TARGET}x, "
+        f"p50 latency <= {LATENCY_TARGET}x; each ratio is original vs result interleaved in one "
+        f"process; median of {LATENCY_REPEATS} such measurements)"
+    )
     transformer = SAMPLES / "tiny_transformer.onnx"
     cases = [
         ("tiny_transformer, input_ids 8x32", transformer, ["--input-shape", "input_ids:8x32"], True),
@@ -171,8 +173,10 @@ def _fidelity_line(doc: dict[str, Any]) -> str:
 
 
 def _data_aware_and_pruning(tmp: Path) -> bool:
-    print(f"-- sample models at --rank-ratio {RANK_RATIO}: fitted on the first half of each .npz, "
-          "measured on the held-out second half")  # fmt: skip
+    print(
+        f"-- sample models at --rank-ratio {RANK_RATIO}: fitted on the first half of each .npz, "
+        "measured on the held-out second half"
+    )
     ok = True
     for name in ("digits_mlp", "digits_cnn", "tiny_transformer"):
         src = SAMPLES / f"{name}.onnx"
@@ -181,9 +185,18 @@ def _data_aware_and_pruning(tmp: Path) -> bool:
         for method in ("svd", "data"):
             paths[method] = tmp / f"{name}.{method}.onnx"
             docs[method] = _factorize(
-                src, paths[method], "--rank-ratio", RANK_RATIO, "--method", method,
-                "--data", str(calib), "--samples", ALL, "--no-latency",
-            )  # fmt: skip
+                src,
+                paths[method],
+                "--rank-ratio",
+                RANK_RATIO,
+                "--method",
+                method,
+                "--data",
+                str(calib),
+                "--samples",
+                ALL,
+                "--no-latency",
+            )
         pruned = tmp / f"{name}.pruned.onnx"
         kept = _prune_like(src, pruned, docs["data"]["changes"])
         held_docs = {
@@ -192,15 +205,19 @@ def _data_aware_and_pruning(tmp: Path) -> bool:
         }
         acc = {k: _accuracy(p, held) for k, p in {"original": src, **paths, "prune": pruned}.items()}
         params = docs["data"]["result"]["params"], docs["data"]["original"]["params"]
-        print(f"{name}: {params[0]} of {params[1]} params ({params[0] / params[1]:.2f}x); held-out "
-              f"accuracy of the original {acc['original']:.2%}")  # fmt: skip
+        print(
+            f"{name}: {params[0]} of {params[1]} params ({params[0] / params[1]:.2f}x); held-out "
+            f"accuracy of the original {acc['original']:.2%}"
+        )
         for key, label in (("svd", "plain SVD "), ("data", "data-aware"), ("prune", "magnitude pruning")):
             print(f"  {label:18s} {_fidelity_line(held_docs[key])}, accuracy {acc[key]:.2%}")
         err = {k: held_docs[k]["fidelity"]["outputs"][0]["mean_abs_error"] for k in held_docs}
         better = err["data"] < err["svd"]
         ok &= better
-        print(f"  data-aware vs plain SVD, same ranks: mean |err| {err['data']:.4f} vs {err['svd']:.4f} "
-              f"({err['data'] / err['svd']:.2f}x): {'met' if better else 'MISSED'}")  # fmt: skip
+        print(
+            f"  data-aware vs plain SVD, same ranks: mean |err| {err['data']:.4f} vs {err['svd']:.4f} "
+            f"({err['data'] / err['svd']:.2f}x): {'met' if better else 'MISSED'}"
+        )
         print(
             f"  at equal non-zero weights in the changed layers ({kept}; pruned weights stay dense on disk):"
         )

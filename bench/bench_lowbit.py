@@ -144,9 +144,19 @@ def sizes() -> bool:
             for bits in range(1, 9):
                 out = folder / f"out.{bits}.onnx"
                 run = run_cli(
-                    "quantize", str(src), "-o", str(out), "--force", "-q", "--no-latency", "--samples", "2",
-                    "--bits", str(bits), "--json",
-                )  # fmt: skip
+                    "quantize",
+                    str(src),
+                    "-o",
+                    str(out),
+                    "--force",
+                    "-q",
+                    "--no-latency",
+                    "--samples",
+                    "2",
+                    "--bits",
+                    str(bits),
+                    "--json",
+                )
                 if run.returncode != 0:
                     print(f"     {bits} bits failed: {run.stderr.decode()[-300:]}")
                     ok = False

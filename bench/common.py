@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,60 @@ sys.path.insert(0, str(ROOT / "tests"))  # models.py: generators shared with the
 
 from models import external_tensor, low_rank_external_model  # noqa: E402
 
-__all__ = ["ROOT", "Run", "big_external_model", "external_tensor", "low_rank_external_model", "mlp_model"]
+__all__ = [
+    "ROOT",
+    "Run",
+    "big_external_model",
+    "external_tensor",
+    "low_rank_external_model",
+    "mlp_model",
+    "pil_python",
+    "wheel_file",
+]
+
+PIL_VENV = ROOT / "build" / "bench-pil"
+WHEELS = ROOT / "build" / "realmodels"
+
+
+def pil_python() -> tuple[Path | None, str]:
+    """A Python with Pillow and numpy (a bench-only venv in build/bench-pil, made if missing),
+    or None and why it could not be made."""
+    python = PIL_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import PIL, numpy"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python, ""
+    steps = [
+        [sys.executable, "-m", "venv", str(PIL_VENV)],
+        [str(python), "-m", "pip", "install", "-q", "pillow", "numpy"],
+    ]
+    for step in steps:
+        proc = subprocess.run(step, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return None, f"'{' '.join(step[-3:])}' failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+    return python, ""
+
+
+def wheel_file(requirement: str, member: str) -> tuple[Path | None, str]:
+    """``member`` of the PyPI wheel ``requirement`` (e.g. ``magika==1.0.3``), downloaded once into
+    build/realmodels/ and extracted there; or None and why. Models are never committed."""
+    target = WHEELS / "x" / member
+    if target.exists():
+        return target, ""
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    stem = requirement.split("==")[0].replace("-", "_")
+    wheels = sorted(WHEELS.glob(f"{stem}-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(WHEELS), requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return (
+                None,
+                f"could not download {requirement}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}",
+            )
+        wheels = sorted(WHEELS.glob(f"{stem}-*.whl"))
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        wheel.extract(member, WHEELS / "x")
+    return target, ""
 
 
 @dataclass

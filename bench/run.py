@@ -23,13 +23,16 @@ sys.path.insert(0, str(HERE))
 GROUPS = {
     "spine": "bench_spine",
     "quantize": "bench_quantize",
+    "static": "bench_static",
     "lowbit": "bench_lowbit",
     "prune": "bench_prune",
     "factorize": "bench_factorize",
     "distill": "bench_distill",
     "conformance": "bench_conformance",
     "realworld": "bench_realworld",
+    "auto": "bench_auto",
     "big": "bench_big",
+    "recurrent": "bench_recurrent",
     "dataaware": "bench_dataaware",
 }
 

@@ -16,6 +16,7 @@ from modelshrink._version import __version__
 
 if TYPE_CHECKING:
     from modelshrink.api import compare, distill, factorize, inspect, prune, quantize, run
+    from modelshrink.auto import AutoConfig, auto
     from modelshrink.errors import ModelshrinkError
     from modelshrink.gates import Gates
     from modelshrink.options import RunOptions, RuntimeOptions
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from modelshrink.techniques import DistillConfig, FactorizeConfig, PruneConfig, QuantizeConfig
 
 _HOMES = {
+    "auto": "modelshrink.auto",
+    "AutoConfig": "modelshrink.auto",
     "compare": "modelshrink.api",
     "distill": "modelshrink.api",
     "factorize": "modelshrink.api",
@@ -52,6 +55,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AutoConfig",
     "DistillConfig",
     "FactorizeConfig",
     "Gates",
@@ -62,6 +66,7 @@ __all__ = [
     "RunOptions",
     "RuntimeOptions",
     "__version__",
+    "auto",
     "compare",
     "distill",
     "factorize",

@@ -22,7 +22,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,6 +32,7 @@ from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
 from modelshrink._version import __version__
+from modelshrink.auto.config import AutoConfig
 from modelshrink.errors import EXIT_GATE, ConfigError, ModelshrinkError
 from modelshrink.flags import FLAG, Flag, comma_list, field_type, flag
 from modelshrink.options import RunOptions
@@ -195,8 +196,9 @@ def _option(cls: type, f: dataclasses.Field[Any], meta: Flag) -> pyinspect.Param
         default = f.default
     else:
         default = pyinspect.Parameter.empty  # a required flag
-    return pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, default=default,
-                               annotation=Annotated[kind, option])  # fmt: skip
+    return pyinspect.Parameter(
+        f.name, pyinspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]
+    )
 
 
 def options_of(cls: type) -> list[pyinspect.Parameter]:
@@ -230,7 +232,8 @@ def build(cls: type, values: dict[str, Any]) -> Any:
             kwargs[f.name] = build(nested, values)
         elif isinstance(meta, Flag) and f.name in values:
             given = values[f.name]
-            if given is None and (meta.parse is not None or _is_text_list(field_type(cls, f))):
+            listed = meta.parse is not None or _is_text_list(field_type(cls, f))
+            if listed and not given:  # a repeatable flag not given (None, or an empty list)
                 continue
             kwargs[f.name] = _value(cls, f, meta, given)
     return cls(**kwargs)
@@ -469,39 +472,65 @@ def add_technique(target: typer.Typer, spec: TechniqueSpec) -> None:
     )
 
 
+@contextlib.contextmanager
+def _writing_command(values: dict[str, Any]) -> Iterator[tuple[Reporting, Outputs, RunOptions]]:
+    """The shared bundles of a command that writes a model, built from the parsed ``values``;
+    the block runs under :func:`user_errors`."""
+    reporting: Reporting = build(Reporting, values)
+    _setup_logging(reporting.verbose, reporting.quiet)
+    with user_errors():
+        outputs: Outputs = build(Outputs, values)
+        _check_stdout(outputs.output, reporting.json)
+        options: RunOptions = build(RunOptions, values)
+        yield reporting, outputs, options
+
+
+def _planned_run(
+    values: dict[str, Any],
+    outputs: Outputs,
+    options: RunOptions,
+    reporting: Reporting,
+    run: Callable[..., Report],
+    files: Mapping[str, str | None] | None = None,
+) -> Report:
+    """Check every path the command writes before anything is read (a teacher or --data too;
+    the pipeline checks again once it knows the files it reads), then call
+    ``run(src, output, **shared)`` with the shared keyword arguments, under a progress bar."""
+    from modelshrink import io
+
+    io.plan_writes(
+        output=outputs.output,
+        report=reporting.report,
+        reads=(*io.files_read(values["src"]), options.data),
+        force=reporting.force,
+        external_data=outputs.external_data,
+        json_stdout=reporting.json,
+        files=files,
+    )
+    with progress_sink(reporting.quiet) as progress:
+        return run(
+            values["src"],
+            outputs.output,
+            force=reporting.force,
+            external_data=outputs.external_data,
+            progress=progress,
+            report=reporting.report,
+        )
+
+
 def _technique(spec: TechniqueSpec) -> Callable[[dict[str, Any]], None]:
     def run(values: dict[str, Any]) -> None:
-        reporting: Reporting = build(Reporting, values)
-        _setup_logging(reporting.verbose, reporting.quiet)
-        with user_errors():
-            outputs: Outputs = build(Outputs, values)
-            _check_stdout(outputs.output, reporting.json)
-            options: RunOptions = build(RunOptions, values)
+        with _writing_command(values) as (reporting, outputs, options):
             config = build(spec.config, values)
-            from modelshrink import api, io
+            from modelshrink import api
 
-            # Every path written is checked before anything is read (a teacher or --data too);
-            # the pipeline checks again once it knows the files it reads.
-            io.plan_writes(
-                output=outputs.output,
-                report=reporting.report,
-                reads=(*io.files_read(values["src"]), options.data),
-                force=reporting.force,
-                external_data=outputs.external_data,
-                json_stdout=reporting.json,
+            report = _planned_run(
+                values,
+                outputs,
+                options,
+                reporting,
+                lambda src, out, **shared: api.run(spec, src, out, config, options, **shared),
             )
-            with progress_sink(reporting.quiet) as progress:
-                report = api.run(
-                    spec,
-                    values["src"],
-                    outputs.output,
-                    config,
-                    options,
-                    force=reporting.force,
-                    external_data=outputs.external_data,
-                    progress=progress,
-                    report=reporting.report,
-                )
             finish(report, json_=reporting.json, quiet=reporting.quiet)
 
     return run
@@ -541,3 +570,44 @@ command(
 )
 for _spec in TECHNIQUES.values():
     add_technique(app, _spec)
+
+
+def _auto(values: dict[str, Any]) -> None:
+    with _writing_command(values) as (reporting, outputs, options):
+        config: AutoConfig = build(AutoConfig, values)
+        from modelshrink.auto import auto
+        from modelshrink.auto.render import render_candidates
+
+        report = _planned_run(
+            values,
+            outputs,
+            options,
+            reporting,
+            lambda src, out, **shared: auto(src, out, config, options, **shared),
+            files={"--plot": config.plot},
+        )
+        if not reporting.quiet:
+            render_candidates(report, err_console)
+        finish(report, json_=reporting.json, quiet=reporting.quiet)
+
+
+command(
+    app,
+    "auto",
+    _help(
+        "Search every technique for the smallest (or fastest) model that passes your gates.",
+        "Quantization modes, pruning, factorization, distillation and their chains are tried cheapest "
+        "first, each scored against the original on samples of --data held out from every technique; "
+        "the best that passes every gate is written, with a table of every candidate and the commands "
+        "that reproduce it. Without a fidelity gate, the fidelity floor applies.",
+        [
+            "modelshrink auto sample_models/digits_cnn.onnx -o small.onnx --data sample_models/digits_cnn.npz",
+            "modelshrink auto model.onnx -o fast.onnx --data inputs.npz --goal latency --min-agreement 0.99",
+            "modelshrink auto model.onnx -o small.onnx --time-budget 2m --plot pareto.png",
+        ],
+        DOCS.format(name="auto"),
+    ),
+    [_argument("src", MODEL_ARG)],
+    [Outputs, AutoConfig, RunOptions, Reporting],
+    _auto,
+)

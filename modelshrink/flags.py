@@ -43,6 +43,7 @@ class Flag:
             :func:`comma_list` without asking.
         metavar: How the value is shown in ``--help``.
         count: A counting flag (``-vv``).
+        render: The inverse of ``parse``: the value as the texts given to the repeated flag.
     """
 
     help: str
@@ -53,6 +54,7 @@ class Flag:
     parse: Callable[[Sequence[str]], Any] | None = None
     metavar: str | None = None
     count: bool = False
+    render: Callable[[Any], Sequence[str]] | None = None
 
 
 def flag(
@@ -66,10 +68,11 @@ def flag(
     parse: Callable[[Sequence[str]], Any] | None = None,
     metavar: str | None = None,
     count: bool = False,
+    render: Callable[[Any], Sequence[str]] | None = None,
     default_factory: Callable[[], Any] = _MISSING,
 ) -> Any:
     """A dataclass field that is also a command-line flag (see the module docstring)."""
-    meta = {FLAG: Flag(help, tuple(names), panel, negative, show_default, parse, metavar, count)}
+    meta = {FLAG: Flag(help, tuple(names), panel, negative, show_default, parse, metavar, count, render)}
     if default_factory is not _MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -114,3 +117,49 @@ def exclude_flag(panel: str) -> Any:
 def min_elements_flag(panel: str, default: int = 1024) -> Any:
     """``--min-elements``: the same flag for every technique that selects weights."""
     return flag(default, "Leave weights with fewer elements alone.", panel=panel)
+
+
+def option_name(f: dataclasses.Field[Any], meta: Flag) -> str:
+    """The flag's long name: the first of ``names`` that starts with ``--``, else from the field."""
+    return next((n for n in meta.names if n.startswith("--")), "--" + f.name.replace("_", "-"))
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _MISSING
+
+
+def to_argv(obj: Any) -> list[str]:
+    """The command-line flags that build ``obj`` back (the inverse of the CLI's parsing).
+
+    Only values that differ from the field's default are written, so a config renders as the
+    short command a person would type; nested bundles (``RunOptions.gates``) are included.
+    """
+    argv: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        meta = f.metadata.get(FLAG)
+        if not isinstance(meta, Flag):
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                argv += to_argv(value)
+            continue
+        if value == _default(f):
+            continue
+        name = option_name(f, meta)
+        if meta.render is not None:
+            for text in meta.render(value):
+                argv += [name, text]
+        elif isinstance(value, bool):
+            if value:
+                argv.append(name)
+            elif meta.negative is not None:
+                argv.append(meta.negative)
+        elif isinstance(value, tuple):
+            if value:
+                argv += [name, ",".join(str(v) for v in value)]
+        elif value is not None:
+            argv += [name, f"{value:g}" if isinstance(value, float) else str(value)]
+    return argv

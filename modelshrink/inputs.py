@@ -41,11 +41,14 @@ from modelshrink.graph import graph_inputs
 from modelshrink.options import Scalar, parse_input_values
 
 __all__ = [
+    "BatchAxis",
     "Candidate",
     "Dim",
     "InputPlan",
     "InputSpec",
     "Scalar",
+    "batch_axes",
+    "batch_symbol",
     "input_specs",
     "parse_input_values",
     "plan_inputs",
@@ -420,6 +423,123 @@ def _batch_symbols(specs: Sequence[InputSpec]) -> set[str]:
             if isinstance(d, str) and ((axis == 0 and len(spec.dims) >= 2) or _BATCH_NAME.match(d)):
                 symbols.add(d)
     return symbols
+
+
+# --- batch axes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchAxis:
+    """Where an input stacks the rows of a batch.
+
+    Attributes:
+        name: Input name.
+        axis: The batch axis, or None: the input has none and is fed as it is, one value for a
+            whole batch (so rows whose values differ go to different batches).
+        why: How it was found, for the report (``the dimension 'batch' it shares with 'input'``).
+    """
+
+    name: str
+    axis: int | None
+    why: str
+
+
+def _static(d: Dim) -> bool:
+    return isinstance(d, int) and d > 0
+
+
+def batch_symbol(specs: Sequence[InputSpec]) -> str | None:
+    """The symbolic dimension that is the batch, or None when no input has one.
+
+    Among the symbols of inputs of rank >= 2 (and rank-1 symbols named like a batch), the one
+    named like a batch (``batch``, ``N``, ``batch_size``, ...) wins, then the one shared by the
+    most inputs, then the one most often on axis 0, then the first declared. ``input [batch,
+    samples]`` and ``state [2, batch, 128]`` give ``batch``; ``x [n, 3, h, w]`` gives ``n``.
+    """
+    scores: dict[str, list[int]] = {}
+    for spec in specs:
+        if not spec.dims:
+            continue
+        rank = len(spec.dims)
+        for d in dict.fromkeys(spec.dims):
+            if not isinstance(d, str) or (rank < 2 and not _BATCH_NAME.match(d)):
+                continue
+            score = scores.setdefault(d, [1 if _BATCH_NAME.match(d) else 0, 0, 0, -len(scores)])
+            score[1] += 1
+            score[2] += spec.dims.index(d) == 0
+    if not scores:
+        return None
+    return max(scores, key=lambda s: tuple(scores[s]))
+
+
+def batch_axes(
+    specs: Sequence[InputSpec], overrides: Mapping[str, int | None] | None = None
+) -> dict[str, BatchAxis]:
+    """Each input's batch axis, found from the declared dims (``--batch-axis`` overrides).
+
+    - an input holding the batch symbol (:func:`batch_symbol`): that axis (``state [2, batch,
+      128]``: axis 1);
+    - a ``[layers, ?, hidden]`` recurrent state (static outer axes): axis 1;
+    - an input of rank >= 2 whose axis 0 is dynamic: axis 0;
+    - in a model without any symbol (fixed shapes): axis 0 of inputs of rank >= 2, axis 1 of a
+      ``[layers, B, hidden]`` state where the other inputs start with ``B``;
+    - an input of unknown rank: axis 0 (assumed, said);
+    - anything else (a scalar such as ``sr``, a fixed-size input of a model with a batch
+      symbol, a rank-1 input whose symbol is not named like a batch): no batch axis; such an
+      input is fed as it is, one value per batch.
+
+    Raises:
+        ConfigError: An override names an unknown input or an axis the input does not have.
+    """
+    overrides = dict(overrides or {})
+    by_name = {s.name: s for s in specs}
+    for name, axis in overrides.items():
+        spec = by_name.get(name)
+        if spec is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise ConfigError(f"--batch-axis {name}: the model has no such input (inputs: {known})")
+        if axis is not None and spec.dims is not None and not 0 <= axis < len(spec.dims):
+            raise ConfigError(
+                f"--batch-axis {name}:{axis}: the input has {len(spec.dims)} axes {spec.shape_text()}"
+            )
+    symbol = batch_symbol(specs)
+    holders = [s.name for s in specs if s.dims and symbol in s.dims]
+    leading = {
+        s.dims[0]
+        for s in specs
+        if s.dims and len(s.dims) >= 2 and _static(s.dims[0]) and s.name not in holders
+    }
+    out: dict[str, BatchAxis] = {}
+    for spec in specs:
+        name, dims = spec.name, spec.dims
+        if name in overrides:
+            out[name] = BatchAxis(name, overrides[name], "--batch-axis")
+        elif dims is None:
+            out[name] = BatchAxis(name, 0, "its rank is not declared: axis 0 assumed")
+        elif not dims:
+            out[name] = BatchAxis(name, None, "a scalar")
+        elif symbol is not None and symbol in dims:
+            others = [h for h in holders if h != name]
+            shared = f" it shares with {', '.join(repr(h) for h in others[:3])}" if others else ""
+            out[name] = BatchAxis(name, dims.index(symbol), f"the dimension '{symbol}'{shared}")
+        elif len(dims) == 3 and _static(dims[0]) and _static(dims[2]) and not _static(dims[1]):
+            out[name] = BatchAxis(name, 1, "the middle axis of a [layers, batch, hidden] state")
+        elif len(dims) >= 2 and not _static(dims[0]):
+            out[name] = BatchAxis(name, 0, "its first axis is dynamic")
+        elif (
+            symbol is None
+            and len(dims) == 3
+            and len(leading) == 1
+            and dims[0] not in leading
+            and (dims[1] in leading)
+        ):
+            out[name] = BatchAxis(name, 1, "the middle axis of a [layers, batch, hidden] state")
+        elif symbol is None and len(dims) >= 2:
+            out[name] = BatchAxis(name, 0, "axis 0 (the model's shapes are fixed)")
+        else:
+            why = f"does not have the batch dimension '{symbol}'" if symbol else "fixed size"
+            out[name] = BatchAxis(name, None, f"no batch axis ({why})")
+    return out
 
 
 def _layout(spec: InputSpec) -> str | None:

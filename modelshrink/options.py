@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +26,10 @@ __all__ = [
     "RunOptions",
     "RuntimeOptions",
     "Scalar",
+    "parse_batch_axes",
     "parse_input_shapes",
     "parse_input_values",
+    "parse_rows",
 ]
 
 Scalar = int | float | bool
@@ -70,6 +72,25 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parse_batch_axes(items: Sequence[str]) -> dict[str, int | None]:
+    """Parse ``NAME:AXIS`` items (``--batch-axis state:1``, ``--batch-axis sr:none``).
+
+    Raises:
+        ConfigError: Malformed item.
+    """
+    axes: dict[str, int | None] = {}
+    for item in items:
+        name, sep, text = item.rpartition(":")
+        text = text.strip().lower()
+        if not sep or not name or not (text.isdigit() or text == "none"):
+            raise ConfigError(
+                f"--batch-axis '{item}': expected NAME:AXIS like state:1 (an axis number, or none "
+                "for an input without one)"
+            )
+        axes[name] = None if text == "none" else int(text)
+    return axes
+
+
 def parse_input_values(items: Sequence[str]) -> dict[str, Scalar]:
     """Parse ``NAME=VALUE`` items (``--input-value sr=16000``).
 
@@ -100,6 +121,36 @@ def parse_input_values(items: Sequence[str]) -> dict[str, Scalar]:
                     ) from None
         values[name] = value
     return values
+
+
+_SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(\d*)\s*)?$")
+_MODULO = re.compile(r"^\s*%\s*(\d+)\s*(!?=)\s*(\d+)\s*$")
+
+
+def parse_rows(spec: str) -> Callable[[int, int], bool]:
+    """``--rows``: which samples of ``--data`` to use, as ``keep(index, total)``.
+
+    ``A:B`` or ``A:B:S`` (a Python slice over the samples), ``%K=R`` (the samples whose index
+    modulo K is R) and ``%K!=R`` (the others): ``%5!=4`` and ``%5=4`` split the data into
+    four-fifths and the fifth held out, the same way every time.
+
+    Raises:
+        ConfigError: Malformed spec.
+    """
+    if match := _MODULO.match(spec):
+        k, op, r = int(match.group(1)), match.group(2), int(match.group(3))
+        if k < 1 or r >= k:
+            raise ConfigError(f"--rows '{spec}': %K=R needs K >= 1 and 0 <= R < K")
+        if op == "=":
+            return lambda i, total: i % k == r
+        return lambda i, total: i % k != r
+    if match := _SLICE.match(spec):
+        start, stop, step = (int(g) if g else None for g in match.groups())
+        if step == 0:
+            raise ConfigError(f"--rows '{spec}': the step must be >= 1")
+        window = slice(start, stop, step)
+        return lambda i, total: i in range(*window.indices(total))
+    raise ConfigError(f"--rows '{spec}': expected A:B (a slice of the samples), %K=R or %K!=R, e.g. %5!=4")
 
 
 @dataclass(frozen=True)
@@ -154,8 +205,11 @@ class RunOptions:
 
     Attributes:
         data: ``--data`` path, or None for synthetic inputs.
+        rows: Which samples of ``data`` to use (see :func:`parse_rows`), or None for all.
         input_shapes: ``--input-shape`` overrides.
         input_values: ``--input-value`` fills (a number every feed of that input holds).
+        batch_axes: ``--batch-axis`` overrides: the axis an input stacks rows along (None:
+            none); the others are found from the declared dims (:func:`inputs.batch_axes`).
         seed: Seed for synthetic inputs and anything random in a technique.
         samples: Max feeds (None: 8 synthetic, up to 128 real).
         gates: Quality gates.
@@ -178,6 +232,7 @@ class RunOptions:
         names=("--input-shape",),
         panel=DATA_PANEL,
         parse=parse_input_shapes,
+        render=lambda shapes: [f"{k}:{'x'.join(map(str, v))}" for k, v in shapes.items()],
         show_default=False,
         default_factory=dict,
     )
@@ -187,6 +242,25 @@ class RunOptions:
         names=("--input-value",),
         panel=DATA_PANEL,
         parse=parse_input_values,
+        render=lambda values: [
+            f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()
+        ],
+        show_default=False,
+        default_factory=dict,
+    )
+    rows: str | None = flag(
+        None,
+        "Use only these samples of --data: A:B (a slice), %K=R or %K!=R (index modulo K is / is not R), "
+        "e.g. %5!=4 to calibrate on four fifths and %5=4 to score on the fifth held out.",
+        panel=DATA_PANEL,
+        show_default=False,
+    )
+    batch_axes: Mapping[str, int | None] = flag(
+        help="The axis an input stacks rows along in --data, e.g. state:1, or sr:none for an input "
+        "fed as it is (repeatable); default: found from the declared dims (the report says how).",
+        names=("--batch-axis",),
+        panel=DATA_PANEL,
+        parse=parse_batch_axes,
         show_default=False,
         default_factory=dict,
     )
@@ -210,6 +284,10 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ConfigError(f"--seed must be a number >= 0, got {self.seed}")
+        if self.rows is not None:
+            parse_rows(self.rows)
+            if self.data is None:
+                raise ConfigError("--rows selects samples of --data; pass --data")
         if self.samples is not None and self.samples < 1:
             raise ConfigError(f"--samples must be >= 1, got {self.samples}")
         if self.latency_runs is not None and self.latency_runs < 1:
@@ -223,6 +301,8 @@ class RunOptions:
             "data": self.data,
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "input_values": dict(self.input_values),
+            "rows": self.rows,
+            "batch_axes": dict(self.batch_axes),
             "seed": self.seed,
             "samples": self.samples,
             "gates": dataclasses.asdict(self.gates),

@@ -73,9 +73,11 @@ def feeds_for(options: RunOptions, model: ir.Model, session: Session | None = No
         data=options.data,
         input_shapes=options.input_shapes,
         input_values=options.input_values,
+        batch_axes=options.batch_axes,
         seed=options.seed,
         samples=options.samples,
         probe=probe,
+        rows=options.rows,
     )
 
 

@@ -14,6 +14,10 @@ real model when every dynamic axis was 1 and every integer input was drawn from 
   1x1 feature map into its bias: at 1x1 its logits are the same for every input.
 - :func:`picky_length`: a model that runs only when its sequence length is a multiple of 777
   (no guess can find it: the user must say).
+- :func:`audio_lstm_decoder`: the streaming-audio shape with its decoder an ``LSTM`` inside the
+  ``If`` branch an int64 rate picks (every weight of the model lives in a branch but the head).
+- :func:`crnn_ocr`: a CRNN text recogniser: Conv feature extractor, the height folded into
+  channels, a bidirectional ``LSTM`` over the width, per-frame class scores.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from onnx import TensorProto, helper
 
 from models import _model, init
 
-__all__ = ["fpn_detector", "picky_length", "saturating_classifier", "streaming_audio"]
+__all__ = [
+    "audio_lstm_decoder",
+    "crnn_ocr",
+    "fpn_detector",
+    "picky_length",
+    "saturating_classifier",
+    "streaming_audio",
+]
 
 
 def _conv_w(rng: np.random.Generator, cout: int, cin: int, k: int) -> np.ndarray:
@@ -214,6 +225,153 @@ def picky_length(seed: int = 0) -> onnx.ModelProto:
         "picky_length",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["frames", 8])],
+        inits,
+    )
+    return _model(graph)
+
+
+def _lstm_weights(
+    rng: np.random.Generator, prefix: str, size: int, hidden: int, dirs: int = 1
+) -> list[onnx.TensorProto]:
+    scale = 1 / np.sqrt(hidden)
+    return [
+        init(f"{prefix}_W", (scale * rng.standard_normal((dirs, 4 * hidden, size))).astype(np.float32)),
+        init(f"{prefix}_R", (scale * rng.standard_normal((dirs, 4 * hidden, hidden))).astype(np.float32)),
+        init(f"{prefix}_B", (0.1 * rng.standard_normal((dirs, 8 * hidden))).astype(np.float32)),
+    ]
+
+
+def audio_lstm_decoder(seed: int = 0, hidden: int = 16, channels: int = 16) -> onnx.ModelProto:
+    """``input [batch, samples]`` and an int64 rate per row ``sr [batch]``; ``If`` the rate is
+    16000: frames (reflect Pad, strided Conv1d) -> ``LSTM`` over the frames -> its last state;
+    else: a shorter-framed Conv1d averaged over time -> MatMul. Then a head: ``output [batch, 1]``.
+    """
+    rng = np.random.default_rng(seed)
+    frames = [
+        init("k16_pads", np.array([0, 0, 32, 0, 0, 32], dtype=np.int64)),
+        init("k16_axes1", np.array([1], dtype=np.int64)),
+        init("k16_axes0", np.array([0], dtype=np.int64)),
+        init("k16_conv_w", (rng.standard_normal((channels, 1, 64)) / 8).astype(np.float32)),
+        init("k16_conv_b", (0.1 * rng.standard_normal(channels)).astype(np.float32)),
+        *_lstm_weights(rng, "k16_lstm", channels, hidden),
+    ]
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("Unsqueeze", ["input", "k16_axes1"], ["k16_x3"], name="k16_unsq"),
+            helper.make_node("Pad", ["k16_x3", "k16_pads"], ["k16_pad"], name="k16_pad", mode="reflect"),
+            helper.make_node(
+                "Conv", ["k16_pad", "k16_conv_w", "k16_conv_b"], ["k16_c"], name="k16_conv", strides=[32]
+            ),
+            helper.make_node("Relu", ["k16_c"], ["k16_r"], name="k16_relu"),
+            helper.make_node("Transpose", ["k16_r"], ["k16_seq"], name="k16_time_major", perm=[2, 0, 1]),
+            helper.make_node(
+                "LSTM",
+                ["k16_seq", "k16_lstm_W", "k16_lstm_R", "k16_lstm_B"],
+                ["", "k16_h"],
+                name="decoder_lstm",
+                hidden_size=hidden,
+            ),
+            helper.make_node("Squeeze", ["k16_h", "k16_axes0"], ["k16_feat"], name="k16_last"),
+        ],
+        "k16",
+        [],
+        [helper.make_tensor_value_info("k16_feat", TensorProto.FLOAT, ["batch", hidden])],
+        frames,
+    )
+    else_branch = helper.make_graph(
+        [
+            helper.make_node("Unsqueeze", ["input", "k8_axes1"], ["k8_x3"], name="k8_unsq"),
+            helper.make_node("Conv", ["k8_x3", "k8_conv_w"], ["k8_c"], name="k8_conv", strides=[16]),
+            helper.make_node("Relu", ["k8_c"], ["k8_r"], name="k8_relu"),
+            helper.make_node("ReduceMean", ["k8_r"], ["k8_m"], name="k8_mean", axes=[2], keepdims=0),
+            helper.make_node("MatMul", ["k8_m", "k8_proj"], ["k8_feat"], name="k8_project"),
+        ],
+        "k8",
+        [],
+        [helper.make_tensor_value_info("k8_feat", TensorProto.FLOAT, ["batch", hidden])],
+        [
+            init("k8_axes1", np.array([1], dtype=np.int64)),
+            init("k8_conv_w", (rng.standard_normal((channels, 1, 32)) / 6).astype(np.float32)),
+            init("k8_proj", (rng.standard_normal((channels, hidden)) / 4).astype(np.float32)),
+        ],
+    )
+    nodes = [
+        helper.make_node("ReduceMin", ["sr"], ["sr_min"], name="rate", keepdims=0),
+        helper.make_node("Equal", ["sr_min", "sr16k"], ["is16k"], name="sr_is_16k"),
+        helper.make_node(
+            "If", ["is16k"], ["feat"], name="by_rate", then_branch=then_branch, else_branch=else_branch
+        ),
+        helper.make_node("MatMul", ["feat", "w_out"], ["logit"], name="head"),
+        helper.make_node("Add", ["logit", "b_out"], ["logit_b"], name="head_bias"),
+        helper.make_node("Sigmoid", ["logit_b"], ["output"], name="prob"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "audio_lstm_decoder",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "samples"]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1])],
+        [
+            init("sr16k", np.array(16000, dtype=np.int64)),
+            init("w_out", (rng.standard_normal((hidden, 1)) / np.sqrt(hidden) * 3).astype(np.float32)),
+            init("b_out", np.zeros(1, dtype=np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
+def crnn_ocr(seed: int = 0, classes: int = 12, hidden: int = 24) -> onnx.ModelProto:
+    """``image [N, 1, 16, W]`` -> Conv 3x3 (16) -> Relu -> MaxPool 2x2 -> Conv 3x3 (32) -> Relu ->
+    MaxPool 2x1 -> Conv 3x3 (32) -> Relu -> the height folded into channels ``[W/2, N, 32*4]`` ->
+    bidirectional ``LSTM`` -> per-frame MatMul: ``logits [N, W/2, classes]``. The middle Conv's
+    channels reach only the last Conv: structured pruning can remove them."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        init("c1_w", _conv_w(rng, 16, 1, 3)),
+        init("c1_b", (0.1 * rng.standard_normal(16)).astype(np.float32)),
+        init("c2_w", _conv_w(rng, 32, 16, 3)),
+        init("c2_b", (0.1 * rng.standard_normal(32)).astype(np.float32)),
+        init("c3_w", _conv_w(rng, 32, 32, 3)),
+        init("c3_b", (0.1 * rng.standard_normal(32)).astype(np.float32)),
+        *_lstm_weights(rng, "rnn", 32 * 4, hidden, dirs=2),
+        init("fc_w", (4 * rng.standard_normal((2 * hidden, classes)) / np.sqrt(hidden)).astype(np.float32)),
+        init("fc_b", (0.1 * rng.standard_normal(classes)).astype(np.float32)),
+        init("fold", np.array([0, 0, -1], dtype=np.int64)),
+    ]
+    same = {"pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["image", "c1_w", "c1_b"], ["a1"], name="conv1", **same),
+        helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "c2_w", "c2_b"], ["a2"], name="conv2", **same),
+        helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+        helper.make_node("MaxPool", ["r2"], ["p2"], name="pool2", kernel_shape=[2, 1], strides=[2, 1]),
+        helper.make_node("Conv", ["p2", "c3_w", "c3_b"], ["a3"], name="conv3", **same),
+        helper.make_node("Relu", ["a3"], ["r3"], name="relu3"),
+        # [N, C, H, W] -> [W, N, C, H] -> [W, N, C*H]
+        helper.make_node("Transpose", ["r3"], ["t"], name="to_time_major", perm=[3, 0, 1, 2]),
+        helper.make_node("Reshape", ["t", "fold"], ["seq"], name="fold_height"),
+        helper.make_node(
+            "LSTM",
+            ["seq", "rnn_W", "rnn_R", "rnn_B"],
+            ["y"],
+            name="bilstm",
+            hidden_size=hidden,
+            direction="bidirectional",
+        ),
+        # [W, 2, N, H] -> [N, W, 2, H] -> [N, W, 2H]
+        helper.make_node("Transpose", ["y"], ["yt"], name="to_batch_major", perm=[2, 0, 1, 3]),
+        helper.make_node("Reshape", ["yt", "fold"], ["feat"], name="join_directions"),
+        helper.make_node("MatMul", ["feat", "fc_w"], ["scores"], name="classifier"),
+        helper.make_node("Add", ["scores", "fc_b"], ["logits"], name="classifier_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "crnn_ocr",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 16, "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "frames", classes])],
         inits,
     )
     return _model(graph)

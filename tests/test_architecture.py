@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "modelshrink"
 
 # Longest prefix wins.
-LAYERS: dict[str, int] = {
+LAYERS: dict[str, float] = {
     "modelshrink._version": 0,
     "modelshrink.errors": 0,
     "modelshrink.flags": 0,
@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "modelshrink.runtime": 2,
     "modelshrink.io": 3,
     "modelshrink.feeds": 3,
+    "modelshrink.dataset": 3,
     "modelshrink.measure": 3,
     "modelshrink.verify": 4,
     "modelshrink.sessions": 4,
@@ -45,6 +46,7 @@ LAYERS: dict[str, int] = {
     "modelshrink.inspection": 7,
     "modelshrink.pipeline": 8,
     "modelshrink.api": 9,
+    "modelshrink.auto": 9.5,
     "modelshrink.cli": 10,
     "modelshrink.__main__": 11,
     "modelshrink._entry": 11,

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from modelshrink import io
 from modelshrink.cli import app
-from modelshrink.errors import ConfigError, UnsupportedModelError
+from modelshrink.errors import ConfigError
 from modelshrink.feeds import load_feeds
 from modelshrink.graph import weights
 from modelshrink.techniques import TECHNIQUES
@@ -300,41 +300,66 @@ def test_mse_and_cross_entropy_loss_values() -> None:
 # --- skips and errors ------------------------------------------------------------------------
 
 
-def _if_model() -> ir.Model:
-    """x @ W, then an If whose branches hold their own weights (not trained)."""
+def _if_model(*, same_name_in_else: bool = False) -> ir.Model:
+    """x @ W, then an If whose then branch holds its own weight ``tw``."""
     then_g = helper.make_graph(
-        [helper.make_node("Mul", ["h", "tw"], ["o1"])], "then", [], [helper.make_tensor_value_info("o1", TensorProto.FLOAT, None)],
+        [helper.make_node("Mul", ["h", "tw"], ["o1"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("o1", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(np.full(4, 2.0, np.float32), "tw")],
-    )  # fmt: skip
+    )
+    else_nodes = [helper.make_node("Identity", ["h"], ["o2"])]
+    else_inits = []
+    if same_name_in_else:  # a sibling body defines a value of the same name
+        else_nodes = [helper.make_node("Mul", ["h", "tw"], ["o2"])]
+        else_inits = [numpy_helper.from_array(np.full(4, 3.0, np.float32), "tw")]
     else_g = helper.make_graph(
-        [helper.make_node("Identity", ["h"], ["o2"])],
+        else_nodes,
         "else",
         [],
         [helper.make_tensor_value_info("o2", TensorProto.FLOAT, None)],
+        initializer=else_inits,
     )
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
         helper.make_node("If", ["cond"], ["logits"], name="branch", then_branch=then_g, else_branch=else_g),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "W"),
-                     numpy_helper.from_array(np.asarray(True), "cond")],
-    )  # fmt: skip
+        initializer=[
+            numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "W"),
+            numpy_helper.from_array(np.asarray(True), "cond"),
+        ],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     return ir.serde.deserialize_model(proto)
 
 
-def test_if_on_the_gradient_path_is_a_clear_error_and_subgraph_weights_are_skipped(tmp_path: Path) -> None:
-    model = _if_model()
-    student = prepare_student(model)
-    assert ("tw", "inside an If/Loop/Scan body: not trained") in [(n, r) for n, _, _, r in student.frozen]
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32))
-    with pytest.raises(
-        UnsupportedModelError, match=r"node 'branch' \(If\) is on the gradient path and has no gradient rule"
-    ):
-        _run(model, model, tmp_path / "d.npz", epochs=1)
+def test_if_branch_weights_train_and_are_written_back_in_their_branch(tmp_path: Path) -> None:
+    student, teacher = _if_model(), _if_model()
+    for w in weights(teacher):
+        if w.name == "tw":
+            w.value.const_value = ir.Tensor(np.full(4, 2.5, np.float32), name="tw")
+    assert "tw" in [p.name for p in prepare_student(student).params]
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32))
+    result = _run(student, teacher, tmp_path / "d.npz", epochs=3, lr=1e-2)
+    trained = _inits(result.model)
+    assert not np.allclose(trained["tw"], 2.0)
+    assert "tw" in {c.details["weight"] for c in result.changed}
+    then_branch = (
+        next(n for n in result.model.graph if n.op_type == "If").attributes["then_branch"].as_graph()
+    )
+    assert "tw" in then_branch.initializers and "tw" not in result.model.graph.initializers
+
+
+def test_body_weight_whose_name_another_body_defines_is_skipped() -> None:
+    student = prepare_student(_if_model(same_name_in_else=True))
+    reasons = [r for n, _, _, r in student.frozen if n == "tw"]
+    assert reasons and all("defined in more than one graph" in r for r in reasons)
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -377,9 +402,20 @@ def test_cli_json_report_and_output(pruned_file: Path, tmp_path: Path) -> None:
 def test_cli_gate_failure_writes_nothing(pruned_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
     result = _cli(
-        str(pruned_file), "--teacher", str(MLP), "--data", str(MLP_DATA), "-o", str(out),
-        "--epochs", "1", "--max-error", "1e-9", "--no-latency", "-q",
-    )  # fmt: skip
+        str(pruned_file),
+        "--teacher",
+        str(MLP),
+        "--data",
+        str(MLP_DATA),
+        "-o",
+        str(out),
+        "--epochs",
+        "1",
+        "--max-error",
+        "1e-9",
+        "--no-latency",
+        "-q",
+    )
     assert result.exit_code == 3
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -440,21 +476,61 @@ def test_progress_bar_descriptions_carry_figures_in_one_bar() -> None:
 @pytest.mark.slow
 def test_pipeline_through_stdin_and_stdout(pruned_file: Path) -> None:
     distill_cmd = [
-        sys.executable, "-m", "modelshrink", "distill", "-", "--teacher", str(MLP), "--data", str(MLP_DATA),
-        "-o", "-", "--epochs", "5", "-q", "--no-latency",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "modelshrink",
+        "distill",
+        "-",
+        "--teacher",
+        str(MLP),
+        "--data",
+        str(MLP_DATA),
+        "-o",
+        "-",
+        "--epochs",
+        "5",
+        "-q",
+        "--no-latency",
+    ]
     first = subprocess.run(distill_cmd, input=pruned_file.read_bytes(), capture_output=True, check=False)
     assert first.returncode == 0, first.stderr.decode()
     compare = subprocess.run(
-        [sys.executable, "-m", "modelshrink", "compare", str(MLP), "-", "--data", str(MLP_DATA), "--json", "-q", "--no-latency"],
-        input=first.stdout, capture_output=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "modelshrink",
+            "compare",
+            str(MLP),
+            "-",
+            "--data",
+            str(MLP_DATA),
+            "--json",
+            "-q",
+            "--no-latency",
+        ],
+        input=first.stdout,
+        capture_output=True,
+        check=False,
+    )
     assert compare.returncode == 0, compare.stderr.decode()
     after = json.loads(compare.stdout)["fidelity"]["worst"]["top1_agreement"]
     before_run = subprocess.run(
-        [sys.executable, "-m", "modelshrink", "compare", str(MLP), str(pruned_file), "--data", str(MLP_DATA), "--json", "-q", "--no-latency"],
-        capture_output=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "modelshrink",
+            "compare",
+            str(MLP),
+            str(pruned_file),
+            "--data",
+            str(MLP_DATA),
+            "--json",
+            "-q",
+            "--no-latency",
+        ],
+        capture_output=True,
+        check=False,
+    )
     before = json.loads(before_run.stdout)["fidelity"]["worst"]["top1_agreement"]
     assert after > before and math.isfinite(after)
 
@@ -472,9 +548,12 @@ def test_old_opset_student_trains_through_a_converted_step_graph(tmp_path: Path)
         helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], initializer=inits,
-    )  # fmt: skip
+        nodes,
+        "old",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        initializer=inits,
+    )
     teacher = ir.serde.deserialize_model(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     )

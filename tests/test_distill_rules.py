@@ -19,6 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from reference_ops import STAND_IN_OPS
 
 from modelshrink.techniques.distill.autodiff import append_gradients
 from modelshrink.techniques.distill.grad import GradientError
@@ -156,7 +157,7 @@ class ConvTranspose(OpRun):
         return (y,)
 
 
-REFERENCE_OPS = [Erf, Gelu, MaxPool, ConvTranspose]
+REFERENCE_OPS = [Erf, Gelu, MaxPool, ConvTranspose, *STAND_IN_OPS]
 
 
 def evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:

@@ -675,10 +675,18 @@ def test_cli_gate_failure_writes_nothing(runner: CliRunner, tmp_path: Path, snap
     result = runner.invoke(
         app,
         [
-            "factorize", str(SAMPLES / "digits_mlp.onnx"), "-o", str(out_dir / "o.onnx"),
-            "--rank-ratio", "0.1", "--max-error", "1e-6", "--no-latency", "--json",
+            "factorize",
+            str(SAMPLES / "digits_mlp.onnx"),
+            "-o",
+            str(out_dir / "o.onnx"),
+            "--rank-ratio",
+            "0.1",
+            "--max-error",
+            "1e-6",
+            "--no-latency",
+            "--json",
         ],
-    )  # fmt: skip
+    )
     assert result.exit_code == 3
     doc = json.loads(result.stdout)
     assert doc["gates"][0]["passed"] is False
@@ -690,25 +698,72 @@ def test_cli_gate_failure_writes_nothing(runner: CliRunner, tmp_path: Path, snap
 def test_pipeline_through_subprocesses(tmp_path: Path) -> None:
     src = SAMPLES / "tiny_transformer.onnx"
     factor = subprocess.run(
-        [sys.executable, "-m", "modelshrink", "factorize", str(src), "-o", "-", "--rank-ratio", "0.25", "-q",
-         "--data", str(SAMPLES / "tiny_transformer.npz"), "--samples", "16", "--no-latency"],
-        capture_output=True, check=False, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "modelshrink",
+            "factorize",
+            str(src),
+            "-o",
+            "-",
+            "--rank-ratio",
+            "0.25",
+            "-q",
+            "--data",
+            str(SAMPLES / "tiny_transformer.npz"),
+            "--samples",
+            "16",
+            "--no-latency",
+        ],
+        capture_output=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert factor.returncode == 0, factor.stderr.decode()
     compare = subprocess.run(
-        [sys.executable, "-m", "modelshrink", "compare", str(src), "-", "--json", "--no-latency",
-         "--data", str(SAMPLES / "tiny_transformer.npz")],
-        input=factor.stdout, capture_output=True, check=False, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "modelshrink",
+            "compare",
+            str(src),
+            "-",
+            "--json",
+            "--no-latency",
+            "--data",
+            str(SAMPLES / "tiny_transformer.npz"),
+        ],
+        input=factor.stdout,
+        capture_output=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert compare.returncode == 0, compare.stderr.decode()
     doc = json.loads(compare.stdout)
     assert doc["ratios"]["params"] < 0.45
     assert doc["fidelity"]["worst"]["cosine"] > 0.95
     again = subprocess.run(
-        [sys.executable, "-m", "modelshrink", "factorize", str(src), "-o", "-", "--rank-ratio", "0.25", "-q",
-         "--data", str(SAMPLES / "tiny_transformer.npz"), "--samples", "16", "--no-latency"],
-        capture_output=True, check=False, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "modelshrink",
+            "factorize",
+            str(src),
+            "-o",
+            "-",
+            "--rank-ratio",
+            "0.25",
+            "-q",
+            "--data",
+            str(SAMPLES / "tiny_transformer.npz"),
+            "--samples",
+            "16",
+            "--no-latency",
+        ],
+        capture_output=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert again.stdout == factor.stdout
 
 

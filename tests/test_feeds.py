@@ -159,3 +159,29 @@ def test_mismatched_sample_counts(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x=np.zeros((3, 8), np.float32), flag=np.array([True, False]))
     with pytest.raises(DataError, match="different numbers"):
         load_feeds(model, data=str(tmp_path / "d.npz"))
+
+
+def test_rows_select_samples_of_the_data(tmp_path: Path) -> None:
+    x = np.arange(10 * 16, dtype=np.float32).reshape(10, 1, 16)  # 10 samples, one per row
+    np.savez(tmp_path / "d.npz", x=x)
+    model = _ir(models.mlp())
+    picked = {
+        spec: [
+            int(s["x"][0, 0]) // 16
+            for s in load_feeds(model, data=str(tmp_path / "d.npz"), rows=spec).samples
+        ]
+        for spec in ("2:5", "%5=4", "%5!=4", "::3")
+    }
+    assert picked == {
+        "2:5": [2, 3, 4],
+        "%5=4": [4, 9],
+        "%5!=4": [0, 1, 2, 3, 5, 6, 7, 8],
+        "::3": [0, 3, 6, 9],
+    }
+    held, calibration = set(picked["%5=4"]), set(picked["%5!=4"])
+    assert not held & calibration and held | calibration == set(range(10))  # a split that never leaks
+    with pytest.raises(DataError, match="selects none"):
+        load_feeds(model, data=str(tmp_path / "d.npz"), rows="20:30")
+    for bad in ("x", "%0=0", "%5=5", "1:2:0"):
+        with pytest.raises(ConfigError, match="--rows"):
+            load_feeds(model, data=str(tmp_path / "d.npz"), rows=bad)

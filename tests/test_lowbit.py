@@ -437,9 +437,19 @@ def test_cli_json_and_same_bytes(tmp_path: Path) -> None:
     for name in ("a.onnx", "b.onnx"):
         out = tmp_path / name
         result = _cli(
-            str(SAMPLES / "digits_cnn.onnx"), "-o", str(out), "--bits", "3", "--block-size", "16",
-            "--json", "-q", "--no-latency", "--samples", "8",
-        )  # fmt: skip
+            str(SAMPLES / "digits_cnn.onnx"),
+            "-o",
+            str(out),
+            "--bits",
+            "3",
+            "--block-size",
+            "16",
+            "--json",
+            "-q",
+            "--no-latency",
+            "--samples",
+            "8",
+        )
         assert result.exit_code == 0, result.stderr  # type: ignore[attr-defined]
         doc = json.loads(result.stdout)  # type: ignore[attr-defined]
         assert doc["settings"]["config"]["bits"] == 3 and doc["details"]["packing"]["bits"] == 3
@@ -468,10 +478,20 @@ def test_cli_gate_failure_writes_nothing(tmp_path: Path, snapshot) -> None:  # t
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     result = _cli(
-        str(SAMPLES / "digits_mlp.onnx"), "-o", str(out_dir / "q.onnx"), "--mode", "binary",
-        "--data", str(SAMPLES / "digits_mlp.npz"), "--min-agreement", "0.99", "--no-fallback",
-        "--no-latency", "--json", "-q",
-    )  # fmt: skip
+        str(SAMPLES / "digits_mlp.onnx"),
+        "-o",
+        str(out_dir / "q.onnx"),
+        "--mode",
+        "binary",
+        "--data",
+        str(SAMPLES / "digits_mlp.npz"),
+        "--min-agreement",
+        "0.99",
+        "--no-fallback",
+        "--no-latency",
+        "--json",
+        "-q",
+    )
     assert result.exit_code == 3  # type: ignore[attr-defined]
     doc = json.loads(result.stdout)  # type: ignore[attr-defined]
     assert doc["passed"] is False and doc["output"]["written"] is False

@@ -378,9 +378,21 @@ def test_cli_prune_json(runner: CliRunner, tmp_path: Path) -> None:
     out = tmp_path / "p.onnx"
     result = runner.invoke(
         app,
-        ["prune", str(SAMPLES / "digits_mlp.onnx"), "-o", str(out), "--sparsity", "0.8", "--json", "--no-latency",
-         "--data", str(SAMPLES / "digits_mlp.npz"), "--exclude", "fc3"],
-    )  # fmt: skip
+        [
+            "prune",
+            str(SAMPLES / "digits_mlp.onnx"),
+            "-o",
+            str(out),
+            "--sparsity",
+            "0.8",
+            "--json",
+            "--no-latency",
+            "--data",
+            str(SAMPLES / "digits_mlp.npz"),
+            "--exclude",
+            "fc3",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["command"] == "prune"
@@ -405,9 +417,17 @@ def test_cli_gate_failure_writes_nothing(runner: CliRunner, tmp_path: Path, snap
     out_dir.mkdir()
     result = runner.invoke(
         app,
-        ["prune", str(SAMPLES / "digits_mlp.onnx"), "-o", str(out_dir / "p.onnx"), "--max-size-ratio", "0.5",
-         "--no-latency", "-q"],
-    )  # fmt: skip
+        [
+            "prune",
+            str(SAMPLES / "digits_mlp.onnx"),
+            "-o",
+            str(out_dir / "p.onnx"),
+            "--max-size-ratio",
+            "0.5",
+            "--no-latency",
+            "-q",
+        ],
+    )
     assert result.exit_code == 3
     assert "--max-size-ratio" in result.stderr
     assert snapshot(out_dir) == {}
@@ -419,15 +439,27 @@ def test_pipeline_through_stdin_and_stdout(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "modelshrink"]
     pruned = subprocess.run(
         [*cmd, "prune", "-", "-o", "-", "--pattern", "2:4", "-q", "--no-latency"],
-        input=src, capture_output=True, check=False,
-    )  # fmt: skip
+        input=src,
+        capture_output=True,
+        check=False,
+    )
     assert pruned.returncode == 0, pruned.stderr.decode()
     (tmp_path / "p.onnx").write_bytes(pruned.stdout)
     compared = subprocess.run(
-        [*cmd, "compare", str(SAMPLES / "digits_cnn.onnx"), "-", "--json", "--no-latency",
-         "--data", str(SAMPLES / "digits_cnn.npz")],
-        input=pruned.stdout, capture_output=True, check=False,
-    )  # fmt: skip
+        [
+            *cmd,
+            "compare",
+            str(SAMPLES / "digits_cnn.onnx"),
+            "-",
+            "--json",
+            "--no-latency",
+            "--data",
+            str(SAMPLES / "digits_cnn.npz"),
+        ],
+        input=pruned.stdout,
+        capture_output=True,
+        check=False,
+    )
     assert compared.returncode == 0, compared.stderr.decode()
     report = json.loads(compared.stdout)
     assert report["result"]["size_zlib_bytes"] < report["original"]["size_zlib_bytes"]
@@ -813,17 +845,39 @@ def test_cli_structured(runner: CliRunner, tmp_path: Path) -> None:
     out = tmp_path / "s.onnx"
     result = runner.invoke(
         app,
-        ["prune", str(SAMPLES / "digits_cnn.onnx"), "-o", str(out), "--structured", "--sparsity", "0.5",
-         "--min-elements", "0", "--json", "--no-latency", "--importance", "l1"],
-    )  # fmt: skip
+        [
+            "prune",
+            str(SAMPLES / "digits_cnn.onnx"),
+            "-o",
+            str(out),
+            "--structured",
+            "--sparsity",
+            "0.5",
+            "--min-elements",
+            "0",
+            "--json",
+            "--no-latency",
+            "--importance",
+            "l1",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["ratios"]["params"] < 0.35 and report["ratios"]["size"] < 0.4
     assert report["details"]["mode"] == "structured"
     no_data = runner.invoke(
-        app, ["prune", str(SAMPLES / "digits_cnn.onnx"), "-o", str(out), "--force", "--structured",
-              "--importance", "activation"],
-    )  # fmt: skip
+        app,
+        [
+            "prune",
+            str(SAMPLES / "digits_cnn.onnx"),
+            "-o",
+            str(out),
+            "--force",
+            "--structured",
+            "--importance",
+            "activation",
+        ],
+    )
     assert no_data.exit_code == 2 and "--importance activation needs real inputs" in no_data.stderr
 
 
@@ -910,9 +964,18 @@ def test_models_with_sparse_tensors_can_be_read(runner: CliRunner, tmp_path: Pat
     sparse_out = tmp_path / "sparse.onnx"
     result = runner.invoke(
         app,
-        ["prune", str(SAMPLES / "digits_mlp.onnx"), "-o", str(sparse_out), "--sparsity", "0.9",
-         "--sparse-storage", "-q", "--no-latency"],
-    )  # fmt: skip
+        [
+            "prune",
+            str(SAMPLES / "digits_mlp.onnx"),
+            "-o",
+            str(sparse_out),
+            "--sparsity",
+            "0.9",
+            "--sparse-storage",
+            "-q",
+            "--no-latency",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert _sparse_constants(onnx.load(str(sparse_out))) == 3
     # read back: compare, and a second pass keeps the sparse Constants sparse

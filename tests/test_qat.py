@@ -223,10 +223,17 @@ def _perturb(fq_model: ir.Model, fakes: tuple[FakeQuant, ...], seed: int) -> Non
             value.const_value = ir.Tensor(noisy.astype(np.float32), name=name)
 
 
-@pytest.mark.parametrize(("sample", "bits", "block"), [
-    ("digits_mlp", 1, None), ("digits_mlp", 2, 32), ("digits_cnn", 2, None), ("digits_cnn", 3, 16),
-    ("tiny_transformer", 1, None), ("tiny_transformer", 4, 32),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sample", "bits", "block"),
+    [
+        ("digits_mlp", 1, None),
+        ("digits_mlp", 2, 32),
+        ("digits_cnn", 2, None),
+        ("digits_cnn", 3, 16),
+        ("tiny_transformer", 1, None),
+        ("tiny_transformer", 4, 32),
+    ],
+)
 def test_export_computes_exactly_what_the_training_graph_computes(
     sample: str, bits: int, block: int | None
 ) -> None:
@@ -333,8 +340,20 @@ def test_qat_config_errors() -> None:
 
 def test_cli_qat_json_same_bytes_and_teacher(tmp_path: Path) -> None:
     src = str(SAMPLES / "digits_mlp.onnx")
-    base = ["quantize", src, "--mode", "binary", "--qat", "--data", str(SAMPLES / "digits_mlp.npz"),
-            "--epochs", "3", "--json", "-q", "--no-latency"]  # fmt: skip
+    base = [
+        "quantize",
+        src,
+        "--mode",
+        "binary",
+        "--qat",
+        "--data",
+        str(SAMPLES / "digits_mlp.npz"),
+        "--epochs",
+        "3",
+        "--json",
+        "-q",
+        "--no-latency",
+    ]
     outs = []
     for name, extra in (("a.onnx", []), ("b.onnx", []), ("c.onnx", ["--teacher", src])):
         result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / name), *extra])
@@ -388,8 +407,23 @@ def test_cli_qat_gate_failure_writes_nothing(tmp_path: Path, snapshot) -> None: 
     out_dir.mkdir()
     result = CliRunner().invoke(
         app,
-        ["quantize", str(SAMPLES / "digits_mlp.onnx"), "-o", str(out_dir / "q.onnx"), "--mode", "binary", "--qat",
-         "--data", str(SAMPLES / "digits_mlp.npz"), "--epochs", "1", "--max-error", "1e-6", "--no-latency", "-q"],
-    )  # fmt: skip
+        [
+            "quantize",
+            str(SAMPLES / "digits_mlp.onnx"),
+            "-o",
+            str(out_dir / "q.onnx"),
+            "--mode",
+            "binary",
+            "--qat",
+            "--data",
+            str(SAMPLES / "digits_mlp.npz"),
+            "--epochs",
+            "1",
+            "--max-error",
+            "1e-6",
+            "--no-latency",
+            "-q",
+        ],
+    )
     assert result.exit_code == 3
     assert snapshot(out_dir) == {}

@@ -102,9 +102,16 @@ def _logits(path: Path | None, feed: dict) -> np.ndarray:
 def test_a_forced_1x1_says_the_check_verified_little(runner: CliRunner, tmp_path: Path) -> None:
     path = models.save(patterns.saturating_classifier(), tmp_path / "sat.onnx")
     code, doc, err = _run(
-        runner, "quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--input-shape", "image:1x3x1x1",
-        "--min-elements", "1",
-    )  # fmt: skip
+        runner,
+        "quantize",
+        str(path),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--input-shape",
+        "image:1x3x1x1",
+        "--min-elements",
+        "1",
+    )
     assert code == 0, err
     assert doc is not None
     verdict = doc["verdict"]
@@ -114,9 +121,18 @@ def test_a_forced_1x1_says_the_check_verified_little(runner: CliRunner, tmp_path
 
 def test_input_value_and_shape_replace_every_guess(runner: CliRunner, audio: Path, tmp_path: Path) -> None:
     code, doc, err = _run(
-        runner, "quantize", str(audio), "-o", str(tmp_path / "o.onnx"),
-        "--input-shape", "input:1x768", "--input-shape", "state:2x1x32", "--input-value", "sr=8000",
-    )  # fmt: skip
+        runner,
+        "quantize",
+        str(audio),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--input-shape",
+        "input:1x768",
+        "--input-shape",
+        "state:2x1x32",
+        "--input-value",
+        "sr=8000",
+    )
     assert code == 0, err
     assert doc is not None
     fed = _inputs(doc)
@@ -178,9 +194,17 @@ def test_nan_data_fails_every_fidelity_gate_and_is_never_identical(
     np.savez(data, x=np.full((4, 16), np.nan, dtype=np.float32))
     out = tmp_path / "o.onnx"
     code, doc, _ = _run(
-        runner, "compare", str(mlp_path), str(mlp_path), "--data", str(data),
-        "--max-error", "0.01", "--min-cosine", "0.99",
-    )  # fmt: skip
+        runner,
+        "compare",
+        str(mlp_path),
+        str(mlp_path),
+        "--data",
+        str(data),
+        "--max-error",
+        "0.01",
+        "--min-cosine",
+        "0.99",
+    )
     assert code == 3 and doc is not None
     assert not doc["fidelity"]["identical"]
     assert doc["fidelity"]["worst"]["cosine"] is None  # NaN in JSON

@@ -28,7 +28,7 @@ from modelshrink.io.external import external_files, total_tensor_bytes
 from modelshrink.io.reading import LoadedModel, checker_message, files_read, load_model
 from modelshrink.io.sparse import SPARSE_STORAGE_KEY, SPARSE_STORAGE_VALUE
 from modelshrink.io.staging import temporary_folder
-from modelshrink.io.targets import STDIO, OutputTarget, plan_writes
+from modelshrink.io.targets import STDIO, OutputTarget, WritePlan, plan_writes
 from modelshrink.io.writing import (
     SERIALIZE_WHOLE_BYTES,
     StagedModel,
@@ -37,6 +37,7 @@ from modelshrink.io.writing import (
     commit,
     load_staged,
     model_bytes,
+    stage_copy,
     stage_model,
     stage_report,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "OutputTarget",
     "StagedModel",
     "StagedReport",
+    "WritePlan",
     "check_output_target",
     "checker_message",
     "commit",
@@ -59,6 +61,7 @@ __all__ = [
     "load_staged",
     "model_bytes",
     "plan_writes",
+    "stage_copy",
     "stage_model",
     "stage_report",
     "temporary_folder",

@@ -420,8 +420,9 @@ def commit_moves(moves: Sequence[Move], *, durable: bool = False) -> None:
 # --- streams ---------------------------------------------------------------------------------
 
 
-def write_stream(source: Path | bytes, *, stream: BinaryIO | None = None, fd: int | None = None,
-                 path: Path | None = None) -> None:  # fmt: skip
+def write_stream(
+    source: Path | bytes, *, stream: BinaryIO | None = None, fd: int | None = None, path: Path | None = None
+) -> None:
     """Write a staged file (or bytes) through to a stream: an open stream, a descriptor of
     this process, or a character device / FIFO opened by path (never created or replaced).
 

@@ -30,7 +30,7 @@ import re
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,11 +145,13 @@ class WritePlan:
     Attributes:
         output: The model's target, or None for commands that write no model.
         report: The report's target, or None without ``--report``.
+        files: Other files a command writes, by flag (``--plot``), planned like the report.
         swept: Staging folders of dead processes removed from the folders written to.
     """
 
     output: OutputTarget | None = None
     report: ReportTarget | None = None
+    files: Mapping[str, ReportTarget] = field(default_factory=dict)
     swept: tuple[Path, ...] = field(default=(), repr=False)
 
 
@@ -217,9 +219,10 @@ def _resolve(flag: str, shown: str) -> _Resolved:
         except FileNotFoundError:
             if via_link:
                 raise _fail(
-                    flag, shown, f"a symbolic link to '{hop}', which does not exist; create it or pass "
-                    "another path"
-                ) from None  # fmt: skip
+                    flag,
+                    shown,
+                    f"a symbolic link to '{hop}', which does not exist; create it or pass another path",
+                ) from None
             return _Resolved(flag, shown, file=Path(shown))
         except OSError as exc:
             raise _fail(flag, shown, f"cannot be examined: {exc.strerror or exc}") from None
@@ -333,6 +336,7 @@ def plan_writes(
     input_external: bool = False,
     json_stdout: bool = False,
     stdout_isatty: bool | None = None,
+    files: Mapping[str, str | os.PathLike[str] | None] | None = None,
 ) -> WritePlan:
     """Decide and check every path a command will write, before it reads or computes anything.
 
@@ -347,6 +351,8 @@ def plan_writes(
             loaded): then the output does too, unless ``--no-external-data``.
         json_stdout: ``--json``: stdout carries the report.
         stdout_isatty: Override terminal detection (tests).
+        files: Other files written, by flag (``{"--plot": "pareto.png"}``; None values skipped):
+            checked like the report (folder, existing file, collisions).
 
     Returns:
         The plan: where the model and the report go.
@@ -363,6 +369,11 @@ def plan_writes(
     report_target = None
     if report is not None:
         report_target = _plan_report(str(report), force, writes, later)
+    extra = {
+        flag: _plan_report(str(path), force, writes, later, flag=flag)
+        for flag, path in (files or {}).items()
+        if path is not None
+    }
     if json_stdout:
         writes.append(_Write("--json", sink=STDOUT))
     _check_reads(writes, list(_read_files(reads)))
@@ -375,7 +386,7 @@ def plan_writes(
         folders.add(Path(tempfile.gettempdir()))  # streamed models are staged there
     for folder in sorted(folders, key=str):
         swept.extend(sweep_stale(folder))
-    return WritePlan(out_target, report_target, tuple(swept))
+    return WritePlan(out_target, report_target, extra, tuple(swept))
 
 
 def _check_folder(flag: str, shown: str, file: Path) -> None:
@@ -442,10 +453,12 @@ def _check_sidecar(output: str, data: Path, force: bool, *, link_folder: Path | 
     """The external data file that will be written next to the model."""
     if link_folder is not None and os.path.realpath(link_folder) != os.path.realpath(data.parent):
         raise _fail(
-            "-o", output, f"is a symbolic link into another folder ('{data.parent}'); the model's "
+            "-o",
+            output,
+            f"is a symbolic link into another folder ('{data.parent}'); the model's "
             "external data would be looked for next to the link by some tools and next to its "
-            "target by others; pass the target's path, or --no-external-data"
-        )  # fmt: skip
+            "target by others; pass the target's path, or --no-external-data",
+        )
     try:
         st = os.lstat(data)
     except FileNotFoundError:
@@ -455,33 +468,39 @@ def _check_sidecar(output: str, data: Path, force: bool, *, link_folder: Path | 
     if not stat.S_ISREG(st.st_mode):
         what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else _kind(st.st_mode)
         raise _fail(
-            "-o", output, f"its external data would replace '{data}', which is {what}; remove it "
-            "or choose another output"
-        )  # fmt: skip
+            "-o",
+            output,
+            f"its external data would replace '{data}', which is {what}; remove it or choose another output",
+        )
     if not force:
         raise _fail(
-            "-o", output, f"its external data file '{data}' already exists; pass --force to "
-            "overwrite it, or choose another output"
-        )  # fmt: skip
+            "-o",
+            output,
+            f"its external data file '{data}' already exists; pass --force to "
+            "overwrite it, or choose another output",
+        )
 
 
 def _plan_report(
-    report: str, force: bool, writes: list[_Write], later: list[Callable[[], None]]
+    report: str,
+    force: bool,
+    writes: list[_Write],
+    later: list[Callable[[], None]],
+    *,
+    flag: str = "--report",
 ) -> ReportTarget:
     if report == STDIO:
-        writes.append(_Write("--report -", sink=STDOUT))
+        writes.append(_Write(f"{flag} -", sink=STDOUT))
         return ReportTarget("<stdout>", None, STDOUT, force)
-    resolved = _resolve("--report", report)
+    resolved = _resolve(flag, report)
     if resolved.sink is not None:
-        writes.append(_Write(f"--report {report}", sink=resolved.sink))
+        writes.append(_Write(f"{flag} {report}", sink=resolved.sink))
         return ReportTarget(report, None, resolved.sink, force)
     assert resolved.file is not None
-    _check_folder("--report", report, resolved.file)
+    _check_folder(flag, report, resolved.file)
     if resolved.exists and not force:
-        later.append(
-            lambda: _raise(_fail("--report", report, "already exists; pass --force to overwrite it"))
-        )
-    writes.append(_Write(f"--report {report}", file=resolved.file))
+        later.append(lambda: _raise(_fail(flag, report, "already exists; pass --force to overwrite it")))
+    writes.append(_Write(f"{flag} {report}", file=resolved.file))
     return ReportTarget(report, resolved.file, None, force)
 
 

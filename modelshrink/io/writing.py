@@ -19,9 +19,11 @@ A model is written in one of three ways:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -38,7 +40,7 @@ from modelshrink.io.external import (
     inline_external,
     total_tensor_bytes,
 )
-from modelshrink.io.reading import LoadedModel, deserialize, files_read
+from modelshrink.io.reading import LoadedModel, deserialize, files_read, load_model
 from modelshrink.io.sparse import has_sparse_marks, serialized
 from modelshrink.io.staging import Move, Staging, commit_moves, write_stream
 from modelshrink.io.targets import OutputTarget, ReportTarget, Sink, plan_writes
@@ -169,9 +171,10 @@ class StagedReport:
     """A report written next to its destination (or held for a stream), waiting for commit."""
 
     target: ReportTarget
-    text: str
+    text: str | bytes
     path: Path | None = None
     _staging: Staging | None = field(default=None, repr=False)
+    flag: str = "--report"
 
     def discard(self) -> None:
         """Remove the staged file; safe to call twice."""
@@ -180,8 +183,9 @@ class StagedReport:
             self._staging = None
 
 
-def stage_report(target: ReportTarget, text: str) -> StagedReport:
-    """Write the report into a staging folder beside its destination (streams: keep the text).
+def stage_report(target: ReportTarget, text: str | bytes, *, flag: str = "--report") -> StagedReport:
+    """Write the report (or another small file: a plot) into a staging folder beside its
+    destination (streams: keep the content).
 
     The file gets the usual permissions (0666 less the umask); one that replaces an existing
     report keeps that file's permissions.
@@ -190,19 +194,19 @@ def stage_report(target: ReportTarget, text: str) -> StagedReport:
         OutputError: The write failed (nothing is left behind).
     """
     if target.dest is None:
-        return StagedReport(target, text)
+        return StagedReport(target, text, flag=flag)
     try:
         place = Staging(target.dest.parent)
     except OSError as exc:
-        raise OutputError(f"--report {target.label}: cannot write: {exc.strerror or exc}") from exc
+        raise OutputError(f"{flag} {target.label}: cannot write: {exc.strerror or exc}") from exc
     path = place.folder / target.dest.name
-    staged_report = StagedReport(target, text, path, place)
+    staged_report = StagedReport(target, text, path, place, flag=flag)
     try:
-        with path.open("x", encoding="utf-8") as f:
-            f.write(text)
+        with path.open("xb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
     except OSError as exc:
         staged_report.discard()
-        raise OutputError(f"--report {target.label}: cannot write: {exc.strerror or exc}") from exc
+        raise OutputError(f"{flag} {target.label}: cannot write: {exc.strerror or exc}") from exc
     except BaseException:
         staged_report.discard()
         raise
@@ -226,6 +230,7 @@ def commit(
     report: StagedReport | None,
     *,
     stdout: BinaryIO | None = None,
+    others: tuple[StagedReport, ...] = (),
 ) -> None:
     """Put a staged model and a staged report in place, as one unit, then clean up.
 
@@ -243,18 +248,27 @@ def commit(
                 _write_sink(model.target.sink, model.path, model.target.label, stdout)
             else:
                 moves.extend(model.moves())
-        if report is not None and report.path is not None:
-            dest = report.target.dest
-            assert dest is not None
-            moves.append(Move(report.path, dest, report.target.force, f"--report {report.target.label}"))
+        files = [r for r in (report, *others) if r is not None]
+        for staged_file in files:
+            if staged_file.path is not None:
+                dest = staged_file.target.dest
+                assert dest is not None
+                label = f"{staged_file.flag} {staged_file.target.label}"
+                moves.append(Move(staged_file.path, dest, staged_file.target.force, label))
         commit_moves(moves, durable=model is None or model.target.durable or model.target.dest is None)
-        if report is not None and report.path is None:
-            _write_sink(report.target.sink, report.text.encode(), f"--report {report.target.label}", stdout)
+        for staged_file in files:
+            if staged_file.path is None:
+                content = staged_file.text
+                data = content.encode() if isinstance(content, str) else content
+                _write_sink(
+                    staged_file.target.sink, data, f"{staged_file.flag} {staged_file.target.label}", stdout
+                )
     finally:
         if model is not None:
             model.discard()
-        if report is not None:
-            report.discard()
+        for leftover in (report, *others):
+            if leftover is not None:
+                leftover.discard()
 
 
 def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
@@ -284,14 +298,9 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
             f"the result holds {total / 1e9:.1f} GB of tensors and needs an external data file; "
             f"write it with -o FILE instead of -o {target.label if target.sink is not None else '-'}"
         )
-    parent = target.dest.parent if target.dest is not None else None
-    name = target.dest.name if target.dest is not None else "model.onnx"
-    try:
-        place = Staging(parent)
-    except OSError as exc:
-        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
-    staged = StagedModel(target, place.folder, place.folder / name, None, place)
-    try:
+    staged = _new_stage(target)
+    name = staged.path.name
+    with _discarded_on_failure(staged):
         copy = model.clone()
         allow_plain_initializers(copy)
         data_name = name + ".data" if external else None
@@ -309,14 +318,53 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
                 external_data=data_name,
                 size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
             )
-        if data_name is not None and (place.folder / data_name).exists():
-            staged.data_path = place.folder / data_name
+        if data_name is not None and (staged.folder / data_name).exists():
+            staged.data_path = staged.folder / data_name
+    return staged
+
+
+def _new_stage(target: OutputTarget) -> StagedModel:
+    """An empty stage for ``target``: a private folder next to it, the file under its name.
+
+    Raises:
+        OutputError: The folder cannot be made.
+    """
+    parent = target.dest.parent if target.dest is not None else None
+    name = target.dest.name if target.dest is not None else "model.onnx"
+    try:
+        place = Staging(parent)
+    except OSError as exc:
+        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
+    return StagedModel(target, place.folder, place.folder / name, None, place)
+
+
+@contextlib.contextmanager
+def _discarded_on_failure(staged: StagedModel) -> Iterator[None]:
+    """Discard ``staged`` if the block fails; an OSError becomes a one-line OutputError."""
+    try:
+        yield
     except OSError as exc:
         staged.discard()
-        raise OutputError(f"{target.label}: cannot write: {exc.strerror or exc}") from exc
+        raise OutputError(f"{staged.target.label}: cannot write: {exc.strerror or exc}") from exc
     except BaseException:
         staged.discard()
         raise
+
+
+def stage_copy(source: Path, target: OutputTarget) -> StagedModel:
+    """Stage a model file written earlier, byte for byte, for ``target`` (``auto``'s choice).
+
+    A model with external data is loaded and staged again instead: the data file's name is
+    written inside the model, and it follows the output's name.
+
+    Raises:
+        OutputError: The copy failed (nothing is left behind).
+    """
+    if source.with_name(source.name + ".data").exists():
+        return stage_model(load_model(str(source)).model, target)
+    staged = _new_stage(target)
+    with _discarded_on_failure(staged):
+        shutil.copyfile(source, staged.path)
     return staged
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "append_gradients",
     "differentiate",
     "gradient_path",
+    "prepare_nodes",
     "requires_grad",
 ]
 
@@ -81,7 +82,7 @@ def requires_grad(
             for i, name in enumerate(inputs)
             if name and (rule is None or rule.differentiable_input(i))
         )
-        if not hit and rule is None:
+        if not hit and (rule is None or rule.outer):
             hit = any(name in req for name in outer_references(node))
         if not hit:
             continue
@@ -129,7 +130,15 @@ def differentiate(
                 "parameters before it with --train PATTERN, or ask for a rule for this op"
             )
     contributions: dict[str, list[str]] = {out: [seed] for out, seed in seeds.items()}
-    ctx = RuleContext(builder, info, constants, req)
+
+    def body(
+        inner: Sequence[onnx.NodeProto], inner_wrt: Sequence[str], inner_seeds: Mapping[str, str], b: Builder
+    ) -> dict[str, str | None]:
+        return differentiate(
+            inner, wrt=inner_wrt, seeds=inner_seeds, info=info, builder=b, constants=constants, rules=rules
+        )
+
+    ctx = RuleContext(builder, info, constants, req, body)
     for node in reversed(path):
         rule = _rule_for(node, rules)
         assert rule is not None
@@ -143,10 +152,11 @@ def differentiate(
             grads = rule.backward(ctx, node, dys)
         except GradientError as exc:
             raise GradientError(f"{_describe(node)}: {exc.message}") from exc
+        operands = list(node.input) + (outer_references(node) if rule.outer else [])
         for i, grad in enumerate(grads):
-            if grad is None or not ctx.needs(node, i):
+            if grad is None or i >= len(operands) or not operands[i] or operands[i] not in req:
                 continue
-            contributions.setdefault(node.input[i], []).append(grad)
+            contributions.setdefault(operands[i], []).append(grad)
     return {w: (_accumulate(builder, contributions[w]) if contributions.get(w) else None) for w in wrt}
 
 
@@ -194,18 +204,7 @@ def append_gradients(
     taken = all_names(graph)
     builder = Builder(taken, opset, prefix)
     info = TypeInfo.from_model(model)
-    nodes = list(graph.node)
-    on_path = {id(n) for n in gradient_path(nodes, wrt, seeds, info, rules)}
-    prepared = []
-    changed = False
-    for node in nodes:
-        rule = _rule_for(node, rules)
-        if id(node) in on_path and rule is not None and rule.prepare is not None:
-            new = rule.prepare(node, builder)
-            changed = changed or new is not node
-            prepared.append(new)
-        else:
-            prepared.append(node)
+    prepared, changed = prepare_nodes(list(graph.node), wrt, seeds, info, rules, builder)
     if changed:
         del graph.node[:]
         graph.node.extend(prepared)
@@ -222,6 +221,61 @@ def append_gradients(
     graph.node.extend(builder.nodes)
     graph.initializer.extend(builder.initializers)
     return model, grads, info
+
+
+def prepare_nodes(
+    nodes: Sequence[onnx.NodeProto],
+    wrt: Iterable[str],
+    seeds: Iterable[str],
+    info: TypeInfo,
+    rules: Mapping[str, Rule],
+    builder: Builder,
+) -> tuple[list[onnx.NodeProto], bool]:
+    """Apply each rule's ``prepare`` to the nodes on the gradient path, and, inside the bodies of
+    If/Loop/Scan nodes on it, to the body nodes on the body's path (outer values that require
+    a gradient and every float body input count as differentiated; every body output as seeded).
+
+    Returns the nodes (prepared ones are new protos; the rest are the given ones) and whether
+    any changed.
+    """
+    wrt = list(wrt)
+    req = requires_grad(nodes, wrt, info, rules)
+    on_path = {id(n) for n in gradient_path(nodes, wrt, seeds, info, rules)}
+    out: list[onnx.NodeProto] = []
+    changed = False
+    for node in nodes:
+        rule = _rule_for(node, rules)
+        new = node
+        if id(node) in on_path and rule is not None:
+            if rule.outer:
+                new = _prepare_bodies(node, req, info, rules, builder)
+            if rule.prepare is not None:
+                new = rule.prepare(new, builder)
+        changed = changed or new is not node
+        out.append(new)
+    return out, changed
+
+
+def _prepare_bodies(
+    node: onnx.NodeProto, req: set[str], info: TypeInfo, rules: Mapping[str, Rule], builder: Builder
+) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    changed = False
+    for attr in copy.attribute:
+        if attr.type != onnx.AttributeProto.GRAPH:
+            continue
+        body = attr.g
+        inner_wrt = [n for n in outer_references(node) if n in req]
+        inner_wrt += [i.name for i in body.input if info.elem.get(i.name) in FLOAT_TYPES]
+        nodes, body_changed = prepare_nodes(
+            list(body.node), inner_wrt, [o.name for o in body.output], info, rules, builder
+        )
+        if body_changed:
+            del body.node[:]
+            body.node.extend(nodes)
+            changed = True
+    return copy if changed else node
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,19 +1,20 @@
 """What distillation trains with: the teacher model, the training rows, and ``--labels``.
 
 These are loaded by the API (:mod:`.loading`) from the files the config names; the technique
-itself reads no files.
+itself opens no file: the training rows are a :class:`modelshrink.dataset.Dataset`, which reads
+``--data`` batch by batch.
 """
 
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from modelshrink.dataset import Dataset, dataset_from_feeds
 from modelshrink.errors import DataError
 from modelshrink.feeds import Feeds
 
@@ -35,67 +36,16 @@ class Teacher:
         return self.label
 
 
-class TrainingData:
-    """Training inputs (batch-major arrays, one per model input) and optional labels.
-
-    Like :class:`Teacher`, copies are the object itself and ``str`` is a summary.
-    """
-
-    def __init__(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        *,
-        source: str,
-        labels: np.ndarray | None = None,
-        labels_name: str | None = None,
-        warnings: Sequence[str] = (),
-    ) -> None:
-        rows = {len(v) for v in inputs.values()}
-        if len(rows) != 1:
-            raise DataError(f"--data {source}: inputs have different numbers of rows")
-        self.inputs = dict(inputs)
-        self.rows = rows.pop()
-        if labels is not None and len(labels) != self.rows:
-            raise DataError(
-                f"--labels {labels_name}: {len(labels)} labels for {self.rows} input rows in {source}"
-            )
-        self.labels = labels
-        self.labels_name = labels_name
-        self.source = source
-        self.warnings = tuple(warnings)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> TrainingData:
-        return self
-
-    def __repr__(self) -> str:
-        labels = f", labels '{self.labels_name}'" if self.labels_name else ""
-        return f"{self.source}: {self.rows} rows{labels}"
+TrainingData = Dataset
+"""The training rows: a :class:`modelshrink.dataset.Dataset` (read batch by batch)."""
 
 
 def training_data_from_feeds(
     feeds: Feeds, *, labels: np.ndarray | None = None, labels_name: str | None = None
 ) -> TrainingData:
-    """Join feeds (each a batch along axis 0) into one array per input."""
-    if not feeds.samples:
-        raise DataError(f"--data {feeds.source}: no samples")
-    names = list(feeds.samples[0])
-    arrays = {}
-    for name in names:
-        parts = [np.asarray(s[name]) for s in feeds.samples]
-        if len({p.shape[1:] for p in parts}) != 1 or parts[0].ndim == 0:
-            raise DataError(
-                f"--data {feeds.source}: '{name}' has samples of different shapes; distillation "
-                "batches rows along the first axis, so every row must have the same shape"
-            )
-        arrays[name] = np.concatenate(parts, axis=0)
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.dtype.kind not in "iu":
-            raise DataError(f"--labels {labels_name}: labels must be integers, got {labels.dtype}")
-        labels = labels.astype(np.int64)
-    return TrainingData(
-        arrays, source=feeds.source, labels=labels, labels_name=labels_name, warnings=feeds.warnings
-    )
+    """Training rows from feeds in memory (each feed one row or one batch along its inputs'
+    batch axes)."""
+    return dataset_from_feeds(feeds, labels=labels, labels_name=labels_name)
 
 
 def read_labels(data: str, name: str) -> np.ndarray:

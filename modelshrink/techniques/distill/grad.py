@@ -23,6 +23,7 @@ from modelshrink.inputs import Dim
 
 __all__ = [
     "FLOAT_TYPES",
+    "BodyGradients",
     "Builder",
     "Dim",
     "GradientError",
@@ -32,6 +33,7 @@ __all__ = [
     "all_names",
     "constant_values",
     "outer_references",
+    "subgraphs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,19 +66,25 @@ class TypeInfo:
             logger.debug("shape inference failed (%s); using declared types only", exc)
             inferred = model
         info = cls()
-        graph = inferred.graph
+        info.add_graph(inferred.graph)
+        return info
+
+    def add_graph(self, graph: onnx.GraphProto) -> None:
+        """Record the values of ``graph`` and of its subgraphs (If/Loop/Scan bodies: value
+        names are unique across nested scopes, so one table serves them all)."""
         for vi in [*graph.input, *graph.output, *graph.value_info]:
-            info.add_value_info(vi)
+            self.add_value_info(vi)
         for init in graph.initializer:
-            info.elem[init.name] = init.data_type
-            info.dims[init.name] = tuple(int(d) for d in init.dims)
+            self.elem[init.name] = init.data_type
+            self.dims[init.name] = tuple(int(d) for d in init.dims)
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for attr in node.attribute:
                     if attr.name == "value":
-                        info.elem[node.output[0]] = attr.t.data_type
-                        info.dims[node.output[0]] = tuple(int(d) for d in attr.t.dims)
-        return info
+                        self.elem[node.output[0]] = attr.t.data_type
+                        self.dims[node.output[0]] = tuple(int(d) for d in attr.t.dims)
+            for sub in subgraphs(node):
+                self.add_graph(sub)
 
     def add_value_info(self, vi: onnx.ValueInfoProto) -> None:
         """Record one ``ValueInfoProto`` (tensor types only)."""
@@ -107,7 +115,7 @@ class TypeInfo:
 
 
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Values of initializers and ``Constant`` node outputs, by name."""
+    """Values of initializers and ``Constant`` node outputs, by name (subgraphs included)."""
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute:
@@ -116,7 +124,20 @@ def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
                 values[node.output[0]] = numpy_helper.to_array(attr.t)
             elif attr.name in ("value_float", "value_int") or attr.name in ("value_floats", "value_ints"):
                 values[node.output[0]] = np.asarray(helper.get_attribute_value(attr))
+        for sub in subgraphs(node):
+            values.update(constant_values(sub))
     return values
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held by a node's attributes (If branches, Loop and Scan bodies)."""
+    found: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attr.graphs)
+    return found
 
 
 def outer_references(node: onnx.NodeProto) -> list[str]:
@@ -149,6 +170,14 @@ class Builder:
         self.initializers: list[onnx.TensorProto] = []
         self._counter = 0
         self._consts: dict[tuple[Any, ...], str] = {}
+
+    def child(self) -> Builder:
+        """A builder for the nodes of a subgraph (a Scan or If body): its own nodes and
+        constants, names unique together with this builder's (one set of taken names)."""
+        sub = Builder((), self.opset, self.prefix)
+        sub.taken = self.taken
+        sub._counter = self._counter
+        return sub
 
     def fresh(self, base: str) -> str:
         """A new unique name built from ``base`` and a counter."""
@@ -188,7 +217,7 @@ class Builder:
 
     def reduce(self, op_type: str, x: str, axes: Sequence[int], *, keepdims: bool) -> str:
         """``ReduceSum``/``ReduceMean``/... over ``axes`` in the form this opset wants."""
-        takes_input = op_type == "ReduceSum" or self.opset >= 18
+        takes_input = (op_type == "ReduceSum" and self.opset >= 13) or self.opset >= 18
         if takes_input:
             return self.op(op_type, [x, self.ints(axes)], keepdims=int(keepdims))
         return self.op(op_type, [x], axes=list(axes), keepdims=int(keepdims))
@@ -198,6 +227,10 @@ class Builder:
 
 
 Backward = Callable[["RuleContext", onnx.NodeProto, list[str | None]], list[str | None]]
+# (nodes, wrt, seeds, builder) -> {w: gradient or None}: differentiates a subgraph's nodes
+BodyGradients = Callable[
+    [Sequence[onnx.NodeProto], Sequence[str], Mapping[str, str], "Builder"], dict[str, str | None]
+]
 
 
 @dataclass(frozen=True)
@@ -211,6 +244,10 @@ class Rule:
         prepare: Optional rewrite of the forward node before differentiation (e.g. ask
             MaxPool for its Indices output); returns the node to use.
         min_opset: Lowest opset the emitted gradient ops need.
+        outer: The op holds subgraphs (If, Loop, Scan) whose outer-scope references carry
+            gradients too: ``backward`` then returns one gradient per input followed by one
+            per name of :func:`outer_references`, and the walk prepares the nodes of its
+            bodies like those of the main graph.
     """
 
     backward: Backward
@@ -218,6 +255,7 @@ class Rule:
     outputs: tuple[int, ...] | None = None
     prepare: Callable[[onnx.NodeProto, Builder], onnx.NodeProto] | None = None
     min_opset: int = 13
+    outer: bool = False
 
     def differentiable_input(self, index: int) -> bool:
         """Whether input ``index`` can carry a gradient."""
@@ -237,12 +275,28 @@ class RuleContext:
         info: TypeInfo,
         constants: Mapping[str, np.ndarray],
         requires: set[str],
+        body: BodyGradients | None = None,
     ) -> None:
         self.b = builder
         self.info = info
         self.constants = constants
         self.requires = requires
+        self.body = body
         self._shape_cache: dict[str, str] = {}
+
+    def differentiate_body(
+        self,
+        nodes: Sequence[onnx.NodeProto],
+        *,
+        wrt: Sequence[str],
+        seeds: Mapping[str, str],
+        builder: Builder,
+    ) -> dict[str, str | None]:
+        """The gradients of a subgraph's nodes (same rules, types and constants), emitted into
+        ``builder``: what the If/Loop/Scan rules put into the bodies of their backward."""
+        if self.body is None:
+            raise GradientError("subgraphs cannot be differentiated here")
+        return self.body(nodes, wrt, seeds, builder)
 
     # facts about forward values
 
@@ -361,11 +415,14 @@ class RuleContext:
 
 
 def all_names(graph: onnx.GraphProto) -> set[str]:
-    """Every value, initializer and node name in the graph (to keep new names unique)."""
+    """Every value, initializer and node name in the graph and its subgraphs (to keep new
+    names unique)."""
     names = {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
     names.update(i.name for i in graph.initializer)
     for node in graph.node:
         names.update(node.output)
         names.update(node.input)
         names.add(node.name)
+        for sub in subgraphs(node):
+            names.update(all_names(sub))
     return names

@@ -1,4 +1,5 @@
-"""Load what a :class:`DistillConfig` names: the teacher model and every row of ``--data``.
+"""Load what a :class:`DistillConfig` names: the teacher model, and ``--data`` opened for reading
+batch by batch (:func:`modelshrink.dataset.open_run_dataset`; nothing is loaded whole).
 
 Called by the API before the run (the technique reads no files). Also the errors a user can
 act on before any work: no ``--data``, a teacher from stdin.
@@ -9,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 from modelshrink import io
+from modelshrink.dataset import open_run_dataset
 from modelshrink.errors import ConfigError
-from modelshrink.feeds import load_feeds
 from modelshrink.options import RunOptions
 from modelshrink.techniques.distill.config import DistillConfig
-from modelshrink.techniques.distill.data import Teacher, read_labels, training_data_from_feeds
+from modelshrink.techniques.distill.data import Teacher
 
 __all__ = ["load_distill_data"]
 
@@ -36,10 +37,5 @@ def load_distill_data(config: DistillConfig, source: str, options: RunOptions) -
     if config.teacher == io.STDIO:
         raise ConfigError("--teacher must be a path (stdin is for the student, if anything)")
     loaded = io.load_model(config.teacher)
-    feeds = load_feeds(loaded.model, data=options.data, input_shapes=options.input_shapes, samples=1 << 62)
-    labels = read_labels(options.data, config.labels) if config.labels else None
-    return dataclasses.replace(
-        config,
-        teacher_model=Teacher(loaded.model, loaded.label),
-        training=training_data_from_feeds(feeds, labels=labels, labels_name=config.labels),
-    )
+    training = open_run_dataset(loaded.model, options, labels=config.labels)
+    return dataclasses.replace(config, teacher_model=Teacher(loaded.model, loaded.label), training=training)

@@ -8,8 +8,9 @@
 - the *eval* model: the student's forward graph with parameters as inputs and the same loss,
   for validation without rebuilding anything.
 
-The student's trainable weights (float32 initializers and ``Constant`` node values of the
-main graph) become graph inputs of both; everything else in the student stays as it is.
+The student's trainable weights (float32 initializers and ``Constant`` node values, those of
+If/Loop/Scan bodies lifted to the main graph) become graph inputs of both; everything else in
+the student stays as it is.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from modelshrink.graph import weights
 from modelshrink.techniques.distill.autodiff import append_gradients
-from modelshrink.techniques.distill.grad import Builder, GradientError, TypeInfo, all_names
+from modelshrink.techniques.distill.control import BodyWeights, lift_body_weights
+from modelshrink.techniques.distill.grad import Builder, GradientError, TypeInfo, all_names, subgraphs
 from modelshrink.techniques.distill.losses import LossTerms, emit_loss
 from modelshrink.techniques.distill.optim import OptimizerSpec, SlotNames, emit_update
 from modelshrink.techniques.distill.rules import RULES
@@ -45,7 +47,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BnMode = Literal["frozen", "train"]
-_NEEDS_OPSET_16 = {"MaxPool", "Gather"}
+# Ops whose gradient rule emits ops of opset 16 (ScatterElements/ScatterND with reduction).
+_NEEDS_OPSET_16 = {op for op, rule in RULES.items() if rule.min_opset >= 16}
+# Before opset 11, Upsample and Resize map output to input coordinates as x / scale
+# ("asymmetric") and pick the floor for nearest; onnx's version converter writes a Resize
+# with the defaults (half_pixel, round_prefer_floor) instead, which computes another function.
+_OLD_RESIZE_BEFORE = 11
 _MIN_OPSET = 13
 
 
@@ -128,6 +135,7 @@ def prepare_student(model: ir.Model, *, train: str = "all", bn_mode: BnMode = "f
     params: list[Parameter] = []
     buffers: dict[str, np.ndarray] = {}
     bn_stats = _bn_stat_names(model)
+    body_weights = BodyWeights(model)
     for w in weights(model):
         uses = w.consumers()
         consumer = uses[0][0] if uses else None
@@ -137,8 +145,8 @@ def prepare_student(model: ir.Model, *, train: str = "all", bn_mode: BnMode = "f
         def freeze(reason: str, name: str = w.name, cname: str = cname, cop: str = cop) -> None:
             frozen.append((name, cname, cop, reason))
 
-        if w.graph is not model.graph:
-            freeze("inside an If/Loop/Scan body: not trained")
+        if w.graph is not model.graph and (reason := body_weights.refusal(w.name, w.graph)) is not None:
+            freeze(reason)
             continue
         if w.dtype != ir.DataType.FLOAT:
             if w.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE):
@@ -177,7 +185,7 @@ def prepare_student(model: ir.Model, *, train: str = "all", bn_mode: BnMode = "f
 
 def _ensure_opset(proto: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
     opset = _opset(proto)
-    ops = {n.op_type for n in proto.graph.node}
+    ops = _op_types(proto.graph)
     target = _MIN_OPSET if opset < _MIN_OPSET else opset
     if target < 16 and ops & _NEEDS_OPSET_16:
         target = 16
@@ -190,10 +198,33 @@ def _ensure_opset(proto: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
             f"the student uses opset {opset}; its train step needs opset {target} and the "
             f"onnx version converter failed: {exc}"
         ) from exc
+    if opset < _OLD_RESIZE_BEFORE:  # every Resize now came from an Upsample or a Resize-10
+        for node in converted.graph.node:
+            if node.op_type == "Resize":
+                _keep_old_resize_semantics(node)
     notes.append(
         f"the train step ran at opset {target} (the student uses {opset}); the output keeps opset {opset}"
     )
     return converted
+
+
+def _op_types(graph: onnx.GraphProto) -> set[str]:
+    """Op types of a graph and of its If/Loop/Scan bodies."""
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for sub in subgraphs(node):
+            ops |= _op_types(sub)
+    return ops
+
+
+def _keep_old_resize_semantics(node: onnx.NodeProto) -> None:
+    """Give a converted Upsample / Resize-10 the coordinates it had: ``x / scale``, floor."""
+    keep = [a for a in node.attribute if a.name not in ("coordinate_transformation_mode", "nearest_mode")]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+    node.attribute.append(helper.make_attribute("nearest_mode", "floor"))
 
 
 def _params_to_inputs(proto: onnx.ModelProto, names: Sequence[str]) -> None:
@@ -217,6 +248,7 @@ def _params_to_inputs(proto: onnx.ModelProto, names: Sequence[str]) -> None:
             keep_nodes.append(node)
     del graph.node[:]
     graph.node.extend(keep_nodes)
+    inputs.update((vi.name, vi) for vi in lift_body_weights(proto, [n for n in names if n not in inputs]))
     graph.input.extend(inputs[n] for n in names if n in inputs)
 
 

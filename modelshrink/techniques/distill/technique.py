@@ -29,14 +29,18 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
+from modelshrink import io
 from modelshrink.errors import ConfigError, DataError, UnsupportedModelError
+from modelshrink.graph import graph_inputs
+from modelshrink.inputs import batch_symbol, input_specs
 from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.techniques.base import Change, Judged, Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.distill.config import DistillConfig
 from modelshrink.techniques.distill.data import Teacher, TrainingData
 from modelshrink.techniques.distill.optim import OptimizerSpec
 from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
-from modelshrink.techniques.distill.trainer import LoopSettings, evaluate, train
+from modelshrink.techniques.distill.targets import TeacherTargets, teacher_targets
+from modelshrink.techniques.distill.trainer import LoopSettings, evaluate, plan_batches, train
 from modelshrink.verify import is_class_like
 
 __all__ = ["distill"]
@@ -60,50 +64,56 @@ def _teacher_session(teacher: Teacher, extra_outputs: Sequence[str], runtime: Ru
     return Session(proto.SerializeToString(), runtime, label=f"teacher {teacher.label}")
 
 
-def _run_in_chunks(
-    session: Session, inputs: Mapping[str, np.ndarray], names: Sequence[str], rows: int, chunk: int
-) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for start in range(0, rows, chunk):
-        feed = {k: v[start : start + chunk] for k, v in inputs.items() if k in session.input_names}
-        for name, value in zip(names, session.run(feed, names), strict=True):
-            parts[name].append(np.asarray(value))
-    return {n: np.concatenate(p, axis=0) for n, p in parts.items()}
-
-
-def _check_inputs(student: ir.Model, teacher: Teacher, data: TrainingData) -> None:
-    s_inputs = [v.name for v in student.graph.inputs if not v.is_initializer()]
-    t_inputs = {v.name for v in teacher.model.graph.inputs if not v.is_initializer()}
+def _check_inputs(student: ir.Model, teacher: Teacher, data: TrainingData) -> list[str]:
+    s_inputs = [v.name or "" for v in graph_inputs(student.graph)]
+    t_inputs = {v.name for v in graph_inputs(teacher.model.graph)}
     for name in s_inputs:
         if name not in t_inputs:
             raise UnsupportedModelError(
                 f"the student's input '{name}' is not an input of the teacher {teacher.label}; "
                 "distillation feeds both the same batch"
             )
-        if name not in data.inputs:
+        if name not in data.axes:
             raise DataError(f"--data {data.source}: no array for the student's input '{name}'")
+    return s_inputs
 
 
-def _batch_dim_of(student: ir.Model) -> int | None:
-    for v in student.graph.inputs:
-        if v.is_initializer() or v.shape is None or len(v.shape) == 0:
+def _fixed_batch(student: ir.Model, data: TrainingData) -> int | None:
+    """The student's static size on an input's batch axis (it trains at that size), if any."""
+    for v in graph_inputs(student.graph):
+        axis = data.axes.get(v.name or "")
+        if axis is None or axis.axis is None or v.shape is None or axis.axis >= len(v.shape):
             continue
-        d = v.shape[0]
-        if isinstance(d, int):
+        d = v.shape[axis.axis]
+        if isinstance(d, int) and d > 0:
             return d
     return None
+
+
+def _declared_axes(teacher: Teacher, names: Sequence[str]) -> dict[str, int | None]:
+    """Batch axes of the teacher's outputs from their declared dims (the inputs' batch symbol)."""
+    symbol = batch_symbol(input_specs(teacher.model))
+    out: dict[str, int | None] = {}
+    for v in teacher.model.graph.outputs:
+        if v.name and v.name in names and v.shape is not None and symbol is not None:
+            dims = [d.value if isinstance(d, ir.SymbolicDim) else d for d in v.shape]
+            out[v.name] = dims.index(symbol) if symbol in dims else None
+    return out
 
 
 def _producer_ops(model: ir.Model) -> dict[str, str]:
     return {v.name or "": node.op_type for node in model.graph for v in node.outputs}
 
 
-def _dims_with_batch(arr: np.ndarray) -> tuple[int | str, ...]:
-    return ("batch", *[int(d) for d in arr.shape[1:]])
+def _dims_with_batch(arr: np.ndarray, axis: int | None) -> tuple[int | str, ...]:
+    return tuple("batch" if a == axis else int(d) for a, d in enumerate(arr.shape))
 
 
 def _plan_outputs(
-    config: DistillConfig, student: ir.Model, targets: Mapping[str, np.ndarray]
+    config: DistillConfig,
+    student: ir.Model,
+    targets: Mapping[str, np.ndarray],
+    axes: Mapping[str, int | None],
 ) -> tuple[tuple[tuple[str, Literal["kl", "mse"], str | None, tuple[int | str, ...]], ...], list[str]]:
     producers = _producer_ops(student)
     plan: list[tuple[str, Literal["kl", "mse"], str | None, tuple[int | str, ...]]] = []
@@ -118,7 +128,7 @@ def _plan_outputs(
             raise ConfigError(
                 f"--loss kl: output '{name}' of shape {list(arr.shape)} has no class axis; use --loss mse"
             )
-        plan.append((name, kind, producers.get(name), _dims_with_batch(arr)))
+        plan.append((name, kind, producers.get(name), _dims_with_batch(arr, axes[name])))
         if class_like:
             class_outputs.append(name)
     return tuple(plan), class_outputs
@@ -141,15 +151,16 @@ def _float_outputs(student: ir.Model, teacher: Teacher) -> list[str]:
 
 
 def _write_back(model: ir.Model, values: Mapping[str, np.ndarray]) -> None:
-    """Replace the trained weights' values in the student's own graph, by name."""
-    for key, graph_value in list(model.graph.initializers.items()):
+    """Replace the trained weights' values in the student's own graphs (If/Loop/Scan bodies
+    too), by name."""
+    for key, graph_value in [i for g in model.graphs() for i in g.initializers.items()]:
         if key in values:
             old = graph_value.const_value
             name = old.name if old is not None else key
             graph_value.const_value = ir.Tensor(
                 np.ascontiguousarray(values[key], dtype=np.float32), name=name
             )
-    for node in model.graph:
+    for node in model.graph.all_nodes():
         out_name = node.outputs[0].name if node.outputs else None
         if node.op_type == "Constant" and out_name is not None and out_name in values:
             attr = node.attributes.get("value")
@@ -172,50 +183,79 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
     """
     model = model.clone()
     teacher, data = config.loaded()
-    _check_inputs(model, teacher, data)
+    student_inputs = _check_inputs(model, teacher, data)
     shared = _float_outputs(model, teacher)
     teacher_features = [t for _, t in config.pairs]
     produced = {v.name for node in model.graph for v in node.outputs} | {v.name for v in model.graph.inputs}
     for s, _ in config.pairs:
         if s not in produced:
             raise ConfigError(f"--match: the student has no tensor named '{s}'")
-    context.progress("distilling · running the teacher", 0, 1)
     session = _teacher_session(teacher, teacher_features, context.runtime)
-    chunk = max(config.batch_size, 64)
-    fixed = _batch_dim_of(model)
-    if fixed is not None:
-        chunk = fixed
-    computed = _run_in_chunks(
-        session, data.inputs, [*shared, *teacher_features], _usable_rows(data.rows, fixed), chunk
-    )
-    targets = {k: computed[k] for k in shared}
-    features = {s: computed[t] for s, t in config.pairs}
-    context.progress("distilling · running the teacher", 1, 1)
+    fixed = _fixed_batch(model, data)
+    batch_size = fixed if fixed is not None else (config.batch_size if data.batched else 1)
+    rows = _usable_rows(data.rows, fixed)
+    names = list(dict.fromkeys([*shared, *teacher_features]))
+    with teacher_targets(
+        session,
+        names,
+        data,
+        rows=rows,
+        chunk=fixed if fixed is not None else max(batch_size, 64),
+        pad_to=fixed,
+        declared=_declared_axes(teacher, names),
+        folder=io.temporary_folder if _CACHE_TEACHER else None,
+        progress=lambda done, total: context.progress("distilling · running the teacher", done, total),
+    ) as targets:
+        return _train(
+            model, config, context, teacher, data, targets, shared, student_inputs, fixed, batch_size, rows
+        )
 
-    plan, class_outputs = _plan_outputs(config, model, targets)
+
+# The teacher's outputs are computed once into a temporary file (False: per batch); see .targets.
+_CACHE_TEACHER = True
+
+
+def _train(
+    model: ir.Model,
+    config: DistillConfig,
+    context: TechniqueContext,
+    teacher: Teacher,
+    data: TrainingData,
+    targets: TeacherTargets,
+    shared: Sequence[str],
+    student_inputs: Sequence[str],
+    fixed: int | None,
+    batch_size: int,
+    rows: int,
+) -> TechniqueResult:
+    sample = targets.sample
+    plan, class_outputs = _plan_outputs(config, model, {k: sample[k] for k in shared}, targets.axes)
     labels_spec: tuple[str, int, str | None, tuple[int | str, ...]] | None = None
+    labels_axis = 0
     if data.labels is not None:
         if not class_outputs:
             raise ConfigError("--labels: no student output looks like class scores to apply labels to")
         out = class_outputs[0]
-        classes = targets[out].shape[-1]
+        classes = sample[out].shape[-1]
         if data.labels.min() < 0 or data.labels.max() >= classes:
             raise DataError(
                 f"--labels {data.labels_name}: values must be in [0, {classes}) for output '{out}'"
             )
+        labels_axis = targets.axes[out] or 0
         label_dims: tuple[int | str, ...] = ("batch", *[int(d) for d in data.labels.shape[1:]])
+        label_dims = (*label_dims[1 : labels_axis + 1], "batch", *label_dims[labels_axis + 1 :])
         labels_spec = (out, int(classes), None, label_dims)
     spec = TargetSpec(
         outputs=plan,
         temperature=config.temperature,
         labels=labels_spec,
         alpha=config.label_weight,
-        matches=tuple((s, _dims_with_batch(features[s])) for s, _ in config.pairs),
+        matches=tuple((s, _dims_with_batch(sample[t], targets.axes[t])) for s, t in config.pairs),
     )
     student = prepare_student(model, train=config.train, bn_mode=config.bn_mode)
     if not student.params:
         raise ConfigError(
-            f"--train {config.train}: no trainable weight (float32, non-scalar, main graph) matches"
+            f"--train {config.train}: no trainable weight (float32, non-scalar) matches"
             if config.train != "all"
             else "the student has no trainable float32 weight"
         )
@@ -224,16 +264,26 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
     )
     models = build_step(student, spec, optimizer, bn_mode=config.bn_mode, keep_zeros=config.keep_zeros)
 
-    rows = _usable_rows(data.rows, fixed)
     rng = np.random.default_rng(context.seed)
     order = rng.permutation(rows)
     n_val = round(rows * config.val_split) if config.val_split > 0 else 0
     if fixed is not None and n_val:  # whole batches only
         n_val = min(max(fixed, round(n_val / fixed) * fixed), rows - fixed)
     val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
-    batch_size = config.batch_size if fixed is None else fixed
-    inputs = {k: v[:rows] for k, v in data.inputs.items()}
-    labels = data.labels[:rows] if data.labels is not None else None
+    labels = data.labels
+    features = dict(config.pairs)
+
+    def feeder(batch: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        inputs = data.batch(batch)
+        outputs = targets.get(batch, inputs)
+        data.release()
+        feed = {k: inputs[k] for k in student_inputs}
+        feed.update({name: outputs[out] for out, name in models.target_inputs.items()})
+        feed.update({name: outputs[features[s]] for s, name in models.match_inputs.items()})
+        if models.labels_input is not None and labels is not None:
+            feed[models.labels_input] = np.moveaxis(labels[batch], 0, labels_axis)
+        return feed, {o: outputs[o] for o in class_outputs}
+
     settings = LoopSettings(
         epochs=config.epochs,
         batch_size=batch_size,
@@ -245,21 +295,25 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
     eval_session = Session(models.eval.SerializeToString(), context.runtime, label="distill validation")
     check_rows = val_rows if len(val_rows) else train_rows
     where = "validation split" if len(val_rows) else "training rows (no --val-split)"
+    check_batches = plan_batches(check_rows, data.groups, batch_size, drop_last=fixed is not None)
+    checked = int(sum(len(b) for b in check_batches))
     frozen_values = {p.name: p.value for p in models.untrained}
     before = evaluate(
-        eval_session, models, inputs, targets, labels, features,
-        {**{p.name: p.value for p in models.params}, **frozen_values}, student.buffers,
-        check_rows, batch_size, class_outputs,
-    )  # fmt: skip
+        eval_session,
+        models,
+        feeder,
+        {**{p.name: p.value for p in models.params}, **frozen_values},
+        student.buffers,
+        check_batches,
+        class_outputs,
+    )
     result = train(
         models,
-        inputs=inputs,
-        targets=targets,
-        labels=labels,
-        features=features,
+        feeder=feeder,
+        groups=data.groups,
         buffers=student.buffers,
         train_rows=train_rows,
-        val_rows=val_rows,
+        val_batches=plan_batches(val_rows, data.groups, batch_size, drop_last=fixed is not None),
         settings=settings,
         class_outputs=class_outputs,
         runtime=context.runtime,
@@ -267,15 +321,23 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
         progress=context.progress,
     )
     after = evaluate(
-        eval_session, models, inputs, targets, labels, features,
-        {**result.params, **frozen_values}, result.buffers, check_rows, batch_size, class_outputs,
-    )  # fmt: skip
+        eval_session,
+        models,
+        feeder,
+        {**result.params, **frozen_values},
+        result.buffers,
+        check_batches,
+        class_outputs,
+    )
     _write_back(model, {**result.params, **result.buffers})
     if fixed is not None and fixed != config.batch_size:
         student.notes.append(
             f"the student's batch dimension is fixed at {fixed}: trained with batches of {fixed}, "
             f"not --batch-size {config.batch_size}"
         )
+    if not data.batched:
+        student.notes.append("no input has a batch axis: every row was fed on its own (batches of 1)")
+    student.notes.append(f"batched: {data.batching_text()}")
     return _result(
         model,
         config,
@@ -285,10 +347,11 @@ def distill(model: ir.Model, config: DistillConfig, context: TechniqueContext) -
         before,
         after,
         where,
-        len(check_rows),
+        checked,
         len(train_rows),
         class_outputs,
         plan,
+        targets,
     )
 
 
@@ -311,6 +374,7 @@ def _result(
     train_count: int,
     class_outputs: Sequence[str],
     plan: Sequence[tuple[str, str, str | None, Any]],
+    targets: TeacherTargets,
 ) -> TechniqueResult:
     changed = []
     for p in models.params:
@@ -360,14 +424,20 @@ def _result(
     )
     if result.stopped_early:
         notes.append(f"stopped early after epoch {len(result.history)} (--patience {config.patience})")
+    data = config.loaded()[1]
     details = {
         "teacher": config.loaded()[0].label,
         "data": {
-            "source": config.loaded()[1].source,
-            "rows": config.loaded()[1].rows,
+            "source": data.source,
+            "rows": data.rows,
             "train_rows": train_count,
             "check_rows": check_count,
             "check_rows_from": where,
+            "batching": data.describe(),
+            "groups": len(data.group_values),
+            "teacher_outputs": "computed once, kept in a temporary file"
+            if targets.cached
+            else "computed per batch",
         },
         "losses": [{"output": o, "loss": k} for o, k, *_ in plan],
         "class_outputs": list(class_outputs),

@@ -1,17 +1,21 @@
 """The training loop: batches, schedule, validation, best epoch, early stopping.
 
 The step model does all the arithmetic; this loop only feeds it: for each batch it passes the
-inputs, the teacher's targets for those rows, the current parameters and optimizer state, the
-learning rate of this step and the step number, and keeps what comes back. Shuffling uses
-``numpy.random.default_rng(seed)``, so the same flags give the same weights, byte for byte
-(onnxruntime's CPU kernels are deterministic for a fixed thread count).
+inputs, the teacher's targets for those rows (both from a :data:`Feeder`, which reads them
+from disk batch by batch), the current parameters and optimizer state, the learning rate of
+this step and the step number, and keeps what comes back. Shuffling is by row index with
+``numpy.random.default_rng(seed)``; rows of different groups (different values of an input
+without a batch axis) are never batched together, and with several groups the batches are
+shuffled too. The same flags give the same weights, byte for byte (onnxruntime's CPU kernels
+are deterministic for a fixed thread count).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,7 +25,16 @@ from modelshrink.runtime import RuntimeOptions, Session
 from modelshrink.techniques.base import Progress
 from modelshrink.techniques.distill.step import StepModels
 
-__all__ = ["EpochRecord", "LoopSettings", "TrainResult", "evaluate", "lr_at", "train"]
+__all__ = [
+    "EpochRecord",
+    "Feeder",
+    "LoopSettings",
+    "TrainResult",
+    "evaluate",
+    "lr_at",
+    "plan_batches",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,38 +83,54 @@ def lr_at(settings: LoopSettings, step: int, total: int) -> float:
     return settings.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-def _batches(rows: np.ndarray, size: int, *, drop_last: bool) -> list[np.ndarray]:
+Feeder = Callable[[np.ndarray], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
+"""``rows -> (feed, teacher)``: what the step or eval model is fed for these rows besides the
+parameters (inputs, teacher targets, features, labels), and the teacher's class-like outputs
+(for top-1 agreement)."""
+
+
+def _cut(rows: np.ndarray, size: int, *, drop_last: bool) -> list[np.ndarray]:
     count = len(rows) // size if drop_last else -(-len(rows) // size)
     return [rows[i * size : (i + 1) * size] for i in range(count)]
 
 
-def _feed(
-    arrays: Mapping[str, np.ndarray], names: Mapping[str, str], rows: np.ndarray
-) -> dict[str, np.ndarray]:
-    return {name: arrays[key][rows] for key, name in names.items()}
+def plan_batches(
+    rows: np.ndarray,
+    groups: np.ndarray,
+    size: int,
+    *,
+    drop_last: bool,
+    rng: np.random.Generator | None = None,
+) -> list[np.ndarray]:
+    """``rows`` (in their order) cut into batches of ``size`` that never mix groups.
+
+    ``groups[r]`` is row ``r``'s group. With one group this is plain consecutive cutting; with
+    several, each group is cut on its own (in order of first appearance) and, given ``rng``, the
+    batches are shuffled so training alternates between groups.
+    """
+    members = groups[rows]
+    kinds = list(dict.fromkeys(members.tolist()))
+    if len(kinds) <= 1:
+        return _cut(rows, size, drop_last=drop_last)
+    batches = [b for g in kinds for b in _cut(rows[members == g], size, drop_last=drop_last)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
 
 
 def evaluate(
     session: Session,
     models: StepModels,
-    inputs: Mapping[str, np.ndarray],
-    targets: Mapping[str, np.ndarray],
-    labels: np.ndarray | None,
-    features: Mapping[str, np.ndarray],
+    feeder: Feeder,
     params: Mapping[str, np.ndarray],
     buffers: Mapping[str, np.ndarray],
-    rows: np.ndarray,
-    batch_size: int,
+    batches: Sequence[np.ndarray],
     class_outputs: Sequence[str],
 ) -> tuple[float, float | None]:
-    """Mean loss and top-1 agreement with the teacher (class-like outputs) over ``rows``."""
+    """Mean loss and top-1 agreement with the teacher (class-like outputs) over ``batches``."""
     total, count, agree, seen = 0.0, 0, 0, 0
-    for batch in _batches(rows, batch_size, drop_last=False):
-        feed = {k: v[batch] for k, v in inputs.items()}
-        feed.update(_feed(targets, models.target_inputs, batch))
-        feed.update(_feed(features, models.match_inputs, batch))
-        if models.labels_input is not None and labels is not None:
-            feed[models.labels_input] = labels[batch]
+    for batch in batches:
+        feed, teacher = feeder(batch)
         feed.update(params)
         feed.update(buffers)
         outs = session.run(feed, models.eval_outputs)
@@ -110,7 +139,7 @@ def evaluate(
         by_name = dict(zip(models.eval_outputs[1:], outs[1:], strict=True))
         for name in class_outputs:
             s = np.argmax(by_name[name].reshape(-1, by_name[name].shape[-1]), axis=-1)
-            t = np.argmax(targets[name][batch].reshape(-1, targets[name].shape[-1]), axis=-1)
+            t = np.argmax(teacher[name].reshape(-1, teacher[name].shape[-1]), axis=-1)
             agree += int((s == t).sum())
             seen += s.size
     return total / max(count, 1), (agree / seen if seen else None)
@@ -119,25 +148,25 @@ def evaluate(
 def train(
     models: StepModels,
     *,
-    inputs: Mapping[str, np.ndarray],
-    targets: Mapping[str, np.ndarray],
-    labels: np.ndarray | None,
-    features: Mapping[str, np.ndarray],
+    feeder: Feeder,
+    groups: np.ndarray,
     buffers: Mapping[str, np.ndarray],
     train_rows: np.ndarray,
-    val_rows: np.ndarray,
+    val_batches: Sequence[np.ndarray],
     settings: LoopSettings,
     class_outputs: Sequence[str],
     runtime: RuntimeOptions,
     seed: int,
     progress: Progress,
 ) -> TrainResult:
-    """Run the epochs; keep the parameters of the best validation epoch (the last without one)."""
+    """Run the epochs; keep the parameters of the best validation epoch (the last without one).
+
+    ``groups[r]`` is row ``r``'s group (a batch never mixes groups); ``val_batches`` are the
+    validation rows, already cut into batches.
+    """
     step_session = Session(models.step.SerializeToString(), runtime, label="distill train step")
     eval_session = (
-        Session(models.eval.SerializeToString(), runtime, label="distill validation")
-        if len(val_rows)
-        else None
+        Session(models.eval.SerializeToString(), runtime, label="distill validation") if val_batches else None
     )
     rng = np.random.default_rng(seed)
     flat = models.initial_flat()
@@ -145,7 +174,7 @@ def train(
     bufs = {k: np.array(v, dtype=np.float32) for k, v in buffers.items()}
     frozen = {p.name: p.value for p in models.untrained}
     out_names = [models.loss, models.flat.param_out, *models.flat.state_out, *models.buffer_outputs.values()]
-    per_epoch = len(_batches(train_rows, settings.batch_size, drop_last=settings.fixed_batch))
+    per_epoch = len(plan_batches(train_rows, groups, settings.batch_size, drop_last=settings.fixed_batch))
     total_steps = per_epoch * settings.epochs
     history: list[EpochRecord] = []
     best: tuple[float, float] | None = None
@@ -155,24 +184,38 @@ def train(
     step = 0
     stopped = False
     val_text = ""
+
+    def validate() -> tuple[float, float | None]:
+        """Loss and agreement of the current weights on the validation batches."""
+        assert eval_session is not None
+        return evaluate(
+            eval_session,
+            models,
+            feeder,
+            {**models.unflatten(flat), **frozen},
+            bufs,
+            val_batches,
+            class_outputs,
+        )
+
     if eval_session is not None:  # epoch 0: the student as it came is a candidate too
-        loss0, agree0 = evaluate(
-            eval_session, models, inputs, targets, labels, features,
-            {**models.unflatten(flat), **frozen}, bufs, val_rows, settings.batch_size, class_outputs,
-        )  # fmt: skip
+        loss0, agree0 = validate()
         best = (-(agree0 if agree0 is not None else 0.0), loss0)
     for epoch in range(1, settings.epochs + 1):
         order = rng.permutation(train_rows) if settings.shuffle else train_rows
         losses = []
         lr = settings.lr
-        for batch in _batches(order, settings.batch_size, drop_last=settings.fixed_batch):
+        started, seen = time.perf_counter(), 0
+        for batch in plan_batches(
+            order,
+            groups,
+            settings.batch_size,
+            drop_last=settings.fixed_batch,
+            rng=rng if settings.shuffle else None,
+        ):
             lr = lr_at(settings, step, total_steps)
             step += 1
-            feed: dict[str, Any] = {k: v[batch] for k, v in inputs.items()}
-            feed.update(_feed(targets, models.target_inputs, batch))
-            feed.update(_feed(features, models.match_inputs, batch))
-            if models.labels_input is not None and labels is not None:
-                feed[models.labels_input] = labels[batch]
+            feed: dict[str, Any] = feeder(batch)[0]
             feed[models.flat.param] = flat
             feed.update(state)
             feed.update(bufs)
@@ -192,26 +235,17 @@ def train(
             for buf in models.buffer_outputs:
                 bufs[buf] = outs[i]
                 i += 1
+            seen += len(batch)
+            rate = seen / max(time.perf_counter() - started, 1e-9)
             progress(
-                f"distilling · epoch {epoch}/{settings.epochs} · loss {np.mean(losses):.4g}{val_text}",
+                f"distilling · epoch {epoch}/{settings.epochs} · loss {np.mean(losses):.4g} · "
+                f"{rate:,.0f} rows/s{val_text}",
                 step,
                 total_steps,
             )
         val_loss = val_agree = None
         if eval_session is not None:
-            val_loss, val_agree = evaluate(
-                eval_session,
-                models,
-                inputs,
-                targets,
-                labels,
-                features,
-                {**models.unflatten(flat), **frozen},
-                bufs,
-                val_rows,
-                settings.batch_size,
-                class_outputs,
-            )
+            val_loss, val_agree = validate()
             val_text = f" · val loss {val_loss:.4g}" + (
                 f" · agreement {val_agree:.1%}" if val_agree is not None else ""
             )

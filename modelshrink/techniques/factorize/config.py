@@ -83,9 +83,14 @@ class FactorizeConfig:
 
     def __post_init__(self) -> None:
         rules = [
-            f"--{n}" for n, v in (("rank-ratio", self.rank_ratio), ("energy", self.energy),
-                                  ("target-ratio", self.target_ratio)) if v is not None
-        ]  # fmt: skip
+            f"--{n}"
+            for n, v in (
+                ("rank-ratio", self.rank_ratio),
+                ("energy", self.energy),
+                ("target-ratio", self.target_ratio),
+            )
+            if v is not None
+        ]
         if len(rules) > 1:
             raise ConfigError(f"{' and '.join(rules)} are alternatives; give at most one")
         for name, value in (

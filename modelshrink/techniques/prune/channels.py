@@ -37,27 +37,87 @@ logger = logging.getLogger(__name__)
 # One output per input element, channel axis unchanged; inputs other than 0 must not carry channels.
 _UNARY = frozenset(
     {
-        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu", "HardSigmoid",
-        "HardSwish", "Softplus", "Softsign", "Mish", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt",
-        "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Identity", "Dropout",
-        "Cast", "Clip", "ThresholdedRelu", "Not", "IsNaN", "IsInf", "Shrink", "Swish",
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Gelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "HardSigmoid",
+        "HardSwish",
+        "Softplus",
+        "Softsign",
+        "Mish",
+        "Erf",
+        "Exp",
+        "Log",
+        "Abs",
+        "Neg",
+        "Sqrt",
+        "Reciprocal",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Sin",
+        "Cos",
+        "Identity",
+        "Dropout",
+        "Cast",
+        "Clip",
+        "ThresholdedRelu",
+        "Not",
+        "IsNaN",
+        "IsInf",
+        "Shrink",
+        "Swish",
     }
-)  # fmt: skip
+)
 # Element-wise with numpy broadcasting over all inputs.
 _BROADCAST = frozenset(
     {
-        "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where", "And",
-        "Or", "Xor", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Mod",
-        "BitwiseAnd", "BitwiseOr", "BitwiseXor",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "PRelu",
+        "Where",
+        "And",
+        "Or",
+        "Xor",
+        "Equal",
+        "Greater",
+        "Less",
+        "GreaterOrEqual",
+        "LessOrEqual",
+        "Mod",
+        "BitwiseAnd",
+        "BitwiseOr",
+        "BitwiseXor",
     }
-)  # fmt: skip
+)
 _POOL = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 _REDUCE = frozenset(
     {
-        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-        "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
     }
-)  # fmt: skip
+)
 _SOFTMAX = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
 # Reduce ops whose ``axes`` moved from attribute to input at this opset.
 _AXES_INPUT_OPSET = {"ReduceSum": 13, "Squeeze": 13, "Unsqueeze": 13}

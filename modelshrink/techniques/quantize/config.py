@@ -103,7 +103,10 @@ class QuantizeConfig:
         op_types: Only quantize weights of these op types (None: the mode's default set).
         exclude: Node names, op types, weight names or glob patterns left alone.
         min_elements: Weights with fewer elements are left in float.
-        calibration: Activation range method for ``static``.
+        calibration: Activation range method for ``static`` (None: per tensor, the method with
+            the least quantization error on the calibration rows).
+        smooth: ``static``: SmoothQuant's alpha for MatMul/Gemm inputs (None: off).
+        bias_correction: ``static``: shift Conv/Gemm biases by the mean output error.
         method: Weight rounding for int8/int4/``--bits``: ``rtn`` (round to nearest),
             ``gptq`` or ``awq`` (fitted to ``--data``; see ``gptq.py``). None: gptq with
             ``--data``, rtn without.
@@ -155,7 +158,8 @@ class QuantizeConfig:
     )
     calibration: Calibration | None = flag(
         None,
-        "static: how activation ranges are set from --data (default minmax).",
+        "static: how activation ranges are set from --data, for every tensor (default: per tensor, the "
+        "one of minmax, percentile and entropy with the least quantization error on --data).",
         panel=PANEL,
         show_default=False,
     )
@@ -181,6 +185,20 @@ class QuantizeConfig:
         negative="--no-act-order",
         panel=PANEL,
         show_default=False,
+    )
+    smooth: float | None = flag(
+        None,
+        "static: SmoothQuant with this alpha (0 < ALPHA <= 1, e.g. 0.5): MatMul/Gemm inputs with outlier "
+        "channels are divided by s = max|x|^ALPHA / max|W|^(1-ALPHA) per channel and the weights "
+        "multiplied by it, where that lowers the measured error.",
+        panel=PANEL,
+        show_default=False,
+    )
+    bias_correction: bool = flag(
+        True,
+        "static: shift each Conv/Gemm bias by the mean error quantization adds to its output on --data.",
+        negative="--no-bias-correction",
+        panel=PANEL,
     )
     op_types: tuple[str, ...] | None = flag(
         None,
@@ -252,10 +270,20 @@ class QuantizeConfig:
                 raise ConfigError(
                     f"--calibration must be one of {', '.join(get_args(Calibration))}, got '{self.calibration}'"
                 )
+        if self.smooth is not None:
+            if self.mode != "static":
+                raise ConfigError(f"--smooth applies to --mode static only (got --mode {self.mode})")
+            if not (math.isfinite(self.smooth) and 0 < self.smooth <= 1):
+                raise ConfigError(
+                    f"--smooth must be in (0, 1] (SmoothQuant's alpha, e.g. 0.5), got {self.smooth}"
+                )
+        if not self.bias_correction and self.mode != "static":
+            raise ConfigError(f"--no-bias-correction applies to --mode static only (got --mode {self.mode})")
         self._check_method()
-        if self.sensitivity and self.mode not in ("int8", "int4", "int2", "binary", "dynamic"):
+        if self.sensitivity and self.mode not in ("int8", "int4", "int2", "binary", "dynamic", "static"):
             raise ConfigError(
-                f"--sensitivity applies to --mode int8, int4, int2, binary and dynamic (got --mode {self.mode})"
+                "--sensitivity applies to --mode int8, int4, int2, binary, dynamic and static "
+                f"(got --mode {self.mode})"
             )
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")

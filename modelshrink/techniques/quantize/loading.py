@@ -1,4 +1,5 @@
-"""Load what ``--qat`` trains on: every row of ``--data``, and the teacher (or the model itself).
+"""Load what ``--qat`` trains on: ``--data`` opened for reading batch by batch (the same
+:func:`modelshrink.dataset.open_run_dataset` as ``distill``), and the teacher (or the model itself).
 
 Called by the API before the run (the technique reads no files).
 """
@@ -8,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 from modelshrink import io
+from modelshrink.dataset import open_run_dataset
 from modelshrink.errors import ConfigError
-from modelshrink.feeds import load_feeds
 from modelshrink.options import RunOptions
-from modelshrink.techniques.distill.data import Teacher, training_data_from_feeds
+from modelshrink.techniques.distill.data import Teacher
 from modelshrink.techniques.quantize.config import QatData, QuantizeConfig
 
 __all__ = ["load_qat_data"]
@@ -41,6 +42,6 @@ def load_qat_data(config: QuantizeConfig, source: str, options: RunOptions) -> Q
             "cannot be read twice"
         )
     loaded = io.load_model(config.teacher if config.teacher is not None else source)
-    feeds = load_feeds(loaded.model, data=options.data, input_shapes=options.input_shapes, samples=1 << 62)
+    training = open_run_dataset(loaded.model, options)
     teacher = Teacher(loaded.model, loaded.label) if config.teacher is not None else None
-    return dataclasses.replace(config, qat_data=QatData(training_data_from_feeds(feeds), teacher))
+    return dataclasses.replace(config, qat_data=QatData(training, teacher))

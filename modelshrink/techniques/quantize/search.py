@@ -18,27 +18,59 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
 from modelshrink.gates import Gates, allowance_used, holds
 from modelshrink.techniques.base import TechniqueContext
-from modelshrink.techniques.quantize.plan import Unit
 from modelshrink.verify import Fidelity
 
-__all__ = ["Scored", "Search", "check_agreement_gate", "fallback_search", "format_table", "score_units"]
+__all__ = [
+    "Scored",
+    "Search",
+    "SearchUnit",
+    "check_agreement_gate",
+    "fallback_search",
+    "format_table",
+    "score_units",
+]
 
 logger = logging.getLogger(__name__)
 
 Build = Callable[[frozenset[int]], ir.Model]
 
 
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+class SearchUnit(Protocol):
+    """What the search ranks: ``plan.Unit`` (weight-only modes) or ``static.StaticUnit``."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def layer(self) -> str: ...
+
+    @property
+    def op_type(self) -> str: ...
+
+    @property
+    def weight(self) -> _Named: ...
+
+
 @dataclass(frozen=True)
 class Scored:
     """A unit quantized alone, scored."""
 
-    unit: Unit
+    unit: SearchUnit
     fidelity: Fidelity
     cost: float
 
@@ -78,7 +110,7 @@ def check_agreement_gate(fidelity: Fidelity, gates: Gates) -> None:
         )
 
 
-def score_units(units: Sequence[Unit], build: Build, context: TechniqueContext) -> list[Scored]:
+def score_units(units: Sequence[SearchUnit], build: Build, context: TechniqueContext) -> list[Scored]:
     """Quantize each unit alone and score it; most costly first."""
     scored: list[Scored] = []
     total = len(units)

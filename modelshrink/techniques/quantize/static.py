@@ -18,7 +18,9 @@ import contextlib
 import io
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,59 +29,37 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 from onnxruntime import __version__ as ort_version
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
     quantize_static,
 )
-from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from modelshrink.errors import ConfigError, UnsupportedModelError
 from modelshrink.graph import NameAuthority, all_nodes, allow_plain_initializers, op_key
 from modelshrink.runtime import runs_qdq
 from modelshrink.techniques.base import Change, Skip, TechniqueContext
+from modelshrink.techniques.quantize.biascorrect import correct_biases
+from modelshrink.techniques.quantize.calibration import RANGE_METHODS, Range, calibrate, tensors_to_calibrate
 from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.opset import raise_opset
 from modelshrink.techniques.quantize.plan import QUANTIZABLE_TYPES, excluded_by
+from modelshrink.techniques.quantize.staticprep import (
+    SMOOTH_MIN_GAIN,
+    add_zero_biases,
+    fold_affine,
+    fuse_hard_swish,
+    smooth_quant,
+)
 from modelshrink.techniques.quantize.weightonly import default_opset
 
-__all__ = ["quantize_static_qdq"]
+__all__ = ["StaticQdq", "StaticUnit", "StaticWeight", "quantize_static_qdq", "to_float"]
 
 logger = logging.getLogger(__name__)
 
 # Per-channel (axis) QuantizeLinear/DequantizeLinear arrived in opset 13.
 STATIC_OPSET = 13
-
-_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "percentile": CalibrationMethod.Percentile,
-    "entropy": CalibrationMethod.Entropy,
-}
-
-
-# onnxruntime's entropy calibrator defaults to 128 histogram bins for 128 quantized bins, which
-# leaves its KL search nothing to choose (it returned minmax's ranges, byte for byte, on the
-# sample CNN); 2048 bins is the usual setting (TensorRT's).
-# quantize_static() does not pass bin counts through, so calibration runs here and hands the
-# ranges over as a calibration cache file in the private temporary folder.
-_CALIBRATION_OPTIONS: dict[str, dict[str, object]] = {
-    "entropy": {"num_bins": 2048, "num_quantized_bins": 128}
-}
-
-
-class _Reader(CalibrationDataReader):
-    def __init__(self, samples: Sequence[dict[str, np.ndarray]], names: Sequence[str]) -> None:
-        self._samples = samples
-        self._names = list(names)
-        self._it: Iterator[dict[str, np.ndarray]] = iter(())
-        self.rewind()
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = iter([{n: s[n] for n in self._names if n in s} for s in self._samples])
 
 
 def _weight_of(node: ir.Node) -> ir.Value | None:
@@ -167,10 +147,123 @@ def _raised(work: ir.Model) -> tuple[ir.Model, list[str]]:
     ]
 
 
-def quantize_static_qdq(
+@dataclass(frozen=True)
+class StaticWeight:
+    """The weight a static unit quantizes (``name`` empty for activation-only units)."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class StaticUnit:
+    """A node the QDQ model computes in int8; the fallback can put it back in float."""
+
+    index: int
+    layer: str
+    op_type: str
+    weight: StaticWeight
+
+
+@dataclass(frozen=True)
+class StaticQdq:
+    """Every unit quantized: the QDQ model, the float model it came from, and what changed.
+
+    Attributes:
+        model: The QDQ model.
+        work: The float model as quantized (named, constants lifted, opset raised, affine ops
+            folded, SmoothQuant applied, zero biases added): a unit put back in float reads
+            its weights from here.
+        changes: One per unit, in unit order.
+        skips: Nodes left in float and why.
+        notes: What was done, in words.
+        units: The nodes in int8.
+        details: Machine-readable figures (ranges, bias shifts, smoothing).
+    """
+
+    model: ir.Model
+    work: ir.Model
+    changes: tuple[Change, ...]
+    skips: tuple[Skip, ...]
+    notes: tuple[str, ...]
+    units: tuple[StaticUnit, ...]
+    details: dict[str, object]
+
+
+def _unchanged(model: ir.Model, skips: list[Skip], config: QuantizeConfig) -> StaticQdq:
+    return StaticQdq(
+        model.clone(),
+        model,
+        (),
+        tuple(skips),
+        (f"static: no {', '.join(config.ops)} node left to quantize; the model is unchanged",),
+        (),
+        {},
+    )
+
+
+def _prepare(
     model: ir.Model, config: QuantizeConfig, context: TechniqueContext
-) -> tuple[ir.Model, list[Change], list[Skip], list[str]]:
-    """Calibrate on ``context.feeds`` and return the QDQ model, changes, skips and notes.
+) -> tuple[ir.Model, list[str], list[Skip], list[str], dict[str, object]] | None:
+    """The float model to quantize, the nodes left alone (and why), notes and details."""
+    work = _named(model)
+    onnx_ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(work)
+    allow_plain_initializers(work)  # the lifted Constants are not graph inputs
+    exclude, skips = _exclusions(work, config)
+    left = set(exclude)
+    if not any(op_key(n) in config.ops and n.name not in left for _, n in all_nodes(work)):
+        return None
+    work, notes = _raised(work)
+    if not runs_qdq(default_opset(work)):
+        raise UnsupportedModelError(
+            f"--mode static: onnxruntime {ort_version} has no QuantizeLinear/DequantizeLinear kernels at "
+            f"opset {default_opset(work)}; use --mode int8 or --mode dynamic"
+        )
+    names = NameAuthority(work)
+    details: dict[str, object] = {}
+    folded = fold_affine(work, names)
+    if folded:
+        details["folded_affine"] = folded
+        notes.append(
+            f"folded the per-channel Mul/Add that follow {len(folded)} Conv(s) into their weights and "
+            "biases before quantizing (onnxruntime folds them in the float model, but not across a "
+            "QuantizeLinear: left alone, they would run in float on every call)"
+        )
+    swishes = fuse_hard_swish(work, names)
+    if swishes:
+        details["hard_swish"] = swishes
+        notes.append(
+            f"rewrote {swishes} hard-swish(es) written out as x * Clip(x + 3, 0, 6) / 6 as x * "
+            "HardSigmoid(x): the same values in two passes over the activation instead of four (they run "
+            "in float between the int8 layers)"
+        )
+    exclude, skips = _exclusions(work, config)
+    left = set(exclude)
+    if config.bias_correction:
+        add_zero_biases(work, config.ops, names, excluded=left)
+    if config.smooth is not None:
+        smooth = smooth_quant(
+            work,
+            config.smooth,
+            ops=config.ops,
+            excluded=left,
+            samples=context.feeds.samples,
+            runtime=context.runtime,
+            names=names,
+        )
+        details["smooth"] = smooth
+        applied = sorted(n for n, d in smooth.items() if d["applied"])
+        notes.append(
+            f"--smooth {config.smooth:g}: SmoothQuant applied to {len(applied)} of {len(smooth)} MatMul/Gemm "
+            "node(s) (where it cut the measured error of the layer's output by at least "
+            f"{SMOOTH_MIN_GAIN:.0%}; details.smooth has each layer's error ratio)"
+            + (f": {', '.join(applied)}" if applied else "")
+        )
+    return work, exclude, skips, notes, details
+
+
+def quantize_static_qdq(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> StaticQdq:
+    """Calibrate on ``context.feeds`` and quantize every unit it can.
 
     Raises:
         ConfigError: No real calibration data (``--data``).
@@ -181,26 +274,66 @@ def quantize_static_qdq(
             "--mode static calibrates activation ranges on real inputs: pass --data (e.g. a few "
             "hundred samples as .npz); use --mode dynamic or int8 without data"
         )
-    work = _named(model)
-    onnx_ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(work)
-    allow_plain_initializers(work)  # the lifted Constants are not graph inputs
-    exclude, skips = _exclusions(work, config)
+    prepared = _prepare(model, config, context)
+    if prepared is None:
+        return _unchanged(model, _exclusions(_named(model), config)[1], config)
+    work, exclude, skips, notes, details = prepared
     left = set(exclude)
-    if not any(op_key(n) in config.ops and n.name not in left for _, n in all_nodes(work)):
-        return (
-            model.clone(),
-            [],
-            skips,
-            [f"static: no {', '.join(config.ops)} node left to quantize; the model is unchanged"],
+    samples = context.feeds.samples
+    ranges = calibrate(
+        work, tensors_to_calibrate(work, config.ops), samples, context.runtime, method=config.calibration
+    )
+    out = _run_quantizer(work, config, ranges, exclude)
+    # the quantizer rebuilds the model: restore what it drops
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    out.doc_string, out.model_version = model.doc_string, model.model_version
+    out.graph.doc_string = model.graph.doc_string
+    out.metadata_props.clear()
+    out.metadata_props.update(model.metadata_props)
+    for domain, version in model.opset_imports.items():
+        out.opset_imports.setdefault(domain, version)
+    method = config.calibration or "per tensor"
+    quantized = {n.name or "" for n in out.graph if op_key(n) in config.ops and n.name not in left}
+    shifts: dict[str, dict[str, float]] = {}
+    if config.bias_correction:
+        shifts = correct_biases(out, work, quantized, samples, context.runtime)
+    changes = _changes(out, config, method, left, ranges=ranges, shifts=shifts, details=details)
+    units = tuple(
+        StaticUnit(
+            i,
+            c.node,
+            c.op_type,
+            StaticWeight(str(c.details.get("weight") or ""), c.params_before),
         )
-    work, notes = _raised(work)
-    if not runs_qdq(default_opset(work)):
-        raise UnsupportedModelError(
-            f"--mode static: onnxruntime {ort_version} has no QuantizeLinear/DequantizeLinear kernels at "
-            f"opset {default_opset(work)}; use --mode int8 or --mode dynamic"
+        for i, c in enumerate(changes)
+    )
+    chosen = Counter(r.method for r in ranges.values())
+    how = (
+        f"calibrated with {config.calibration}"
+        if config.calibration is not None
+        else "ranges chosen per tensor by the least quantization error on the rows ("
+        + ", ".join(f"{m} {chosen[m]}" for m in RANGE_METHODS if chosen[m])
+        + ")"
+    )
+    notes.append(
+        f"static: activations uint8, {how} on {len(samples)} sample(s) from {context.feeds.source}; "
+        "weights int8 per output channel; QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses "
+        "into integer kernels (onnxruntime's quantize_static)"
+    )
+    if config.bias_correction:
+        notes.append(
+            f"bias correction: {len(shifts)} Conv/Gemm bias(es) shifted by the mean error their "
+            "quantization adds to the output on the calibration rows (--no-bias-correction turns it off)"
         )
-    method = config.calibration or "minmax"
-    inputs = [v.name for v in work.graph.inputs if v.name and not v.is_initializer()]
+        details["bias_correction"] = shifts
+    details["ranges"] = {name: r.details() for name, r in ranges.items()}
+    return StaticQdq(out, work, tuple(changes), tuple(skips), tuple(notes), units, details)
+
+
+def _run_quantizer(
+    work: ir.Model, config: QuantizeConfig, ranges: dict[str, Range], exclude: list[str]
+) -> ir.Model:
+    """onnxruntime's quantize_static on a private copy of ``work``, with ``ranges`` as its cache."""
     big = (
         sum(v.const_value.nbytes for v in work.graph.initializers.values() if v.const_value is not None)
         > 1_500_000_000
@@ -211,22 +344,16 @@ def quantize_static_qdq(
         _inline(copy)
         ir.save(copy, src, external_data="model.onnx.data" if big else None)
         del copy
+        cache = Path(tmp) / "calibration.json"
+        data = {
+            name: TensorData(lowest=np.array(r.low, np.float32), highest=np.array(r.high, np.float32))
+            for name, r in ranges.items()
+        }
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
         logging.disable(logging.WARNING)  # the quantizer logs advice on the root logger (stderr)
-        chatter = io.StringIO()  # and its calibrators print() progress to stdout
+        chatter = io.StringIO()  # and may print() progress to stdout
         try:
             with contextlib.redirect_stdout(chatter):
-                calibrator = create_calibrator(
-                    src,
-                    list(config.ops),
-                    augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                    calibrate_method=_METHODS[method],
-                    use_external_data_format=big,
-                    providers=["CPUExecutionProvider"],
-                    extra_options=_CALIBRATION_OPTIONS.get(method, {}),
-                )
-                calibrator.collect_data(_Reader(context.feeds.samples, inputs))
-                save_tensors_data(calibrator.compute_data(), Path(tmp) / "calibration.json")
-                del calibrator
                 quantize_static(
                     str(src),
                     str(dst),
@@ -238,8 +365,8 @@ def quantize_static_qdq(
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude,
                     use_external_data_format=big,
-                    calibrate_method=_METHODS[method],
-                    calibration_cache_path=str(Path(tmp) / "calibration.json"),
+                    calibrate_method=CalibrationMethod.MinMax,
+                    calibration_cache_path=str(cache),
                 )
         except Exception as exc:  # the quantizer raises plain exceptions of every kind
             raise UnsupportedModelError(
@@ -249,22 +376,61 @@ def quantize_static_qdq(
             logging.disable(logging.NOTSET)
             if chatter.getvalue().strip():
                 logger.debug("quantize_static: %s", chatter.getvalue().strip())
-        out = _load_quantized(dst)
-    # the quantizer rebuilds the model: restore what it drops
-    out.producer_name, out.producer_version = model.producer_name, model.producer_version
-    out.doc_string, out.model_version = model.doc_string, model.model_version
-    out.graph.doc_string = model.graph.doc_string
-    out.metadata_props.clear()
-    out.metadata_props.update(model.metadata_props)
-    for domain, version in model.opset_imports.items():
-        out.opset_imports.setdefault(domain, version)
-    changes = _changes(out, config, method, left)
-    notes += [
-        f"static: activations uint8, calibrated with {method} on {len(context.feeds.samples)} sample(s) "
-        f"from {context.feeds.source}; weights int8 per output channel; QuantizeLinear/DequantizeLinear "
-        "pairs that onnxruntime fuses into integer kernels (onnxruntime's quantize_static)"
-    ]
-    return out, changes, skips, notes
+        return _load_quantized(dst)
+
+
+def to_float(qdq: StaticQdq, keep: frozenset[int]) -> tuple[ir.Model, tuple[Change, ...]]:
+    """``qdq.model`` with every unit not in ``keep`` (indices) computed in float again.
+
+    A unit put back in float reads its float weight and bias from ``qdq.work`` and its
+    activations before their QuantizeLinear; a QuantizeLinear/DequantizeLinear pair that no int8
+    node reads or writes any more is removed, so float runs of layers stay float end to end.
+    """
+    out = qdq.model.clone()
+    floats = {n.name: n for n in qdq.work.graph if n.name}
+    by_name = {n.name: n for n in out.graph if n.name}
+    kept = {qdq.units[i].layer for i in keep}
+    reverted = [by_name[u.layer] for u in qdq.units if u.layer not in kept and u.layer in by_name]
+    for node in reverted:
+        original = floats[node.name or ""]
+        for i, value in enumerate(node.inputs):
+            dq = _dequantized(value)
+            source = dq.inputs[0] if dq is not None else None
+            if source is None:
+                continue
+            if source.const_value is not None:
+                weight = original.inputs[i] if i < len(original.inputs) else None
+                if weight is None or weight.const_value is None or not weight.name:
+                    continue
+                restored = out.graph.initializers.get(weight.name)
+                if restored is None:
+                    restored = ir.Value(name=weight.name, const_value=weight.const_value)
+                    out.graph.register_initializer(restored)
+                node.replace_input_with(i, restored)
+            else:
+                q = source.producer()
+                if q is not None and q.op_type == "QuantizeLinear" and q.inputs[0] is not None:
+                    node.replace_input_with(i, q.inputs[0])
+    int8 = {id(by_name[name]) for name in kept if name in by_name}
+    for q in [n for n in out.graph if n.op_type == "QuantizeLinear"]:
+        tensor = q.inputs[0]
+        if tensor is None or tensor.const_value is not None:
+            continue
+        producer = tensor.producer()
+        dqs = [use.node for use in q.outputs[0].uses() if use.node.op_type == "DequantizeLinear"]
+        readers = [use.node for dq in dqs for use in dq.outputs[0].uses()]
+        if (producer is not None and id(producer) in int8) or any(id(r) in int8 for r in readers):
+            continue
+        if any(dq.outputs[0].is_graph_output() for dq in dqs):
+            continue
+        for dq in dqs:
+            ir.convenience.replace_all_uses_with(dq.outputs[0], tensor)
+            out.graph.remove(dq, safe=True)
+        if not list(q.outputs[0].uses()):
+            out.graph.remove(q, safe=True)
+    onnx_ir.passes.common.RemoveUnusedNodesPass()(out)
+    changes = tuple(c for u, c in zip(qdq.units, qdq.changes, strict=True) if u.layer in kept)
+    return out, changes
 
 
 def _captured(graph: onnx.GraphProto) -> set[str]:
@@ -337,12 +503,24 @@ def _dequantized(value: ir.Value | None) -> ir.Node | None:
     return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
 
 
-def _changes(model: ir.Model, config: QuantizeConfig, method: str, excluded: set[str]) -> list[Change]:
+def _changes(
+    model: ir.Model,
+    config: QuantizeConfig,
+    method: str,
+    excluded: set[str],
+    *,
+    ranges: Mapping[str, Range],
+    shifts: Mapping[str, Mapping[str, float]],
+    details: Mapping[str, object],
+) -> list[Change]:
     """Every quantized node: int8 weight and activations, or activations only.
 
     An excluded node can still read a QDQ activation (its producer's output was quantized):
-    it stays in the skipped list, not here.
+    it stays in the skipped list, not here. Each change's details name the range method of
+    every activation it reads or writes, the bias shift and the SmoothQuant figures.
     """
+    smooth = details.get("smooth", {})
+    assert isinstance(smooth, dict)
     changes = []
     for _, node in all_nodes(model):
         if op_key(node) not in config.ops or not node.inputs or node.name in excluded:
@@ -363,6 +541,15 @@ def _changes(model: ir.Model, config: QuantizeConfig, method: str, excluded: set
                 int(q.const_value.size),
                 "QDQ",
             )
+        extra: dict[str, object] = {}
+        touched = [_source(v) for v in (*node.inputs, *node.outputs)]
+        activations = {t: ranges[t].details() for t in touched if t is not None and t in ranges}
+        if activations:
+            extra["activation_ranges"] = activations
+        if node.name in shifts:
+            extra["bias_correction"] = dict(shifts[node.name or ""])
+        if node.name in smooth:
+            extra["smooth"] = smooth[node.name]
         changes.append(
             Change(
                 node=node.name or f"<{node.op_type}>",
@@ -370,7 +557,30 @@ def _changes(model: ir.Model, config: QuantizeConfig, method: str, excluded: set
                 what=what,
                 params_before=size,
                 params_after=size,
-                details={"weight": q.name if q is not None and size else None, "storage": storage},
+                details={"weight": q.name if q is not None and size else None, "storage": storage, **extra},
             )
         )
     return changes
+
+
+def _source(value: ir.Value | None) -> str | None:
+    """The float tensor a QDQ value stands for (the name its range was calibrated under).
+
+    An input read through DequantizeLinear stands for the input of its QuantizeLinear; an output
+    that is also a graph output was renamed by the quantizer, and the graph output (the
+    DequantizeLinear after it) keeps the name.
+    """
+    if value is None:
+        return None
+    dq = _dequantized(value)
+    if dq is not None:
+        q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
+        if q is not None and q.op_type == "QuantizeLinear" and q.inputs[0] is not None:
+            return q.inputs[0].name
+        return None
+    for use in value.uses():
+        if use.node.op_type == "QuantizeLinear":
+            for after in use.node.outputs[0].uses():
+                if after.node.op_type == "DequantizeLinear" and after.node.outputs[0].is_graph_output():
+                    return after.node.outputs[0].name
+    return value.name

@@ -69,7 +69,7 @@ from modelshrink.techniques.quantize.search import (
     format_table,
     score_units,
 )
-from modelshrink.techniques.quantize.static import quantize_static_qdq
+from modelshrink.techniques.quantize.static import StaticQdq, quantize_static_qdq, to_float
 from modelshrink.techniques.quantize.weightonly import (
     Emitted,
     Int8Weight,
@@ -242,14 +242,86 @@ def _int4_notes(config: QuantizeConfig, emitted: Emitted) -> list[str]:
 
 
 def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
-    out, changes, skips, notes = quantize_static_qdq(model, config, context)
-    if context.gates.fidelity_gates and config.fallback:
-        notes.append(
-            "the per-layer tolerance search covers --mode int8, int4 and dynamic; for static, "
-            "--exclude the layers that hurt (--mode dynamic --sensitivity ranks them)"
+    qdq = quantize_static_qdq(model, config, context)
+    if not qdq.units:
+        return TechniqueResult(qdq.model, qdq.changes, qdq.skips, qdq.notes, qdq.details)
+    if config.sensitivity:
+        ranked = score_units(qdq.units, lambda keep: to_float(qdq, keep)[0], context)
+        table = format_table(ranked, with_cost=context.gates.fidelity_gates)
+        notes = (
+            "--sensitivity: each layer alone in int8 (the others in float), most damaging first; the "
+            "report's figures are for every layer in int8; nothing is written\n" + table,
+            *qdq.notes,
         )
-    done = TechniqueResult(out, tuple(changes), tuple(skips), tuple(notes))
-    return _check_speed(model, done, context) if changes else done
+        details = {**qdq.details, "sensitivity": _table_rows(ranked)}
+        return TechniqueResult(qdq.model, skipped=qdq.skips, notes=notes, details=details, write=False)
+    if context.gates.fidelity_gates and config.fallback:
+        done = _static_fallback(qdq, context)
+    else:
+        done = TechniqueResult(qdq.model, qdq.changes, qdq.skips, qdq.notes, qdq.details)
+    return _check_speed(model, done, context) if done.changed else done
+
+
+def _static_fallback(qdq: StaticQdq, context: TechniqueContext) -> TechniqueResult:
+    """Put the most damaging int8 nodes back in float until the fidelity gates pass.
+
+    The same search as the weight-only modes: every node scored alone (only it in int8),
+    ranked by its share of the gates' allowance, then the fewest most costly kept in float
+    (binary search, each step checking the whole model).
+    """
+    notes = list(qdq.notes)
+    full = context.evaluate(qdq.model)
+    check_agreement_gate(full, context.gates)
+    if holds(full, context.gates):
+        notes.append("every layer in int8 passes the fidelity gates: no layer had to stay in float")
+        return TechniqueResult(qdq.model, qdq.changes, qdq.skips, tuple(notes), qdq.details)
+
+    def build(keep: frozenset[int]) -> ir.Model:
+        return to_float(qdq, keep)[0]
+
+    ranked = score_units(qdq.units, build, context)
+    search = fallback_search(ranked, build, context, full)
+    details: dict[str, object] = {
+        **qdq.details,
+        "sensitivity": _table_rows(ranked),
+        "fallback": {
+            "target_met": search.met,
+            "kept_in_float": [s.unit.layer for s in search.kept],
+            "evaluations": len(ranked) + search.evaluations + 1,
+        },
+    }
+    table = format_table(ranked, with_cost=True)
+    if not search.met:
+        notes.insert(
+            0,
+            "the fidelity gates cannot be met by keeping layers in float: even with only the least "
+            f"damaging layer ('{ranked[-1].unit.layer}') in int8 the model fails them; the result below "
+            "quantizes every layer (--mode int8 or dynamic keep activations in float). Per-layer cost (each "
+            "layer alone in int8):\n" + table,
+        )
+        return TechniqueResult(qdq.model, qdq.changes, qdq.skips, tuple(notes), details)
+    every = frozenset(u.index for u in qdq.units)
+    chosen, changes = to_float(qdq, every - {s.unit.index for s in search.kept})
+    skips = list(qdq.skips)
+    for s in search.kept:
+        f = s.fidelity
+        skips.append(
+            Skip(
+                s.unit.layer,
+                s.unit.op_type,
+                "kept in float by the tolerance search (alone in int8: max |err| "
+                f"{f.max_abs_error:.4g}, cosine {f.cosine:.6f}"
+                + (f", top-1 {f.top1_agreement:.2%}" if f.top1_agreement is not None else "")
+                + f"; cost {s.cost:.3g} of the gates' allowance)",
+            )
+        )
+    notes.insert(
+        0,
+        f"tolerance search: {len(search.kept)} of {len(ranked)} layer(s) kept in float to pass the "
+        f"fidelity gates: {', '.join(s.unit.layer for s in search.kept)}; the latency in this report is "
+        "the model's with them in float. Per-layer cost (each layer alone in int8):\n" + table,
+    )
+    return TechniqueResult(chosen, changes, tuple(skips), tuple(notes), details)
 
 
 def _fp16(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
