@@ -35,6 +35,7 @@ GROUPS = {
     "auto": "bench_auto",
     "big": "bench_big",
     "recurrent": "bench_recurrent",
+    "dataaware": "bench_dataaware",
 }
 
 

@@ -348,11 +348,12 @@ def printed_lines(text: str) -> list[str]:
     """The lines of pasted output that a run with ``--no-latency`` must also print.
 
     Whitespace is collapsed (the terminal's width decides where Rich wraps and pads), lines
-    about latency are left out, and the verdict's speed clause is cut.
+    about latency are left out, the verdict's speed clause is cut, and a line ``...`` marks
+    printed lines left out of the page.
     """
     kept = []
     for line in text.splitlines():
-        if "latency" in line or not line.strip():
+        if "latency" in line or not line.strip() or line.strip() == "...":
             continue
         kept.append(" ".join(_SPEED.sub("", line).split()))
     return kept

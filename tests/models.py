@@ -295,6 +295,72 @@ def run_time_weights_model(seed: int = 0) -> onnx.ModelProto:
     return _model(graph)
 
 
+# Input channels of the outlier model's LayerNorm outputs that are 20-100x the others.
+OUTLIER_CHANNELS = {5: 20.0, 17: 45.0, 33: 70.0, 50: 100.0}
+
+
+def outlier_transformer(seed: int = 0, d: int = 64, hidden: int = 256, seq: int = 8) -> onnx.ModelProto:
+    """A pre-norm transformer-like block whose LayerNorm outputs carry outlier channels.
+
+    ``x`` [batch, seq, d] -> LayerNorm (gamma 20-100x on :data:`OUTLIER_CHANNELS`) -> MatMul
+    ``W1`` + bias -> Relu -> MatMul ``W2`` + bias -> residual Add -> LayerNorm (same outliers)
+    -> MatMul ``W3`` -> mean over seq -> MatMul ``head`` -> ``logits`` [batch, 10]. As in
+    trained LLMs, the weights reading an outlier channel are smaller (by the square root of its
+    factor), so the channel still dominates the layer's output but not its weight range.
+    """
+    rng = np.random.default_rng(seed)
+    gamma = np.ones(d, np.float32)
+    for c, f in OUTLIER_CHANNELS.items():
+        gamma[c] = f
+
+    def weight(rows: int, cols: int, outliers: bool) -> np.ndarray:
+        w = rng.standard_normal((rows, cols)) / np.sqrt(rows)
+        if outliers:
+            for c, f in OUTLIER_CHANNELS.items():
+                w[c] /= np.sqrt(f)
+        return w.astype(np.float32)
+
+    inits = [
+        init("gamma1", gamma),
+        init("beta1", (0.1 * rng.standard_normal(d)).astype(np.float32)),
+        init("W1", weight(d, hidden, True)),
+        init("b1", (0.1 * rng.standard_normal(hidden)).astype(np.float32)),
+        init("W2", weight(hidden, d, False)),
+        init("b2", (0.1 * rng.standard_normal(d)).astype(np.float32)),
+        init("gamma2", gamma.copy()),
+        init("beta2", (0.1 * rng.standard_normal(d)).astype(np.float32)),
+        init("W3", weight(d, d, True)),
+        init("head", weight(d, 10, False)),
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma1", "beta1"], ["n1"], name="ln1", axis=-1),
+        helper.make_node("MatMul", ["n1", "W1"], ["m1"], name="fc1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="fc1_bias"),
+        helper.make_node("Relu", ["a1"], ["h1"], name="act"),
+        helper.make_node("MatMul", ["h1", "W2"], ["m2"], name="fc2"),
+        helper.make_node("Add", ["m2", "b2"], ["a2"], name="fc2_bias"),
+        helper.make_node("Add", ["a2", "x"], ["r"], name="residual"),
+        helper.make_node("LayerNormalization", ["r", "gamma2", "beta2"], ["n2"], name="ln2", axis=-1),
+        helper.make_node("MatMul", ["n2", "W3"], ["m3"], name="proj"),
+        helper.make_node("ReduceMean", ["m3"], ["pooled"], name="pool", axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "head"], ["logits"], name="head_mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "outlier_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, d])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    return _model(graph)
+
+
+def outlier_rows(rows: int, seed: int = 1, d: int = 64, seq: int = 8) -> dict[str, np.ndarray]:
+    """Inputs for :func:`outlier_transformer` (``x`` [rows, seq, d], standard normal)."""
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((rows, seq, d)).astype(np.float32)}
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     """Write a model file for a test."""
     onnx.save(model, str(path))

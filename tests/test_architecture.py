@@ -57,6 +57,7 @@ TECHNIQUE_BASE = (
     "modelshrink.techniques.spec",
     "modelshrink.techniques.base",
     "modelshrink.techniques.floor_search",
+    "modelshrink.techniques.layerwise",
 )
 
 

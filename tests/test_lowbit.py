@@ -273,7 +273,7 @@ def test_samples_fidelity_and_notes(tmp_path: Path, sample: str, bits: int) -> N
     report = run_technique(
         "quantize",
         quantize,
-        QuantizeConfig(bits=bits),
+        QuantizeConfig(bits=bits, method="rtn"),  # round to nearest: the thresholds above are its
         str(SAMPLES / f"{sample}.onnx"),
         str(tmp_path / "q.onnx"),
         RunOptions(data=str(SAMPLES / f"{sample}.npz"), latency=False, samples=360),
@@ -299,7 +299,7 @@ def test_fallback_search_keeps_damaging_layers_in_float(tmp_path: Path) -> None:
     report = run_technique(
         "quantize",
         quantize,
-        QuantizeConfig(bits=2),
+        QuantizeConfig(bits=2, method="rtn"),  # GPTQ keeps this gate with every layer at 2 bits
         str(SAMPLES / "digits_mlp.onnx"),
         str(tmp_path / "q.onnx"),
         RunOptions(data=str(SAMPLES / "digits_mlp.npz"), latency=False, gates=Gates(min_cosine=0.99)),

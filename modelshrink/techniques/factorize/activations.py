@@ -10,7 +10,6 @@ bodies fall back to plain SVD with a reason.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -23,8 +22,9 @@ from modelshrink.sessions import session_for_model
 from modelshrink.techniques.base import Progress
 from modelshrink.techniques.factorize.decompose import Gram
 from modelshrink.techniques.factorize.layers import Consumer, Group
+from modelshrink.techniques.layerwise import conv_patches
 
-__all__ = ["collect_grams"]
+__all__ = ["collect_grams", "conv_patches"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,57 +42,9 @@ def _unavailable(c: Consumer, model: ir.Model) -> str | None:
     return None
 
 
-def _conv_pads(node: ir.Node, in_shape: Sequence[int], kernel: Sequence[int]) -> list[int]:
-    nd = len(kernel)
-    strides = _ints(node, "strides") or [1] * nd
-    dilations = _ints(node, "dilations") or [1] * nd
-    attr = node.attributes.get("auto_pad")
-    mode = attr.as_string() if attr is not None else "NOTSET"
-    if mode in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for size, k, s, d in zip(in_shape, kernel, strides, dilations, strict=True):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small = total // 2
-            begins.append(small if mode == "SAME_UPPER" else total - small)
-            ends.append(total - begins[-1])
-        return begins + ends
-    if mode == "VALID":
-        return [0] * (2 * nd)
-    return _ints(node, "pads") or [0] * (2 * nd)
-
-
 def _trans_a(node: ir.Node) -> bool:
     attr = node.attributes.get("transA")
     return attr is not None and attr.as_int() != 0
-
-
-def _ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else [int(v) for v in attr.as_ints()]
-
-
-def conv_patches(x: np.ndarray, node: ir.Node, kernel: Sequence[int]) -> np.ndarray:
-    """Unfold a Conv input ``[N, I, *spatial]`` into rows ``[N * out_positions, I * prod(kernel)]``.
-
-    The column order is ``(i, k_1, k_2, ...)``, matching ``W.reshape(O, -1)``.
-    """
-    nd = len(kernel)
-    strides = _ints(node, "strides") or [1] * nd
-    dilations = _ints(node, "dilations") or [1] * nd
-    pads = _conv_pads(node, x.shape[2:], kernel)
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[a], pads[a + nd]) for a in range(nd)])
-    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilations, strict=True)]
-    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
-    index = (
-        slice(None),
-        slice(None),
-        *(slice(None, None, s) for s in strides),
-        *(slice(None, None, d) for d in dilations),
-    )
-    win = win[index]
-    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
-    channels = x.shape[1]
-    return win.transpose(perm).reshape(-1, channels * int(np.prod(kernel)))
 
 
 def _accumulate(gram: np.ndarray, rows: np.ndarray) -> int:

@@ -10,15 +10,27 @@ from typing import Literal, get_args
 from modelshrink.errors import ConfigError
 from modelshrink.flags import exclude_flag, flag, min_elements_flag
 
-__all__ = ["DEFAULT_OP_TYPES", "DEFAULT_SPARSITY", "IMPORTANCES", "PANEL", "SCOPES", "PruneConfig"]
+__all__ = [
+    "DEFAULT_OP_TYPES",
+    "DEFAULT_SPARSITY",
+    "IMPORTANCES",
+    "PANEL",
+    "SCOPES",
+    "STRUCTURED_IMPORTANCES",
+    "WEIGHT_IMPORTANCES",
+    "PruneConfig",
+]
 
 PANEL = "Pruning"
 DEFAULT_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
 DEFAULT_SPARSITY = 0.5
 Scope = Literal["layer", "global"]
-Importance = Literal["auto", "l1", "l2", "activation"]
+Importance = Literal["auto", "l1", "l2", "activation", "magnitude", "wanda", "sparsegpt"]
 SCOPES: tuple[str, ...] = get_args(Scope)
 IMPORTANCES: tuple[str, ...] = get_args(Importance)
+# Rankings of whole channels (--structured) and of single weights (unstructured and N:M).
+STRUCTURED_IMPORTANCES: tuple[str, ...] = ("auto", "l1", "l2", "activation")
+WEIGHT_IMPORTANCES: tuple[str, ...] = ("auto", "magnitude", "wanda", "sparsegpt")
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -39,7 +51,9 @@ class PruneConfig:
         structured: Remove whole channels / hidden units so tensors physically shrink.
         importance: Channel ranking for ``structured``: ``l1``/``l2`` weight norms,
             ``activation`` statistics on ``--data``, or ``auto`` (activation with real
-            data, else l1).
+            data, else l1). Weight ranking for unstructured and N:M: ``magnitude``,
+            ``wanda`` or ``sparsegpt`` (both fitted to ``--data``; see ``calibrated.py``), or
+            ``auto`` (sparsegpt with real data and per-layer scope, else magnitude).
         op_types: Op types whose weights are pruned.
         exclude: Node names, op types or weight names (globs) to leave alone.
         min_elements: Weights with fewer elements are left alone.
@@ -73,7 +87,10 @@ class PruneConfig:
     )
     importance: Importance = flag(
         "auto",
-        "Channel ranking for --structured: auto (activation with --data, else l1), l1, l2, activation.",
+        "Which weights go. --structured ranks channels: auto (activation with --data, else l1), l1, l2, "
+        "activation. Unstructured and --pattern rank weights: auto (sparsegpt with --data, else magnitude), "
+        "magnitude, wanda (|w| x the norm of its input on --data), sparsegpt (second-order, the weights "
+        "that stay are corrected on --data).",
         panel=PANEL,
     )
     op_types: tuple[str, ...] = flag(
@@ -123,10 +140,25 @@ class PruneConfig:
             raise ConfigError(
                 "--structured prunes each channel group by its own ranking; drop --scope global"
             )
-        if self.importance != "auto" and not self.structured:
-            raise ConfigError("--importance ranks channels for --structured; add --structured or drop it")
+        self._check_importance()
         if self.sparse_storage and self.structured:
             raise ConfigError("--sparse-storage stores zeroed weights; --structured removes them instead")
+
+    def _check_importance(self) -> None:
+        if self.structured and self.importance not in STRUCTURED_IMPORTANCES:
+            raise ConfigError(
+                f"--importance {self.importance} ranks single weights; --structured ranks channels by "
+                f"{', '.join(STRUCTURED_IMPORTANCES[1:])}"
+            )
+        if not self.structured and self.importance not in WEIGHT_IMPORTANCES:
+            raise ConfigError(
+                f"--importance {self.importance} ranks channels for --structured; unstructured pruning "
+                f"ranks weights by {', '.join(WEIGHT_IMPORTANCES[1:])}"
+            )
+        if self.scope == "global" and self.importance in ("wanda", "sparsegpt"):
+            raise ConfigError(
+                f"--importance {self.importance} prunes each tensor by its own inputs; drop --scope global"
+            )
 
     @property
     def n_m(self) -> tuple[int, int] | None:

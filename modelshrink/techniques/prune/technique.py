@@ -45,9 +45,10 @@ from modelshrink.graph import op_key, release, run_time_weights, weights
 from modelshrink.techniques import floor_search
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.prune import search, sparse, structured, unstructured
+from modelshrink.techniques.prune.calibrated import MAGNITUDE_NOTE, Ranker, make_ranker
+from modelshrink.techniques.prune.calibrated import notes as importance_notes
 from modelshrink.techniques.prune.common import node_label, set_weight
 from modelshrink.techniques.prune.config import DEFAULT_OP_TYPES, PruneConfig
-from modelshrink.techniques.prune.magnitude import magnitude, nm_prune, prune_smallest, select_smallest
 
 __all__ = ["DEFAULT_OP_TYPES", "PruneConfig", "prune"]
 
@@ -117,17 +118,22 @@ def _unstructured_result(
     default_details: dict[str, Any] | None = None
     notes: list[str] = []
     asked = f"asked {100 * config.target_sparsity:.1f}%"
+    targets, skipped = unstructured.find_targets(model, config)
+    ranker = make_ranker(model, targets, config, context)
     if searching:
-        outcome, targets, found = _unstructured_search(model, config, context)
+        outcome, found = _unstructured_search(model, config, context, targets, skipped, ranker)
         search_details = _search_details(found)
         notes.append(search.describe(found, "eligible weights"))
     elif default:
-        outcome, targets, floor = _unstructured_default(model, config, context)
+        outcome, floor = _unstructured_default(model, config, context, targets, skipped, ranker)
         default_details = floor_search.details(floor, context.floor, reached=round(floor.achieved, 6))
         notes.append(search.describe_default(floor, context.floor, "sparsity", "of the eligible weights"))
         asked = "no --sparsity: the most that keeps the fidelity floor"
     else:
-        outcome, targets = unstructured.run(model, config)
+        outcome = unstructured.run(model, config, targets, skipped, ranker)
+    notes += importance_notes(ranker, len(context.feeds.samples), len(targets))
+    if ranker.importance == "magnitude" and targets and not context.feeds.real:
+        notes.append(MAGNITUDE_NOTE)
     storage = ""
     if config.sparse_storage:
         pruned = {row["weight"] for row in outcome.layers}
@@ -152,6 +158,7 @@ def _unstructured_result(
     eligible = sum(t.size for t in targets)
     details: dict[str, Any] = {
         "mode": mode,
+        "importance": ranker.importance,
         "scope": config.scope,
         "requested_sparsity": None if default else config.target_sparsity,
         "achieved_sparsity": round(outcome.sparsity, 6),
@@ -168,7 +175,7 @@ def _unstructured_result(
 
 
 def _builder(
-    model: ir.Model, config: PruneConfig, targets: list[unstructured.Target]
+    model: ir.Model, config: PruneConfig, targets: list[unstructured.Target], ranker: Ranker
 ) -> Callable[[dict[int, float]], ir.Model]:
     """Builds a copy of ``model`` with target ``i`` pruned at ``assignment[i]``."""
     all_weights = weights(model)
@@ -182,11 +189,9 @@ def _builder(
         if n_m is not None:
             view = targets[i].view
             assert view is not None
-            out = nm_prune(array, view, *n_m)
+            out = ranker.nm(i, array, view, *n_m)
         else:
-            (mask,) = select_smallest([magnitude(array)], round(level * array.size))
-            out = prune_smallest(array, mask)
-            del mask
+            out = ranker.prune(i, array, level)
         del array
         release(weight.tensor)  # the original's pages: read again for the next candidate
         return out
@@ -203,10 +208,14 @@ def _builder(
 
 
 def _unstructured_search(
-    model: ir.Model, config: PruneConfig, context: TechniqueContext
-) -> tuple[unstructured.Outcome, list[unstructured.Target], search.SearchResult]:
-    targets, skipped = unstructured.find_targets(model, config)
-    build = _builder(model, config, targets)
+    model: ir.Model,
+    config: PruneConfig,
+    context: TechniqueContext,
+    targets: list[unstructured.Target],
+    skipped: list[Skip],
+    ranker: Ranker,
+) -> tuple[unstructured.Outcome, search.SearchResult]:
+    build = _builder(model, config, targets, ranker)
     n_m = config.n_m
     target = config.target_sparsity
     if n_m is not None:
@@ -227,33 +236,40 @@ def _unstructured_search(
     found = search.search(units, build, context, target)
     chosen = [found.assignment.get(i, 0.0) for i in range(len(targets))]
     if n_m is not None:
-        outcome = unstructured.apply_nm([t for t, c in zip(targets, chosen, strict=True) if c > 0], *n_m)
+        keys = [i for i, c in enumerate(chosen) if c > 0]
+        outcome = unstructured.apply_nm([targets[i] for i in keys], *n_m, ranker, keys)
     else:
-        outcome = unstructured.apply_layer_sparsities(targets, chosen)
+        outcome = unstructured.apply_layer_sparsities(targets, chosen, ranker)
     outcome.skipped = skipped + [
         Skip(t.eligible.label, t.eligible.op_type, "the sensitivity search left it whole to keep the gates")
         for t, c in zip(targets, chosen, strict=True)
         if c <= 0
     ]
-    return outcome, targets, found
+    return outcome, found
 
 
 def _elements_removed(size: int, level: float) -> int:
     return round(level * size)
 
 
-def _error_curve(target: unstructured.Target, levels: tuple[float, ...]) -> tuple[float, ...]:
+def _error_curve(
+    ranker: Ranker, i: int, target: unstructured.Target, levels: tuple[float, ...]
+) -> tuple[float, ...]:
     weight = target.eligible.weight
-    curve = search.magnitude_error(weight.numpy(), levels)
+    curve = ranker.error_curve(i, weight.numpy(), levels)
     release(weight.tensor)
     return curve
 
 
 def _unstructured_default(
-    model: ir.Model, config: PruneConfig, context: TechniqueContext
-) -> tuple[unstructured.Outcome, list[unstructured.Target], floor_search.FloorResult]:
+    model: ir.Model,
+    config: PruneConfig,
+    context: TechniqueContext,
+    targets: list[unstructured.Target],
+    skipped: list[Skip],
+    ranker: Ranker,
+) -> tuple[unstructured.Outcome, floor_search.FloorResult]:
     """The largest sparsity that keeps the floor (per layer, or one threshold with global scope)."""
-    targets, skipped = unstructured.find_targets(model, config)
     levels = search.levels_for(0.0, UNSTRUCTURED_LEVELS, UNSTRUCTURED_CAP)
     if config.scope == "global":
         grid = search.levels_for(0.0, GLOBAL_LEVELS, UNSTRUCTURED_CAP)
@@ -281,11 +297,13 @@ def _unstructured_default(
             outcome = unstructured.Outcome()
             outcome.skipped = [Skip(t.eligible.label, t.eligible.op_type, NOTHING_KEPT) for t in targets]
         outcome.skipped = skipped + outcome.skipped
-        return outcome, targets, floor
-    build = _builder(model, config, targets)
+        return outcome, floor
+    build = _builder(model, config, targets, ranker)
     ladders = [
         floor_search.Ladder(
-            i, (0, *(_elements_removed(t.size, s) for s in levels)), (0.0, *_error_curve(t, levels))
+            i,
+            (0, *(_elements_removed(t.size, s) for s in levels)),
+            (0.0, *_error_curve(ranker, i, t, levels)),
         )
         for i, t in enumerate(targets)
     ]
@@ -303,14 +321,14 @@ def _unstructured_default(
     )
     chosen = as_levels(floor.assignment)
     sparsities = [chosen.get(i, 0.0) for i in range(len(targets))]
-    outcome = unstructured.apply_layer_sparsities(targets, sparsities)
+    outcome = unstructured.apply_layer_sparsities(targets, sparsities, ranker)
     why = "the default search left it whole to keep the fidelity floor" if floor.assignment else NOTHING_KEPT
     outcome.skipped = skipped + [
         Skip(t.eligible.label, t.eligible.op_type, why)
         for t, c in zip(targets, sparsities, strict=True)
         if c <= 0
     ]
-    return outcome, targets, floor
+    return outcome, floor
 
 
 def _search_details(found: search.SearchResult) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +29,9 @@ from modelshrink.techniques.prune.magnitude import (
     reduction_view,
     select_smallest,
 )
+
+if TYPE_CHECKING:
+    from modelshrink.techniques.prune.calibrated import Ranker
 
 __all__ = ["Outcome", "Target", "apply_global", "apply_layer_sparsities", "apply_nm", "find_targets", "run"]
 
@@ -148,7 +151,14 @@ def _common_view(shape: tuple[int, ...], uses: Sequence[tuple[ir.Node, int]], m:
     return first
 
 
-def _record(outcome: Outcome, target: Target, before: np.ndarray, after: np.ndarray, what: str) -> None:
+def _record(
+    outcome: Outcome,
+    target: Target,
+    before: np.ndarray,
+    after: np.ndarray,
+    what: str,
+    ranked: dict[str, object] | None = None,
+) -> None:
     w = target.eligible.weight
     zeros = int(after.size - np.count_nonzero(after))
     nonzero_before = int(np.count_nonzero(before))
@@ -165,6 +175,10 @@ def _record(outcome: Outcome, target: Target, before: np.ndarray, after: np.ndar
         "sparsity": round(sparsity, 6),
         "storage": w.kind,
     }
+    if ranked is not None:
+        row.update(ranked)
+        if ranked.get("importance") != "magnitude":
+            what = f"{what}, {ranked['importance']}"
     if len(nodes) > 1:
         row["shared_by"] = nodes
     if target.subgraph is not None:
@@ -183,21 +197,28 @@ def _record(outcome: Outcome, target: Target, before: np.ndarray, after: np.ndar
     )
 
 
-def apply_layer_sparsities(targets: Sequence[Target], sparsities: Sequence[float]) -> Outcome:
-    """Zero exactly ``round(s * n)`` smallest-|w| weights of each target (its own ``s``)."""
+def apply_layer_sparsities(
+    targets: Sequence[Target], sparsities: Sequence[float], ranker: Ranker | None = None
+) -> Outcome:
+    """Zero exactly ``round(s * n)`` weights of each target (its own ``s``): the smallest |w|, or
+    the least important by ``ranker`` (target ``i`` of ``targets`` is its target ``i``)."""
     outcome = Outcome()
-    for target, s in zip(targets, sparsities, strict=True):
+    for i, (target, s) in enumerate(zip(targets, sparsities, strict=True)):
         if s <= 0:
             continue
         w = target.eligible.weight
         old = w.tensor
         before = w.numpy()
-        k = round(s * before.size)
-        (mask,) = select_smallest([magnitude(before)], k)
-        after = prune_smallest(before, mask)
+        if ranker is None:
+            (mask,) = select_smallest([magnitude(before)], round(s * before.size))
+            after = prune_smallest(before, mask)
+            del mask
+        else:
+            after = ranker.prune(i, before, s)
         set_weight(w, after)
-        _record(outcome, target, before, after, f"layer, asked {100 * s:.1f}%")
-        del before, mask
+        ranked = ranker.details(i) if ranker is not None else None
+        _record(outcome, target, before, after, f"layer, asked {100 * s:.1f}%", ranked)
+        del before
         release(old)
     return outcome
 
@@ -215,30 +236,39 @@ def apply_global(targets: Sequence[Target], sparsity: float) -> Outcome:
     return outcome
 
 
-def apply_nm(targets: Sequence[Target], n: int, m: int) -> Outcome:
+def apply_nm(
+    targets: Sequence[Target], n: int, m: int, ranker: Ranker | None = None, keys: Sequence[int] | None = None
+) -> Outcome:
+    """N:M on every target: by magnitude, or by ``ranker`` (``keys[j]`` is target ``j``'s index there)."""
     outcome = Outcome()
-    for target in targets:
+    for j, target in enumerate(targets):
         assert target.view is not None
         old = target.eligible.weight.tensor
         before = target.eligible.weight.numpy()
-        after = nm_prune(before, target.view, n, m)
+        key = keys[j] if keys is not None else j
+        if ranker is None:
+            after = nm_prune(before, target.view, n, m)
+        else:
+            after = ranker.nm(key, before, target.view, n, m)
         set_weight(target.eligible.weight, after)
-        _record(outcome, target, before, after, f"{n}:{m} along {target.view.describe}")
+        ranked = ranker.details(key) if ranker is not None else None
+        _record(outcome, target, before, after, f"{n}:{m} along {target.view.describe}", ranked)
         del before
         release(old)
     return outcome
 
 
-def run(model: ir.Model, config: PruneConfig) -> tuple[Outcome, list[Target]]:
-    """Prune ``model`` in place as ``config`` says (unstructured or N:M, uniform)."""
-    targets, skipped = find_targets(model, config)
+def run(
+    model: ir.Model, config: PruneConfig, targets: list[Target], skipped: list[Skip], ranker: Ranker | None
+) -> Outcome:
+    """Prune ``targets`` of ``model`` in place as ``config`` says (unstructured or N:M, uniform)."""
     if config.n_m is not None:
         n, m = config.n_m
-        outcome = apply_nm(targets, n, m)
+        outcome = apply_nm(targets, n, m, ranker)
     elif config.scope == "global":
         outcome = apply_global(targets, config.target_sparsity)
     else:
-        outcome = apply_layer_sparsities(targets, [config.target_sparsity] * len(targets))
+        outcome = apply_layer_sparsities(targets, [config.target_sparsity] * len(targets), ranker)
     outcome.skipped = skipped + outcome.skipped
     logger.info("pruned %d tensors to %.2f%% zeros", len(outcome.changed), 100 * outcome.sparsity)
-    return outcome, targets
+    return outcome

@@ -23,6 +23,7 @@ __all__ = [
     "RECURRENT_OPS",
     "Calibration",
     "Format",
+    "Method",
     "Mode",
     "QatData",
     "QuantizeConfig",
@@ -31,6 +32,7 @@ __all__ = [
 Mode = Literal["int8", "int4", "int2", "binary", "fp16", "bf16", "dynamic", "static"]
 Format = Literal["qdq", "cast", "nbits"]
 Calibration = Literal["minmax", "percentile", "entropy"]
+Method = Literal["rtn", "gptq", "awq"]
 
 PANEL = "Quantization"
 QAT_PANEL = "Quantization-aware training"
@@ -114,6 +116,11 @@ class QuantizeConfig:
             the least quantization error on the calibration rows).
         smooth: ``static``: SmoothQuant's alpha for MatMul/Gemm inputs (None: off).
         bias_correction: ``static``: shift Conv/Gemm biases by the mean output error.
+        method: Weight rounding for int8/int4/``--bits``: ``rtn`` (round to nearest),
+            ``gptq`` or ``awq`` (fitted to ``--data``; see ``gptq.py``). None: gptq with
+            ``--data``, rtn without.
+        damping: ``--method gptq``: ``λ / mean(diag H)`` (None: 0.01).
+        act_order: ``--method gptq``: round the columns of largest activations first (None: on).
         sensitivity: Only measure each layer's cost (no model is written).
         fallback: With fidelity gates set, keep the most damaging layers in float until the
             gates pass.
@@ -162,6 +169,29 @@ class QuantizeConfig:
         None,
         "static: how activation ranges are set from --data, for every tensor (default: per tensor, the "
         "one of minmax, percentile and entropy with the least quantization error on --data).",
+        panel=PANEL,
+        show_default=False,
+    )
+    method: Method | None = flag(
+        None,
+        "Weight rounding for int8 / int4 / --bits: rtn (round to nearest), gptq (each layer's rounding "
+        "fitted "
+        "to its real inputs on --data, error fed forward column by column), awq (activation-aware "
+        "per-input-channel scales, searched per layer on --data). Default: gptq with --data, rtn without.",
+        panel=PANEL,
+        show_default=False,
+    )
+    damping: float | None = flag(
+        None,
+        "--method gptq: share of the mean of diag(XᵀX) added to its diagonal before it is inverted "
+        "(default 0.01; raise it when --data has few rows).",
+        panel=PANEL,
+        show_default=False,
+    )
+    act_order: bool | None = flag(
+        None,
+        "--method gptq: round the columns with the largest activations first (default on).",
+        negative="--no-act-order",
         panel=PANEL,
         show_default=False,
     )
@@ -258,6 +288,7 @@ class QuantizeConfig:
                 )
         if not self.bias_correction and self.mode != "static":
             raise ConfigError(f"--no-bias-correction applies to --mode static only (got --mode {self.mode})")
+        self._check_method()
         if self.sensitivity and self.mode not in ("int8", "int4", "int2", "binary", "dynamic", "static"):
             raise ConfigError(
                 "--sensitivity applies to --mode int8, int4, int2, binary, dynamic and static "
@@ -294,6 +325,31 @@ class QuantizeConfig:
         for pattern in self.exclude:
             if not pattern.strip():
                 raise ConfigError("--exclude needs a node name, op type or glob pattern, got ''")
+
+    def _check_method(self) -> None:
+        if self.method is not None:
+            if self.method not in get_args(Method):
+                raise ConfigError(
+                    f"--method must be one of {', '.join(get_args(Method))}, got '{self.method}'"
+                )
+            if self.mode not in ("int8", "int4", "int2", "binary"):
+                raise ConfigError(
+                    f"--method applies to the weight-only modes int8, int4, int2, binary and --bits "
+                    f"(got --mode {self.mode})"
+                )
+            if self.qat and self.method != "rtn":
+                raise ConfigError(
+                    f"--method {self.method} rounds after training; --qat trains for the grid: drop one"
+                )
+        if self.damping is not None:
+            if not (math.isfinite(self.damping) and 0 < self.damping <= 10):
+                raise ConfigError(f"--damping must be in (0, 10], got {self.damping}")
+            if self.method in ("rtn", "awq"):
+                raise ConfigError(f"--damping applies to --method gptq (got --method {self.method})")
+        if self.act_order is not None and self.method in ("rtn", "awq"):
+            raise ConfigError(
+                f"--act-order / --no-act-order apply to --method gptq (got --method {self.method})"
+            )
 
     def _check_bits(self) -> None:
         if self.bits is None:

@@ -51,10 +51,20 @@ from modelshrink.runtime import executes_qdq, runs_qdq
 from modelshrink.sessions import session_for_model
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.quantize.bf16 import BF16_NOTES, store_bf16
+from modelshrink.techniques.quantize.calibrated import (
+    METHOD_MODES,
+    RTN_NOTE,
+    Fitting,
+    fit_weights,
+    insert_input_scales,
+    label_changes,
+    payloads,
+    resolve_method,
+)
 from modelshrink.techniques.quantize.config import RECURRENT_OPS, QuantizeConfig
 from modelshrink.techniques.quantize.dynamic import quantize_dynamic
 from modelshrink.techniques.quantize.fp16 import ACTIVATION_LIMIT, FLOAT32_OPS, activation_peaks, convert_fp16
-from modelshrink.techniques.quantize.lowbit import packed_notes, quantize_packed, summarize
+from modelshrink.techniques.quantize.lowbit import Codes, packed_notes, quantize_packed, summarize
 from modelshrink.techniques.quantize.opset import prepare
 from modelshrink.techniques.quantize.plan import INT4_PACKED_KINDS, Plan, Unit, make_plan
 from modelshrink.techniques.quantize.recurrent import DYNAMIC_LSTM, quantize_dynamic_lstm
@@ -66,7 +76,13 @@ from modelshrink.techniques.quantize.search import (
     score_units,
 )
 from modelshrink.techniques.quantize.static import StaticQdq, quantize_static_qdq, to_float
-from modelshrink.techniques.quantize.weightonly import Emitted, default_opset, quantize_int4, quantize_int8
+from modelshrink.techniques.quantize.weightonly import (
+    Emitted,
+    Int8Weight,
+    default_opset,
+    quantize_int4,
+    quantize_int8,
+)
 
 __all__ = ["quantize"]
 
@@ -99,13 +115,19 @@ def _default_format(config: QuantizeConfig, context: TechniqueContext) -> tuple[
 
 
 def _apply_units(
-    model: ir.Model, config: QuantizeConfig, keep: frozenset[int] | None
+    model: ir.Model, config: QuantizeConfig, keep: frozenset[int] | None, fitting: Fitting | None = None
 ) -> tuple[ir.Model, Plan, Emitted]:
-    """A clone of ``model`` with the planned units quantized (all, or only those in ``keep``)."""
+    """A clone of ``model`` with the planned units quantized (all, or only those in ``keep``).
+
+    ``fitting`` holds the codes and scales a data-aware ``--method`` chose (by weight name);
+    the other weights are rounded to nearest.
+    """
     model = model.clone()
     plan = make_plan(model, config)
     units: list[Unit] = [u for u in plan.units if keep is None or u.index in keep]
     names = NameAuthority(model)
+    insert_input_scales(units, fitting, names)
+    fixed = payloads(fitting)
     if config.mode == "dynamic":
         # MatMul/Gemm compute in int8; LSTM becomes DynamicQuantizeLSTM where it can; Gather
         # tables are gathered in int8; Conv, GRU and RNN weights (and LSTMs that cannot be
@@ -122,7 +144,14 @@ def _apply_units(
         convs = _with_reasons(convs, {u.weight.name: why for u, why in lstm.weight_only})
         emitted = _merged(units, dense, lstm.emitted, rows, convs)
     elif config.width is not None:
-        emitted = quantize_packed(model, units, names, bits=config.width, block=config.block_size)
+        emitted = quantize_packed(
+            model,
+            units,
+            names,
+            bits=config.width,
+            block=config.block_size,
+            fixed={k: v for k, v in fixed.items() if isinstance(v, Codes)},
+        )
     elif config.mode == "bf16":
         emitted = store_bf16(model, units, names)
     elif config.mode == "int4":
@@ -136,10 +165,20 @@ def _apply_units(
             block_size=config.block,
             fmt=config.storage,
             accuracy_level=INT4_ACCURACY_LEVEL,
+            fixed={k: v for k, v in fixed.items() if isinstance(v, tuple)},
         )
         emitted = _merged(units, blocks, quantize_packed(model, packed, names, bits=4, block=config.block))
     else:
-        emitted = quantize_int8(model, units, names, cast=config.storage == "cast")
+        emitted = quantize_int8(
+            model,
+            units,
+            names,
+            cast=config.storage == "cast",
+            fixed={k: v for k, v in fixed.items() if isinstance(v, Int8Weight)},
+        )
+    if config.mode in METHOD_MODES or config.width is not None:
+        method = fitting.method if fitting is not None else "rtn"
+        emitted = dataclasses.replace(emitted, changes=label_changes(emitted.changes, fitting, method))
     return model, plan, emitted
 
 
@@ -408,14 +447,25 @@ def quantize(model: ir.Model, config: QuantizeConfig, context: TechniqueContext)
 
         return quantize_aware(model, config, context)
     config, format_notes = _default_format(config, context)
+    method = resolve_method(config, context)
     base, notes = prepare(model, config)
     notes = format_notes + notes
-    result, plan, emitted = _apply_units(base, config, None)
+    fitting = None
+    if method != "rtn":
+        units = make_plan(base, config).units
+        fitting = fit_weights(base, units, config, context, method)
+    result, plan, emitted = _apply_units(base, config, None, fitting)
     notes += _weight_only_notes(base, config, emitted)
+    if config.mode in METHOD_MODES or config.width is not None:
+        if fitting is not None:
+            notes += fitting.notes(len(context.feeds.samples))
+        elif emitted.changes and not context.feeds.real:
+            notes.append(RTN_NOTE)
+    quantized = _Quantized(base, result, plan, emitted, fitting)
     if config.sensitivity:
-        return _sensitivity_only(_Quantized(base, result, plan, emitted), config, context, notes)
+        return _sensitivity_only(quantized, config, context, notes)
     if config.fallback and context.gates.fidelity_gates and plan.units:
-        done = _with_fallback(_Quantized(base, result, plan, emitted), config, context, notes)
+        done = _with_fallback(quantized, config, context, notes)
     else:
         done = TechniqueResult(
             model=result, changed=emitted.changes, skipped=plan.skipped + emitted.skipped, notes=tuple(notes)
@@ -492,9 +542,11 @@ def _check_speed(original: ir.Model, done: TechniqueResult, context: TechniqueCo
     return dataclasses.replace(done, notes=tuple(notes), details=details)
 
 
-def _builder(base: ir.Model, config: QuantizeConfig) -> Callable[[frozenset[int]], ir.Model]:
+def _builder(
+    base: ir.Model, config: QuantizeConfig, fitting: Fitting | None
+) -> Callable[[frozenset[int]], ir.Model]:
     def build(keep: frozenset[int]) -> ir.Model:
-        return _apply_units(base, config, keep)[0]
+        return _apply_units(base, config, keep, fitting)[0]
 
     return build
 
@@ -511,6 +563,7 @@ class _Quantized:
     result: ir.Model
     plan: Plan
     emitted: Emitted
+    fitting: Fitting | None = None
 
 
 def _sensitivity_only(
@@ -518,7 +571,7 @@ def _sensitivity_only(
 ) -> TechniqueResult:
     """Score every layer alone; report the full quantization's figures; write nothing."""
     base, result, plan, emitted = done.base, done.result, done.plan, done.emitted
-    ranked = score_units(plan.units, _builder(base, config), context)
+    ranked = score_units(plan.units, _builder(base, config, done.fitting), context)
     table = format_table(ranked, with_cost=context.gates.fidelity_gates)
     notes = [
         "--sensitivity: each layer quantized alone, most damaging first; the report's figures are "
@@ -545,7 +598,7 @@ def _with_fallback(
     if holds(full, context.gates):
         notes.append("every layer quantized passes the fidelity gates: no layer had to stay in float")
         return TechniqueResult(result, emitted.changes, plan.skipped + emitted.skipped, tuple(notes))
-    build = _builder(base, config)
+    build = _builder(base, config, done.fitting)
     ranked = score_units(plan.units, build, context)
     search = fallback_search(ranked, build, context, full)
     details: dict[str, object] = {
@@ -566,7 +619,9 @@ def _with_fallback(
         )
         return TechniqueResult(result, emitted.changes, plan.skipped + emitted.skipped, tuple(notes), details)
     kept = {s.unit.index for s in search.kept}
-    chosen, _, chosen_emitted = _apply_units(base, config, frozenset(u.index for u in plan.units) - kept)
+    chosen, _, chosen_emitted = _apply_units(
+        base, config, frozenset(u.index for u in plan.units) - kept, done.fitting
+    )
     skips = list(plan.skipped + chosen_emitted.skipped)
     for s in search.kept:
         f = s.fidelity

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -460,7 +460,12 @@ def _int8_view(arr: np.ndarray, unit: Unit) -> tuple[np.ndarray, int | None]:
 
 
 def quantize_int8(
-    model: ir.Model, units: Sequence[Unit], names: NameAuthority, *, cast: bool = False
+    model: ir.Model,
+    units: Sequence[Unit],
+    names: NameAuthority,
+    *,
+    cast: bool = False,
+    fixed: Mapping[str, Int8Weight] | None = None,
 ) -> Emitted:
     """Quantize ``units`` (planned on this very model) to int8 in place.
 
@@ -469,6 +474,8 @@ def quantize_int8(
         units: What to quantize.
         names: Fresh names.
         cast: Rebuild weights with ``Cast + Mul`` even where ``DequantizeLinear`` is available.
+        fixed: Values and scales to store instead of rounding to nearest, by weight name
+            (``--method gptq`` / ``awq``).
     """
     opset = default_opset(model)
     writer = _Writer()
@@ -478,8 +485,13 @@ def quantize_int8(
     for unit in units:
         w = unit.weight
         dtype = w.dtype
+        given = fixed.get(w.name) if fixed is not None else None
         try:
-            quantized = symmetric_int8(*_int8_view(w.numpy(), unit), np.dtype(dtype.numpy()))
+            quantized = (
+                given
+                if given is not None
+                else symmetric_int8(*_int8_view(w.numpy(), unit), np.dtype(dtype.numpy()))
+            )
         except NonFiniteWeightError as exc:
             skipped.append(Skip(unit.layer, unit.op_type, f"'{w.name}': {exc}"))
             continue
@@ -700,6 +712,7 @@ def quantize_int4(
     block_size: int,
     fmt: str,
     accuracy_level: int,
+    fixed: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Emitted:
     """Quantize ``units`` (planned on this very model, 2-D weights) to block-wise int4 in place.
 
@@ -710,6 +723,8 @@ def quantize_int4(
         block_size: Values per block along the reduction axis.
         fmt: ``nbits`` (MatMulNBits / GatherBlockQuantized) or ``qdq``.
         accuracy_level: MatMulNBits ``accuracy_level``.
+        fixed: ``(q, scales)`` as :func:`block_int4` returns them, to store instead of rounding
+            to nearest, by weight name (``--method gptq`` / ``awq``).
     """
     writer = _Writer()
     changes: list[Change] = []
@@ -731,7 +746,8 @@ def quantize_int4(
         wt = arr.T if axis == 0 else arr
         n, k = wt.shape
         scale_dtype = np.dtype(w.dtype.numpy())
-        q, scales = block_int4(wt, block_size, scale_dtype)
+        given = fixed.get(w.name) if fixed is not None else None
+        q, scales = given if given is not None else block_int4(wt, block_size, scale_dtype)
         snr = _snr_db(wt, _dequant_int4(q, scales, block_size, k))
         del arr, wt
         _release(w.tensor)

@@ -1,0 +1,299 @@
+"""Data-aware rounding of one weight: GPTQ and AWQ on rows ``W[C, K]`` with ``H = Σ x xᵀ``.
+
+Both keep the storage of round-to-nearest (the same grid, the same scales per output channel
+or per block of ``B`` columns); what changes is which grid point each weight takes, and the
+scales. The error they minimize is the layer's output error on the calibration rows,
+``tr(ΔW H ΔWᵀ)``, not the weight error ``|ΔW|²``.
+
+**GPTQ** (Frantar et al. 2022). Scales are first fitted to the weights (the grid's
+least-squares clipping search, as ``--bits`` does), then the columns are rounded one at a time
+and the error of each is spread over the columns not yet rounded, in proportion to
+``H⁻¹``: with ``U`` the upper Cholesky factor of ``(H + λI)⁻¹``,
+
+    q_j = round(w_j / s)              e_j = (w_j - s·q_j) / U_jj
+    w_k -= e_j · U_jk   for k > j     (lazily, in blocks of 128 columns)
+
+``λ = damping · mean(diag H)`` keeps the inverse finite where the rows do not span every
+column (fewer rows than columns, dead inputs); columns no row reached get ``H_jj = 1``.
+*Act-order* rounds the columns of largest ``H_jj`` first (scales stay those of the original
+blocks). When the layer's inputs came from a model whose earlier layers are already quantized
+(``x̃``, with ``C = Σ x x̃ᵀ`` against the original's ``x``), the target is the least-squares
+answer to ``min |W x - W' x̃|²``, ``W' = W + W (C - H)(H + λI)⁻¹``, so a layer makes up for
+what the layers before it lost. Afterwards every row's scales are refitted by least squares
+in the ``H`` metric for the codes chosen (kept only where that lowers the row's error).
+
+**AWQ** (Lin et al. 2023). Input channels that carry large activations matter more: each
+column is scaled by ``s_j = mean|x_j|^α`` (normalized so ``max(s)·min(s) = 1``) before
+rounding and the layer's input by ``1/s`` (a ``Mul`` in front of the layer), which changes
+nothing in float. ``α`` is searched in ``0, 0.05, ..., 1`` by the output error
+``tr(ΔW H ΔWᵀ)``; ``α = 0`` is round-to-nearest, so AWQ never does worse than it on the
+calibration rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modelshrink.techniques.layerwise import damped, inverse_factor
+from modelshrink.techniques.quantize.lowbit import Grid, Layout, fit_scales
+
+__all__ = ["ALPHAS", "Fit", "awq", "cast_scales", "gptq", "output_error", "rtn"]
+
+logger = logging.getLogger(__name__)
+
+# Columns rounded between two full updates of the rest (a speed knob: same result).
+LAZY_BLOCK = 128
+# AWQ's grid of exponents.
+ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))
+# Rows refitted together (bounds the [rows, blocks, blocks] systems).
+_REFIT_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One weight's grid codes and scales.
+
+    Attributes:
+        codes: ``[C, K]`` int8 grid codes ``q``: the weight is ``scale * (q + grid.offset)``.
+        scales: ``[C, blocks]`` in the storage's scale dtype.
+        details: What the method did, for the report.
+        column_scale: AWQ: ``s`` per column of the rows; the layer's input is multiplied by
+            ``1/s`` (None: no input scaling).
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    details: dict[str, object] = field(default_factory=dict)
+    column_scale: np.ndarray | None = None
+
+    def values(self, grid: Grid, block: int | None) -> np.ndarray:
+        """The dequantized rows ``[C, K]`` (float64), in the scaled domain for AWQ."""
+        layout = Layout(self.codes.shape, 0, block)
+        return (self.codes.astype(np.float64) + grid.offset) * layout.expand(self.scales.astype(np.float64))
+
+
+def cast_scales(scales: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Scales in the storage dtype, never rounded to zero or infinity."""
+    out = np.asarray(scales).astype(dtype)
+    info = np.finfo(dtype)
+    tiny = np.asarray(info.smallest_subnormal, dtype)
+    out = np.where(out == 0, np.where(np.asarray(scales) < 0, -tiny, tiny), out)
+    return np.clip(out, -info.max, info.max).astype(dtype)
+
+
+def _layout(rows: np.ndarray, block: int | None) -> Layout:
+    return Layout(tuple(rows.shape), 0, block)
+
+
+def _codes(rows: np.ndarray, per_value: np.ndarray, grid: Grid) -> np.ndarray:
+    x = rows / per_value - grid.offset
+    return np.clip(np.rint(x), grid.lo, grid.hi).astype(np.int8)
+
+
+def output_error(delta: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """Per-row output error ``ΔW_c H ΔW_cᵀ`` on the calibration rows."""
+    return np.einsum("ck,ck->c", delta @ hessian, delta)
+
+
+def rtn(rows: np.ndarray, grid: Grid, block: int | None, scale_dtype: np.dtype) -> Fit:
+    """Round to nearest with the grid's least-squares scales (the starting point of both methods)."""
+    layout = _layout(rows, block)
+    scales = cast_scales(fit_scales(rows.astype(np.float32), layout, grid), scale_dtype)
+    codes = _codes(rows, layout.expand(scales.astype(np.float64)), grid)
+    return Fit(codes, scales, {"method": "rtn"})
+
+
+def _round_columns(
+    target: np.ndarray, upper: np.ndarray, per_value: np.ndarray, grid: Grid, order: np.ndarray
+) -> np.ndarray:
+    """GPTQ's column loop in ``order`` (``upper`` factors the permuted ``H``); codes in the original order."""
+    c, k = target.shape
+    w = target[:, order].copy()
+    s = per_value[:, order]
+    u = upper
+    codes = np.empty((c, k), np.int8)
+    lo, hi, off = float(grid.lo), float(grid.hi), grid.offset
+    for start in range(0, k, LAZY_BLOCK):
+        stop = min(start + LAZY_BLOCK, k)
+        part = w[:, start:stop]
+        errors = np.empty((c, stop - start))
+        for i in range(stop - start):
+            col = part[:, i]
+            scale = s[:, start + i]
+            q = np.clip(np.rint(col / scale - off), lo, hi)
+            codes[:, start + i] = q
+            err = (col - (q + off) * scale) / u[start + i, start + i]
+            errors[:, i] = err
+            if i + 1 < stop - start:
+                part[:, i + 1 :] -= np.outer(err, u[start + i, start + i + 1 : stop])
+        if stop < k:
+            w[:, stop:] -= errors @ u[start:stop, stop:]
+    out = np.empty_like(codes)
+    out[:, order] = codes
+    return out
+
+
+def _refit(
+    target: np.ndarray, fit: Fit, h: np.ndarray, grid: Grid, block: int | None, scale_dtype: np.dtype
+) -> tuple[np.ndarray, int]:
+    """Least-squares scales for the chosen codes in the ``h`` metric; kept per row where better."""
+    layout = _layout(target, block)
+    c, k = target.shape
+    nb, bl = layout.blocks, layout.block_len
+    v = fit.codes.astype(np.float64) + grid.offset
+    old = fit.scales.astype(np.float64)
+    best = fit.scales.copy()
+    improved = 0
+    step = max(1, _REFIT_ELEMENTS // max(1, nb * nb + k))
+    for start in range(0, c, step):
+        rows = slice(start, min(c, start + step))
+        vr, tr = v[rows], target[rows]
+        n = vr.shape[0]
+        a = np.empty((n, nb, nb))
+        for b in range(nb):
+            cols = slice(b * bl, min(k, (b + 1) * bl))
+            t = vr[:, cols] @ h[cols, :]  # [n, K]
+            a[:, :, b] = _block_sums(vr * t, nb, bl)
+        rhs = _block_sums(vr * (tr @ h), nb, bl)
+        ridge = 1e-9 * np.maximum(np.trace(a, axis1=1, axis2=2) / nb, 1e-300)
+        a[:, np.arange(nb), np.arange(nb)] += ridge[:, None]
+        try:
+            new = np.linalg.solve(a, rhs[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            continue
+        new = cast_scales(np.where(np.isfinite(new), new, old[rows]), scale_dtype)
+        before = output_error(tr - v[rows] * layout.expand(old[rows]), h)
+        after = output_error(tr - v[rows] * layout.expand(new.astype(np.float64)), h)
+        better = np.isfinite(after) & (after < before)
+        best[rows] = np.where(better[:, None], new, best[rows])
+        improved += int(better.sum())
+    return best, improved
+
+
+def _block_sums(x: np.ndarray, nb: int, bl: int) -> np.ndarray:
+    """Sums over blocks of ``bl`` columns of ``x`` ``[n, K]`` -> ``[n, nb]``."""
+    n, k = x.shape
+    padded = np.zeros((n, nb * bl))
+    padded[:, :k] = x
+    return padded.reshape(n, nb, bl).sum(axis=2)
+
+
+# The cross-layer correction W (C - H)(H + λI)⁻¹ is dropped when it would move the weights by
+# more than this share of their norm (too few rows to trust it).
+MAX_CORRECTION = 0.5
+
+
+def gptq(
+    rows: np.ndarray,
+    hessian: np.ndarray,
+    grid: Grid,
+    block: int | None,
+    scale_dtype: np.dtype,
+    *,
+    damping: float,
+    act_order: bool,
+    cross: np.ndarray | None = None,
+) -> Fit:
+    """GPTQ on ``rows`` ``[C, K]`` (see the module docstring).
+
+    Args:
+        rows: The weight as rows (float64).
+        hessian: ``Σ x̃ x̃ᵀ`` ``[K, K]``.
+        grid: The integer grid.
+        block: Columns per scale (None: one scale per row).
+        scale_dtype: The storage's scale dtype.
+        damping: ``λ / mean(diag H)``.
+        act_order: Round the columns of largest ``H_jj`` first.
+        cross: ``Σ x x̃ᵀ`` (original's ``x``) when the inputs carry earlier layers' error.
+    """
+    h, _ = damped(hessian, damping)
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(rows.shape[1])
+    _, upper, used = inverse_factor(hessian[np.ix_(order, order)], damping)
+    if used != damping:
+        h, _ = damped(hessian, used)
+    target = rows
+    corrected = False
+    if cross is not None:
+        dead = np.diag(hessian) <= 0
+        diff = np.array(cross, dtype=np.float64) - hessian
+        diff[dead, :] = 0
+        diff[:, dead] = 0
+        shift = rows @ np.linalg.solve(h, diff.T).T
+        size = float(np.linalg.norm(rows))
+        if np.isfinite(shift).all() and float(np.linalg.norm(shift)) <= MAX_CORRECTION * max(size, 1e-30):
+            target = rows + shift
+            corrected = True
+    start = rtn(target, grid, block, scale_dtype)
+    layout = _layout(rows, block)
+    per_value = layout.expand(start.scales.astype(np.float64))
+    codes = _round_columns(target, upper, per_value, grid, order)
+    fit = Fit(codes, start.scales)
+    scales, refitted = _refit(target, fit, h, grid, block, scale_dtype)
+    details: dict[str, object] = {
+        "method": "gptq",
+        "damping": used,
+        "act_order": act_order,
+        "corrected_for_earlier_layers": corrected,
+        "scales_refitted_rows": refitted,
+    }
+    return Fit(codes, scales, details)
+
+
+def awq(
+    rows: np.ndarray,
+    hessian: np.ndarray,
+    channel_mean: np.ndarray,
+    repeat: int,
+    grid: Grid,
+    block: int | None,
+    scale_dtype: np.dtype,
+) -> Fit:
+    """AWQ on ``rows`` ``[C, K]`` (see the module docstring).
+
+    Args:
+        rows: The weight as rows (float64).
+        hessian: ``Σ x xᵀ`` ``[K, K]``.
+        channel_mean: Mean |x| per input channel (``K / repeat`` of them).
+        repeat: Columns per input channel (Conv: the kernel's size; else 1).
+        grid: The integer grid.
+        block: Columns per scale (None: one scale per row).
+        scale_dtype: The storage's scale dtype.
+    """
+    h, _ = damped(hessian, 0.0)
+    mean = np.asarray(channel_mean, dtype=np.float64)
+    top = float(mean.max()) if mean.size and np.isfinite(mean).all() else 0.0
+    if top <= 0:
+        return rtn(rows, grid, block, scale_dtype)
+    mean = np.maximum(mean, top * 1e-4)
+    best: tuple[float, float, Fit, np.ndarray] | None = None
+    baseline = None
+    for alpha in ALPHAS:
+        s = mean**alpha
+        s = s / np.sqrt(s.max() * s.min())
+        per_column = np.repeat(s, repeat)
+        scaled = rows * per_column
+        fit = rtn(scaled, grid, block, scale_dtype)
+        delta = fit.values(grid, block) / per_column - rows
+        loss = float(output_error(delta, h).sum())
+        if baseline is None:
+            baseline = loss
+        if best is None or loss < best[0]:
+            best = (loss, alpha, fit, s)
+    assert best is not None and baseline is not None
+    loss, alpha, fit, s = best
+    per_column = np.repeat(s, repeat)
+    scaled_h = h / np.outer(per_column, per_column)
+    scales, _ = _refit(rows * per_column, fit, scaled_h, grid, block, scale_dtype)
+    final = Fit(fit.codes, scales)
+    loss = float(output_error(final.values(grid, block) / per_column - rows, h).sum())
+    details: dict[str, object] = {
+        "method": "awq",
+        "alpha": alpha,
+        "output_error_vs_rtn": round(loss / baseline, 4) if baseline > 0 else None,
+    }
+    if alpha == 0:
+        return Fit(fit.codes, scales, details)
+    return Fit(fit.codes, scales, details, column_scale=per_column)
