@@ -32,6 +32,7 @@ GROUPS = {
     "auto": "bench_auto",
     "big": "bench_big",
     "recurrent": "bench_recurrent",
+    "detector": "bench_detector",
 }
 
 
