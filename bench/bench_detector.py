@@ -148,9 +148,19 @@ def _render(python: Path) -> tuple[Path, Path, Path]:
     size = ["--size", str(PAGE_SIZE), "--limit", str(PAGE_SIZE)]
     cmds = [
         [str(python), _rel(render), _rel(train), "--count", str(TRAIN_PAGES), "--seed", "1", *size],
-        [str(python), _rel(render), _rel(held), "--count", str(HELD_PAGES), "--seed", "2", *size,
-         "--images", _rel(pages)],
-    ]  # fmt: skip
+        [
+            str(python),
+            _rel(render),
+            _rel(held),
+            "--count",
+            str(HELD_PAGES),
+            "--seed",
+            "2",
+            *size,
+            "--images",
+            _rel(pages),
+        ],
+    ]
     for cmd in cmds:
         print(f"  $ {_rel(OCR_VENV)}/bin/python {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
@@ -188,9 +198,20 @@ def run() -> bool:
     train, held, pages = _render(python)
     pruned, distilled = WORK / "pruned.onnx", WORK / "distilled.onnx"
     code, doc, err, seconds = _cli(
-        "prune", _rel(det), "-o", _rel(pruned), "--structured", "--sparsity", SPARSITY,
-        "--data", _rel(train), "--no-latency", "--force",
-    )  # fmt: skip
+        "prune",
+        _rel(det),
+        "-o",
+        _rel(pruned),
+        "--structured",
+        "--sparsity",
+        SPARSITY,
+        "--channel-multiple",
+        "1",  # the figures in docs/detector-recovery.md: exact channel counts
+        "--data",
+        _rel(train),
+        "--no-latency",
+        "--force",
+    )
     if doc is None or not pruned.exists():
         print(f"  prune exited {code}: {err}")
         return False
@@ -199,9 +220,21 @@ def run() -> bool:
         if note.startswith("structured:"):
             print(f"    {note}")
     code, doc, err, seconds = _cli(
-        "distill", _rel(pruned), "--teacher", _rel(det), "-o", _rel(distilled), "--data", _rel(train),
-        "--epochs", EPOCHS, "--batch-size", BATCH_SIZE, "--no-latency", "--force",
-    )  # fmt: skip
+        "distill",
+        _rel(pruned),
+        "--teacher",
+        _rel(det),
+        "-o",
+        _rel(distilled),
+        "--data",
+        _rel(train),
+        "--epochs",
+        EPOCHS,
+        "--batch-size",
+        BATCH_SIZE,
+        "--no-latency",
+        "--force",
+    )
     if doc is None or not distilled.exists():
         print(f"  distill exited {code}: {err.splitlines()[-1] if err else ''}")
         return False
