@@ -29,6 +29,8 @@ from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_
 from modelshrink.techniques.distill.technique import _check_sizes
 from modelshrink.techniques.distill.trainer import LoopSettings, lr_at
 
+import models
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 MLP, MLP_DATA = SAMPLES / "digits_mlp.onnx", SAMPLES / "digits_mlp.npz"
@@ -338,6 +340,21 @@ def _if_model(*, same_name_in_else: bool = False) -> ir.Model:
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     return ir.serde.deserialize_model(proto)
+
+
+def test_labels_alone_pick_the_best_epoch_by_loss_not_by_agreement_with_the_teacher(tmp_path: Path) -> None:
+    """Training a fresh model on labels only (--alpha 1, the model is its own --teacher): every
+    epoch agrees less with the untrained teacher, so ranking epochs by that agreement kept the
+    untrained weights; the loss ranks them."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 16)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, labels=np.argmax(x[:, :10], axis=1).astype(np.int64))
+    fresh = ir.serde.deserialize_model(models.mlp(seed=3))
+    result = _run(fresh, fresh, tmp_path / "d.npz", labels=True, alpha=1.0, epochs=20, lr=1e-2)
+    fid = result.details["teacher_fidelity"]
+    assert fid["after"]["loss"] < 0.7 * fid["before"]["loss"]
+    assert fid["after"]["top1_agreement"] < 1.0  # it moved away from the untrained teacher
+    assert result.changed
 
 
 def test_if_branch_weights_train_and_are_written_back_in_their_branch(tmp_path: Path) -> None:

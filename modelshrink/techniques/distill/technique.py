@@ -332,6 +332,7 @@ def _train(
         schedule=config.schedule,
         patience=config.patience,
         fixed_batch=fixed is not None,
+        by_loss=config.label_weight >= 1.0,
     )
     eval_session = Session(models.eval.SerializeToString(), context.runtime, label="distill validation")
     check_rows = val_rows if len(val_rows) else train_rows
