@@ -241,7 +241,7 @@ def _trained_resnet(tmp: Path) -> tuple[Path, str]:
     np.savez(data, image=x, labels=y)
     trained = tmp / "resnet_trained.onnx"
     start = time.perf_counter()
-    report = api.distill(
+    api.distill(
         str(model_path),
         str(trained),
         DistillConfig(teacher=str(model_path), labels="labels", alpha=1.0, epochs=20, lr=3e-3, batch_size=32),
