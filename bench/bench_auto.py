@@ -241,16 +241,20 @@ def _trained_resnet(tmp: Path) -> tuple[Path, str]:
     np.savez(data, image=x, labels=y)
     trained = tmp / "resnet_trained.onnx"
     start = time.perf_counter()
-    report = api.distill(
+    api.distill(
         str(model_path),
         str(trained),
-        DistillConfig(teacher=str(model_path), labels="labels", alpha=1.0, epochs=8, lr=3e-3, batch_size=32),
+        DistillConfig(teacher=str(model_path), labels="labels", alpha=1.0, epochs=20, lr=3e-3, batch_size=32),
         RunOptions(data=str(data), latency=False),
         force=True,
     )
-    acc = report.details["teacher_fidelity"]["after"]
+    seconds = time.perf_counter() - start
+    held_x, held_y = shapes_task(64, np.random.default_rng(1))
+    session = ort.InferenceSession(str(trained), providers=["CPUExecutionProvider"])
+    accuracy = float((session.run(None, {"image": held_x})[0].argmax(-1) == held_y).mean())
     print(
-        f"resnet-like 224x224 trained on the shapes task by distill: {time.perf_counter() - start:.0f} s; {acc}"
+        f"resnet-like 224x224 trained on the shapes task by distill (labels only, 20 epochs): {seconds:.0f} s; "
+        f"label accuracy {accuracy:.1%} on 64 new images (chance 10 %)"
     )
     return trained, str(data)
 

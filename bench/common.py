@@ -25,34 +25,49 @@ from models import external_tensor, low_rank_external_model  # noqa: E402
 __all__ = [
     "ROOT",
     "Run",
+    "bench_python",
     "big_external_model",
     "external_tensor",
     "low_rank_external_model",
     "mlp_model",
+    "ocr_python",
     "pil_python",
     "wheel_file",
 ]
 
 PIL_VENV = ROOT / "build" / "bench-pil"
+OCR_VENV = ROOT / "build" / "bench-ocr"
+RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 WHEELS = ROOT / "build" / "realmodels"
 
 
-def pil_python() -> tuple[Path | None, str]:
-    """A Python with Pillow and numpy (a bench-only venv in build/bench-pil, made if missing),
-    or None and why it could not be made."""
-    python = PIL_VENV / "bin" / "python"
-    probe = [str(python), "-c", "import PIL, numpy"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+def bench_python(venv: Path, requirements: list[str], probe: str) -> tuple[Path | None, str]:
+    """A Python in the bench-only venv ``venv`` (made on first use) where ``import {probe}``
+    works, or None and why it could not be made. Never modelshrink's own environment."""
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", f"import {probe}"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return python, ""
     steps = [
-        [sys.executable, "-m", "venv", str(PIL_VENV)],
-        [str(python), "-m", "pip", "install", "-q", "pillow", "numpy"],
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", *requirements],
     ]
     for step in steps:
         proc = subprocess.run(step, capture_output=True, text=True)
         if proc.returncode != 0:
             return None, f"'{' '.join(step[-3:])}' failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
     return python, ""
+
+
+def pil_python() -> tuple[Path | None, str]:
+    """Python with Pillow and numpy (build/bench-pil)."""
+    return bench_python(PIL_VENV, ["pillow", "numpy"], "PIL, numpy")
+
+
+def ocr_python() -> tuple[Path | None, str]:
+    """Python with rapidocr-onnxruntime 1.4.4 and Pillow (build/bench-ocr): its own detector
+    pre-processing and OCR pipeline, for pages rendered as rapidocr feeds them."""
+    return bench_python(OCR_VENV, [RAPIDOCR], "rapidocr_onnxruntime, PIL")
 
 
 def wheel_file(requirement: str, member: str) -> tuple[Path | None, str]:

@@ -36,6 +36,7 @@ GROUPS = {
     "big": "bench_big",
     "recurrent": "bench_recurrent",
     "dataaware": "bench_dataaware",
+    "detector": "bench_detector",
 }
 
 

@@ -852,7 +852,11 @@ def _array_feeds(
         if name not in input_values
     }
     layouts, total = data_layouts(data.arrays, specs, axes, input_shapes, label)
-    chosen = selected(list(range(total)), rows)
+    if rows is not None and _cut_in_batches(layouts):
+        layouts, total = _kept_rows(layouts, rows, specs, input_shapes, label, max_samples)
+        chosen = list(range(total))
+    else:
+        chosen = selected(list(range(total)), rows)
     if not chosen:
         raise DataError(f"--data {label}: --rows {rows} selects none of its {total} samples")
     used = min(len(chosen), max_samples)
@@ -866,6 +870,50 @@ def _array_feeds(
     picked = f", --rows {rows}" if rows is not None else ""
     source = f"{label} ({used} of {total} samples{picked})" if used < total else f"{label} ({total} samples)"
     return _real_feeds(tuple(samples), specs, source, warnings, input_values)
+
+
+def _cut_in_batches(layouts: Mapping[str, ArrayRows]) -> bool:
+    """True when feeds hold several rows each (a batch size from the model or --input-shape)
+    and every input with per-feed values has a batch axis: then ``--rows`` selects rows, as
+    distill's does, not feeds."""
+    per_feed = [r for r in layouts.values() if r.items is not None]
+    return any(r.item_rows > 1 for r in per_feed) and all(r.axis is not None for r in per_feed)
+
+
+def _kept_rows(
+    layouts: Mapping[str, ArrayRows],
+    rows: str,
+    specs: Sequence[InputSpec],
+    input_shapes: Mapping[str, tuple[int, ...]],
+    label: str,
+    max_samples: int,
+) -> tuple[dict[str, ArrayRows], int]:
+    """The layouts of only the rows ``--rows`` keeps (at most ``max_samples`` feeds of them),
+    cut into feeds again. A row is one index along the batch axis, as in training, so a split
+    by ``--rows`` never puts the same row on both sides whatever the batch size.
+
+    Raises:
+        DataError: It keeps fewer rows than one feed holds.
+    """
+    by_name = {s.name: s for s in specs}
+    batched = {n: r for n, r in layouts.items() if r.items is not None}
+    first = next(iter(batched.values()))
+    total = (first.items or 0) * first.item_rows
+    kept = np.asarray(selected(list(range(total)), rows), dtype=np.int64)
+    kept = kept[: max_samples * max(r.item_rows for r in batched.values())]
+    out = dict(layouts)
+    for name, cut in batched.items():
+        assert cut.axis is not None
+        out[name] = ArrayRows(
+            name, cut.rows(kept), cut.axis, False, len(kept) // cut.item_rows, cut.item_rows
+        )
+        if not out[name].items:
+            raise DataError(
+                f"--data {label}: --rows {rows} keeps {len(kept)} of its {total} rows, fewer than one "
+                f"feed of {cut.item_rows} ('{name}' {by_name[name].shape_text()}, "
+                f"{'--input-shape' if name in input_shapes else 'its declared batch size'})"
+            )
+    return out, min(r.items or 0 for r in out.values() if r.items is not None)
 
 
 def selected(items: list[Any], rows: str | None) -> list[Any]:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from modelshrink import io
 from modelshrink.cli import app
-from modelshrink.errors import ConfigError
+from modelshrink.errors import ConfigError, DataError
 from modelshrink.feeds import load_feeds
 from modelshrink.graph import weights
 from modelshrink.techniques import TECHNIQUES
@@ -26,7 +26,10 @@ from modelshrink.techniques.base import TechniqueContext
 from modelshrink.techniques.distill import DistillConfig, Teacher, distill, training_data_from_feeds
 from modelshrink.techniques.distill.optim import OptimizerSpec
 from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
+from modelshrink.techniques.distill.technique import _check_sizes
 from modelshrink.techniques.distill.trainer import LoopSettings, lr_at
+
+import models
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -339,6 +342,21 @@ def _if_model(*, same_name_in_else: bool = False) -> ir.Model:
     return ir.serde.deserialize_model(proto)
 
 
+def test_labels_alone_pick_the_best_epoch_by_loss_not_by_agreement_with_the_teacher(tmp_path: Path) -> None:
+    """Training a fresh model on labels only (--alpha 1, the model is its own --teacher): every
+    epoch agrees less with the untrained teacher, so ranking epochs by that agreement kept the
+    untrained weights; the loss ranks them."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 16)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, labels=np.argmax(x[:, :10], axis=1).astype(np.int64))
+    fresh = ir.serde.deserialize_model(models.mlp(seed=3))
+    result = _run(fresh, fresh, tmp_path / "d.npz", labels=True, alpha=1.0, epochs=20, lr=1e-2)
+    fid = result.details["teacher_fidelity"]
+    assert fid["after"]["loss"] < 0.7 * fid["before"]["loss"]
+    assert fid["after"]["top1_agreement"] < 1.0  # it moved away from the untrained teacher
+    assert result.changed
+
+
 def test_if_branch_weights_train_and_are_written_back_in_their_branch(tmp_path: Path) -> None:
     student, teacher = _if_model(), _if_model()
     for w in weights(teacher):
@@ -360,6 +378,48 @@ def test_body_weight_whose_name_another_body_defines_is_skipped() -> None:
     student = prepare_student(_if_model(same_name_in_else=True))
     reasons = [r for n, _, _, r in student.frozen if n == "tw"]
     assert reasons and all("defined in more than one graph" in r for r in reasons)
+
+
+def _upsampling_model(seed: int) -> ir.Model:
+    """x [N, 2, H, W] -> Conv stride 2 -> Relu -> ConvTranspose stride 2 -> Sigmoid: a detector
+    head in miniature, whose spatial sizes are dynamic as exported detectors declare them."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W1"], ["h"], name="down", pads=[1, 1, 1, 1], strides=[2, 2]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("ConvTranspose", ["r", "W2"], ["u"], name="up", strides=[2, 2]),
+            helper.make_node("Sigmoid", ["u"], ["y"]),
+        ],
+        "det",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+        initializer=[
+            numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "W1"),
+            numpy_helper.from_array(rng.standard_normal((4, 2, 2, 2)).astype(np.float32), "W2"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.serde.deserialize_model(proto)
+
+
+def test_dynamic_spatial_sizes_train_at_the_size_of_the_rows(tmp_path: Path) -> None:
+    """ConvTranspose's gradient needs static spatial sizes: the step graph takes them from the
+    rows (here 8x8); the written model keeps its declared H and W."""
+    student, teacher = _upsampling_model(0), _upsampling_model(1)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(2).standard_normal((32, 2, 8, 8)).astype(np.float32))
+    result = _run(student, teacher, tmp_path / "d.npz", epochs=2, batch_size=8, lr=1e-2)
+    assert {c.details["weight"] for c in result.changed} == {"W1", "W2"}
+    shape = result.model.graph.inputs[0].shape
+    assert [d if isinstance(d, int) else d.value for d in shape] == ["N", 2, "H", "W"]
+    assert any("trained at the size of the --data rows (x [batch, 2, 8, 8])" in n for n in result.notes)
+    fed = result.details["teacher_fidelity"]
+    assert fed["after"]["loss"] < fed["before"]["loss"]
+
+
+def test_rows_of_another_size_than_the_first_are_refused() -> None:
+    with pytest.raises(DataError, match="input 'x' has rows of shape \\[8, 2, 6, 6\\] and others of"):
+        _check_sizes({"x": np.zeros((8, 2, 6, 6), np.float32)}, {"x": (None, 2, 8, 8)})
 
 
 # --- the command -----------------------------------------------------------------------------

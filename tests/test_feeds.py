@@ -185,3 +185,23 @@ def test_rows_select_samples_of_the_data(tmp_path: Path) -> None:
     for bad in ("x", "%0=0", "%5=5", "1:2:0"):
         with pytest.raises(ConfigError, match="--rows"):
             load_feeds(model, data=str(tmp_path / "d.npz"), rows=bad)
+
+
+def test_rows_select_rows_not_feeds_when_a_feed_holds_several(tmp_path: Path) -> None:
+    """At --input-shape x:4x16 a feed holds 4 rows: --rows still picks rows (as distill does), so
+    a split never puts one row on both sides."""
+    x = np.repeat(np.arange(40, dtype=np.float32)[:, None], 16, axis=1)  # row i holds i
+    np.savez(tmp_path / "d.npz", x=x)
+    model = _ir(models.mlp())
+    shapes = {"x": (4, 16)}
+
+    def rows_of(spec: str) -> list[list[int]]:
+        feeds = load_feeds(model, data=str(tmp_path / "d.npz"), input_shapes=shapes, rows=spec)
+        return [s["x"][:, 0].astype(int).tolist() for s in feeds.samples]
+
+    assert rows_of("%5=4") == [[4, 9, 14, 19], [24, 29, 34, 39]]
+    assert rows_of("%5!=4")[0] == [0, 1, 2, 3] and len(rows_of("%5!=4")) == 8
+    held = {r for f in rows_of("%5=4") for r in f}
+    assert not held & {r for f in rows_of("%5!=4") for r in f}
+    with pytest.raises(DataError, match="fewer than one feed of 4"):
+        rows_of("0:3")

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from modelshrink import api, io
 from modelshrink.cli import app
+from modelshrink.errors import ConfigError
 from modelshrink.feeds import load_feeds
 from modelshrink.gates import FLOOR_AGREEMENT, FLOOR_COSINE, Gates
 from modelshrink.pipeline import RunOptions, session_for_model
@@ -25,6 +26,7 @@ from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques import floor_search
 from modelshrink.techniques.base import TechniqueContext, TechniqueResult
 from modelshrink.techniques.prune import PruneConfig, prune
+from modelshrink.techniques.prune.structured import removed_channels
 from modelshrink.verify import Fidelity, Reference
 
 import models
@@ -748,6 +750,22 @@ def test_structured_sample_cnn_shapes() -> None:
     out = checked(result.model)
     (logits,) = ort_run(out, sample_feed("digits_cnn"))
     assert logits.shape == (16, 10)
+
+
+def test_structured_keeps_a_multiple_of_the_cpu_channel_block() -> None:
+    assert [removed_channels(c, 0.3, 16) for c in (16, 24, 31, 32, 64, 250, 256)] == [5, 7, 9, 16, 16, 74, 80]
+    assert [removed_channels(c, 0.3) for c in (32, 64, 250, 256)] == [10, 19, 75, 77]
+    assert removed_channels(64, 0.95, 16) == 48  # at least one block stays
+    # digits_cnn at 0.4: the conv2+res group (32 channels) keeps 19 exactly, 16 rounded; conv3 and
+    # fc1 (64 each) 38 and 32
+    rounded = _inits(run_prune(sample("digits_cnn"), PruneConfig(structured=True, sparsity=0.4)).model)
+    exact = _inits(
+        run_prune(sample("digits_cnn"), PruneConfig(structured=True, sparsity=0.4, channel_multiple=1)).model
+    )
+    assert [rounded[f"{n}.weight"][0] for n in ("conv2", "res", "conv3", "fc1")] == [16, 16, 32, 32]
+    assert [exact[f"{n}.weight"][0] for n in ("conv2", "res", "conv3", "fc1")] == [19, 19, 38, 38]
+    with pytest.raises(ConfigError, match="--channel-multiple must be >= 1"):
+        PruneConfig(structured=True, channel_multiple=0)
 
 
 def test_structured_prunes_the_transformer_ffn_only() -> None:

@@ -41,8 +41,8 @@ from typing import Any
 from modelshrink import api, io
 from modelshrink.auto.candidates import MIN_TRAIN_SAMPLES, Recipe, Step, Weights, recipes
 from modelshrink.auto.config import AutoConfig
+from modelshrink.dataset import open_run_dataset
 from modelshrink.errors import ConfigError, GateError, ModelshrinkError
-from modelshrink.feeds import load_feeds
 from modelshrink.flags import to_argv
 from modelshrink.gates import Gates, floor_gates
 from modelshrink.options import RunOptions, RuntimeOptions
@@ -270,7 +270,7 @@ def _why_not(recipe: Recipe, plan: _Plan, samples: int, cfg: AutoConfig, provide
     if (recipe.needs_data or recipe.trains) and plan.data is None:
         return "needs --data"
     if recipe.trains and samples < MIN_TRAIN_SAMPLES:
-        return f"trains: needs {MIN_TRAIN_SAMPLES}+ calibration samples in --data, has {samples}"
+        return f"trains: needs {MIN_TRAIN_SAMPLES}+ calibration rows in --data, has {samples}"
     if recipe.gpu_only and cfg.goal == "latency" and provider == "CPUExecutionProvider":
         return "float16 compute is for GPU providers; on CPU it runs slower"
     return None
@@ -295,10 +295,15 @@ def _scoring_gates(options: RunOptions, src: str, heldout: RunOptions) -> Gates:
     return dataclasses.replace(options.gates, min_cosine=floor.min_cosine, min_agreement=floor.min_agreement)
 
 
-def _count_samples(src: str, options: RunOptions) -> int:
-    loaded = io.load_model(src)
-    feeds = load_feeds(loaded.model, data=options.data, input_shapes=options.input_shapes, samples=1 << 62)
-    return len(feeds)
+def _count_rows(src: str, options: RunOptions) -> int:
+    """Rows of ``--data`` (along each input's batch axis, as distill counts them; ``--rows``
+    splits these, whatever the batch size of a feed), read lazily."""
+    assert options.data is not None
+    dataset = open_run_dataset(io.load_model(src).model, dataclasses.replace(options, rows=None))
+    try:
+        return dataset.rows
+    finally:
+        dataset.release()
 
 
 @contextlib.contextmanager
@@ -357,11 +362,11 @@ def auto(
     heldout = options
     samples = 0
     if options.data is not None:
-        samples = _count_samples(src, options)
+        samples = _count_rows(src, options)
         held = samples // cfg.holdout
         if held < 1:
             raise ConfigError(
-                f"--data has {samples} samples: too few to hold one in {cfg.holdout} out for scoring; "
+                f"--data has {samples} rows: too few to hold one in {cfg.holdout} out for scoring; "
                 "pass more data or a smaller --holdout"
             )
         calibrate = dataclasses.replace(options, rows=cfg.calibration_rows)

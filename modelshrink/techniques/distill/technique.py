@@ -90,6 +90,45 @@ def _fixed_batch(student: ir.Model, data: TrainingData) -> int | None:
     return None
 
 
+def _pinned_to_rows(
+    model: ir.Model, data: TrainingData, names: Sequence[str]
+) -> tuple[ir.Model, dict[str, tuple[int | None, ...]]]:
+    """A copy of the student whose inputs' dynamic sizes, other than the batch axis, are those
+    of the ``--data`` rows, and each pinned input's row shape (None on its batch axis).
+
+    The training step is built for the sizes it is fed, so the gradient rules that need static
+    sizes (ConvTranspose, Conv with auto_pad SAME, Resize to a size) apply to a detector declared
+    ``x [N, 3, H, W]``. Only the step graph is pinned: the written model keeps its declared dims.
+    """
+    first = data.batch(np.zeros(1, np.int64))
+    data.release()
+    pinned = model.clone()
+    sizes: dict[str, tuple[int | None, ...]] = {}
+    for v in graph_inputs(pinned.graph):
+        name = v.name or ""
+        axis = data.axes[name].axis if name in data.axes else None
+        if name not in names or axis is None or v.shape is None or name not in first:
+            continue
+        row = first[name].shape
+        if len(row) != len(v.shape):
+            continue
+        if any(not isinstance(d, int) for a, d in enumerate(v.shape) if a != axis):
+            v.shape = ir.Shape([d if a == axis else int(row[a]) for a, d in enumerate(v.shape)])
+            sizes[name] = tuple(None if a == axis else int(n) for a, n in enumerate(row))
+    return pinned, sizes
+
+
+def _check_sizes(feed: Mapping[str, np.ndarray], sizes: Mapping[str, tuple[int | None, ...]]) -> None:
+    for name, want in sizes.items():
+        got = feed[name].shape
+        if any(w is not None and w != g for w, g in zip(want, got, strict=False)):
+            shown = ["*" if w is None else w for w in want]
+            raise DataError(
+                f"--data: input '{name}' has rows of shape {list(got)} and others of {shown}; "
+                "distill trains at one size per input (the size of its first row)"
+            )
+
+
 def _declared_axes(teacher: Teacher, names: Sequence[str]) -> dict[str, int | None]:
     """Batch axes of the teacher's outputs from their declared dims (the inputs' batch symbol)."""
     symbol = batch_symbol(input_specs(teacher.model))
@@ -252,7 +291,8 @@ def _train(
         alpha=config.label_weight,
         matches=tuple((s, _dims_with_batch(sample[t], targets.axes[t])) for s, t in config.pairs),
     )
-    student = prepare_student(model, train=config.train, bn_mode=config.bn_mode)
+    pinned, sizes = _pinned_to_rows(model, data, student_inputs)
+    student = prepare_student(pinned, train=config.train, bn_mode=config.bn_mode)
     if not student.params:
         raise ConfigError(
             f"--train {config.train}: no trainable weight (float32, non-scalar) matches"
@@ -277,6 +317,7 @@ def _train(
         inputs = data.batch(batch)
         outputs = targets.get(batch, inputs)
         data.release()
+        _check_sizes(inputs, sizes)
         feed = {k: inputs[k] for k in student_inputs}
         feed.update({name: outputs[out] for out, name in models.target_inputs.items()})
         feed.update({name: outputs[features[s]] for s, name in models.match_inputs.items()})
@@ -291,6 +332,7 @@ def _train(
         schedule=config.schedule,
         patience=config.patience,
         fixed_batch=fixed is not None,
+        by_loss=config.label_weight >= 1.0,
     )
     eval_session = Session(models.eval.SerializeToString(), context.runtime, label="distill validation")
     check_rows = val_rows if len(val_rows) else train_rows
@@ -338,6 +380,13 @@ def _train(
     if not data.batched:
         student.notes.append("no input has a batch axis: every row was fed on its own (batches of 1)")
     student.notes.append(f"batched: {data.batching_text()}")
+    if sizes:
+        shown = "; ".join(
+            f"{k} [{', '.join('batch' if d is None else str(d) for d in v)}]" for k, v in sizes.items()
+        )
+        student.notes.append(
+            f"trained at the size of the --data rows ({shown}); the written model keeps its declared dims"
+        )
     return _result(
         model,
         config,

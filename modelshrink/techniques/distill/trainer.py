@@ -50,6 +50,9 @@ class LoopSettings:
     patience: int | None
     shuffle: bool = True
     fixed_batch: bool = False
+    # With labels alone (--alpha 1) the teacher is not learned from: its agreement says nothing
+    # about which epoch is best, the loss does.
+    by_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,14 @@ def evaluate(
     return total / max(count, 1), (agree / seen if seen else None)
 
 
+def _score(agreement: float | None, loss: float, settings: LoopSettings) -> tuple[float, float]:
+    """An epoch's rank (lower is better): top-1 agreement with the teacher first, then the loss;
+    the loss alone when only the labels are learned from."""
+    if settings.by_loss or agreement is None:
+        return (0.0, loss)
+    return (-agreement, loss)
+
+
 def train(
     models: StepModels,
     *,
@@ -200,7 +211,7 @@ def train(
 
     if eval_session is not None:  # epoch 0: the student as it came is a candidate too
         loss0, agree0 = validate()
-        best = (-(agree0 if agree0 is not None else 0.0), loss0)
+        best = _score(agree0, loss0, settings)
     for epoch in range(1, settings.epochs + 1):
         order = rng.permutation(train_rows) if settings.shuffle else train_rows
         losses = []
@@ -256,7 +267,7 @@ def train(
         if val_loss is None:
             best_epoch, best_flat, best_bufs = epoch, flat, dict(bufs)
             continue
-        score = (-(val_agree if val_agree is not None else 0.0), val_loss)
+        score = _score(val_agree, val_loss, settings)
         if best is None or score < best:
             best, best_epoch, best_flat, best_bufs = score, epoch, flat, dict(bufs)
             since_best = 0

@@ -124,6 +124,7 @@ class Plan:
         default_factory=lambda: ({}, {})
     )
     skipped: list[Skip] = field(default_factory=list)
+    multiple: int = 1  # --channel-multiple
 
     def scores(self) -> dict[int, np.ndarray]:
         """Channel scores per prunable group root."""
@@ -174,7 +175,7 @@ def plan(
         group.producer_ops.append(op_key(prod.node))
     ordered = sorted(groups.values(), key=lambda g: g.root)
     importance = importance or _resolve_importance(config, context)
-    result = Plan(analysis, ordered, importance, shapes=(known, dtypes))
+    result = Plan(analysis, ordered, importance, shapes=(known, dtypes), multiple=config.channel_multiple)
     if scores is None:
         scores = (
             _activation_scores(model, analysis, result.prunable, context, dtypes)
@@ -320,10 +321,10 @@ def _activation_scores(
     return wanted
 
 
-def keep_indices(group: Group, ratio: float) -> np.ndarray:
+def keep_indices(group: Group, ratio: float, multiple: int = 1) -> np.ndarray:
     """The channels a group keeps at ``ratio`` removed (sorted, at least one)."""
     assert group.scores is not None
-    remove = removed_channels(group.channels, ratio)
+    remove = removed_channels(group.channels, ratio, multiple)
     if remove <= 0:
         return np.arange(group.channels)
     order = np.argsort(-group.scores, kind="stable")
@@ -357,7 +358,7 @@ def apply_plan(model: ir.Model, the_plan: Plan, ratios: Mapping[int, float]) -> 
             row["channels_after"] = group.channels
             row["skipped"] = group.blocked
         else:
-            kept = keep_indices(group, ratios.get(group.root, 0.0))
+            kept = keep_indices(group, ratios.get(group.root, 0.0), the_plan.multiple)
             row["channels_after"] = int(kept.size)
             row["ratio"] = round(1 - kept.size / group.channels, 6)
             if kept.size < group.channels:
@@ -475,9 +476,20 @@ def replan(model: ir.Model, base: Plan, config: PruneConfig, context: TechniqueC
     return again
 
 
-def removed_channels(channels: int, ratio: float) -> int:
-    """Channels a group of ``channels`` loses at ``ratio`` (at least one stays)."""
-    return max(0, min(round(ratio * channels), channels - 1))
+def removed_channels(channels: int, ratio: float, multiple: int = 1) -> int:
+    """Channels a group of ``channels`` loses at ``ratio`` (at least one stays).
+
+    With ``multiple`` > 1, a group of at least ``2 * multiple`` channels keeps the multiple of
+    ``multiple`` nearest to what ``ratio`` keeps (at least one multiple): CPU convolution kernels
+    work on blocks of 8 (AVX2) or 16 (AVX-512) channels, so 250 channels run as slowly as 256
+    (measured on PP-OCRv4's detector: 0.35 of its channels removed ran at 0.88x the original's
+    latency, 0.334 with every layer at a multiple of 16 at 0.71x).
+    """
+    remove = max(0, min(round(ratio * channels), channels - 1))
+    if multiple > 1 and remove > 0 and channels >= 2 * multiple:
+        kept = max(multiple, round((channels - remove) / multiple) * multiple)
+        remove = channels - min(kept, channels)
+    return remove
 
 
 def run(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> tuple[Plan, Applied]:

@@ -373,7 +373,9 @@ def _structured_result(
                 op_type=g.producer_ops[0],
                 size=g.channels,
                 levels=search.levels_for(config.target_sparsity, STRUCTURED_LEVELS, STRUCTURED_CAP),
-                removed=functools.partial(structured.removed_channels, g.channels),
+                removed=functools.partial(
+                    structured.removed_channels, g.channels, multiple=the_plan.multiple
+                ),
             )
             for g in the_plan.prunable
         ]
@@ -426,7 +428,7 @@ def _structured_default(
     groups = the_plan.prunable
     ladders = []
     for g in groups:
-        removed = [structured.removed_channels(g.channels, s) for s in levels]
+        removed = [structured.removed_channels(g.channels, s, the_plan.multiple) for s in levels]
         assert g.scores is not None
         ladders.append(
             floor_search.Ladder(g.root, (0, *removed), (0.0, *search.score_share(g.scores, removed)))

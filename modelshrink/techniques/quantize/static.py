@@ -204,15 +204,18 @@ def _unchanged(model: ir.Model, skips: list[Skip], config: QuantizeConfig) -> St
 
 def _prepare(
     model: ir.Model, config: QuantizeConfig, context: TechniqueContext
-) -> tuple[ir.Model, list[str], list[Skip], list[str], dict[str, object]] | None:
-    """The float model to quantize, the nodes left alone (and why), notes and details."""
+) -> tuple[ir.Model, list[str], list[Skip], list[str], dict[str, object]] | list[Skip]:
+    """The float model to quantize, the nodes left alone (and why), notes and details.
+
+    Only the nodes left alone (and why) when none is left to quantize.
+    """
     work = _named(model)
     onnx_ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(work)
     allow_plain_initializers(work)  # the lifted Constants are not graph inputs
     exclude, skips = _exclusions(work, config)
     left = set(exclude)
     if not any(op_key(n) in config.ops and n.name not in left for _, n in all_nodes(work)):
-        return None
+        return skips
     work, notes = _raised(work)
     if not runs_qdq(default_opset(work)):
         raise UnsupportedModelError(
@@ -275,8 +278,8 @@ def quantize_static_qdq(model: ir.Model, config: QuantizeConfig, context: Techni
             "hundred samples as .npz); use --mode dynamic or int8 without data"
         )
     prepared = _prepare(model, config, context)
-    if prepared is None:
-        return _unchanged(model, _exclusions(_named(model), config)[1], config)
+    if isinstance(prepared, list):  # the weights read from Constant nodes are judged once lifted
+        return _unchanged(model, prepared, config)
     work, exclude, skips, notes, details = prepared
     left = set(exclude)
     samples = context.feeds.samples
