@@ -47,7 +47,7 @@ back what compression cost. The training step (forward, backward, optimizer upda
 ONNX graph, so no PyTorch is needed.""",
     examples=(
         "modelshrink distill pruned.onnx --teacher model.onnx --data train.npz -o recovered.onnx",
-        "modelshrink distill small.onnx --teacher model.onnx --data train.npz -o out.onnx --epochs 30 --labels y",
+        "modelshrink distill small.onnx --teacher model.onnx --data train.npz -o out.onnx --epochs 30 --labels labels",
     ),
     prepare="modelshrink.techniques.distill.loading:load_distill_data",
 )
