@@ -34,15 +34,13 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from common import OCR_VENV, RAPIDOCR, ROOT, ocr_python
+from common import OCR_VENV, RAPIDOCR, ROOT, cli_json, ocr_python, ort_session
 
 WORK = ROOT / "build" / "bench-detector"
 TRAIN_PAGES = 96
@@ -68,14 +66,7 @@ def _detector(python: Path) -> Path:
 
 
 def _cli(*args: str) -> tuple[int, dict | None, str, float]:
-    print(f"  $ modelshrink {' '.join(args)}", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "modelshrink", *args, "--json", "-q"], capture_output=True, text=True, cwd=ROOT
-    )
-    seconds = time.perf_counter() - start
-    doc = json.loads(proc.stdout) if proc.stdout.strip() else None
-    return proc.returncode, doc, proc.stderr.strip(), seconds
+    return cli_json(*args, echo=True)
 
 
 def _edit_distance(a: str, b: str) -> int:
@@ -119,16 +110,9 @@ def conv_macs(path: Path) -> int:
     return total
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def latencies(models: dict[str, Path], feed: dict[str, np.ndarray]) -> dict[str, float]:
     """Median ms of each model, timed in turn with the starting model rotating each round."""
-    sessions = {name: _session(path) for name, path in models.items()}
+    sessions = {name: ort_session(path) for name, path in models.items()}
     for session in sessions.values():
         for _ in range(3):
             session.run(None, feed)

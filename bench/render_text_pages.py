@@ -20,7 +20,6 @@ import argparse
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
 
 WORDS = [
     "invoice",
@@ -123,6 +122,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     rendered = [page(rng, args.size) for _ in range(args.count)]
     bgr = np.stack([pixels[..., ::-1] for pixels, _ in rendered])
+    from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess  # the OCR venv only: lines import WORDS
+
     pre = DetPreProcess(args.limit, "min", [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
     x = np.concatenate([pre(image) for image in bgr]).astype(np.float32)
     np.savez(args.out, x=x)

@@ -290,6 +290,9 @@ def _from_arrays(
         return _filled(feed, specs, axes, input_shapes, input_values, len(picked))
 
     source = f"{label} ({rows} rows)"
+    # Kept on purpose (a duplicates pair with the other Dataset(...) in this module): the same
+    # fields from two sources, files read lazily here and feeds in memory there; a helper would
+    # only pass the same names through.
     return Dataset(
         source,
         rows=rows,
@@ -483,6 +486,9 @@ def dataset_from_feeds(
     )
     groups = np.repeat(item_groups, counts)
     items = _Items(lambda i: samples[i], counts, axes, [], {}, {})
+    # Kept on purpose (a duplicates pair with the other Dataset(...) in this module): the same
+    # fields from two sources, files read lazily here and feeds in memory there; a helper would
+    # only pass the same names through.
     return Dataset(
         feeds.source,
         rows=int(counts.sum()),

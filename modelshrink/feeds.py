@@ -832,6 +832,8 @@ def describe_rows(layouts: Mapping[str, ArrayRows], specs: Sequence[InputSpec]) 
     return ", ".join(parts)
 
 
+# Kept on purpose (a duplicates pair with _file_feeds/_array_feeds): the same parameters,
+# one reader for an array file, one for a folder of files.
 def _array_feeds(
     path: Path,
     specs: Sequence[InputSpec],
@@ -969,6 +971,8 @@ def file_feed(
     return feed
 
 
+# Kept on purpose (a duplicates pair with _file_feeds/_array_feeds): the same parameters,
+# one reader for an array file, one for a folder of files.
 def _file_feeds(
     files: Sequence[Path],
     label: str,

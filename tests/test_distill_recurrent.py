@@ -290,7 +290,12 @@ def test_crnn_pruned_then_distilled(tmp_path: Path) -> None:
     teacher_out = _ort(onnx.load(str(teacher_path))).run(None, {"image": held_out})[0]
     options = RunOptions(latency=False)
     pruned, recovered = tmp_path / "pruned.onnx", tmp_path / "recovered.onnx"
-    api.prune(str(teacher_path), str(pruned), PruneConfig(sparsity=0.25, structured=True, channel_multiple=1), options)
+    api.prune(
+        str(teacher_path),
+        str(pruned),
+        PruneConfig(sparsity=0.25, structured=True, channel_multiple=1),
+        options,
+    )
     assert (
         onnx.numpy_helper.to_array(
             next(i for i in onnx.load(str(pruned)).graph.initializer if i.name == "c2_w")

@@ -1096,7 +1096,12 @@ def test_fpn_detector_pruned_then_distilled(tmp_path: Path) -> None:
     teacher_out = _forward(onnx.load(str(teacher_path)), {"image": held_out})
     options = RunOptions(latency=False)
     pruned, recovered = tmp_path / "pruned.onnx", tmp_path / "recovered.onnx"
-    api.prune(str(teacher_path), str(pruned), PruneConfig(sparsity=0.25, structured=True, channel_multiple=1), options)
+    api.prune(
+        str(teacher_path),
+        str(pruned),
+        PruneConfig(sparsity=0.25, structured=True, channel_multiple=1),
+        options,
+    )
     config = DistillConfig(teacher=str(teacher_path), epochs=5, lr=3e-3)
     train = dataclasses.replace(options, data=str(tmp_path / "train.npz"))
     report = json.loads(api.distill(str(pruned), str(recovered), config, train).to_json())

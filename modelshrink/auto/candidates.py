@@ -120,7 +120,9 @@ def recipes(w: Weights, *, original: str, epochs: int) -> list[Recipe]:
         _quantize("fp16", 0, w.ratio(q, 0.5), mode="fp16"),
         _quantize("dynamic", 1, w.ratio(q, 0.25), mode="dynamic"),
         _quantize("int4", 1, w.ratio(q, 0.125), gated=True, mode="int4"),
-        *(_quantize(f"{b}bit", 1, w.ratio(q, b / 32), gated=True, bits=b) for b in (4, 3, 2)),
+        # 6 and 5 bits: where 4 loses the gate on held-out rows, a width between it and int8 may
+        # not (magika: 6 bits kept 99.2 % top-1 on held-out rows, 5 bits 98.3 %, 4 bits 96.7 %)
+        *(_quantize(f"{b}bit", 1, w.ratio(q, b / 32), gated=True, bits=b) for b in (6, 5, 4, 3, 2)),
         _quantize("static", 2, w.ratio(q, 0.25), gated=True, mode="static"),
         Recipe("factorize", (factorize,), 2, w.ratio(w.factorizable, 0.05)),
         Recipe("factorize+int8", (factorize, int8), 3, w.ratio(w.factorizable, 0.05 * 0.25)),

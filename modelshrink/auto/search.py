@@ -75,12 +75,13 @@ class Tried:
     top1_agreement: float | None = None
     failed_gates: list[str] = field(default_factory=list)
     path: Path | None = field(default=None, repr=False)
+    report: Report | None = field(default=None, repr=False)  # its scoring against the original
 
     def row(self) -> dict[str, Any]:
         """The JSON row."""
-        out = dataclasses.asdict(self)
-        out.pop("path")
-        return out
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del out["path"], out["report"]
+        return {**out, "commands": list(self.commands), "failed_gates": list(self.failed_gates)}
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def _try(recipe: Recipe, plan: _Plan, cfg: AutoConfig, folder: Path, deadline: _
         tried.seconds = time.monotonic() - started
         gc.collect()
     _fill(tried, scored.to_dict())
-    tried.path = Path(current)
+    tried.path, tried.report = Path(current), scored
     return tried
 
 
@@ -450,7 +451,9 @@ def _finish(
         raise ModelshrinkError(f"auto: no candidate could be built and scored ({reasons})")
     pick = best or max(ran, key=lambda t: (t.cosine or -1.0, t.top1_agreement or 0.0))
     assert pick.path is not None
-    final = api.compare(src, str(pick.path), score)
+    # the pick's scoring is the report: scored once, so the table and the report agree and the
+    # time budget is not overrun by scoring it again
+    final = pick.report if pick.report is not None else api.compare(src, str(pick.path), score)
     details = _details(cfg, table, best, pick, weights, samples, deadline, interrupted, score)
     notes = [
         f"auto: {len(ran)} candidate(s) built and scored of {len(table)}; "

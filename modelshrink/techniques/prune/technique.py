@@ -207,6 +207,8 @@ def _builder(
     return build
 
 
+# Kept on purpose (a duplicates pair with _unstructured_search/_unstructured_default): the
+# same parameters, the explicit --sparsity search and the default floor search.
 def _unstructured_search(
     model: ir.Model,
     config: PruneConfig,
@@ -261,6 +263,8 @@ def _error_curve(
     return curve
 
 
+# Kept on purpose (a duplicates pair with _unstructured_search/_unstructured_default): the
+# same parameters, the explicit --sparsity search and the default floor search.
 def _unstructured_default(
     model: ir.Model,
     config: PruneConfig,

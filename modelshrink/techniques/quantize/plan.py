@@ -101,16 +101,6 @@ def _node_name(node: ir.Node) -> str:
     return node.name or f"<unnamed {node.op_type}>"
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return int(attr.as_int()) if attr is not None else default
-
-
-def _attr_float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return float(attr.as_float()) if attr is not None else default
-
-
 _RECURRENT_INPUTS = {3: "bias B", 5: "initial_h", 6: "initial_c", 7: "peepholes P"}
 
 
@@ -138,7 +128,7 @@ def _role_int8(node: ir.Node, index: int, rank: int) -> Use | str:
     if op == "Gemm":
         if index == 2:
             return "bias (C) of Gemm: kept in float"
-        trans = _attr_int(node, "transA" if index == 0 else "transB", 0)
+        trans = node.attributes.get_int("transA" if index == 0 else "transB", 0)
         axis = (0 if not trans else 1) if index == 0 else (1 if not trans else 0)
         return Use(node, index, None if per_tensor else axis, "matmul")
     if op in ("Conv", "ConvTranspose"):
@@ -148,7 +138,7 @@ def _role_int8(node: ir.Node, index: int, rank: int) -> Use | str:
     if op == "Gather":
         if index != 0:
             return "indices of Gather"
-        axis = _attr_int(node, "axis", 0)
+        axis = node.attributes.get_int("axis", 0)
         axis = axis + rank if axis < 0 else axis
         return Use(node, index, None if per_tensor else axis, "gather")
     return f"{op} is not quantized by this mode"
@@ -172,17 +162,21 @@ def _role_int4(node: ir.Node, index: int, shape: tuple[int, ...], config: Quanti
         if index == 0:
             return "Gemm with a constant first input: int4 quantizes the second input (B) only"
         if nbits:
-            if _attr_int(node, "transA", 0):
+            if node.attributes.get_int("transA", 0):
                 return "Gemm with transA=1: MatMulNBits cannot express it (try --format qdq)"
-            if _attr_float(node, "alpha", 1.0) != 1.0:
+            if node.attributes.get_float("alpha", 1.0) != 1.0:
                 return "Gemm with alpha != 1: MatMulNBits cannot express it (try --format qdq)"
-            if len(node.inputs) > 2 and node.inputs[2] is not None and _attr_float(node, "beta", 1.0) != 1.0:
+            if (
+                len(node.inputs) > 2
+                and node.inputs[2] is not None
+                and node.attributes.get_float("beta", 1.0) != 1.0
+            ):
                 return "Gemm with beta != 1: MatMulNBits cannot express it (try --format qdq)"
-        return Use(node, index, 1 if _attr_int(node, "transB", 0) else 0, "matmul")
+        return Use(node, index, 1 if node.attributes.get_int("transB", 0) else 0, "matmul")
     if op == "Gather":
         if index != 0:
             return "indices of Gather"
-        axis = _attr_int(node, "axis", 0)
+        axis = node.attributes.get_int("axis", 0)
         if axis not in (0, -2):
             return "Gather along axis 1: int4 quantizes embedding tables gathered by row"
         if nbits and shape[1] % 2:
@@ -204,9 +198,9 @@ def _role_dynamic(node: ir.Node, index: int, shape: tuple[int, ...]) -> Use | st
     if len(shape) != 2:
         return f"{op} weight of rank {len(shape)}: dynamic quantization handles 2-D weights"
     if op == "Gemm":
-        if _attr_int(node, "transA", 0):
+        if node.attributes.get_int("transA", 0):
             return "Gemm with transA=1: not handled by dynamic quantization"
-        return Use(node, index, 0 if _attr_int(node, "transB", 0) else 1, "matmul")
+        return Use(node, index, 0 if node.attributes.get_int("transB", 0) else 1, "matmul")
     return Use(node, index, 1, "matmul")
 
 

@@ -67,24 +67,19 @@ class LstmOutcome:
     weight_only: tuple[tuple[Unit, str], ...]
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return int(attr.as_int()) if attr is not None else default
-
-
 def _own_reason(node: ir.Node, by_value: dict[int, Unit]) -> str | None:
     """Why this node cannot become DynamicQuantizeLSTM on its own terms, or None."""
     op = op_key(node)
     if op != "LSTM":
         return f"{op} has no integer kernel in onnxruntime (DynamicQuantizeLSTM covers LSTM only)"
-    if _attr_int(node, "layout", 0) != 0:
+    if node.attributes.get_int("layout", 0) != 0:
         return "LSTM with layout=1 (batch-major): DynamicQuantizeLSTM has no layout attribute"
     for slot, name in ((1, "W"), (2, "R")):
         value = node.inputs[slot] if len(node.inputs) > slot else None
         if value is None or id(value) not in by_value:
             return f"DynamicQuantizeLSTM needs W and R both in int8, and {name} stays float (see skipped)"
     w, r = (by_value[id(node.inputs[s])].weight.shape for s in (1, 2))
-    hidden = _attr_int(node, "hidden_size", -1)
+    hidden = node.attributes.get_int("hidden_size", -1)
     if w[1] != 4 * hidden or r[1:] != (4 * hidden, hidden) or w[0] != r[0]:
         return f"W {list(w)} and R {list(r)} do not match hidden_size {hidden}"
     return None

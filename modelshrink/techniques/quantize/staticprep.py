@@ -60,16 +60,6 @@ def _float_const(value: ir.Value | None) -> np.ndarray | None:
     return np.asarray(value.const_value.numpy())
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return int(attr.as_int()) if attr is not None else default
-
-
-def _attr_float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return float(attr.as_float()) if attr is not None else default
-
-
 def _only_user(value: ir.Value) -> tuple[ir.Node, int] | None:
     uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output():
@@ -109,13 +99,13 @@ def _batch_norm(node: ir.Node, slot: int, channels: int) -> tuple[np.ndarray, np
     """An inference BatchNormalization as ``y = factor * x + shift`` per channel, or None."""
     if op_key(node) != "BatchNormalization" or slot != 0 or len(node.inputs) != 5 or len(node.outputs) != 1:
         return None
-    if _attr_int(node, "training_mode", 0) or node.outputs[0].is_graph_output():
+    if node.attributes.get_int("training_mode", 0) or node.outputs[0].is_graph_output():
         return None
     params = [_float_const(v) for v in node.inputs[1:]]
     if any(p is None or p.shape != (channels,) for p in params):
         return None
     scale, bias, mean, var = (p.astype(np.float64) for p in params if p is not None)
-    factor = scale / np.sqrt(var + _attr_float(node, "epsilon", 1e-5))
+    factor = scale / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
     return factor.astype(np.float32), (bias - mean * factor).astype(np.float32)
 
 
@@ -184,7 +174,7 @@ def _scalar(value: ir.Value | None) -> float | None:
 def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
     if len(node.inputs) >= 3:
         return _scalar(node.inputs[1]), _scalar(node.inputs[2])
-    return _attr_float(node, "min", -np.inf), _attr_float(node, "max", np.inf)
+    return node.attributes.get_float("min", -np.inf), node.attributes.get_float("max", np.inf)
 
 
 def fuse_hard_swish(model: ir.Model, names: NameAuthority) -> int:
@@ -247,9 +237,9 @@ def add_zero_biases(model: ir.Model, ops: Sequence[str], names: NameAuthority, *
         if weight is None or weight.ndim < 2:
             continue
         if op == "Gemm":
-            if _attr_int(node, "transA", 0) or weight.ndim != 2:
+            if node.attributes.get_int("transA", 0) or weight.ndim != 2:
                 continue
-            channels = weight.shape[0] if _attr_int(node, "transB", 0) else weight.shape[1]
+            channels = weight.shape[0] if node.attributes.get_int("transB", 0) else weight.shape[1]
         else:
             channels = weight.shape[0]
         _set_const(model, node, 2, np.zeros(channels, np.float32), names, f"{node.name}_bias")
@@ -267,7 +257,9 @@ def _readers(model: ir.Model, ops: Sequence[str], excluded: set[str]) -> dict[st
         x, weight = node.inputs[0], _float_const(node.inputs[1])
         if x is None or not x.name or x.const_value is not None or weight is None or weight.ndim != 2:
             continue
-        if op == "Gemm" and (_attr_int(node, "transA", 0) or _attr_float(node, "alpha", 1.0) <= 0):
+        if op == "Gemm" and (
+            node.attributes.get_int("transA", 0) != 0 or node.attributes.get_float("alpha", 1.0) <= 0
+        ):
             continue
         groups.setdefault(x.name, []).append(node)
     return groups
@@ -277,7 +269,7 @@ def _kn(node: ir.Node) -> np.ndarray:
     """The weight as ``[K, N]`` (input channels first)."""
     weight = _float_const(node.inputs[1])
     assert weight is not None
-    return weight.T if op_key(node) == "Gemm" and _attr_int(node, "transB", 0) else weight
+    return weight.T if op_key(node) == "Gemm" and node.attributes.get_int("transB", 0) != 0 else weight
 
 
 def _fake_quant_error(x: np.ndarray, w: np.ndarray) -> float:
@@ -296,7 +288,7 @@ def _divide_columns(model: ir.Model, node: ir.Node, s: np.ndarray, names: NameAu
     """Divide the output channels (last axis) of a MatMul/Gemm/LayerNormalization by ``s``."""
     op = op_key(node)
     if op == "LayerNormalization":
-        if _attr_int(node, "axis", -1) != -1:
+        if node.attributes.get_int("axis", -1) != -1:
             return False
         scale = _float_const(node.inputs[1])
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
@@ -310,8 +302,10 @@ def _divide_columns(model: ir.Model, node: ir.Node, s: np.ndarray, names: NameAu
     weight = _float_const(node.inputs[1]) if len(node.inputs) > 1 else None
     if op not in ("MatMul", "Gemm") or weight is None or weight.ndim != 2:
         return False
-    trans = op == "Gemm" and _attr_int(node, "transB", 0)
-    if (op == "Gemm" and _attr_int(node, "transA", 0)) or weight.shape[0 if trans else 1] != s.size:
+    trans = op == "Gemm" and node.attributes.get_int("transB", 0) != 0
+    if (op == "Gemm" and node.attributes.get_int("transA", 0) != 0) or weight.shape[
+        0 if trans else 1
+    ] != s.size:
         return False
     has_bias = op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None
     bias = _float_const(node.inputs[2]) if has_bias else None
@@ -431,7 +425,9 @@ def smooth_quant(
         assert x_value is not None
         for node, w in zip(readers, weights, strict=True):
             scaled = w * s[:, None]
-            stored = scaled.T if op_key(node) == "Gemm" and _attr_int(node, "transB", 0) else scaled
+            stored = (
+                scaled.T if op_key(node) == "Gemm" and node.attributes.get_int("transB", 0) != 0 else scaled
+            )
             _set_const(
                 model,
                 node,

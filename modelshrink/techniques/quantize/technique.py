@@ -70,6 +70,7 @@ from modelshrink.techniques.quantize.plan import INT4_PACKED_KINDS, Plan, Unit, 
 from modelshrink.techniques.quantize.recurrent import DYNAMIC_LSTM, quantize_dynamic_lstm
 from modelshrink.techniques.quantize.search import (
     Scored,
+    Search,
     check_agreement_gate,
     fallback_search,
     format_table,
@@ -354,15 +355,7 @@ def _static_fallback(qdq: StaticQdq, context: TechniqueContext) -> TechniqueResu
 
     ranked = score_units(qdq.units, build, context)
     search = fallback_search(ranked, build, context, full)
-    details: dict[str, object] = {
-        **qdq.details,
-        "sensitivity": _table_rows(ranked),
-        "fallback": {
-            "target_met": search.met,
-            "kept_in_float": [s.unit.layer for s in search.kept],
-            "evaluations": len(ranked) + search.evaluations + 1,
-        },
-    }
+    details = _fallback_details(ranked, search, qdq.details)
     table = format_table(ranked, with_cost=True)
     if not search.met:
         notes.insert(
@@ -375,19 +368,7 @@ def _static_fallback(qdq: StaticQdq, context: TechniqueContext) -> TechniqueResu
         return TechniqueResult(qdq.model, qdq.changes, qdq.skips, tuple(notes), details)
     every = frozenset(u.index for u in qdq.units)
     chosen, changes = to_float(qdq, every - {s.unit.index for s in search.kept})
-    skips = list(qdq.skips)
-    for s in search.kept:
-        f = s.fidelity
-        skips.append(
-            Skip(
-                s.unit.layer,
-                s.unit.op_type,
-                "kept in float by the tolerance search (alone in int8: max |err| "
-                f"{f.max_abs_error:.4g}, cosine {f.cosine:.6f}"
-                + (f", top-1 {f.top1_agreement:.2%}" if f.top1_agreement is not None else "")
-                + f"; cost {s.cost:.3g} of the gates' allowance)",
-            )
-        )
+    skips = [*qdq.skips, *(_kept_in_float(s, "", "alone in int8") for s in search.kept)]
     notes.insert(
         0,
         f"tolerance search: {len(search.kept)} of {len(ranked)} layer(s) kept in float to pass the "
@@ -555,6 +536,31 @@ def _table_rows(ranked: list[Scored]) -> list[dict[str, object]]:
     return [s.row() for s in ranked]
 
 
+def _fallback_details(ranked: list[Scored], search: Search, details: dict[str, object]) -> dict[str, object]:
+    """``details`` with the per-layer table and what the tolerance search kept in float."""
+    return {
+        **details,
+        "sensitivity": _table_rows(ranked),
+        "fallback": {
+            "target_met": search.met,
+            "kept_in_float": [s.unit.layer for s in search.kept],
+            "evaluations": len(ranked) + search.evaluations + 1,
+        },
+    }
+
+
+def _kept_in_float(s: Scored, prefix: str, alone: str) -> Skip:
+    """The skip of a layer the tolerance search kept in float, with what it cost quantized alone."""
+    f = s.fidelity
+    top1 = f", top-1 {f.top1_agreement:.2%}" if f.top1_agreement is not None else ""
+    return Skip(
+        s.unit.layer,
+        s.unit.op_type,
+        f"{prefix}kept in float by the tolerance search ({alone}: max |err| {f.max_abs_error:.4g}, "
+        f"cosine {f.cosine:.6f}{top1}; cost {s.cost:.3g} of the gates' allowance)",
+    )
+
+
 @dataclass(frozen=True)
 class _Quantized:
     """Every layer quantized: the model it started from, the result, its plan and what it emitted."""
@@ -601,14 +607,7 @@ def _with_fallback(
     build = _builder(base, config, done.fitting)
     ranked = score_units(plan.units, build, context)
     search = fallback_search(ranked, build, context, full)
-    details: dict[str, object] = {
-        "sensitivity": _table_rows(ranked),
-        "fallback": {
-            "target_met": search.met,
-            "kept_in_float": [s.unit.layer for s in search.kept],
-            "evaluations": len(ranked) + search.evaluations + 1,
-        },
-    }
+    details = _fallback_details(ranked, search, {})
     table = format_table(ranked, with_cost=True)
     if not search.met:
         notes.insert(
@@ -622,19 +621,11 @@ def _with_fallback(
     chosen, _, chosen_emitted = _apply_units(
         base, config, frozenset(u.index for u in plan.units) - kept, done.fitting
     )
-    skips = list(plan.skipped + chosen_emitted.skipped)
-    for s in search.kept:
-        f = s.fidelity
-        skips.append(
-            Skip(
-                s.unit.layer,
-                s.unit.op_type,
-                f"'{s.unit.weight.name}': kept in float by the tolerance search (quantized alone: max |err| "
-                f"{f.max_abs_error:.4g}, cosine {f.cosine:.6f}"
-                + (f", top-1 {f.top1_agreement:.2%}" if f.top1_agreement is not None else "")
-                + f"; cost {s.cost:.3g} of the gates' allowance)",
-            )
-        )
+    skips = [
+        *plan.skipped,
+        *chosen_emitted.skipped,
+        *(_kept_in_float(s, f"'{s.unit.weight.name}': ", "quantized alone") for s in search.kept),
+    ]
     notes.insert(
         0,
         f"tolerance search: {len(search.kept)} of {len(ranked)} layer(s) kept in float to pass the "
