@@ -7,11 +7,14 @@
    ``modelshrink distill`` trains it back against the original on the other rows (pruned
    weights stay zero). Printed: agreement before/after and the share of lost points won back
    (target >= 80 %).
-2. Step time. One training step (forward, KL loss, backward, AdamW) of the sample MLP (batch
-   128), CNN (batch 32) and transformer (batch 32, 16 tokens) as an onnxruntime graph against
-   the same model, batch and loss in PyTorch, both on one thread, interleaved rounds, median.
-   Targets: <= 1.3x PyTorch for the MLP and transformer, <= 1.6x for the CNN. PyTorch is not
-   a dependency: without it this part is skipped and says how to run it.
+2. Step time. One training step (forward, distillation loss, backward, AdamW) of the sample
+   MLP (batch 128), CNN (batch 32) and transformer (batch 32, 16 tokens), with the KL loss of
+   their class scores, and of the YOLO-style detector of ``tests/patterns.py::fpn_detector``
+   (batch 8 at 160x160), with the MSE loss distill picks for its box map, as an onnxruntime
+   graph against the same model, batch and loss in PyTorch, both on one thread, interleaved
+   rounds, median. Targets: <= 1.3x PyTorch for the MLP and transformer, <= 1.6x for the CNN,
+   <= 1.5x for the detector. PyTorch is not a dependency: without it this part is skipped and
+   says how to run it.
 3. Data larger than memory. ``modelshrink distill --epochs 1`` on an image model (input
    ``[N, 3, 224, 224]``, 602 KB per row) with generated ``--data`` of 100 MB and of 4 GB, in
    two layouts: a folder holding ``image.npy`` (memory-mapped) and a folder of ``.npz`` files
@@ -21,6 +24,7 @@
    interleaved rounds): which is faster.
 
     python bench/run.py distill                      # all three
+    python bench/bench_distill.py steps              # only the second
     python bench/bench_distill.py data               # only the third (DATA_GB=1 for a quicker one)
 """
 
@@ -34,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -46,8 +50,11 @@ from common import ROOT, run_cli, run_cli_rss
 SAMPLES = ROOT / "sample_models"
 HELD_OUT = 120  # rows of digits_mlp.npz kept for measuring agreement, never trained on
 RECOVERY_TARGET = 0.80
-STEP_TARGETS = {"digits_mlp": 1.3, "digits_cnn": 1.6, "tiny_transformer": 1.3}
-BATCH = {"digits_mlp": 128, "digits_cnn": 32, "tiny_transformer": 32}
+STEP_TARGETS = {"digits_mlp": 1.3, "digits_cnn": 1.6, "tiny_transformer": 1.3, "fpn_detector": 1.5}
+BATCH = {"digits_mlp": 128, "digits_cnn": 32, "tiny_transformer": 32, "fpn_detector": 8}
+# The detector's input side: a multiple of 32 like a YOLO input (its maps are 80, 40 and 20
+# wide), small enough that a step takes tens of milliseconds on one core.
+DETECTOR_SIZE = 160
 TEMPERATURE = 2.0
 TORCH_HOWTO = (
     "python3 -m venv /tmp/distill-torch && /tmp/distill-torch/bin/pip install torch==2.13.0 "
@@ -145,24 +152,53 @@ def recovery() -> bool:
 # --- step time -------------------------------------------------------------------------------
 
 
+def _student(name: str) -> onnx.ModelProto:
+    """A sample model, or the detector with H and W pinned as distill pins them to --data's rows."""
+    if name != "fpn_detector":
+        return onnx.load(str(SAMPLES / f"{name}.onnx"))
+    from patterns import fpn_detector
+
+    model = fpn_detector(0)
+    for value, side in ((model.graph.input[0], DETECTOR_SIZE), (model.graph.output[0], DETECTOR_SIZE // 4)):
+        dims = value.type.tensor_type.shape.dim
+        dims[2].dim_value = dims[3].dim_value = side
+    return model
+
+
 def _inputs(name: str) -> dict[str, np.ndarray]:
+    if name == "fpn_detector":
+        shape = (BATCH[name], 3, DETECTOR_SIZE, DETECTOR_SIZE)
+        return {"image": np.random.default_rng(1).random(shape, dtype=np.float32)}
     with np.load(SAMPLES / f"{name}.npz") as npz:
         return {k: npz[k][: BATCH[name]] for k in npz.files if k != "labels"}
 
 
+def _target(name: str) -> tuple[str, Literal["kl", "mse"], tuple[int, ...]]:
+    """The distilled output, the loss distill picks for it (``auto``), and the teacher's shape:
+    KL for class scores [N, classes], MSE for the detector's box map [N, 6, H/4, W/4]."""
+    if name == "fpn_detector":
+        side = DETECTOR_SIZE // 4
+        return "boxes", "mse", (BATCH[name], 6, side, side)
+    return "logits", "kl", (BATCH[name], 10 if name.startswith("digits") else 4)
+
+
+def _teacher(name: str) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(_target(name)[2]).astype(np.float32)
+
+
 def _onnx_step(name: str) -> tuple[Any, dict[str, np.ndarray]]:
-    from modelshrink import io
+    import onnx_ir as ir
+
     from modelshrink.runtime import RuntimeOptions, Session
     from modelshrink.techniques.distill.optim import OptimizerSpec
     from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
 
-    student = prepare_student(io.load_model(str(SAMPLES / f"{name}.onnx")).model)
-    classes = 10 if name.startswith("digits") else 4
-    spec = TargetSpec(outputs=(("logits", "kl", None, ("batch", classes)),), temperature=TEMPERATURE)
+    student = prepare_student(ir.from_proto(_student(name)))
+    output, kind, shape = _target(name)
+    spec = TargetSpec(outputs=((output, kind, None, ("batch", *shape[1:])),), temperature=TEMPERATURE)
     models = build_step(student, spec, OptimizerSpec(weight_decay=0.0))
     session = Session(models.step.SerializeToString(), RuntimeOptions(threads=1), label="step")
-    teacher = np.random.default_rng(0).standard_normal((BATCH[name], classes)).astype(np.float32)
-    feed: dict[str, np.ndarray] = {**_inputs(name), models.target_inputs["logits"]: teacher}
+    feed: dict[str, np.ndarray] = {**_inputs(name), models.target_inputs[output]: _teacher(name)}
     feed[models.flat.param] = models.initial_flat()
     feed.update({s: np.zeros_like(feed[models.flat.param]) for s in models.flat.state_in})
     feed[models.lr] = np.asarray(1e-4, np.float32)
@@ -186,12 +222,20 @@ def _torch_step(name: str) -> Any:
     import torch.nn.functional as F
 
     torch.set_num_threads(1)
-    model = onnx.load(str(SAMPLES / f"{name}.onnx"))
+    model = _student(name)
     raw = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             raw[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    frozen = {"attn_scale", "const_zero", "const_axis1", "shape_heads", "shape_model", "seq_axis"}
+    frozen = {
+        "attn_scale",
+        "const_zero",
+        "const_axis1",
+        "shape_heads",
+        "shape_model",
+        "seq_axis",
+        "up_scales",
+    }
     stats = {k for k in raw if k.endswith((".mean", ".var"))}
     p = {
         k: torch.tensor(
@@ -201,10 +245,7 @@ def _torch_step(name: str) -> Any:
     }
     params = [t for t in p.values() if t.requires_grad]
     x = {k: torch.tensor(v) for k, v in _inputs(name).items()}
-    classes = 10 if name.startswith("digits") else 4
-    teacher = torch.tensor(
-        np.random.default_rng(0).standard_normal((BATCH[name], classes)).astype(np.float32)
-    )
+    teacher = torch.tensor(_teacher(name))
 
     def gemm(h: Any, w: str, b: str) -> Any:
         return F.linear(h, p[w], p[b])
@@ -225,6 +266,12 @@ def _torch_step(name: str) -> Any:
             h = F.relu(h + bn(F.conv2d(h, p["res.weight"], padding=1), "bn_res"))
             h = F.relu(bn(F.conv2d(h, p["conv3.weight"], padding=1), "bn3")).flatten(1)
             return gemm(F.relu(gemm(h, "fc1.weight", "fc1.bias")), "fc2.weight", "fc2.bias")
+        if name == "fpn_detector":
+            s4 = F.relu(F.conv2d(x["image"], p["c1_w"], stride=2, padding=1))
+            s4 = F.relu(F.conv2d(s4, p["c2_w"], stride=2, padding=1))
+            s8 = F.relu(F.conv2d(s4, p["c3_w"], stride=2, padding=1))
+            up = F.interpolate(s8, scale_factor=2.0, mode="nearest")  # each value copied 2x2
+            return F.conv2d(torch.cat([up, s4], 1), p["head_w"], p["head_b"])
         ids = x["input_ids"]
         seq = ids.shape[1]
         h = F.embedding(ids, p["tok_emb.weight"]) + p["pos_emb.weight"][:seq]
@@ -248,10 +295,15 @@ def _torch_step(name: str) -> Any:
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     log_t = F.log_softmax(teacher / TEMPERATURE, -1)
 
+    def loss_of(out: Any) -> Any:
+        if _target(name)[1] == "mse":
+            return F.mse_loss(out, teacher)  # mean over every element, as distill's mse
+        s = F.log_softmax(out / TEMPERATURE, -1)
+        return F.kl_div(s, log_t, log_target=True, reduction="batchmean") * TEMPERATURE**2
+
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        s = F.log_softmax(forward() / TEMPERATURE, -1)
-        loss = F.kl_div(s, log_t, log_target=True, reduction="batchmean") * TEMPERATURE**2
+        loss = loss_of(forward())
         loss.backward()
         opt.step()
         return float(loss.detach())
@@ -276,10 +328,10 @@ def step_time() -> bool:
         print(f"  a dependency of modelshrink). To run the comparison: {TORCH_HOWTO}")
         return True
     print(
-        f"step time vs PyTorch {torch.__version__} (1 thread, forward + KL loss + backward + AdamW, median ms)"
+        f"step time vs PyTorch {torch.__version__} (1 thread, forward + loss + backward + AdamW, median ms)"
     )
     ok = True
-    for name in ("digits_mlp", "digits_cnn", "tiny_transformer"):
+    for name in STEP_TARGETS:
         ours, _ = _onnx_step(name)
         theirs = _torch_step(name)
         first_ours, first_theirs = ours(), theirs()
@@ -299,7 +351,7 @@ def step_time() -> bool:
         met = ratio <= target
         ok = ok and met
         print(
-            f"  {name:17s} batch {BATCH[name]:3d}: onnxruntime {ma:7.2f} ms, PyTorch {mb:7.2f} ms, "
+            f"  {name:17s} batch {BATCH[name]:3d} ({_target(name)[1]}): onnxruntime {ma:7.2f} ms, PyTorch {mb:7.2f} ms, "
             f"ratio {ratio:.2f}x (target <= {target}x) -> {'met' if met else 'MISSED'}"
         )
     return ok
@@ -478,4 +530,6 @@ def run() -> bool:
 if __name__ == "__main__":
     if sys.argv[1:] == ["data"]:
         sys.exit(0 if data_memory() else 1)
+    if sys.argv[1:] == ["steps"]:
+        sys.exit(0 if step_time() else 1)
     sys.exit(0 if run() else 1)

@@ -523,6 +523,20 @@ CASES = [
         {"x": _r(1, 2, 5, 5), "w": _r(2, 2, 2, 2)},
         {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
     ),
+    # equal 2-D strides: im2col through SpaceToDepth (sizes not multiples of the stride, dilated
+    # offsets that all fall in one phase)
+    Case(
+        "conv_stride_dilation",
+        "Conv",
+        {"x": _r(2, 2, 9, 8), "w": _r(3, 2, 3, 3)},
+        {"strides": [2, 2], "dilations": [2, 2], "pads": [1, 2, 2, 0]},
+    ),
+    Case(
+        "conv_stride3",
+        "Conv",
+        {"x": _r(1, 2, 10, 11), "w": _r(2, 2, 4, 3), "b": _r(2)},
+        {"strides": [3, 3], "pads": [1, 1, 2, 0]},
+    ),
     Case("conv_1d", "Conv", {"x": _r(2, 3, 9), "w": _r(2, 3, 3)}, {"strides": [2], "pads": [1, 1]}),
     Case("conv_3d", "Conv", {"x": _r(1, 2, 4, 4, 4), "w": _r(2, 2, 2, 2, 2)}, {"strides": [1, 2, 1]}),
     Case("conv_1x1", "Conv", {"x": _r(2, 3, 4, 4), "w": _r(5, 3, 1, 1)}),
