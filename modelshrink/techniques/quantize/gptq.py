@@ -221,7 +221,11 @@ def gptq(
         diff = np.array(cross, dtype=np.float64) - hessian
         diff[dead, :] = 0
         diff[:, dead] = 0
-        shift = rows @ np.linalg.solve(h, diff.T).T
+        # W (C - H) h⁻¹ with h⁻¹ = UᵀU in act order: two products with the factor the column
+        # loop uses instead of a K x K solve (3-4x less arithmetic on wide layers)
+        product = (rows @ diff)[:, order]
+        shift = np.empty_like(product)
+        shift[:, order] = (product @ upper.T) @ upper
         size = float(np.linalg.norm(rows))
         if np.isfinite(shift).all() and float(np.linalg.norm(shift)) <= MAX_CORRECTION * max(size, 1e-30):
             target = rows + shift
