@@ -430,6 +430,30 @@ CASES = [
         input_order=("x", "st", "en"),
         static=False,
     ),
+    # below opset 16 (no scatter with reduction): a slice scatters each element once
+    Case(
+        "slice_dynamic_opset13",
+        "Slice",
+        {"x": _r(5, 3)},
+        consts={"st": np.asarray([1], I64), "en": np.asarray([4], I64)},
+        input_order=("x", "st", "en"),
+        static=False,
+        opset=13,
+    ),
+    Case(
+        "slice_dynamic_steps_opset13",
+        "Slice",
+        {"x": _r(4, 7)},
+        consts={
+            "st": np.asarray([6], I64),
+            "en": np.asarray([0], I64),
+            "ax": np.asarray([1], I64),
+            "sp": np.asarray([-2], I64),
+        },
+        input_order=("x", "st", "en", "ax", "sp"),
+        static=False,
+        opset=13,
+    ),
     Case(
         "gather_embed",
         "Gather",

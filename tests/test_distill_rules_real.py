@@ -1,7 +1,7 @@
 """Gradient rules for the ops real networks put on their trainable path (issue 17).
 
 Resize/Upsample, Pad, ConvTranspose, Conv with run-time spatial sizes, PRelu, Softplus, Mish,
-Elu/Selu/Celu, Max/Min, ReduceMax/ReduceMin, InstanceNormalization, GroupNormalization,
+Elu/Selu/Celu, Max/Min, ReduceMax/ReduceMin, GlobalMaxPool, InstanceNormalization, GroupNormalization,
 DepthToSpace/SpaceToDepth, Tile, Einsum, GatherElements, ScatterND/ScatterElements and Split
 variants, in random shapes and attribute variants, each case checked twice:
 
@@ -576,6 +576,8 @@ REDUCE_CASES = [
     ),
     Case("reducemin18_all", "ReduceMin", {"x": _r(2, 3, 4)}),
     Case("reducemax18_noop", "ReduceMax", {"x": _r(2, 3, 4)}, {"noop_with_empty_axes": 1}),
+    Case("global_maxpool", "GlobalMaxPool", {"x": _r(2, 3, 4, 5)}),
+    # 4-D only: onnx's reference evaluator gets other ranks wrong ([2, 3, 7] gives [2, 1])
     _dyn(
         Case(
             "reducemax18_bcast",

@@ -1113,14 +1113,22 @@ def _prepare_maxpool(node: onnx.NodeProto, builder: Builder) -> onnx.NodeProto:
     return new
 
 
-def _flat_scatter_add(ctx: RuleContext, like: str, indices: str, updates: str) -> str:
-    """Zeros shaped like ``like``, flattened, plus ``updates`` scattered at flat ``indices``."""
+def _flat_scatter_add(
+    ctx: RuleContext, like: str, indices: str, updates: str, *, unique: bool = False
+) -> str:
+    """Zeros shaped like ``like``, flattened, plus ``updates`` scattered at flat ``indices``.
+
+    ``unique``: no index repeats (a slice), so a plain scatter adds as well, at any opset
+    (``reduction="add"`` needs opset 16)."""
     size = ctx.op("Reshape", [ctx.op("Size", [like]), ctx.b.ints([1])])
     value = onnx.numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(ctx.elem(like))))
     zeros = ctx.op("ConstantOfShape", [size], value=value)
     flat_i = ctx.op("Reshape", [indices, ctx.b.ints([-1])])
     flat_u = ctx.op("Reshape", [updates, ctx.b.ints([-1])])
-    scattered = ctx.op("ScatterElements", [zeros, flat_i, flat_u], axis=0, reduction="add")
+    if unique:
+        scattered = ctx.op("ScatterElements", [zeros, flat_i, flat_u], axis=0)
+    else:
+        scattered = ctx.op("ScatterElements", [zeros, flat_i, flat_u], axis=0, reduction="add")
     return ctx.reshape_like(scattered, like)
 
 
@@ -1187,6 +1195,17 @@ def _global_average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> 
     x = node.input[0]
     scaled = ctx.op("Mul", [dy, ctx.op("Reciprocal", [ctx.count(x, node.output[0])])])
     return [ctx.op("Expand", [scaled, ctx.shape_of(x)])]
+
+
+def _global_max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
+    """GlobalMaxPool: ReduceMax over the spatial axes with keepdims (see :func:`_reduce_max_min`):
+    dX = h * dY / sum(h), h = [X == Y] (magika's classifier pools its features this way)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    hit = _mask(ctx, ctx.op("Equal", [x, node.output[0]]), x)
+    count = ctx.b.reduce("ReduceSum", hit, list(range(2, len(ctx.dims(x)))), keepdims=True)
+    return [ctx.op("Mul", [hit, ctx.op("Div", [dy, count])])]
 
 
 # --- normalization --------------------------------------------------------------------------
@@ -1474,7 +1493,7 @@ def _slice(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
         ],
     )
     picked = ctx.op("Slice", [index_map, *node.input[1:]])
-    return [_flat_scatter_add(ctx, x, picked, dy)]
+    return [_flat_scatter_add(ctx, x, picked, dy, unique=True)]  # a slice picks each element once
 
 
 def _positive_indices(ctx: RuleContext, indices: str, data: str, axis: int) -> str:
@@ -2030,6 +2049,7 @@ RULES: dict[str, Rule] = {
     "MaxPool": Rule(_maxpool, inputs=(0,), outputs=(0,), prepare=_prepare_maxpool, min_opset=16),
     "AveragePool": _unary(_average_pool),
     "GlobalAveragePool": _unary(_global_average_pool),
+    "GlobalMaxPool": _unary(_global_max_pool),
     # normalization
     "BatchNormalization": Rule(_batch_norm, inputs=(0, 1, 2), outputs=(0,)),
     "LayerNormalization": Rule(_layer_norm, inputs=(0, 1, 2), outputs=(0,), prepare=_prepare_layer_norm),
