@@ -17,6 +17,12 @@ on the other rows: mean |error| of the logits and top-1 agreement.
    ``--pattern 2:4``. Targets: SparseGPT's top-1 agreement never below magnitude's, and its
    mean |error| at most the peer's.
 
+3. ``python bench/bench_dataaware.py tooltime`` (not part of ``run``: minutes): GPTQ against RTN
+   on a 100 MB transformer-like model (three blocks of 1024 -> 4096 -> 1024 MatMuls with a
+   residual Add; 128 rows of 32 tokens, 8 of 1024 channels 30x larger), ``quantize --bits 4
+   --method rtn|gptq --data``, wall time of the whole command, two rounds interleaved. Target
+   from issue 16: GPTQ within 3x of RTN.
+
 Peer column (optional): onnxsim 0.8.1 (``quantize_weight_only_int4`` then ``apply_gptq``, 4 bits
 only, GPTQ on MatMul/Gemm only, on the model converted to opset 21 first, since below it the
 quantizer silently changes nothing; ``apply_sparsegpt_pruning``, MatMul/Gemm only), installed into its own virtual environment
@@ -30,11 +36,13 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 from common import ROOT, run_cli
 
@@ -335,3 +343,74 @@ def run() -> bool:
     for note in notes:
         print(f"   {note}")
     return ok
+
+
+TOOL_TIME_TARGET = 3.0
+
+
+def transformer_like(path: Path, data: Path, blocks: int = 3, d: int = 1024, hidden: int = 4096) -> None:
+    """``blocks`` x (MatMul d->hidden, Relu, MatMul hidden->d, residual Add): 100 MB at the defaults."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for b in range(blocks):
+        inits += [
+            numpy_helper.from_array(
+                (rng.standard_normal((d, hidden)) / np.sqrt(d)).astype(np.float32), f"b{b}.w1"
+            ),
+            numpy_helper.from_array(
+                (rng.standard_normal((hidden, d)) / np.sqrt(hidden)).astype(np.float32), f"b{b}.w2"
+            ),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [x, f"b{b}.w1"], [f"b{b}.h"], name=f"b{b}.fc1"),
+            helper.make_node("Relu", [f"b{b}.h"], [f"b{b}.r"], name=f"b{b}.relu"),
+            helper.make_node("MatMul", [f"b{b}.r", f"b{b}.w2"], [f"b{b}.o"], name=f"b{b}.fc2"),
+            helper.make_node("Add", [x, f"b{b}.o"], [f"b{b}.y"], name=f"b{b}.res"),
+        ]
+        x = f"b{b}.y"
+    graph = helper.make_graph(
+        nodes,
+        "transformer_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32, d])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 32, d])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rows = rng.standard_normal((CALIBRATION_ROWS, 32, d)).astype(np.float32)
+    rows[:, :, :8] *= 30  # outlier channels, as real activations have
+    np.savez(data, x=rows)
+
+
+def tool_time(blocks: int = 3, d: int = 1024, hidden: int = 4096, rounds: int = 2) -> bool:
+    """GPTQ's wall time against RTN's on the 100 MB model (see the module docstring, part 3)."""
+    with tempfile.TemporaryDirectory(prefix="bench-dataaware-") as tmp:
+        folder = Path(tmp)
+        src, data = folder / "model.onnx", folder / "data.npz"
+        transformer_like(src, data, blocks, d, hidden)
+        size_mb = src.stat().st_size / 1e6
+        walls: dict[str, list[float]] = {"rtn": [], "gptq": []}
+        for _ in range(rounds):
+            for method in walls:
+                start = time.perf_counter()
+                got = _tool(
+                    "quantize", src, folder / f"{method}.onnx", data, "--bits", "4", "--method", method
+                )
+                if isinstance(got, str):
+                    print(f"   {method}: {got}")
+                    return False
+                walls[method].append(time.perf_counter() - start)
+    ratios = [g / r for r, g in zip(walls["rtn"], walls["gptq"], strict=True)]
+    print(
+        f"   {size_mb:.0f} MB model, --bits 4: RTN {', '.join(f'{w:.1f}' for w in walls['rtn'])} s, "
+        f"GPTQ {', '.join(f'{w:.1f}' for w in walls['gptq'])} s; GPTQ / RTN "
+        f"{', '.join(f'{r:.2f}' for r in ratios)} (target <= {TOOL_TIME_TARGET:g})"
+    )
+    return max(ratios) <= TOOL_TIME_TARGET
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["tooltime"]:
+        raise SystemExit(0 if tool_time() else 1)
+    if sys.argv[1:]:
+        raise SystemExit("usage: python bench/bench_dataaware.py [tooltime]")
+    raise SystemExit(0 if run() else 1)
