@@ -450,10 +450,10 @@ def _finish(
             raise GateError(f"auto: no candidate passes the gates ({reasons})")
         raise ModelshrinkError(f"auto: no candidate could be built and scored ({reasons})")
     pick = best or max(ran, key=lambda t: (t.cosine or -1.0, t.top1_agreement or 0.0))
-    assert pick.path is not None
-    # the pick's scoring is the report: scored once, so the table and the report agree and the
-    # time budget is not overrun by scoring it again
-    final = pick.report if pick.report is not None else api.compare(src, str(pick.path), score)
+    # the pick's own scoring is the report (set with its path): scored once, so the table and the
+    # report agree and the time budget is not overrun by scoring it again
+    final = pick.report
+    assert pick.path is not None and final is not None
     details = _details(cfg, table, best, pick, weights, samples, deadline, interrupted, score)
     notes = [
         f"auto: {len(ran)} candidate(s) built and scored of {len(table)}; "

@@ -606,9 +606,15 @@ def _reduce_max_min(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads
     if not int(_attr(node, "keepdims", 1)):
         dy = ctx.op("Unsqueeze", [dy, ctx.b.ints(axes)])
         y = ctx.op("Unsqueeze", [y, ctx.b.ints(axes)])
+    return [_max_grad(ctx, x, y, dy, axes)]
+
+
+def _max_grad(ctx: RuleContext, x: str, y: str, dy: str, axes: Sequence[int]) -> str:
+    """The gradient of a max (or min) over ``axes``, ``y`` and ``dy`` keeping those axes as 1:
+    ``h * dY / sum(h)`` with ``h = [X == Y]``."""
     hit = _mask(ctx, ctx.op("Equal", [x, y]), x)
     count = ctx.b.reduce("ReduceSum", hit, axes, keepdims=True)
-    return [ctx.op("Mul", [hit, ctx.op("Div", [dy, count])])]
+    return ctx.op("Mul", [hit, ctx.op("Div", [dy, count])])
 
 
 # --- linear algebra -------------------------------------------------------------------------
@@ -1125,10 +1131,8 @@ def _flat_scatter_add(
     zeros = ctx.op("ConstantOfShape", [size], value=value)
     flat_i = ctx.op("Reshape", [indices, ctx.b.ints([-1])])
     flat_u = ctx.op("Reshape", [updates, ctx.b.ints([-1])])
-    if unique:
-        scattered = ctx.op("ScatterElements", [zeros, flat_i, flat_u], axis=0)
-    else:
-        scattered = ctx.op("ScatterElements", [zeros, flat_i, flat_u], axis=0, reduction="add")
+    reduction = None if unique else "add"  # None: the attribute is left out
+    scattered = ctx.op("ScatterElements", [zeros, flat_i, flat_u], axis=0, reduction=reduction)
     return ctx.reshape_like(scattered, like)
 
 
@@ -1198,14 +1202,12 @@ def _global_average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> 
 
 
 def _global_max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Grads) -> Grads:
-    """GlobalMaxPool: ReduceMax over the spatial axes with keepdims (see :func:`_reduce_max_min`):
-    dX = h * dY / sum(h), h = [X == Y] (magika's classifier pools its features this way)."""
+    """GlobalMaxPool: a ReduceMax over the spatial axes that keeps them (magika's classifier
+    pools its features this way)."""
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
-    hit = _mask(ctx, ctx.op("Equal", [x, node.output[0]]), x)
-    count = ctx.b.reduce("ReduceSum", hit, list(range(2, len(ctx.dims(x)))), keepdims=True)
-    return [ctx.op("Mul", [hit, ctx.op("Div", [dy, count])])]
+    return [_max_grad(ctx, x, node.output[0], dy, list(range(2, len(ctx.dims(x)))))]
 
 
 # --- normalization --------------------------------------------------------------------------
