@@ -58,6 +58,7 @@ TECHNIQUE_BASE = (
     "modelshrink.techniques.base",
     "modelshrink.techniques.floor_search",
     "modelshrink.techniques.layerwise",
+    "modelshrink.techniques.chain",
 )
 
 
