@@ -185,6 +185,10 @@ def _peer_score(
     return _score(path, reference, held) if why is None else why
 
 
+def _kb(path: Path) -> str:
+    return f"{path.stat().st_size / 1024:.0f}" if path.exists() else "-"
+
+
 def _cell(score: tuple[float, float] | str | None) -> str:
     if score is None:
         return f"{'-':>15s}"
@@ -265,6 +269,21 @@ def run() -> bool:
                             f"{name} {bits} {method} {timings['technique']:.2f} {timings['total']:.2f}"
                         )
                 theirs = _peer_score(peer, peer_gptq, reference, held) if bits == 4 else None
+                # the peer rounds MatMul/Gemm weights only: ours on that scope too, for a like
+                # comparison (its file keeps every other weight, e.g. an embedding, in float)
+                scope: tuple[float, float] | str | None = None
+                if bits == 4:
+                    out = folder / f"{name}.{bits}.gptq.scope.onnx"
+                    got = _tool(
+                        "quantize", src, out, data, "--bits", str(bits), "--block-size", "32",
+                        "--method", "gptq", "--op-types", "MatMul", "--op-types", "Gemm",
+                    )  # fmt: skip
+                    scope = got if isinstance(got, str) else _score(out, reference, held)
+                    sizes = [folder / f"{name}.{bits}.gptq.onnx", out, peer_gptq]
+                    notes.append(
+                        f"{name} 4 bits, file KB: GPTQ {_kb(sizes[0])}, GPTQ MatMul/Gemm only {_kb(sizes[1])}, "
+                        f"peer {_kb(sizes[2])} (float {_kb(src)})"
+                    )
                 rtn, gptq, awq = scores["rtn"], scores["gptq"], scores["awq"]
                 verdict = ""
                 if isinstance(rtn, tuple) and isinstance(gptq, tuple):
@@ -273,16 +292,16 @@ def run() -> bool:
                     if bits == 3 and ratio > GPTQ_3BIT_TARGET:
                         verdict += " MISSED (<= 0.5x RTN)"
                         ok = False
-                    if isinstance(theirs, tuple):
-                        beat = gptq[0] <= theirs[0]
-                        verdict += f"  {'<=' if beat else '>'} peer"
+                    if isinstance(theirs, tuple) and isinstance(scope, tuple):
+                        beat = scope[0] <= theirs[0]
+                        verdict += f"  {'<=' if beat else '>'} peer (same scope)"
                         ok = ok and beat
                     if name == "outlier" and isinstance(awq, tuple) and awq[0] > rtn[0]:
                         verdict += "  AWQ > RTN: MISSED"
                         ok = False
                 quant_rows.append(
-                    f"   {name:17s} {bits:4d}  {_cell(rtn)}  {_cell(gptq)}  {_cell(awq)}  {_cell(theirs)}  "
-                    + verdict
+                    f"   {name:17s} {bits:4d}  {_cell(rtn)}  {_cell(gptq)}  {_cell(awq)}  {_cell(scope)}  "
+                    f"{_cell(theirs)}  " + verdict
                 )
             for label, flag, value in amounts:
                 scores = {}
@@ -316,10 +335,10 @@ def run() -> bool:
     head = f"{'mean|err| top-1':>15s}"
     print("1. quantize, blocks of 32: mean |error| of the logits and top-1 agreement on held-out rows")
     print(
-        f"   {'model':17s} {'bits':>4s}  {'RTN':>15s}  {'GPTQ':>15s}  {'AWQ':>15s}  {'peer GPTQ':>15s}  "
-        "GPTQ/RTN"
+        f"   {'model':17s} {'bits':>4s}  {'RTN':>15s}  {'GPTQ':>15s}  {'AWQ':>15s}  {'GPTQ MatMul/Gemm':>15s}  "
+        f"{'peer GPTQ':>15s}  GPTQ/RTN"
     )
-    print(f"   {'':17s} {'':4s}  {head}  {head}  {head}  {head}")
+    print(f"   {'':17s} {'':4s}  {head}  {head}  {head}  {head}  {head}")
     print("\n".join(quant_rows))
     print("2. prune: mean |error| and top-1 agreement on held-out rows")
     print(

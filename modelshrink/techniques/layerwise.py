@@ -48,6 +48,7 @@ __all__ = [
     "Stats",
     "collect",
     "conv_patches",
+    "corrected_rows",
     "damped",
     "inverse_factor",
     "layer_of",
@@ -644,6 +645,42 @@ def inverse_factor(
             damping *= 10
     h, _ = damped(np.diag(np.diag(hessian)), damping)
     return h, _inverse_upper(h, order), damping
+
+
+# The cross-layer correction W (C - H)(H + λI)⁻¹ is dropped when it would move the weights by
+# more than this share of their norm (too few rows to trust it).
+MAX_CORRECTION = 0.5
+
+
+def corrected_rows(
+    rows: np.ndarray,
+    hessian: np.ndarray,
+    cross: np.ndarray,
+    upper: np.ndarray,
+    order: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """The rows that best redo the original layer on inputs carrying earlier layers' error.
+
+    With ``x`` the original's inputs and ``x̃`` those of the model whose earlier layers are
+    compressed (``H = Σ x̃x̃ᵀ``, ``C = Σ x x̃ᵀ``), ``min |W x - W' x̃|²`` is solved by
+    ``W' = W + W (C - H)(H + λI)⁻¹``, with ``(H + λI)⁻¹ = UᵀU`` from :func:`inverse_factor`
+    (``upper`` in ``order``): two products with the factor instead of a K x K solve. None when
+    the shift is not finite or larger than :data:`MAX_CORRECTION` of the rows' norm.
+    """
+    dead = np.diag(hessian) <= 0
+    diff = np.asarray(cross, dtype=np.float64) - hessian
+    diff[dead, :] = 0
+    diff[:, dead] = 0
+    product = rows @ diff
+    if order is None:
+        shift = (product @ upper.T) @ upper
+    else:
+        shift = np.empty_like(product)
+        shift[:, order] = (product[:, order] @ upper.T) @ upper
+    size = float(np.linalg.norm(rows))
+    if not np.isfinite(shift).all() or float(np.linalg.norm(shift)) > MAX_CORRECTION * max(size, 1e-30):
+        return None
+    return rows + shift
 
 
 # --- staged solving ------------------------------------------------------------------------------

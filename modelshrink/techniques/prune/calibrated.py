@@ -14,7 +14,12 @@ its inputs ``X[n, K]``:
   factor ``U`` of ``H⁻¹``). In each block of 128 columns the weights of smallest
   ``w² / U_jj²`` are pruned (exactly the tensor's share, spread over the blocks); N:M picks
   within each group of M. The weights that stay change value: the layer's output on the
-  calibration rows, not its weights, is what is kept.
+  calibration rows, not its weights, is what is kept. When every layer is pruned at the level
+  asked (``--sparsity`` with ``--scope layer``, or ``--pattern``), the layers are solved in
+  stages as GPTQ's are (``layerwise.solve_in_stages``): each stage sees inputs computed with the
+  earlier stages already pruned, and first moves its rows to the ones that best redo the
+  original layer on those inputs (``layerwise.corrected_rows``), so a layer makes up for what
+  the layers before it lost.
 
 Weights no activations reach (inside subgraphs, read by Gather/Einsum/LSTM, batched MatMul
 weights) are pruned by magnitude and the report says why, per layer.
@@ -48,7 +53,10 @@ __all__ = ["DAMPING", "MAGNITUDE_NOTE", "Ranker", "make_ranker", "notes", "resol
 
 logger = logging.getLogger(__name__)
 
-DAMPING = 0.01
+# λ / mean(diag H). 0.03 rather than the papers' 0.01: with the layers solved stage by stage, on
+# the sample models' held-out rows it was as good or better at 50 %, 60 % and 2:4 on all four
+# and kept top-1 agreement at or above magnitude's (0.01: tiny_transformer 60 % 97.7 % vs 99.2 %).
+DAMPING = 0.03
 # Columns pruned between two full updates of the rest.
 _BLOCK = 128
 
@@ -79,6 +87,8 @@ class Ranker:
         stats: Their input statistics.
         by_magnitude: Targets pruned by magnitude instead, with the reason.
         rows: Calibration rows seen (largest over the layers).
+        cache: The last pruned array of each target, with the level (or N:M) it was pruned at.
+        staged: Layers SparseGPT solved stage by stage (each seeing the earlier ones pruned).
     """
 
     importance: str
@@ -86,7 +96,8 @@ class Ranker:
     stats: dict[int, layerwise.Stats] = field(default_factory=dict)
     by_magnitude: dict[int, str] = field(default_factory=dict)
     rows: int = 0
-    _cache: dict[int, tuple[object, np.ndarray]] = field(default_factory=dict)
+    cache: dict[int, tuple[object, np.ndarray]] = field(default_factory=dict)
+    staged: int = 0
 
     def method(self, i: int) -> str:
         """The importance target ``i`` is pruned by."""
@@ -107,7 +118,7 @@ class Ranker:
             (mask,) = select_smallest([magnitude(array)], k)
             return prune_smallest(array, mask)
         key = ("level", level)
-        cached = self._cache.get(i)
+        cached = self.cache.get(i)
         if cached is not None and cached[0] == key:
             return cached[1]
         rows = layer.rows(array)
@@ -116,7 +127,7 @@ class Ranker:
         else:
             out = _sparsegpt(rows, self.stats[i], layer, k=k)
         result = layer.unrows(out).astype(array.dtype)
-        self._cache[i] = (key, result)
+        self.cache[i] = (key, result)
         return result
 
     def nm(self, i: int, array: np.ndarray, view: ReductionView, n: int, m: int) -> np.ndarray:
@@ -124,6 +135,9 @@ class Ranker:
         layer = self.layers.get(i)
         if layer is None:
             return nm_prune(array, view, n, m)
+        cached = self.cache.get(i)
+        if cached is not None and cached[0] == ("nm", n, m):
+            return cached[1]
         rows = layer.rows(array)
         if self.importance == "wanda":
             out = _wanda_nm(rows, self._norms(i), layer, n, m)
@@ -214,16 +228,25 @@ def _sparsegpt(
     counts = _split(k, groups) if k is not None else [0] * groups
     for g in range(groups):
         part = layer.group_rows(g)
-        out[part] = _sparsegpt_rows(rows[part], stats.gram[g], counts[g] if k is not None else None, n_m)
+        cross = stats.cross[g] if stats.cross is not None else None
+        out[part] = _sparsegpt_rows(
+            rows[part], stats.gram[g], counts[g] if k is not None else None, n_m, cross
+        )
     return out
 
 
 def _sparsegpt_rows(
-    rows: np.ndarray, hessian: np.ndarray, k: int | None, n_m: tuple[int, int] | None
+    rows: np.ndarray,
+    hessian: np.ndarray,
+    k: int | None,
+    n_m: tuple[int, int] | None,
+    cross: np.ndarray | None = None,
 ) -> np.ndarray:
     width = rows.shape[1]
     _, upper, _ = layerwise.inverse_factor(hessian, DAMPING)
-    w = rows.astype(np.float64).copy()
+    # staged: first the rows that best redo the original on inputs the earlier stages changed
+    shifted = layerwise.corrected_rows(rows, hessian, cross, upper) if cross is not None else None
+    w = (rows if shifted is None else shifted).astype(np.float64, copy=True)
     block = _BLOCK
     if n_m is not None:
         m = n_m[1]
@@ -261,9 +284,18 @@ def _sparsegpt_rows(
 
 
 def make_ranker(
-    model: ir.Model, targets: Sequence[Target], config: PruneConfig, context: TechniqueContext
+    model: ir.Model,
+    targets: Sequence[Target],
+    config: PruneConfig,
+    context: TechniqueContext,
+    *,
+    uniform: bool = False,
 ) -> Ranker:
-    """The ranker for ``targets`` (planned on ``model``), with its statistics collected."""
+    """The ranker for ``targets`` (planned on ``model``), with its statistics collected.
+
+    ``uniform``: every target will be pruned at ``config``'s own level (or N:M), so SparseGPT
+    solves the layers one stage after another, each seeing the ones before it pruned.
+    """
     importance = resolve_importance(config, context)
     ranker = Ranker(importance)
     if importance == "magnitude":
@@ -278,20 +310,84 @@ def make_ranker(
             ranker.by_magnitude[i] = f"reduction dimension {got.width} is not a multiple of M={n_m[1]}"
             continue
         layers.append(got)
-    if layers:
-        probe = layerwise.Probe(model, layers, context.runtime)
-        stats = layerwise.collect(
-            probe, layers, context.feeds, context.progress, gram=importance == "sparsegpt"
-        )
-        for layer in layers:
-            s = stats[layer.key]
-            if not s.finite or not np.isfinite(layer.weight.numpy()).all():
-                ranker.by_magnitude[layer.key] = "non-finite weights or activations"
-                continue
-            ranker.layers[layer.key] = layer
-            ranker.stats[layer.key] = s
-            ranker.rows = max(ranker.rows, s.rows)
+    if not layers:
+        return ranker
+    if importance == "sparsegpt" and uniform:
+        _solve_in_stages(model, targets, layers, ranker, config, context)
+        return ranker
+    probe = layerwise.Probe(model, layers, context.runtime)
+    stats = layerwise.collect(probe, layers, context.feeds, context.progress, gram=importance == "sparsegpt")
+    for layer in layers:
+        _admit(ranker, layer, stats[layer.key])
     return ranker
+
+
+def _admit(ranker: Ranker, layer: layerwise.Layer, stats: layerwise.Stats) -> bool:
+    """Keep ``layer``'s statistics for ranking, or say why it goes by magnitude."""
+    if not stats.finite or not np.isfinite(layer.weight.numpy()).all():
+        ranker.by_magnitude[layer.key] = "non-finite weights or activations"
+        return False
+    ranker.layers[layer.key] = layer
+    ranker.stats[layer.key] = stats
+    ranker.rows = max(ranker.rows, stats.rows)
+    return True
+
+
+# Stages of layers SparseGPT solves one after another at most (as GPTQ: each costs a run of
+# the layers' piece of the model per feed).
+MAX_STAGES = 8
+
+
+def _solve_in_stages(
+    model: ir.Model,
+    targets: Sequence[Target],
+    layers: Sequence[layerwise.Layer],
+    ranker: Ranker,
+    config: PruneConfig,
+    context: TechniqueContext,
+) -> None:
+    """SparseGPT layer after layer: each stage fitted to inputs that carry the pruning of the
+    stages before it, its rows first corrected for that (``layerwise.corrected_rows``), as
+    GPTQ does; the pruned weights are cached for :meth:`Ranker.prune` / :meth:`Ranker.nm`."""
+    level = config.target_sparsity
+    n_m = config.n_m
+    key: tuple[object, ...] = ("nm", *n_m) if n_m is not None else ("level", level)
+    applied: dict[str, np.ndarray] = {}
+    for i, target in enumerate(targets):
+        weight = target.eligible.weight
+        if i in ranker.by_magnitude and weight.kind == "initializer" and weight.graph is model.graph:
+            array = weight.numpy()
+            if n_m is not None:
+                assert target.view is not None
+                applied[weight.name] = nm_prune(array, target.view, *n_m)
+            else:
+                (mask,) = select_smallest([magnitude(array)], round(level * array.size))
+                applied[weight.name] = prune_smallest(array, mask)
+
+    def solve(layer: layerwise.Layer, stats: layerwise.Stats) -> np.ndarray | None:
+        if not _admit(ranker, layer, stats):
+            return None
+        array = layer.weight.numpy()
+        rows = layer.rows(array)
+        if n_m is not None:
+            out = _sparsegpt(rows, stats, layer, n_m=n_m)
+        else:
+            out = _sparsegpt(rows, stats, layer, k=round(level * array.size))
+        result = layer.unrows(out).astype(array.dtype)
+        ranker.cache[layer.key] = (key, result)
+        ranker.staged += 1
+        return result
+
+    layerwise.solve_in_stages(
+        model,
+        layers,
+        context.feeds,
+        context.runtime,
+        context.progress,
+        solve,
+        applied=applied,
+        passes=MAX_STAGES,
+    )
 
 
 def notes(ranker: Ranker, feeds_count: int, targets: int) -> list[str]:
@@ -303,6 +399,11 @@ def notes(ranker: Ranker, feeds_count: int, targets: int) -> list[str]:
         "sparsegpt": "pruned by SparseGPT (second-order: the weights that stay are corrected for the "
         "pruned ones, so they change value)",
     }[ranker.importance]
+    if ranker.staged:
+        what += (
+            f", solved in stages: {ranker.staged} of them fitted to inputs that carry the pruning of "
+            "the layers before them"
+        )
     out = [
         f"--importance {ranker.importance}: {len(ranker.layers)} of {targets} tensor(s) {what}, fitted to "
         f"{ranker.rows:,} rows of layer inputs from {feeds_count} --data feed(s); the fidelity figures "

@@ -119,7 +119,13 @@ def _unstructured_result(
     notes: list[str] = []
     asked = f"asked {100 * config.target_sparsity:.1f}%"
     targets, skipped = unstructured.find_targets(model, config)
-    ranker = make_ranker(model, targets, config, context)
+    ranker = make_ranker(
+        model,
+        targets,
+        config,
+        context,
+        uniform=not searching and not default and (config.n_m is not None or config.scope == "layer"),
+    )
     if searching:
         outcome, found = _unstructured_search(model, config, context, targets, skipped, ranker)
         search_details = _search_details(found)

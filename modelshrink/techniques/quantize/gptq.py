@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modelshrink.techniques.layerwise import damped, inverse_factor
+from modelshrink.techniques.layerwise import corrected_rows, damped, inverse_factor
 from modelshrink.techniques.quantize.lowbit import Grid, Layout, fit_scales
 
 __all__ = ["ALPHAS", "Fit", "awq", "cast_scales", "gptq", "output_error", "rtn"]
@@ -200,11 +200,6 @@ def _block_sums(x: np.ndarray, nb: int, bl: int) -> np.ndarray:
     return padded.reshape(n, nb, bl).sum(axis=2)
 
 
-# The cross-layer correction W (C - H)(H + λI)⁻¹ is dropped when it would move the weights by
-# more than this share of their norm (too few rows to trust it).
-MAX_CORRECTION = 0.5
-
-
 def gptq(
     rows: np.ndarray,
     hessian: np.ndarray,
@@ -235,21 +230,9 @@ def gptq(
     h, upper, used = inverse_factor(hessian, damping, order)
     if order is None:
         order = np.arange(rows.shape[1])
-    target = rows
-    corrected = False
-    if cross is not None:
-        diff = np.asarray(cross, dtype=np.float64) - hessian
-        diff[dead, :] = 0
-        diff[:, dead] = 0
-        # W (C - H) h⁻¹ with h⁻¹ = UᵀU in act order: two products with the factor the column
-        # loop uses instead of a K x K solve (3-4x less arithmetic on wide layers)
-        product = (rows @ diff)[:, order]
-        shift = np.empty_like(product)
-        shift[:, order] = (product @ upper.T) @ upper
-        size = float(np.linalg.norm(rows))
-        if np.isfinite(shift).all() and float(np.linalg.norm(shift)) <= MAX_CORRECTION * max(size, 1e-30):
-            target = rows + shift
-            corrected = True
+    shifted = corrected_rows(rows, hessian, cross, upper, order) if cross is not None else None
+    target = rows if shifted is None else shifted
+    corrected = shifted is not None
     start = rtn(target, grid, block, scale_dtype)
     layout = _layout(rows, block)
     per_value = layout.expand(start.scales.astype(np.float64))
