@@ -11,11 +11,17 @@ on the other rows: mean |error| of the logits and top-1 agreement.
 
 1. ``quantize --bits B --block-size 32 --method rtn|gptq|awq`` at 4 and 3 bits (blocks of 32
    along the reduction axis, the peers' layout). Targets from issue 16: GPTQ at 3 bits at most
-   0.5x RTN; GPTQ at 4 bits at most the peer's (when it runs); AWQ at most RTN on the outlier
-   model. Tool time: the report's own ``timings_s`` (technique and total), GPTQ against RTN.
+   0.5x RTN; GPTQ at 4 bits at most the peer's (when it runs) on the peer's scope: the peer
+   rounds MatMul/Gemm weights only and keeps the rest (Conv kernels, embedding tables) in float,
+   so its column is compared with ours run with ``--op-types MatMul --op-types Gemm`` (our
+   whole-model GPTQ is printed too, and the notes give the three file sizes); AWQ at most RTN
+   on the outlier model. Tool time: the report's own ``timings_s`` (technique and total), GPTQ
+   against RTN.
 2. ``prune --importance magnitude|wanda|sparsegpt`` at ``--sparsity 0.5``, ``0.6`` and
-   ``--pattern 2:4``. Targets: SparseGPT's top-1 agreement never below magnitude's, and its
-   mean |error| at most the peer's.
+   ``--pattern 2:4``, on the four models and on magika's file-type model (``magika==1.0.3``
+   wheel, 600 rows of byte features of files on this machine, as ``bench_auto.py`` makes them;
+   skipped with the reason when PyPI is unreachable). Targets: SparseGPT's top-1 agreement
+   never below magnitude's, and its mean |error| at most the peer's.
 
 3. ``python bench/bench_dataaware.py tooltime`` (not part of ``run``: minutes): GPTQ against RTN
    on a 100 MB transformer-like model (three blocks of 1024 -> 4096 -> 1024 MatMuls with a
@@ -42,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from bench_auto import _magika
 from onnx import TensorProto, helper, numpy_helper
 
 from common import ROOT, run_cli
@@ -51,6 +58,9 @@ import models
 
 SAMPLES = ROOT / "sample_models"
 MODELS = ("digits_mlp", "digits_cnn", "tiny_transformer", "outlier")
+# Pruned only (issue 16 asks SparseGPT and Wanda on it): magika's file-type model from its wheel,
+# on byte features of files on this machine (bench_auto's rows); skipped when PyPI is unreachable.
+PRUNE_ONLY = ("magika",)
 CALIBRATION_ROWS = 128
 PEER_BATCH = 16
 PEER_VENV = ROOT / "build" / "onnxsim-venv"
@@ -102,9 +112,16 @@ def _logits(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(session.run(None, feeds)[0])
 
 
-def _prepare(name: str, folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
-    """(model file, calibration .npz, held-out rows)."""
-    if name == "outlier":
+def _prepare(name: str, folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]] | str:
+    """(model file, calibration .npz, held-out rows), or why the model is not here."""
+    if name == "magika":
+        model, got = _magika(folder)
+        if model is None:
+            return got
+        src = model
+        with np.load(got) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    elif name == "outlier":
         src = folder / "outlier.onnx"
         onnx.save(models.outlier_transformer(), str(src))
         arrays = models.outlier_rows(384)
@@ -210,21 +227,26 @@ def run() -> bool:
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-dataaware-") as tmp:
         folder = Path(tmp)
-        for name in MODELS:
-            src, data, held = _prepare(name, folder)
+        for name in (*MODELS, *PRUNE_ONLY):
+            prepared = _prepare(name, folder)
+            if isinstance(prepared, str):
+                notes.append(f"{name} skipped: {prepared}")
+                continue
+            src, data, held = prepared
             reference = _logits(src, held)
             held_rows = len(reference)
             jobs: list[dict[str, object]] = []
             peer_gptq = folder / f"{name}.peer.gptq.onnx"
-            jobs.append(
-                {
-                    "kind": "gptq",
-                    "model": str(src),
-                    "data": str(data),
-                    "batch": PEER_BATCH,
-                    "out": str(peer_gptq),
-                }
-            )
+            if name not in PRUNE_ONLY:
+                jobs.append(
+                    {
+                        "kind": "gptq",
+                        "model": str(src),
+                        "data": str(data),
+                        "batch": PEER_BATCH,
+                        "out": str(peer_gptq),
+                    }
+                )
             amounts = [*PRUNE[1], PATTERN]
             for label, _, value in amounts:
                 out = folder / f"{name}.peer.sparsegpt.{label.strip('%').replace(':', '-')}.onnx"
@@ -242,7 +264,7 @@ def run() -> bool:
             for why in {w for w in peer.values() if w and w != "peer not installed"}:
                 notes.append(f"peer on {name}: {why}")
 
-            for bits in QUANT[1]:
+            for bits in QUANT[1] if name not in PRUNE_ONLY else ():
                 scores: dict[str, tuple[float, float] | str] = {}
                 for method in QUANT[0]:
                     out = folder / f"{name}.{bits}.{method}.onnx"

@@ -19,6 +19,7 @@ from modelshrink.feeds import Feeds
 from modelshrink.graph import Weight
 from modelshrink.options import RuntimeOptions
 from modelshrink.techniques import chain, layerwise
+from modelshrink.techniques.base import TechniqueContext
 
 
 def _model() -> onnx.ModelProto:
@@ -81,9 +82,8 @@ def _staged(monkeypatch: pytest.MonkeyPatch, mode: str) -> tuple[dict[int, layer
         seen[layer.key] = stats
         return (layer.weight.numpy() * 0.5 + 0.01).astype(np.float32)
 
-    stages = layerwise.solve_in_stages(
-        model, _layers(model), feeds, RuntimeOptions(), lambda *a: None, solve, applied={}, passes=8
-    )
+    context = TechniqueContext(feeds=feeds, evaluate=lambda candidate: None, runtime=RuntimeOptions())
+    stages = layerwise.solve_in_stages(model, _layers(model), context, solve, applied={}, passes=8)
     return seen, stages
 
 

@@ -38,7 +38,7 @@ from modelshrink.graph import Weight, op_key
 from modelshrink.options import RuntimeOptions
 from modelshrink.sessions import session_for_model
 from modelshrink.techniques import chain
-from modelshrink.techniques.base import Progress
+from modelshrink.techniques.base import Progress, TechniqueContext
 
 __all__ = [
     "PASS_BYTES",
@@ -739,9 +739,7 @@ def _targets(stage: Sequence[Layer]) -> list[str]:
 def solve_in_stages(
     model: ir.Model,
     layers: Sequence[Layer],
-    feeds: Feeds,
-    runtime: RuntimeOptions,
-    progress: Progress,
+    context: TechniqueContext,
     solve: Callable[[Layer, Stats], np.ndarray | None],
     *,
     applied: dict[str, np.ndarray],
@@ -757,6 +755,7 @@ def solve_in_stages(
     Returns:
         The number of stages.
     """
+    feeds, runtime, progress = context.feeds, context.runtime, context.progress
     stages = _stages(model, layers, passes)
     targets = [_targets(stage) for stage in stages]
     pieces = chain.plan(model, targets, [[layer.weight.name for layer in stage] for stage in stages])

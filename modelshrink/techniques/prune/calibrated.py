@@ -378,16 +378,7 @@ def _solve_in_stages(
         ranker.staged += 1
         return result
 
-    layerwise.solve_in_stages(
-        model,
-        layers,
-        context.feeds,
-        context.runtime,
-        context.progress,
-        solve,
-        applied=applied,
-        passes=MAX_STAGES,
-    )
+    layerwise.solve_in_stages(model, layers, context, solve, applied=applied, passes=MAX_STAGES)
 
 
 def notes(ranker: Ranker, feeds_count: int, targets: int) -> list[str]:

@@ -356,9 +356,7 @@ def fit_weights(
             layerwise.solve_in_stages(
                 model,
                 [layer for _, layer in layers],
-                context.feeds,
-                context.runtime,
-                context.progress,
+                context,
                 solve,
                 applied=applied,
                 passes=MAX_STAGES,
