@@ -119,8 +119,8 @@ def _prepare(name: str, folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]
         if model is None:
             return got
         src = model
-        with np.load(got) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        with np.load(got) as npz:  # rows [n, 1, 2048] there (one feed each); [n, 2048] here
+            arrays = {k: npz[k][:, 0] for k in npz.files}
     elif name == "outlier":
         src = folder / "outlier.onnx"
         onnx.save(models.outlier_transformer(), str(src))
@@ -211,10 +211,10 @@ def _cell(score: tuple[float, float] | str | None) -> str:
         return f"{'-':>15s}"
     if isinstance(score, str):
         return f"{'n/a':>15s}"
-    return f"{score[0]:7.3f} {score[1]:6.1%}"
+    return f"{score[0]:7.3g} {score[1]:6.1%}"
 
 
-def run() -> bool:
+def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
     python = _peer_python()
     if isinstance(python, str):
         print(f"   peer column skipped: {python}")
@@ -227,7 +227,7 @@ def run() -> bool:
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-dataaware-") as tmp:
         folder = Path(tmp)
-        for name in (*MODELS, *PRUNE_ONLY):
+        for name in names:
             prepared = _prepare(name, folder)
             if isinstance(prepared, str):
                 notes.append(f"{name} skipped: {prepared}")
@@ -452,6 +452,9 @@ def tool_time(blocks: int = 3, d: int = 1024, hidden: int = 4096, rounds: int = 
 if __name__ == "__main__":
     if sys.argv[1:] == ["tooltime"]:
         raise SystemExit(0 if tool_time() else 1)
-    if sys.argv[1:]:
-        raise SystemExit("usage: python bench/bench_dataaware.py [tooltime]")
-    raise SystemExit(0 if run() else 1)
+    picked = tuple(sys.argv[1:])
+    if any(name not in (*MODELS, *PRUNE_ONLY) for name in picked):
+        raise SystemExit(
+            f"usage: python bench/bench_dataaware.py [tooltime | MODEL ...] (models: {', '.join((*MODELS, *PRUNE_ONLY))})"
+        )
+    raise SystemExit(0 if (run(picked) if picked else run()) else 1)
