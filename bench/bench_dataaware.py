@@ -29,9 +29,10 @@ on the other rows: mean |error| of the logits and top-1 agreement.
    --method rtn|gptq --data``, wall time of the whole command, two rounds interleaved. Target
    from issue 16: GPTQ within 3x of RTN.
 
-Peer column (optional): onnxsim 0.8.1 (``quantize_weight_only_int4`` then ``apply_gptq``, 4 bits
-only, GPTQ on MatMul/Gemm only, on the model converted to opset 21 first, since below it the
-quantizer silently changes nothing; ``apply_sparsegpt_pruning``, MatMul/Gemm only), installed into its own virtual environment
+Peer columns (optional): onnxsim 0.8.1 (``quantize_weight_only_int4`` then ``apply_gptq``,
+``apply_awq`` or ``apply_adaround``, 4 bits only, MatMul/Gemm only, on the model converted to
+opset 21 first, since below it the quantizer silently changes nothing;
+``apply_wanda_pruning`` and ``apply_sparsegpt_pruning``, MatMul/Gemm only), installed into its own virtual environment
 under ``build/onnxsim-venv`` when the package index is reachable, fed the same calibration rows
 in batches of 16; otherwise a skip line says why.
 """
@@ -65,6 +66,8 @@ CALIBRATION_ROWS = 128
 PEER_BATCH = 16
 PEER_VENV = ROOT / "build" / "onnxsim-venv"
 PEER_VERSION = "0.8.1"
+# The peer's 4-bit rounding methods (its int4 storage first, then the method on top).
+PEER_ROUNDING = ("gptq", "awq", "adaround")
 GPTQ_3BIT_TARGET = 0.5
 QUANT = (("rtn", "gptq", "awq"), (4, 3))
 PRUNE = (("magnitude", "wanda", "sparsegpt"), (("50%", "--sparsity", "0.5"), ("60%", "--sparsity", "0.6")))
@@ -82,20 +85,20 @@ for job in jobs:
         n = len(next(iter(arrays.values())))
         batches = [{k: v[i:i + job["batch"]] for k, v in arrays.items()} for i in range(0, n, job["batch"])]
         model = onnx.load(job["model"])
-        if job["kind"] == "gptq":
+        if job["kind"] in ("gptq", "awq", "adaround"):
             # its int4 storage is opset 21 DequantizeLinear: below 21 it silently quantizes nothing
             opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
             if opset < 21:
                 model = onnx.version_converter.convert_version(model, 21)
             q = onnxsim.quantize_weight_only_int4(model)
-            out = onnxsim.apply_gptq(model, q, calibration_data=batches, num_samples=len(batches))
+            apply = {"gptq": onnxsim.apply_gptq, "awq": onnxsim.apply_awq, "adaround": onnxsim.apply_adaround}
+            out = apply[job["kind"]](model, q, calibration_data=batches, num_samples=len(batches))
             if not any(n.op_type == "DequantizeLinear" for n in out.graph.node):
                 raise RuntimeError("it quantized no weight")
         else:
             kw = {"n": 2, "m": 4} if job["amount"] == "2:4" else {"sparsity": float(job["amount"])}
-            out = onnxsim.apply_sparsegpt_pruning(
-                model, calibration_data=batches, num_samples=len(batches), **kw
-            )
+            prune = {"sparsegpt": onnxsim.apply_sparsegpt_pruning, "wanda": onnxsim.apply_wanda_pruning}
+            out = prune[job["kind"]](model, calibration_data=batches, num_samples=len(batches), **kw)
         onnx.save(out, job["out"])
         print(json.dumps({"out": job["out"], "ok": True}), flush=True)
     except Exception as exc:
@@ -237,29 +240,32 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
             held_rows = len(reference)
             jobs: list[dict[str, object]] = []
             peer_gptq = folder / f"{name}.peer.gptq.onnx"
+            peer_rounding = {kind: folder / f"{name}.peer.{kind}.onnx" for kind in PEER_ROUNDING}
             if name not in PRUNE_ONLY:
-                jobs.append(
-                    {
-                        "kind": "gptq",
-                        "model": str(src),
-                        "data": str(data),
-                        "batch": PEER_BATCH,
-                        "out": str(peer_gptq),
-                    }
-                )
+                for kind, out in peer_rounding.items():
+                    jobs.append(
+                        {
+                            "kind": kind,
+                            "model": str(src),
+                            "data": str(data),
+                            "batch": PEER_BATCH,
+                            "out": str(out),
+                        }
+                    )
             amounts = [*PRUNE[1], PATTERN]
             for label, _, value in amounts:
-                out = folder / f"{name}.peer.sparsegpt.{label.strip('%').replace(':', '-')}.onnx"
-                jobs.append(
-                    {
-                        "kind": "sparsegpt",
-                        "model": str(src),
-                        "data": str(data),
-                        "batch": PEER_BATCH,
-                        "out": str(out),
-                        "amount": value,
-                    }
-                )
+                for kind in ("sparsegpt", "wanda"):
+                    out = folder / f"{name}.peer.{kind}.{label.strip('%').replace(':', '-')}.onnx"
+                    jobs.append(
+                        {
+                            "kind": kind,
+                            "model": str(src),
+                            "data": str(data),
+                            "batch": PEER_BATCH,
+                            "out": str(out),
+                            "amount": value,
+                        }
+                    )
             peer = _peers(python, jobs)
             for why in {w for w in peer.values() if w and w != "peer not installed"}:
                 notes.append(f"peer on {name}: {why}")
@@ -290,7 +296,12 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
                         times.append(
                             f"{name} {bits} {method} {timings['technique']:.2f} {timings['total']:.2f}"
                         )
-                theirs = _peer_score(peer, peer_gptq, reference, held) if bits == 4 else None
+                peers = {
+                    kind: _peer_score(peer, path, reference, held) if bits == 4 else None
+                    for kind, path in peer_rounding.items()
+                }
+                scored = [p for p in peers.values() if isinstance(p, tuple)]
+                theirs = min(scored) if scored else peers["gptq"]  # the peer's best method
                 # the peer rounds MatMul/Gemm weights only: ours on that scope too, for a like
                 # comparison (its file keeps every other weight, e.g. an embedding, in float)
                 scope: tuple[float, float] | str | None = None
@@ -316,14 +327,16 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
                         ok = False
                     if isinstance(theirs, tuple) and isinstance(scope, tuple):
                         beat = scope[0] <= theirs[0]
-                        verdict += f"  {'<=' if beat else '>'} peer (same scope)"
+                        verdict += f"  {'<=' if beat else '>'} peer's best (same scope)"
                         ok = ok and beat
                     if name == "outlier" and isinstance(awq, tuple) and awq[0] > rtn[0]:
                         verdict += "  AWQ > RTN: MISSED"
                         ok = False
                 quant_rows.append(
                     f"   {name:17s} {bits:4d}  {_cell(rtn)}  {_cell(gptq)}  {_cell(awq)}  {_cell(scope)}  "
-                    f"{_cell(theirs)}  " + verdict
+                    + "  ".join(_cell(peers[kind]) for kind in PEER_ROUNDING)
+                    + "  "
+                    + verdict
                 )
             for label, flag, value in amounts:
                 scores = {}
@@ -336,9 +349,10 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
                         ok = False
                         continue
                     scores[importance] = _score(out, reference, held)
-                peer_out = folder / f"{name}.peer.sparsegpt.{label.strip('%').replace(':', '-')}.onnx"
-                theirs = _peer_score(peer, peer_out, reference, held)
-                mag, sgpt = scores["magnitude"], scores["sparsegpt"]
+                tag = label.strip("%").replace(":", "-")
+                theirs = _peer_score(peer, folder / f"{name}.peer.sparsegpt.{tag}.onnx", reference, held)
+                their_wanda = _peer_score(peer, folder / f"{name}.peer.wanda.{tag}.onnx", reference, held)
+                mag, sgpt, wanda = scores["magnitude"], scores["sparsegpt"], scores["wanda"]
                 verdict = ""
                 if isinstance(mag, tuple) and isinstance(sgpt, tuple):
                     verdict = f"{sgpt[0] / mag[0]:5.2f}"
@@ -349,23 +363,25 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
                         beat = sgpt[0] <= theirs[0]
                         verdict += f"  {'<=' if beat else '>'} peer"
                         ok = ok and beat
+                    if isinstance(wanda, tuple) and isinstance(their_wanda, tuple):
+                        verdict += f"  Wanda {'<=' if wanda[0] <= their_wanda[0] else '>'} peer's"
                 prune_rows.append(
-                    f"   {name:17s} {label:>4s}  {_cell(mag)}  {_cell(scores['wanda'])}  {_cell(sgpt)}  "
-                    f"{_cell(theirs)}  {verdict}"
+                    f"   {name:17s} {label:>4s}  {_cell(mag)}  {_cell(wanda)}  {_cell(sgpt)}  "
+                    f"{_cell(their_wanda)}  {_cell(theirs)}  {verdict}"
                 )
             notes.append(f"{name}: {CALIBRATION_ROWS} calibration rows, {held_rows} held-out rows")
     head = f"{'mean|err| top-1':>15s}"
     print("1. quantize, blocks of 32: mean |error| of the logits and top-1 agreement on held-out rows")
     print(
         f"   {'model':17s} {'bits':>4s}  {'RTN':>15s}  {'GPTQ':>15s}  {'AWQ':>15s}  {'GPTQ MatMul/Gemm':>15s}  "
-        f"{'peer GPTQ':>15s}  GPTQ/RTN"
+        f"{'peer GPTQ':>15s}  {'peer AWQ':>15s}  {'peer AdaRound':>15s}  GPTQ/RTN"
     )
-    print(f"   {'':17s} {'':4s}  {head}  {head}  {head}  {head}  {head}")
+    print(f"   {'':17s} {'':4s}  {head}  {head}  {head}  {head}  {head}  {head}  {head}")
     print("\n".join(quant_rows))
     print("2. prune: mean |error| and top-1 agreement on held-out rows")
     print(
         f"   {'model':17s} {'amt':>4s}  {'magnitude':>15s}  {'Wanda':>15s}  {'SparseGPT':>15s}  "
-        f"{'peer SparseGPT':>15s}  SparseGPT/magnitude"
+        f"{'peer Wanda':>15s}  {'peer SparseGPT':>15s}  SparseGPT/magnitude"
     )
     print("\n".join(prune_rows))
     print("3. tool time (s, the report's timings_s: technique / total), RTN against GPTQ")
