@@ -95,6 +95,29 @@ for job in jobs:
             out = apply[job["kind"]](model, q, calibration_data=batches, num_samples=len(batches))
             if not any(n.op_type == "DequantizeLinear" for n in out.graph.node):
                 raise RuntimeError("it quantized no weight")
+        elif job["kind"] in ("static", "static+"):
+            # onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8 activations, the
+            # same rows); "static+": onnxsim's SmoothQuant before it and its bias correction after
+            import os, tempfile
+            from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+            class Rows(CalibrationDataReader):
+                def __init__(self):
+                    self.left = iter(batches)
+
+                def get_next(self):
+                    return next(self.left, None)
+
+            if job["kind"] == "static+":
+                model = onnxsim.apply_smoothquant(model, calibration_data=batches, num_samples=len(batches), alpha=0.5)
+            with tempfile.TemporaryDirectory() as tmp:
+                src, dst = os.path.join(tmp, "m.onnx"), os.path.join(tmp, "q.onnx")
+                onnx.save(model, src)
+                quantize_static(src, dst, Rows(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                out = onnx.load(dst)
+            if job["kind"] == "static+":
+                out = onnxsim.correct_bias(model, out, calibration_data=batches, num_samples=len(batches))
         else:
             kw = {"n": 2, "m": 4} if job["amount"] == "2:4" else {"sparsity": float(job["amount"])}
             prune = {"sparsegpt": onnxsim.apply_sparsegpt_pruning, "wanda": onnxsim.apply_wanda_pruning}
@@ -205,6 +228,26 @@ def _peer_score(
     return _score(path, reference, held) if why is None else why
 
 
+def _static_row(
+    name: str,
+    src: Path,
+    data: Path,
+    folder: Path,
+    peer: dict[str, str | None],
+    reference: np.ndarray,
+    held: dict[str, np.ndarray],
+) -> str:
+    """Ours (``--mode static --smooth 0.5``) and the two peer pipelines, scored on held-out rows."""
+    out = folder / f"{name}.static.onnx"
+    got = _tool("quantize", src, out, data, "--mode", "static", "--smooth", "0.5")
+    ours: tuple[float, float] | str = got if isinstance(got, str) else _score(out, reference, held)
+    cells = [f"{_cell(ours)} {_kb(out):>5s}"]
+    for kind in ("static", "static+"):
+        path = folder / f"{name}.peer.{kind}.onnx"
+        cells.append(f"{_cell(_peer_score(peer, path, reference, held))} {_kb(path):>5s}")
+    return f"   {name:17s}  {cells[0]:>22s}  {cells[1]:>27s}  {cells[2]:>35s}"
+
+
 def _kb(path: Path) -> str:
     return f"{path.stat().st_size / 1024:.0f}" if path.exists() else "-"
 
@@ -225,6 +268,7 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
         print(f"   peer: onnxsim {PEER_VERSION} in {PEER_VENV.relative_to(ROOT)}")
     ok = True
     quant_rows: list[str] = []
+    static_rows: list[str] = []
     prune_rows: list[str] = []
     times: list[str] = []
     notes: list[str] = []
@@ -243,6 +287,18 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
             peer_rounding = {kind: folder / f"{name}.peer.{kind}.onnx" for kind in PEER_ROUNDING}
             if name not in PRUNE_ONLY:
                 for kind, out in peer_rounding.items():
+                    jobs.append(
+                        {
+                            "kind": kind,
+                            "model": str(src),
+                            "data": str(data),
+                            "batch": PEER_BATCH,
+                            "out": str(out),
+                        }
+                    )
+            if name not in PRUNE_ONLY:
+                for kind in ("static", "static+"):
+                    out = folder / f"{name}.peer.{kind}.onnx"
                     jobs.append(
                         {
                             "kind": kind,
@@ -338,6 +394,8 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
                     + "  "
                     + verdict
                 )
+            if name not in PRUNE_ONLY:
+                static_rows.append(_static_row(name, src, data, folder, peer, reference, held))
             for label, flag, value in amounts:
                 scores = {}
                 for importance in PRUNE[0]:
@@ -384,7 +442,16 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
         f"{'peer Wanda':>15s}  {'peer SparseGPT':>15s}  SparseGPT/magnitude"
     )
     print("\n".join(prune_rows))
-    print("3. tool time (s, the report's timings_s: technique / total), RTN against GPTQ")
+    print(
+        "3. static int8 (no gate): mean |error|, top-1 and file KB on held-out rows; ours with --smooth 0.5 "
+        "(bias correction is on by default)"
+    )
+    print(
+        f"   {'model':17s}  {'ours':>22s}  {'onnxruntime quantize_static':>27s}  "
+        f"{'+ onnxsim SmoothQuant, correct_bias':>35s}"
+    )
+    print("\n".join(static_rows))
+    print("4. tool time (s, the report's timings_s: technique / total), RTN against GPTQ")
     by_key: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
     for row in times:
         name, bits, method, technique, total = row.split()
