@@ -32,9 +32,15 @@ on the other rows: mean |error| of the logits and top-1 agreement.
 Peer columns (optional): onnxsim 0.8.1 (``quantize_weight_only_int4`` then ``apply_gptq``,
 ``apply_awq`` or ``apply_adaround``, 4 bits only, MatMul/Gemm only, on the model converted to
 opset 21 first, since below it the quantizer silently changes nothing;
-``apply_wanda_pruning`` and ``apply_sparsegpt_pruning``, MatMul/Gemm only), installed into its own virtual environment
+``apply_wanda_pruning`` and ``apply_sparsegpt_pruning``, MatMul/Gemm only; and, for static
+int8, onnxruntime's ``quantize_static`` with and without onnxsim's ``apply_smoothquant`` before
+and ``correct_bias`` after), installed into its own virtual environment
 under ``build/onnxsim-venv`` when the package index is reachable, fed the same calibration rows
-in batches of 16; otherwise a skip line says why.
+in batches of 16; otherwise a skip line says why. NNCF 3.4.0 column (``peer_nncf.py``, its own
+venv under ``build/nncf-venv``): ``compress_weights(mode=INT4_SYM, group_size=32, ratio=1.0,
+awq=True, scale_estimation=True)`` at 4 bits, with the fallbacks that module documents where NNCF
+fails (the notes say which settings ran); it keeps the last MatMul/Gemm and Gather tables in
+int8 and Conv kernels in float, so it compresses less than our whole-model column.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import onnx
 import onnxruntime as ort
 from bench_auto import _magika
 from onnx import TensorProto, helper, numpy_helper
+from peer_nncf import nncf_python, run_nncf
 
 from common import ROOT, run_cli
 
@@ -266,6 +273,9 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
         print(f"   peer column skipped: {python}")
     else:
         print(f"   peer: onnxsim {PEER_VERSION} in {PEER_VENV.relative_to(ROOT)}")
+    nncf = nncf_python()
+    if isinstance(nncf, str):
+        print(f"   NNCF column skipped: {nncf}")
     ok = True
     quant_rows: list[str] = []
     static_rows: list[str] = []
@@ -323,6 +333,14 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
                         }
                     )
             peer = _peers(python, jobs)
+            nncf_out = folder / f"{name}.nncf.onnx"
+            nncf_details: dict[str, dict[str, object]] = {}
+            if name not in PRUNE_ONLY:
+                job = {"model": str(src), "data": str(data), "batch": PEER_BATCH, "bits": 4, "group": 32}
+                peer.update(run_nncf(nncf, [{**job, "out": str(nncf_out)}], nncf_details))
+                settings = nncf_details.get(str(nncf_out), {}).get("settings")
+                if settings:
+                    notes.append(f"NNCF on {name}: {settings}, {_kb(nncf_out)} KB")
             for why in {w for w in peer.values() if w and w != "peer not installed"}:
                 notes.append(f"peer on {name}: {why}")
 
@@ -357,6 +375,7 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
                     for kind, path in peer_rounding.items()
                 }
                 scored = [p for p in peers.values() if isinstance(p, tuple)]
+                nncf_score = _peer_score(peer, nncf_out, reference, held) if bits == 4 else None
                 theirs = min(scored) if scored else peers["gptq"]  # the peer's best method
                 # the peer rounds MatMul/Gemm weights only: ours on that scope too, for a like
                 # comparison (its file keeps every other weight, e.g. an embedding, in float)
@@ -391,7 +410,7 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
                 quant_rows.append(
                     f"   {name:17s} {bits:4d}  {_cell(rtn)}  {_cell(gptq)}  {_cell(awq)}  {_cell(scope)}  "
                     + "  ".join(_cell(peers[kind]) for kind in PEER_ROUNDING)
-                    + "  "
+                    + f"  {_cell(nncf_score)}  "
                     + verdict
                 )
             if name not in PRUNE_ONLY:
@@ -432,9 +451,9 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
     print("1. quantize, blocks of 32: mean |error| of the logits and top-1 agreement on held-out rows")
     print(
         f"   {'model':17s} {'bits':>4s}  {'RTN':>15s}  {'GPTQ':>15s}  {'AWQ':>15s}  {'GPTQ MatMul/Gemm':>15s}  "
-        f"{'peer GPTQ':>15s}  {'peer AWQ':>15s}  {'peer AdaRound':>15s}  GPTQ/RTN"
+        f"{'peer GPTQ':>15s}  {'peer AWQ':>15s}  {'peer AdaRound':>15s}  {'NNCF int4':>15s}  GPTQ/RTN"
     )
-    print(f"   {'':17s} {'':4s}  {head}  {head}  {head}  {head}  {head}  {head}  {head}")
+    print(f"   {'':17s} {'':4s}  {head}  {head}  {head}  {head}  {head}  {head}  {head}  {head}")
     print("\n".join(quant_rows))
     print("2. prune: mean |error| and top-1 agreement on held-out rows")
     print(
