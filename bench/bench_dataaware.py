@@ -295,49 +295,31 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
             jobs: list[dict[str, object]] = []
             peer_gptq = folder / f"{name}.peer.gptq.onnx"
             peer_rounding = {kind: folder / f"{name}.peer.{kind}.onnx" for kind in PEER_ROUNDING}
+            base = {"model": str(src), "data": str(data), "batch": PEER_BATCH}
             if name not in PRUNE_ONLY:
-                for kind, out in peer_rounding.items():
-                    jobs.append(
-                        {
-                            "kind": kind,
-                            "model": str(src),
-                            "data": str(data),
-                            "batch": PEER_BATCH,
-                            "out": str(out),
-                        }
-                    )
-            if name not in PRUNE_ONLY:
-                for kind in ("static", "static+"):
-                    out = folder / f"{name}.peer.{kind}.onnx"
-                    jobs.append(
-                        {
-                            "kind": kind,
-                            "model": str(src),
-                            "data": str(data),
-                            "batch": PEER_BATCH,
-                            "out": str(out),
-                        }
-                    )
+                jobs += [{**base, "kind": kind, "out": str(out)} for kind, out in peer_rounding.items()]
+                jobs += [
+                    {**base, "kind": kind, "out": str(folder / f"{name}.peer.{kind}.onnx")}
+                    for kind in ("static", "static+")
+                ]
             amounts = [*PRUNE[1], PATTERN]
             for label, _, value in amounts:
-                for kind in ("sparsegpt", "wanda"):
-                    out = folder / f"{name}.peer.{kind}.{label.strip('%').replace(':', '-')}.onnx"
-                    jobs.append(
-                        {
-                            "kind": kind,
-                            "model": str(src),
-                            "data": str(data),
-                            "batch": PEER_BATCH,
-                            "out": str(out),
-                            "amount": value,
-                        }
-                    )
+                tag = label.strip("%").replace(":", "-")
+                jobs += [
+                    {
+                        **base,
+                        "kind": kind,
+                        "out": str(folder / f"{name}.peer.{kind}.{tag}.onnx"),
+                        "amount": value,
+                    }
+                    for kind in ("sparsegpt", "wanda")
+                ]
             peer = _peers(python, jobs)
             nncf_out = folder / f"{name}.nncf.onnx"
             nncf_details: dict[str, dict[str, object]] = {}
             if name not in PRUNE_ONLY:
-                job = {"model": str(src), "data": str(data), "batch": PEER_BATCH, "bits": 4, "group": 32}
-                peer.update(run_nncf(nncf, [{**job, "out": str(nncf_out)}], nncf_details))
+                job = {**base, "bits": 4, "group": 32, "out": str(nncf_out)}
+                peer.update(run_nncf(nncf, [job], nncf_details))
                 settings = nncf_details.get(str(nncf_out), {}).get("settings")
                 if settings:
                     notes.append(f"NNCF on {name}: {settings}, {_kb(nncf_out)} KB")
