@@ -75,9 +75,16 @@ HOLD_TEMPORARY_FOLDER = textwrap.dedent(
 
 
 def _start(patch: str, argv: list[str]) -> subprocess.Popen[str]:
+    """The child as a command typed at a terminal starts: SIGINT at its default. (A suite run in
+    the background, ``bash -c '... &'``, would hand it SIGINT ignored, which the tool keeps
+    ignored on purpose: see test_background_job_keeps_ignoring_sigint.)"""
     code = CHILD.format(patch=patch, argv=argv)
     return subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
