@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DAMPING = 0.01
 # Passes over the calibration rows GPTQ makes at most (the layers' depths are split into this
-# many stages; each stage costs two runs of the model per feed).
+# many stages; each runs its own piece of the graph twice per feed: techniques/chain.py).
 MAX_STAGES = 8
 # Modes whose weights --method applies to.
 METHOD_MODES = ("int8", "int4", "int2", "binary")
