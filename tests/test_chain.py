@@ -76,6 +76,8 @@ def _staged(monkeypatch: pytest.MonkeyPatch, mode: str) -> tuple[dict[int, layer
         monkeypatch.setattr(chain, "plan", lambda *args: "forced")
     elif mode == "prefix":
         monkeypatch.setattr(chain, "KEPT_BYTES", 0)
+    elif mode == "overflow":  # the budget runs out in the middle of a stage's feeds
+        monkeypatch.setattr(chain, "KEPT_BYTES", 1000)
     seen: dict[int, layerwise.Stats] = {}
 
     def solve(layer: layerwise.Layer, stats: layerwise.Stats) -> np.ndarray:
@@ -87,7 +89,7 @@ def _staged(monkeypatch: pytest.MonkeyPatch, mode: str) -> tuple[dict[int, layer
     return seen, stages
 
 
-@pytest.mark.parametrize("mode", ["pieces", "prefix"])
+@pytest.mark.parametrize("mode", ["pieces", "prefix", "overflow"])
 def test_pieces_see_what_whole_runs_see(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     with monkeypatch.context() as m:
         whole, stages = _staged(m, "whole")
@@ -132,6 +134,12 @@ def test_values_whose_weights_change_later_are_recomputed() -> None:
     assert not isinstance(pieces, str)
     assert pieces[0].outputs == ("r",) and pieces[0].keeps == ()
     assert len(pieces[1].nodes) == 6 and pieces[1].inputs == ("x",)
+
+
+def test_inputs_with_defaults_are_not_cut() -> None:
+    proto = _model()
+    proto.graph.input.append(helper.make_tensor_value_info("w1", TensorProto.FLOAT, [16, 32]))
+    assert chain.plan(ir.from_proto(proto), [["x"]], [["w1"]]) == "a graph input has an initializer"
 
 
 def test_subgraphs_are_not_cut() -> None:
