@@ -78,6 +78,18 @@ def _closure(
     return mine
 
 
+def _reads(
+    nodes: Sequence[ir.Node], producer: Mapping[str, int], consts: set[str], mine: set[int]
+) -> set[str]:
+    """The values the nodes ``mine`` read and do not compute (constants aside)."""
+    return {
+        v.name
+        for i in mine
+        for v in nodes[i].inputs
+        if v is not None and v.name and v.name not in consts and producer.get(v.name) not in mine
+    }
+
+
 def plan(
     model: ir.Model, targets: Sequence[Sequence[str]], weights: Sequence[Sequence[str]]
 ) -> list[Piece] | str:
@@ -114,15 +126,7 @@ def plan(
         sets.append(mine)
         # a value computed now stays valid only if no weight it depends on changes later
         done |= {i for i in mine if last[i] < s}
-    reads = [
-        {
-            v.name
-            for i in mine
-            for v in nodes[i].inputs
-            if v is not None and v.name and v.name not in consts and producer.get(v.name) not in mine
-        }
-        for mine in sets
-    ]
+    reads = [_reads(nodes, producer, consts, mine) for mine in sets]
     pieces = []
     for s, mine in enumerate(sets):
         later = set().union(*reads[s + 1 :], *(set(t) for t in targets[s + 1 :]))
@@ -136,10 +140,8 @@ def plan(
     return pieces
 
 
-def _submodel(
-    model: ir.Model, piece: Piece, dtypes: Mapping[str, np.dtype], weights: Mapping[str, np.ndarray]
-) -> ir.Model:
-    """The piece as a model: its inputs as graph inputs, ``weights`` in place of initializers."""
+def _submodel(model: ir.Model, piece: Piece, dtypes: Mapping[str, np.dtype]) -> ir.Model:
+    """The piece as a model of its own: its inputs as graph inputs, its outputs as outputs."""
     sub = model.clone()
     graph = sub.graph
     nodes = list(graph)
@@ -163,13 +165,17 @@ def _submodel(
     graph.inputs.extend(inputs)
     graph.outputs.clear()
     graph.outputs.extend(by_name[name] for name in piece.outputs)
-    for name in list(graph.initializers):
-        value = graph.initializers[name]
-        if not value.uses():
-            graph.initializers.pop(name)
-        elif name in weights:
-            value.const_value = ir.Tensor(np.ascontiguousarray(weights[name]), name=name)
+    for name in [n for n, v in graph.initializers.items() if not v.uses()]:
+        graph.initializers.pop(name)
     return sub
+
+
+def _replace(sub: ir.Model, weights: Mapping[str, np.ndarray]) -> bool:
+    """Put ``weights`` in place of the initializers ``sub`` has of them; whether it had any."""
+    found = [(name, value) for name, value in sub.graph.initializers.items() if name in weights]
+    for name, value in found:
+        value.const_value = ir.Tensor(np.ascontiguousarray(weights[name]), name=name)
+    return bool(found)
 
 
 class Chain:
@@ -188,6 +194,8 @@ class Chain:
         runtime: RuntimeOptions,
     ) -> None:
         self.model = model
+        self._nodes, self._producer = _producers(model.graph)
+        self._consts = set(model.graph.initializers)
         self.targets = [tuple(t) for t in targets]
         self.pieces = list(pieces)
         self.runtime = runtime
@@ -210,16 +218,9 @@ class Chain:
 
     def _prefix(self, stage: int) -> Piece:
         """Stage ``stage``'s targets computed from the graph inputs."""
-        nodes, producer = _producers(self.model.graph)
-        targets = self.targets[stage]
-        mine = _closure(nodes, producer, targets, set())
-        consts = set(self.model.graph.initializers)
-        inputs = {
-            v.name
-            for i in mine
-            for v in nodes[i].inputs
-            if v is not None and v.name and v.name not in consts and producer.get(v.name) not in mine
-        }
+        targets, producer = self.targets[stage], self._producer
+        mine = _closure(self._nodes, producer, targets, set())
+        inputs = _reads(self._nodes, producer, self._consts, mine)
         outputs = sorted({name for name in targets if producer.get(name) in mine})
         return Piece(frozenset(mine), tuple(sorted(inputs)), tuple(outputs))
 
@@ -235,19 +236,11 @@ class Chain:
             return
         dtypes = {k: v.dtype for k, v in (self._current[0].items() if self._current else ())}
         dtypes.update({k: np.asarray(v).dtype for k, v in feed.items()})
-        original = session_for_model(
-            _submodel(self.model, piece, dtypes, {}), self.runtime, label="activation probe"
-        )
-        nodes = list(self.model.graph)
-        reads = {v.name for i in piece.nodes for v in nodes[i].inputs if v is not None}
-        touched = any(name in reads for name in weights)
-        current = (
-            session_for_model(
-                _submodel(self.model, piece, dtypes, weights), self.runtime, label="activation probe"
-            )
-            if touched and not self._same
-            else original
-        )
+        sub = _submodel(self.model, piece, dtypes)
+        original = session_for_model(sub, self.runtime, label="activation probe")
+        current = original
+        if _replace(sub, weights):  # the piece reads solved weights: a session with them
+            current = session_for_model(sub, self.runtime, label="activation probe")
         self._sessions = (current, original)
 
     def run(

@@ -514,7 +514,7 @@ def _collect(
                         channel_abs=np.zeros(layer.inputs) if channel_means else None,
                     )
                     reads.append((read, layer, shared[sig]))
-        names = list(dict.fromkeys(r.data.name for r, _, _ in reads if r.data is not None and r.data.name))
+        names = _targets(group)
         for index, feed in enumerate(feeds.samples):
             values, originals = run(index, feed, names)
             for read, layer, stats in reads:
@@ -763,7 +763,7 @@ def solve_in_stages(
     if isinstance(pieces, str) or not feeds.samples:
         names = [layer.weight.name for layer in layers] + list(applied)
         probe = Probe(model, layers, runtime, overridable=names)
-        logger.info("staged runs use the whole model: %s", pieces)
+        logger.info("staged runs use the whole model: %s", pieces if isinstance(pieces, str) else "no feeds")
     else:
         runs = chain.Chain(model, targets, pieces, len(feeds.samples), runtime)
     for i, stage in enumerate(stages):
