@@ -46,6 +46,7 @@ __all__ = [
     "Probe",
     "Read",
     "Stats",
+    "act_order_of",
     "collect",
     "conv_patches",
     "corrected_rows",
@@ -577,6 +578,13 @@ def damped(hessian: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray]
     mean = float(np.mean(h[diag, diag])) if h.size else 1.0
     h[diag, diag] += max(damping * mean, 1e-12)
     return h, dead
+
+
+def act_order_of(hessian: np.ndarray) -> np.ndarray:
+    """Columns by decreasing diagonal of :func:`damped`'s ``H`` (a dead column's entry is 1
+    there), without building it: GPTQ's act order."""
+    diagonal = np.diag(hessian)
+    return np.argsort(-np.where(diagonal <= 0, 1.0, diagonal), kind="stable")
 
 
 # Damping is raised this many times (x10 each) when H + λI is still not positive definite.

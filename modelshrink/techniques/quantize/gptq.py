@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from modelshrink.techniques.layerwise import corrected_rows, damped, inverse_factor
+from modelshrink.techniques.layerwise import act_order_of, corrected_rows, damped, inverse_factor
 from modelshrink.techniques.quantize.lowbit import Grid, Layout, fit_scales
 
 __all__ = ["ALPHAS", "Fit", "awq", "cast_scales", "gptq", "output_error", "rtn"]
@@ -223,20 +223,17 @@ def gptq(
         act_order: Round the columns of largest ``H_jj`` first.
         cross: ``Σ x x̃ᵀ`` (original's ``x``) when the inputs carry earlier layers' error.
     """
-    diagonal = np.diag(hessian)
-    dead = diagonal <= 0
-    # act order: largest diagonal of the damped H first (a dead column's entry is 1 there)
-    order = np.argsort(-np.where(dead, 1.0, diagonal), kind="stable") if act_order else None
+    order = act_order_of(hessian) if act_order else None
     h, upper, used = inverse_factor(hessian, damping, order)
-    if order is None:
-        order = np.arange(rows.shape[1])
     shifted = corrected_rows(rows, hessian, cross, upper, order) if cross is not None else None
     target = rows if shifted is None else shifted
     corrected = shifted is not None
     start = rtn(target, grid, block, scale_dtype)
     layout = _layout(rows, block)
     per_value = layout.expand(start.scales.astype(np.float64))
-    codes = _round_columns(target, upper, per_value, grid, order)
+    codes = _round_columns(
+        target, upper, per_value, grid, order if order is not None else np.arange(rows.shape[1])
+    )
     fit = Fit(codes, start.scales)
     scales, refitted = _refit(target, fit, h, grid, block, scale_dtype)
     details: dict[str, object] = {
