@@ -143,7 +143,17 @@ class Ranker:
             out = _wanda_nm(rows, self._norms(i), layer, n, m)
         else:
             out = _sparsegpt(rows, self.stats[i], layer, n_m=(n, m))
-        return layer.unrows(out).astype(array.dtype)
+        result = layer.unrows(out).astype(array.dtype)
+        self.cache[i] = (("nm", n, m), result)
+        return result
+
+    def as_asked(self, i: int, target: Target, config: PruneConfig) -> np.ndarray:
+        """Target ``i`` at ``config``'s own level, or its N:M pattern."""
+        array = target.eligible.weight.numpy()
+        if config.n_m is not None:
+            assert target.view is not None
+            return self.nm(i, array, target.view, *config.n_m)
+        return self.prune(i, array, config.target_sparsity)
 
     def error_curve(self, i: int, array: np.ndarray, levels: Sequence[float]) -> tuple[float, ...]:
         """The default search's proxy for the damage of each level (no run needed).
@@ -349,34 +359,20 @@ def _solve_in_stages(
     """SparseGPT layer after layer: each stage fitted to inputs that carry the pruning of the
     stages before it, its rows first corrected for that (``layerwise.corrected_rows``), as
     GPTQ does; the pruned weights are cached for :meth:`Ranker.prune` / :meth:`Ranker.nm`."""
-    level = config.target_sparsity
-    n_m = config.n_m
-    key: tuple[object, ...] = ("nm", *n_m) if n_m is not None else ("level", level)
-    applied: dict[str, np.ndarray] = {}
-    for i, target in enumerate(targets):
-        weight = target.eligible.weight
-        if i in ranker.by_magnitude and weight.kind == "initializer" and weight.graph is model.graph:
-            array = weight.numpy()
-            if n_m is not None:
-                assert target.view is not None
-                applied[weight.name] = nm_prune(array, target.view, *n_m)
-            else:
-                (mask,) = select_smallest([magnitude(array)], round(level * array.size))
-                applied[weight.name] = prune_smallest(array, mask)
+    # the targets pruned by magnitude are in place from the first stage on
+    applied = {
+        target.eligible.weight.name: ranker.as_asked(i, target, config)
+        for i, target in enumerate(targets)
+        if i in ranker.by_magnitude
+        and target.eligible.weight.kind == "initializer"
+        and target.eligible.weight.graph is model.graph
+    }
 
     def solve(layer: layerwise.Layer, stats: layerwise.Stats) -> np.ndarray | None:
         if not _admit(ranker, layer, stats):
             return None
-        array = layer.weight.numpy()
-        rows = layer.rows(array)
-        if n_m is not None:
-            out = _sparsegpt(rows, stats, layer, n_m=n_m)
-        else:
-            out = _sparsegpt(rows, stats, layer, k=round(level * array.size))
-        result = layer.unrows(out).astype(array.dtype)
-        ranker.cache[layer.key] = (key, result)
         ranker.staged += 1
-        return result
+        return ranker.as_asked(layer.key, targets[layer.key], config)  # cached for the caller
 
     layerwise.solve_in_stages(model, layers, context, solve, applied=applied, passes=MAX_STAGES)
 
