@@ -37,6 +37,7 @@ from modelshrink.techniques.quantize.lowbit import (
     fit_scales,
     pack_codes,
     packed_bytes,
+    packed_scale_dtype,
     unpack_codes,
 )
 
@@ -101,8 +102,9 @@ def _expected(w: np.ndarray, axis: int | None, bits: int, block: int | None) -> 
     """What the packed weight must come back as: the grid applied in numpy."""
     layout = Layout(w.shape, axis, block)
     rows = layout.rows(w)
-    scales = fit_scales(rows, layout, Grid(bits))
-    return layout.unrows(fake_quant(rows, layout.expand(scales), Grid(bits)))
+    grid = Grid(bits)
+    scales = fit_scales(rows, layout, grid, packed_scale_dtype(rows, layout, grid, "W")).astype(np.float32)
+    return layout.unrows(fake_quant(rows, layout.expand(scales), grid))
 
 
 # --- packing ----------------------------------------------------------------------------------------
@@ -175,13 +177,42 @@ def test_folded_weights_are_exactly_the_grid(bits: int, block: int | None, case:
     assert np.isfinite(_run(out, feeds)[0]).all()
 
 
+def _scale_tensor(model: onnx.ModelProto) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name.startswith("W_scale"))
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4])
+def test_scales_are_stored_in_float16_where_they_fit(bits: int) -> None:
+    """Scales of ordinary weights are float16 (half the scale bytes); a weight with a block whose
+    scale is below float16's normal range keeps float32 scales, and both fold to the exact grid."""
+    w = np.random.default_rng(bits).standard_normal((64, 32)).astype(np.float32)
+    proto, _ = _one_op_model("MatMul", w)
+    out, result = _quantize(proto, bits=bits, block_size=16, min_elements=16)
+    assert _scale_tensor(out).data_type == TensorProto.FLOAT16
+    assert result.changed[0].details["scale_dtype"] == "float16"
+    assert result.changed[0].details["scale_bytes"] == 2 * 32 * (64 // 16)
+    tiny = w.copy()
+    tiny[:16, 3] *= 1e-6  # one block of channel 3: max |w| ~ 3e-6, its scale ~ 1e-6 < 2^-14
+    proto, _ = _one_op_model("MatMul", tiny)
+    out, result = _quantize(proto, bits=bits, block_size=16, min_elements=16)
+    assert _scale_tensor(out).data_type == TensorProto.FLOAT
+    assert result.changed[0].details["scale_dtype"] == "float32"
+    optimized = _optimized(out)
+    folded = {t.name: numpy_helper.to_array(t) for t in optimized.graph.initializer}
+    got = folded[optimized.graph.node[0].input[1]]
+    np.testing.assert_array_equal(got, _expected(tiny, 1, bits, 16))
+    assert np.count_nonzero(got[:16, 3]) > 0  # the tiny block is not flushed to zero
+
+
 def test_binary_is_sign_times_mean_magnitude() -> None:
     w = np.random.default_rng(7).standard_normal((32, 16)).astype(np.float32)
     w[3, 5] = 0.0  # sign(0) = +1
     proto, _ = _one_op_model("MatMul", w)
     out, _ = _quantize(proto, mode="binary", min_elements=16)
     got = numpy_helper.to_array(next(t for t in _optimized(out).graph.initializer if t.dims == [32, 16]))
-    alpha = np.abs(w).mean(axis=0)  # per output channel (MatMul: columns)
+    # per output channel (MatMul: columns), in the dtype the scales are stored in
+    stored = helper.tensor_dtype_to_np_dtype(_scale_tensor(out).data_type)
+    alpha = np.abs(w).mean(axis=0).astype(stored).astype(np.float32)
     np.testing.assert_allclose(got, np.where(w >= 0, 1, -1) * alpha, rtol=1e-6)
     assert got[3, 5] > 0
 
@@ -222,7 +253,7 @@ def test_size_is_within_5_percent_of_the_physical_limit(bits: int) -> None:
     model = ir.serde.deserialize_model(proto)
     result = quantize(model, QuantizeConfig(bits=bits), _context(model))
     params = 2 * 512 * 512
-    scale_bytes = 2 * 512 * 4  # one float32 per output channel
+    scale_bytes = 2 * 512 * 2  # one float16 per output channel
     limit = bits * params / 8 + scale_bytes
     size = len(io.model_bytes(result.model))
     packing = result.details["packing"]

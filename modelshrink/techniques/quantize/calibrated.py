@@ -30,7 +30,14 @@ from modelshrink.techniques import layerwise
 from modelshrink.techniques.base import Change, TechniqueContext
 from modelshrink.techniques.quantize import gptq as solvers
 from modelshrink.techniques.quantize.config import QuantizeConfig
-from modelshrink.techniques.quantize.lowbit import Codes, Grid, fit_scales, layout_of, to_codes
+from modelshrink.techniques.quantize.lowbit import (
+    Codes,
+    Grid,
+    fit_scales,
+    layout_of,
+    packed_scale_dtype,
+    to_codes,
+)
 from modelshrink.techniques.quantize.plan import INT4_PACKED_KINDS, Unit
 from modelshrink.techniques.quantize.weightonly import (
     Int8Weight,
@@ -178,7 +185,9 @@ def _grid(config: QuantizeConfig) -> tuple[Grid, int | None]:
 
 def _scale_dtype(unit: Unit, config: QuantizeConfig) -> np.dtype:
     if config.width is not None:
-        return np.dtype(np.float32)
+        layout = layout_of(unit, config.block_size)
+        grid = Grid(config.width)
+        return packed_scale_dtype(layout.rows(unit.weight.numpy()), layout, grid, unit.weight.name or "")
     return np.dtype(unit.weight.dtype.numpy())
 
 
@@ -242,9 +251,7 @@ def _payload(
         rows = rows / fit.column_scale
     seen = layer.unrows(rows)
     if config.width is not None:
-        return Codes(
-            (fit.codes.astype(np.int16) - grid.lo).astype(np.uint8), fit.scales.astype(np.float32)
-        ), seen
+        return Codes((fit.codes.astype(np.int16) - grid.lo).astype(np.uint8), fit.scales), seen
     if config.mode == "int4":
         assert block is not None
         n, k = fit.codes.shape
@@ -267,7 +274,9 @@ def _rtn_values(unit: Unit, config: QuantizeConfig) -> np.ndarray | None:
         layout = layout_of(unit, config.block_size)
         rows = layout.rows(arr)
         grid = Grid(config.width)
-        scales = fit_scales(rows, layout, grid)
+        scales = fit_scales(rows, layout, grid, packed_scale_dtype(rows, layout, grid, w.name or "")).astype(
+            np.float32
+        )
         codes = to_codes(rows, layout.expand(scales), grid)
         restored = (codes.astype(np.float32) + np.float32(grid.lo + grid.offset)) * layout.expand(scales)
         return layout.unrows(restored).astype(dtype)

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from modelshrink.techniques.layerwise import act_order_of, corrected_rows, damped, inverse_factor
-from modelshrink.techniques.quantize.lowbit import Grid, Layout, fit_scales
+from modelshrink.techniques.quantize.lowbit import Grid, Layout, cast_scales, fit_scales
 
-__all__ = ["ALPHAS", "Fit", "awq", "cast_scales", "gptq", "output_error", "rtn"]
+__all__ = ["ALPHAS", "Fit", "awq", "gptq", "output_error", "rtn"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +77,6 @@ class Fit:
         return (self.codes.astype(np.float64) + grid.offset) * layout.expand(self.scales.astype(np.float64))
 
 
-def cast_scales(scales: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Scales in the storage dtype, never rounded to zero or infinity."""
-    out = np.asarray(scales).astype(dtype)
-    info = np.finfo(dtype)
-    tiny = np.asarray(info.smallest_subnormal, dtype)
-    out = np.where(out == 0, np.where(np.asarray(scales) < 0, -tiny, tiny), out)
-    return np.clip(out, -info.max, info.max).astype(dtype)
-
-
 def _layout(rows: np.ndarray, block: int | None) -> Layout:
     return Layout(tuple(rows.shape), 0, block)
 
@@ -103,7 +94,7 @@ def output_error(delta: np.ndarray, hessian: np.ndarray) -> np.ndarray:
 def rtn(rows: np.ndarray, grid: Grid, block: int | None, scale_dtype: np.dtype) -> Fit:
     """Round to nearest with the grid's least-squares scales (the starting point of both methods)."""
     layout = _layout(rows, block)
-    scales = cast_scales(fit_scales(rows.astype(np.float32), layout, grid), scale_dtype)
+    scales = fit_scales(rows.astype(np.float32), layout, grid, scale_dtype)
     codes = _codes(rows, layout.expand(scales.astype(np.float64)), grid)
     return Fit(codes, scales, {"method": "rtn"})
 

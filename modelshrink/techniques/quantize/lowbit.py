@@ -18,13 +18,18 @@ Storage: the unsigned codes ``u = q + 2^(b-1)`` in ``[0, 2^b)``, taken channel b
 form one little-endian bit stream (code ``i`` in bits ``[i*b, (i+1)*b)``), padded to whole
 bytes: ``ceil(n*b/8)`` bytes (plus at most a few bytes of padding to the group of codes that
 fills whole bytes) in a uint8 tensor; for 4 and 2 bits this is the byte layout of ONNX INT4/INT2
-tensors. The scales stay float32 (one per channel, or per block with ``--block-size``). When
-the model loads, a small graph of standard ops with constant inputs rebuilds the float weight:
+tensors. The scales (one per channel, or per block with ``--block-size``) are stored in float16
+when every scale of the weight is a float16 normal number (see :func:`packed_scale_dtype`; the
+search then scores the float16 values it will store, and the codes are rounded with them), else
+in float32: a block of 32 4-bit codes is 16 bytes, so a float32 scale adds 25 % and a float16 one
+12.5 %. When the model loads, a small graph of standard ops with constant inputs rebuilds the
+float weight:
 
     b in {1, 2, 4}:    BitShift left, then right, lifts each code out of its byte
     b in {3, 5, 6, 7}: BitShift lifts out every bit; Mul by [1, 2, 4, ...] + ReduceSum add up codes
     b = 8:             the bytes are the codes
-    then Cast -> Add (grid offset) -> Mul (scale) -> Reshape / Transpose to the weight's layout
+    then Cast -> Add (grid offset) -> Mul (scale, Cast to float32 first when stored in float16)
+    -> Reshape / Transpose to the weight's layout
 
 onnxruntime folds that graph once when it creates the session (it runs every node whose
 inputs are all constant), so the session holds float weights and runs at the float model's
@@ -65,12 +70,14 @@ __all__ = [
     "Grid",
     "Layout",
     "PackingSummary",
+    "cast_scales",
     "fake_quant",
     "fit_scales",
     "layout_of",
     "pack_codes",
     "packed_bytes",
     "packed_notes",
+    "packed_scale_dtype",
     "quantize_packed",
     "summarize",
     "to_codes",
@@ -83,6 +90,9 @@ logger = logging.getLogger(__name__)
 MIDRISE_MAX_BITS = 2
 # BitShift needs opset 11.
 UNPACK_MIN_OPSET = 11
+_FLOAT32 = np.dtype(np.float32)
+# Bytes of a Cast node besides the three mentions of its weight's name (measured: 50-54).
+_CAST_NODE_BYTES = 64
 # Clipping ratios of max|w| tried by the scale search (wider grids).
 _RATIOS = np.linspace(1.0, 0.3, 15, dtype=np.float32)
 # Work on at most this many elements at a time (scale search, packing).
@@ -220,11 +230,52 @@ def _safe_scale(s: np.ndarray, grid: Grid) -> np.ndarray:
     return np.where(s == 0, np.float32(fill), s).astype(np.float32)
 
 
-def fit_scales(rows: np.ndarray, layout: Layout, grid: Grid) -> np.ndarray:
-    """Scales ``[channels, blocks]`` for ``rows`` ``[channels, row]`` (see the module docstring)."""
+def cast_scales(scales: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Scales in the storage dtype, never rounded to zero or infinity."""
+    out = np.asarray(scales).astype(dtype)
+    info = np.finfo(dtype)
+    tiny = np.asarray(info.smallest_subnormal, dtype)
+    out = np.where(out == 0, np.where(np.asarray(scales) < 0, -tiny, tiny), out)
+    return np.clip(out, -info.max, info.max).astype(dtype)
+
+
+def packed_scale_dtype(rows: np.ndarray, layout: Layout, grid: Grid, name: str) -> np.dtype:
+    """float16 when every block's grid scale of ``rows`` is a float16 normal number, else float32.
+
+    The scale of a block is within a small factor of ``max|w| / 2^(b-1)`` (the search tries
+    ratios down to 0.3; a fitted refit stays near); float16 normals (``2^-14`` to 65504, with a
+    margin of 4 at both ends) round it by at most ``2^-11`` of itself, which moves a weight by at
+    most 0.4 % of a grid step. Weights whose blocks reach outside that range keep float32 scales,
+    and so do weights with too few scales to pay for the ``Cast`` node float16 needs (it names
+    the weight ``name`` three times: ~80 bytes for a 10-character name).
+    """
+    c, r = rows.shape
+    if 2 * layout.channels * layout.blocks <= 3 * len(name.encode()) + _CAST_NODE_BYTES:
+        return _FLOAT32
+    nb, bl = layout.blocks, layout.block_len
+    top = (grid.hi + grid.offset) if grid.offset else float(-grid.lo)
+    lo_ok, hi_ok = 4 * 2.0**-14, float(np.finfo(np.float16).max) / 4
+    step = max(1, _CHUNK_ELEMENTS // max(1, nb * bl))
+    for start in range(0, c, step):
+        part = np.abs(rows[start : start + step])
+        padded = np.zeros((part.shape[0], nb * bl), np.float32)
+        padded[:, :r] = part
+        amax = padded.reshape(part.shape[0], nb, bl).max(axis=2)
+        nonzero = amax[amax > 0]
+        if nonzero.size and (float(nonzero.min()) < lo_ok * top or float(nonzero.max()) > hi_ok * top):
+            return _FLOAT32
+    return np.dtype(np.float16)
+
+
+def fit_scales(rows: np.ndarray, layout: Layout, grid: Grid, dtype: np.dtype = _FLOAT32) -> np.ndarray:
+    """Scales ``[channels, blocks]`` in ``dtype`` for ``rows`` ``[channels, row]`` (module docstring).
+
+    Each candidate is rounded to ``dtype`` before it is scored, so the search picks among the
+    values that will be stored.
+    """
     c, r = rows.shape
     nb, bl = layout.blocks, layout.block_len
-    out = np.empty((c, nb), np.float32)
+    out = np.empty((c, nb), dtype)
     step = max(1, _CHUNK_ELEMENTS // max(1, nb * bl))
     for start in range(0, c, step):
         part = rows[start : start + step]
@@ -234,32 +285,35 @@ def fit_scales(rows: np.ndarray, layout: Layout, grid: Grid) -> np.ndarray:
         valid = np.zeros(nb * bl, np.float32)
         valid[:r] = 1
         mask = valid.reshape(nb, bl)
-        out[start : start + step] = _fit_blocks(blocks, mask, grid)
+        out[start : start + step] = _fit_blocks(blocks, mask, grid, dtype)
     return out
 
 
-def _fit_blocks(blocks: np.ndarray, mask: np.ndarray, grid: Grid) -> np.ndarray:
+def _fit_blocks(blocks: np.ndarray, mask: np.ndarray, grid: Grid, dtype: np.dtype) -> np.ndarray:
     """Best scale per block of ``blocks`` ``[C, nb, B]``; ``mask`` ``[nb, B]`` marks real values."""
     count = np.maximum(mask.sum(axis=1), 1)
     if grid.bits == 1:
         # in float64: the sum of weights near float32's limit overflows float32
         mean = 2 * np.abs(blocks).sum(axis=2, dtype=np.float64) / count
-        return _safe_scale(np.minimum(mean, np.finfo(np.float32).max).astype(np.float32), grid)
+        return cast_scales(
+            _safe_scale(np.minimum(mean, np.finfo(np.float32).max).astype(np.float32), grid), dtype
+        )
     amax = np.abs(blocks).max(axis=2)
     top = (grid.hi + grid.offset) if grid.offset else float(-grid.lo)
     base = amax / np.float32(top)
     signs = (1.0,) if grid.offset else (1.0, -1.0)
     best_err = np.full(amax.shape, np.inf, np.float32)
-    best = _safe_scale(base, grid)
+    best = cast_scales(_safe_scale(base, grid), dtype).astype(np.float32)
     for ratio in _RATIOS:
         for sign in signs:
             s = _safe_scale((base * np.float32(ratio * sign)).astype(np.float32), grid)
+            s = cast_scales(s, dtype).astype(np.float32)
             with np.errstate(over="ignore"):  # weights near float32's limit: inf error, not chosen
                 err = (((fake_quant(blocks, s[..., None], grid) - blocks) * mask) ** 2).sum(axis=2)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best = np.where(better, s, best)
-    return best.astype(np.float32)
+    return best.astype(dtype)
 
 
 # --- packing -------------------------------------------------------------------------------------
@@ -458,19 +512,20 @@ def _emit_packed(
         "Add", [codes, e.common(f"offset{bits}", np.asarray(grid.lo + grid.offset, np.float32))], "q"
     )
     c, r, nb, bl = layout.channels, layout.row, layout.blocks, layout.block_len
+    scale = e.const("scale", scales.reshape(c, nb, 1) if nb > 1 else scales.reshape(c, 1))
+    if scales.dtype != np.float32:
+        scale = e.op("Cast", [scale], "scale_f", to=int(ir.DataType.FLOAT))
     rows_shape: tuple[int, ...] = (c, r)
     if nb == 1:
         rows = e.op("Reshape", [shifted, e.ints("rows", [c, r])], "rows")
-        scaled = e.op("Mul", [rows, e.const("scale", scales.reshape(c, 1))], "scaled")
+        scaled = e.op("Mul", [rows, scale], "scaled")
     elif nb * bl == r:
         rows = e.op("Reshape", [shifted, e.ints("rows", [c, nb, bl])], "rows")
-        scaled = e.op("Mul", [rows, e.const("scale", scales.reshape(c, nb, 1))], "scaled")
+        scaled = e.op("Mul", [rows, scale], "scaled")
         rows_shape = (c, nb, bl)
     else:
         rows = e.op("Reshape", [shifted, e.ints("rows", [c, r])], "rows")
-        expanded = e.op(
-            "Expand", [e.const("scale", scales.reshape(c, nb, 1)), e.ints("blocks", [c, nb, bl])], "scale_b"
-        )
+        expanded = e.op("Expand", [scale, e.ints("blocks", [c, nb, bl])], "scale_b")
         flat_scale = e.op("Reshape", [expanded, e.ints("scale_rows", [c, nb * bl])], "scale_r")
         per_value = e.head(flat_scale, r, 1, "scale_v", "scale_stop")
         scaled = e.op("Mul", [rows, per_value], "scaled")
@@ -508,7 +563,7 @@ class Codes:
     """A weight's codes and scales, ready to pack (from the scale search, or from ``--qat``)."""
 
     codes: np.ndarray  # uint8 [channels, row]
-    scales: np.ndarray  # float32 [channels, blocks]
+    scales: np.ndarray  # float16 or float32 [channels, blocks], stored as they are
 
 
 @dataclass(frozen=True)
@@ -583,11 +638,12 @@ def quantize_packed(
             continue
         given = fixed.get(w.name) if fixed is not None else None
         if given is None:
-            scales = fit_scales(rows, layout, grid)
-            codes = to_codes(rows, layout.expand(scales), grid)
+            scales = fit_scales(rows, layout, grid, packed_scale_dtype(rows, layout, grid, w.name or ""))
+            codes = to_codes(rows, layout.expand(scales.astype(np.float32)), grid)
         else:
             scales, codes = given.scales, given.codes
-        restored = (codes.astype(np.float32) + np.float32(grid.lo + grid.offset)) * layout.expand(scales)
+        per_value = layout.expand(scales.astype(np.float32))
+        restored = (codes.astype(np.float32) + np.float32(grid.lo + grid.offset)) * per_value
         snr = _snr_db(rows, restored)
         packed = pack_codes(codes, bits)
         del rows, restored
@@ -612,6 +668,7 @@ def quantize_packed(
                 block_size=layout.block_len if layout.blocks > 1 else None,
                 code_bytes=int(packed.nbytes),
                 scale_bytes=int(scales.nbytes),
+                scale_dtype=str(scales.dtype),
                 physical_limit_bytes=round(bits * layout.size / 8 + scales.nbytes, 1),
             )
         )
@@ -636,7 +693,8 @@ def packed_notes(summary: PackingSummary, *, qat: bool) -> list[str]:
     grid = Grid(bits)
     notes = [
         f"{bits}-bit weights ({grid.name} grid, {1 << bits} levels): {summary.params:,} parameters in "
-        f"{summary.code_bytes:,} bytes of packed codes + {summary.scale_bytes:,} bytes of float32 scales; "
+        f"{summary.code_bytes:,} bytes of packed codes + {summary.scale_bytes:,} bytes of scales "
+        "(float16 where every scale of a weight is a float16 normal number, else float32); "
         f"the physical limit ({bits} x {summary.params:,} / 8 + scales) is {summary.limit_bytes:,.0f} bytes, "
         f"so they are stored in {summary.stored_bytes / summary.limit_bytes:.3f}x the limit",
         "the packed weights are rebuilt by standard ops (BitShift, Cast, Mul, Reshape) that onnxruntime "

@@ -7,8 +7,11 @@
 
    ``w`` stays the trainable float weight ("shadow weight"); ``s`` is a trainable float32
    vector with one scale per output channel (or per block), reshaped, expanded and transposed
-   to ``w``'s layout. It starts at the post-training scale, so training starts from exactly the
-   post-training quantized model.
+   to ``w``'s layout. It starts at the post-training scale (the float16 value post-training
+   stores, where it stores float16), so training starts from exactly the post-training
+   quantized model. The learned scales are stored in float32, so the packed weights are exactly
+   those the training graph computed (a file 2 bytes per scale larger than post-training's
+   where that one stores float16 scales).
 2. *Training.* The distill engine (:mod:`modelshrink.techniques.distill`) trains the fake-
    quantized model to copy the teacher (the float input model unless ``--teacher`` is given) on
    ``--data``: KL divergence on class scores, MSE otherwise, AdamW with a cosine schedule, the
@@ -52,6 +55,7 @@ from modelshrink.techniques.quantize.lowbit import (
     int_attr_node,
     layout_of,
     packed_notes,
+    packed_scale_dtype,
     quantize_packed,
     summarize,
     to_codes,
@@ -170,7 +174,11 @@ def fake_quantize(model: ir.Model, config: QuantizeConfig) -> FakeQuantModel:
             continue
         readers = list(w.value.uses())
         layout = layout_of(unit, config.block_size)
-        scales = fit_scales(layout.rows(w.numpy()), layout, grid)
+        rows = layout.rows(w.numpy())
+        scales = fit_scales(rows, layout, grid, packed_scale_dtype(rows, layout, grid, w.name or "")).astype(
+            np.float32
+        )
+        del rows
         b = _Builder(model.graph, names, f"{w.name}_qat")
         scale = b.const("scale", scales.reshape(-1))
         s_w = _per_value_scale(b, scale, layout)

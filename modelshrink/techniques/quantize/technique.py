@@ -306,7 +306,7 @@ def _int4_notes(config: QuantizeConfig, emitted: Emitted) -> list[str]:
     )
     if packed:
         notes.append(
-            f"{', '.join(packed)} weights: 4-bit codes packed two per byte, one float32 scale per "
+            f"{', '.join(packed)} weights: 4-bit codes packed two per byte, one scale (float16 where it fits) per "
             f"{config.block} values along each output channel (or gate row), rebuilt by standard ops "
             "(BitShift, Cast, Mul, Reshape) that onnxruntime folds once when it loads the model: "
             "those layers compute in float at the original's speed with float weights in memory; "
