@@ -69,6 +69,14 @@ logger = logging.getLogger(__name__)
 
 # Per-channel (axis) QuantizeLinear/DequantizeLinear arrived in opset 13.
 STATIC_OPSET = 13
+# Ops quantized beside the layers, so that the tensors between two int8 layers stay int8: a
+# Relu/Clip after a quantized layer is kept in the file (QDQKeepRemovableActivations: a layer put
+# back in float keeps its activation) and onnxruntime folds it into the QuantizeLinear; a MaxPool
+# between int8 layers runs onnxruntime's NHWC uint8 pool on its input's scale. They are not
+# layers: never counted, ranked or put back in float on their own. Measured on the sample CNN
+# (1 thread): batch 32 0.62x -> 0.52x the float latency, batch 1 1.08x -> 0.96x, cosine
+# 0.99996 -> 0.99998.
+FOLLOWERS = ("Relu", "Clip", "MaxPool")
 
 
 def _weight_of(node: ir.Node) -> ir.Value | None:
@@ -293,7 +301,11 @@ def quantize_static_qdq(model: ir.Model, config: QuantizeConfig, context: Techni
     left = set(exclude)
     samples = context.feeds.samples
     ranges = calibrate(
-        work, tensors_to_calibrate(work, config.ops), samples, context.runtime, method=config.calibration
+        work,
+        tensors_to_calibrate(work, (*config.ops, *FOLLOWERS)),
+        samples,
+        context.runtime,
+        method=config.calibration,
     )
     out = _run_quantizer(work, config, ranges, exclude)
     _pools_before_activations(out)
@@ -372,7 +384,7 @@ def _run_quantizer(
                     str(dst),
                     None,
                     quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(config.ops),
+                    op_types_to_quantize=[*config.ops, *FOLLOWERS],
                     per_channel=True,
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
@@ -380,6 +392,7 @@ def _run_quantizer(
                     use_external_data_format=big,
                     calibrate_method=CalibrationMethod.MinMax,
                     calibration_cache_path=str(cache),
+                    extra_options={"QDQKeepRemovableActivations": True},
                 )
         except Exception as exc:  # the quantizer raises plain exceptions of every kind
             raise UnsupportedModelError(
