@@ -126,6 +126,13 @@ class Fitting:
                 f"{self.damping:g}, act-order {'on' if self.act_order else 'off'}; same storage and size as "
                 "round-to-nearest; details.method per layer in the changes"
             )
+            scaled = sum(1 for f in self.fitted.values() if f.input_scale is not None)
+            if scaled:
+                notes.append(
+                    f"{scaled} layer(s) whose input has outlier channels (largest channel RMS at least "
+                    f"{solvers.OUTLIER_RATIO:g}x the median) had their input channels scaled first (AWQ's "
+                    "search, then GPTQ): they read their input through a Mul by 1/s"
+                )
         else:
             awq_muls = sum(1 for f in self.fitted.values() if f.input_scale is not None)
             notes.append(
@@ -332,21 +339,32 @@ def fit_weights(
                 rounded[unit.weight.name] = "non-finite weights or activations"
                 return None
             rows_seen = max(rows_seen, stats.rows)
-            fit = _grouped(
-                layer,
-                rows,
-                stats,
-                lambda r, h, c: solvers.gptq(
-                    r,
-                    h,
+            dtype = _scale_dtype(unit, config)
+            if layer.groups == 1 and stats.rows and _why_not(unit, "awq", config) is None:
+                # a layer AWQ could scale: GPTQ scales its input channels first where they hold outliers
+                repeat = layer.width // layer.inputs
+                rms = np.sqrt(stats.squares[0].reshape(layer.inputs, repeat).mean(axis=1) / stats.rows)
+                fit = solvers.scaled_gptq(
+                    rows,
+                    stats.gram[0],
                     grid,
                     block,
-                    _scale_dtype(unit, config),
+                    dtype,
                     damping=damping,
                     act_order=act_order,
-                    cross=c,
-                ),
-            )
+                    cross=stats.cross[0] if stats.cross is not None else None,
+                    channel_rms=rms,
+                    repeat=repeat,
+                )
+            else:
+                fit = _grouped(
+                    layer,
+                    rows,
+                    stats,
+                    lambda r, h, c: solvers.gptq(
+                        r, h, grid, block, dtype, damping=damping, act_order=act_order, cross=c
+                    ),
+                )
             done, seen = _fitted(unit, layer, fit, config, rows)
             fitted[unit.weight.name] = done
             return seen.astype(np.dtype(unit.weight.dtype.numpy()))

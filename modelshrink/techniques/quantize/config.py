@@ -175,8 +175,8 @@ class QuantizeConfig:
     method: Method | None = flag(
         None,
         "Weight rounding for int8 / int4 / --bits: rtn (round to nearest), gptq (each layer's rounding "
-        "fitted "
-        "to its real inputs on --data, error fed forward column by column), awq (activation-aware "
+        "fitted to its real inputs on --data, error fed forward column by column; inputs with outlier "
+        "channels are scaled first, as awq does), awq (activation-aware "
         "per-input-channel scales, searched per layer on --data). Default: gptq with --data, rtn without.",
         panel=PANEL,
         show_default=False,
