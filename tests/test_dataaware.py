@@ -174,40 +174,23 @@ def test_scaled_gptq_is_plain_gptq_without_outliers() -> None:
     rng = np.random.default_rng(5)
     x = rng.standard_normal((512, 48))
     rows = rng.standard_normal((24, 48))
-    h = x.T @ x
     grid = Grid(3)
-    plain = solvers.gptq(rows, h, grid, 16, np.dtype(np.float32), damping=0.01, act_order=True)
-    rms = np.sqrt((x**2).mean(axis=0))
-    same = solvers.scaled_gptq(
-        rows,
-        h,
-        grid,
-        16,
-        np.dtype(np.float32),
-        damping=0.01,
-        act_order=True,
-        cross=None,
-        channel_rms=rms,
-        repeat=1,
-    )
+
+    def fits(x: np.ndarray) -> tuple[solvers.Fit, solvers.Fit, np.ndarray]:
+        h = x.T @ x
+        options: dict[str, Any] = {"damping": 0.01, "act_order": True}
+        plain = solvers.gptq(rows, h, grid, 16, np.dtype(np.float32), **options)
+        rms = np.sqrt((x**2).mean(axis=0))
+        scaled = solvers.scaled_gptq(
+            rows, h, grid, 16, np.dtype(np.float32), cross=None, channel_rms=rms, repeat=1, **options
+        )
+        return plain, scaled, h
+
+    plain, same, _ = fits(x)
     np.testing.assert_array_equal(same.codes, plain.codes)
     assert same.column_scale is None
     x[:, [3, 17]] *= 60  # two outlier channels: scaled, and better in the layer's output error
-    h = x.T @ x
-    rms = np.sqrt((x**2).mean(axis=0))
-    plain = solvers.gptq(rows, h, grid, 16, np.dtype(np.float32), damping=0.01, act_order=True)
-    scaled = solvers.scaled_gptq(
-        rows,
-        h,
-        grid,
-        16,
-        np.dtype(np.float32),
-        damping=0.01,
-        act_order=True,
-        cross=None,
-        channel_rms=rms,
-        repeat=1,
-    )
+    plain, scaled, h = fits(x)
     assert scaled.column_scale is not None and scaled.details["input_scaling"] == "awq"
     ours = solvers.output_error(scaled.values(grid, 16) / scaled.column_scale - rows, h).sum()
     theirs = solvers.output_error(plain.values(grid, 16) - rows, h).sum()
