@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from bench_int4_conv import _cli, _nbytes, _tensors, latency_ratio
+from bench_int4_conv import _nbytes, _tensors
 from onnx import numpy_helper
 
-import common  # noqa: F401  (puts tests/ on sys.path for patterns and models)
+from common import cli_json, latency_ratio  # (and puts tests/ on sys.path for patterns and models)
 
 INT8_TARGET = 0.27
 MODES = (
@@ -34,6 +34,10 @@ MODES = (
     ("int4", ()),
     ("bf16", ()),
 )
+
+
+# Runs of each model timed in alternation (the median is compared).
+LATENCY_ROUNDS = 30
 
 
 def _lstm_bytes(original: Path, written: Path, doc: dict) -> tuple[int, int]:
@@ -58,14 +62,16 @@ def run() -> bool:
         for mode, extra in MODES:
             label = " ".join((mode, *extra))
             out = tmp / f"crnn.{mode}{''.join(extra)}.onnx"
-            code, doc, err = _cli("quantize", str(src), "-o", str(out), "--mode", mode, *extra, "--force")
+            code, doc, err, _ = cli_json(
+                "quantize", str(src), "-o", str(out), "--mode", mode, *extra, "--force"
+            )
             if doc is None or not out.exists():
                 print(f"  {label}: quantize exited {code}: {err.splitlines()[-1] if err else ''}")
                 ok = False
                 continue
             stored, floats = _lstm_bytes(src, out, doc)
             f = doc["fidelity"]["worst"]
-            _, _, ratio = latency_ratio(src, out, feed)
+            _, _, ratio = latency_ratio(src, out, feed, LATENCY_ROUNDS)
             size = doc["ratios"]["size"]
             target = ""
             if mode == "int8" and not extra:
