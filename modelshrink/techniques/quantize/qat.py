@@ -7,11 +7,11 @@
 
    ``w`` stays the trainable float weight ("shadow weight"); ``s`` is a trainable float32
    vector with one scale per output channel (or per block), reshaped, expanded and transposed
-   to ``w``'s layout. It starts at the post-training scale (the float16 value post-training
-   stores, where it stores float16), so training starts from exactly the post-training
-   quantized model. The learned scales are stored in float32, so the packed weights are exactly
-   those the training graph computed (a file 2 bytes per scale larger than post-training's
-   where that one stores float16 scales).
+   to ``w``'s layout. It starts at the post-training scale, so training starts from exactly the
+   post-training quantized model. Where post-training stores a weight's scales in float16, the
+   graph reads ``s`` through ``Cast`` to float16 and back (the gradient passes both unchanged),
+   so the packed file stores the same float16 scales: the same size as post-training's, and
+   weights exactly those the training graph computed.
 2. *Training.* The distill engine (:mod:`modelshrink.techniques.distill`) trains the fake-
    quantized model to copy the teacher (the float input model unless ``--teacher`` is given) on
    ``--data``: KL divergence on class scores, MSE otherwise, AdamW with a cosine schedule, the
@@ -51,6 +51,7 @@ from modelshrink.techniques.quantize.lowbit import (
     Codes,
     Grid,
     Layout,
+    cast_scales,
     fit_scales,
     int_attr_node,
     layout_of,
@@ -79,6 +80,7 @@ class FakeQuant:
     output: str  # the fake-quantized value the readers now read
     nodes: tuple[str, ...]  # names of the added nodes
     constants: tuple[str, ...]  # names of the added initializers (the scale included)
+    scale_dtype: str = "float32"  # how the packed file stores the scales (the graph rounds to it)
 
 
 @dataclass(frozen=True)
@@ -175,13 +177,18 @@ def fake_quantize(model: ir.Model, config: QuantizeConfig) -> FakeQuantModel:
         readers = list(w.value.uses())
         layout = layout_of(unit, config.block_size)
         rows = layout.rows(w.numpy())
-        scales = fit_scales(rows, layout, grid, packed_scale_dtype(rows, layout, grid, w.name or "")).astype(
-            np.float32
-        )
+        stored = packed_scale_dtype(rows, layout, grid, w.name or "")
+        scales = fit_scales(rows, layout, grid, stored).astype(np.float32)
         del rows
         b = _Builder(model.graph, names, f"{w.name}_qat")
         scale = b.const("scale", scales.reshape(-1))
-        s_w = _per_value_scale(b, scale, layout)
+        used = scale
+        if stored == np.float16:
+            # the forward pass reads the scale as the file will store it; the gradient passes
+            # both Casts unchanged (dX = Cast(dY)), so the float32 scale trains as before
+            half = b.op("Cast", [scale], "scale_f16", to=int(ir.DataType.FLOAT16))
+            used = b.op("Cast", [half], "scale_f32", to=int(ir.DataType.FLOAT))
+        s_w = _per_value_scale(b, used, layout)
         x = b.op("Div", [w.value, s_w], "div")
         if grid.offset:
             x = b.op("Sub", [x, b.const("offset", np.asarray(grid.offset, np.float32))], "sub")
@@ -215,6 +222,7 @@ def fake_quantize(model: ir.Model, config: QuantizeConfig) -> FakeQuantModel:
                 y.name or "",
                 tuple(n.name or "" for n in b.nodes),
                 tuple(b.constants),
+                str(stored),
             )
         )
     return FakeQuantModel(model, plan, tuple(fakes), tuple(post))
@@ -238,9 +246,10 @@ def export(trained: ir.Model, fakes: Sequence[FakeQuant], config: QuantizeConfig
     fixed: dict[str, Codes] = {}
     for f in fakes:
         layout = f.layout
-        scales = values[f.scale].reshape(layout.channels, layout.blocks)
+        learned = values[f.scale].reshape(layout.channels, layout.blocks)
+        scales = cast_scales(learned, np.dtype(f.scale_dtype))  # what the training graph read
         rows = layout.rows(values[f.weight])
-        fixed[f.weight] = Codes(to_codes(rows, layout.expand(scales), grid), scales)
+        fixed[f.weight] = Codes(to_codes(rows, layout.expand(scales.astype(np.float32)), grid), scales)
     _strip(model, fakes)
     plan = make_plan(model, config)
     names = NameAuthority(model)
