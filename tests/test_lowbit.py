@@ -183,16 +183,26 @@ def _scale_tensor(model: onnx.ModelProto) -> onnx.TensorProto:
 
 @pytest.mark.parametrize("bits", [1, 3, 4])
 def test_scales_are_stored_in_float16_where_they_fit(bits: int) -> None:
-    """Scales of ordinary weights are float16 (half the scale bytes); a weight with a block whose
-    scale is below float16's normal range keeps float32 scales, and both fold to the exact grid."""
+    """Scales of ordinary weights are float16 (half the scale bytes), dead blocks too; a weight with
+    a live block whose scale is below float16's normal range keeps float32 scales; each folds to
+    the exact grid."""
     w = np.random.default_rng(bits).standard_normal((64, 32)).astype(np.float32)
     proto, _ = _one_op_model("MatMul", w)
     out, result = _quantize(proto, bits=bits, block_size=16, min_elements=16)
     assert _scale_tensor(out).data_type == TensorProto.FLOAT16
     assert result.changed[0].details["scale_dtype"] == "float16"
     assert result.changed[0].details["scale_bytes"] == 2 * 32 * (64 // 16)
+    dead = w.copy()
+    dead[:16, 3] *= 1e-9  # a dead block (below 2^-20 of the largest): float16 still, rebuilt ~0
+    proto, _ = _one_op_model("MatMul", dead)
+    out, result = _quantize(proto, bits=bits, block_size=16, min_elements=16)
+    assert result.changed[0].details["scale_dtype"] == "float16"
+    optimized = _optimized(out)
+    folded = {t.name: numpy_helper.to_array(t) for t in optimized.graph.initializer}
+    got = folded[optimized.graph.node[0].input[1]]
+    assert np.abs(got[:16, 3] - dead[:16, 3]).max() <= 2 ** (bits - 1) * 2.0**-24
     tiny = w.copy()
-    tiny[:16, 3] *= 1e-6  # one block of channel 3: max |w| ~ 3e-6, its scale ~ 1e-6 < 2^-14
+    tiny[:16, 3] *= 1e-5  # one block of channel 3: max |w| ~ 3e-5, scale below float16's normals
     proto, _ = _one_op_model("MatMul", tiny)
     out, result = _quantize(proto, bits=bits, block_size=16, min_elements=16)
     assert _scale_tensor(out).data_type == TensorProto.FLOAT

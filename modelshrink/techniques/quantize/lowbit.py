@@ -240,30 +240,37 @@ def cast_scales(scales: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def packed_scale_dtype(rows: np.ndarray, layout: Layout, grid: Grid, name: str) -> np.dtype:
-    """float16 when every block's grid scale of ``rows`` is a float16 normal number, else float32.
+    """float16 when every block's grid scale of ``rows`` fits float16, else float32.
 
     The scale of a block is within a small factor of ``max|w| / 2^(b-1)`` (the search tries
     ratios down to 0.3; a fitted refit stays near); float16 normals (``2^-14`` to 65504, with a
     margin of 4 at both ends) round it by at most ``2^-11`` of itself, which moves a weight by at
-    most 0.4 % of a grid step. Weights whose blocks reach outside that range keep float32 scales,
-    and so do weights with too few scales to pay for the ``Cast`` node float16 needs (it names
-    the weight ``name`` three times: ~80 bytes for a 10-character name).
+    most 0.4 % of a grid step. A block whose largest value is below ``2^-20`` of the weight's
+    largest (a dead channel: 1e-13 in the sample MLP) may fall below that range: float16 then
+    rebuilds it within ``2^(b-1) * 2^-24`` (5e-7 at 4 bits) of its values, far below the
+    weight's own grid step. Weights with a block outside that, and weights with too few scales
+    to pay for the ``Cast`` node float16 needs (it names the weight ``name`` three times: ~80
+    bytes for a 10-character name), keep float32 scales.
     """
     c, r = rows.shape
     if 2 * layout.channels * layout.blocks <= 3 * len(name.encode()) + _CAST_NODE_BYTES:
         return _FLOAT32
     nb, bl = layout.blocks, layout.block_len
     top = (grid.hi + grid.offset) if grid.offset else float(-grid.lo)
-    lo_ok, hi_ok = 4 * 2.0**-14, float(np.finfo(np.float16).max) / 4
+    lo_ok, hi_ok = 4 * 2.0**-14 * top, float(np.finfo(np.float16).max) / 4 * top
     step = max(1, _CHUNK_ELEMENTS // max(1, nb * bl))
+    amax = np.empty((c, nb), np.float32)
     for start in range(0, c, step):
         part = np.abs(rows[start : start + step])
         padded = np.zeros((part.shape[0], nb * bl), np.float32)
         padded[:, :r] = part
-        amax = padded.reshape(part.shape[0], nb, bl).max(axis=2)
-        nonzero = amax[amax > 0]
-        if nonzero.size and (float(nonzero.min()) < lo_ok * top or float(nonzero.max()) > hi_ok * top):
-            return _FLOAT32
+        amax[start : start + step] = padded.reshape(part.shape[0], nb, bl).max(axis=2)
+    largest = float(amax.max()) if amax.size else 0.0
+    if largest > hi_ok:
+        return _FLOAT32
+    small = amax[(amax > 0) & (amax < lo_ok)]
+    if small.size and float(small.max()) > largest * 2.0**-20:
+        return _FLOAT32
     return np.dtype(np.float16)
 
 
