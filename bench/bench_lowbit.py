@@ -179,14 +179,16 @@ def sizes() -> bool:
 
 
 def _float_bytes_left(path: Path, scale_bytes: int) -> int:
-    """Bytes of float tensors other than the packed weights' scales (biases, norms, skipped)."""
+    """Bytes of float tensors other than the packed weights' scales (biases, norms, skipped).
+
+    The scales are float32 or float16 tensors (whichever the weight's scales fit), so both
+    widths are counted before the scales' bytes are taken off.
+    """
+    width = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2}
     model = onnx.load(str(path))
-    total = sum(
-        int(np.prod(t.dims)) * 4 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
-    )
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].t.data_type == onnx.TensorProto.FLOAT:
-            total += int(np.prod(n.attribute[0].t.dims)) * 4
+    tensors = list(model.graph.initializer)
+    tensors += [n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.attribute]
+    total = sum(int(np.prod(t.dims)) * width[t.data_type] for t in tensors if t.data_type in width)
     return total - scale_bytes
 
 
