@@ -272,3 +272,22 @@ def test_varint_matches_protobuf(size: int) -> None:
     from google.protobuf.internal.encoder import _VarintBytes
 
     assert io.writing._varint(size) == _VarintBytes(size)
+
+
+def test_sweep_leaves_a_live_runs_folder_whose_lock_is_not_taken_yet(tmp_path: Path) -> None:
+    """A run creates its staging folder's lock file, then locks it: a sweep in between finds the
+    lock free. The folder is named after its creator's pid, which lives: it stays (the
+    concurrency test lost a run's folder this way, on a loaded machine). A folder of a dead pid
+    with a free lock is removed."""
+    from modelshrink.io import staging
+
+    live = tmp_path / f"{staging.STAGING_PREFIX}{os.getpid()}-abcd"
+    live.mkdir()
+    (live / ".lock").write_bytes(b"")  # created, not locked yet
+    (live / "out.onnx").write_bytes(b"being written")
+    dead_pid = 2**22 + 12345  # above the kernel's pid_max default: no such process
+    dead = tmp_path / f"{staging.STAGING_PREFIX}{dead_pid}-efgh"
+    dead.mkdir()
+    (dead / ".lock").write_bytes(b"")
+    assert staging.sweep_stale(tmp_path) == [dead]
+    assert (live / "out.onnx").read_bytes() == b"being written"
