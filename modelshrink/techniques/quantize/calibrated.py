@@ -33,10 +33,9 @@ from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.lowbit import (
     Codes,
     Grid,
-    fit_scales,
     layout_of,
     packed_scale_dtype,
-    to_codes,
+    round_to_nearest,
 )
 from modelshrink.techniques.quantize.plan import INT4_PACKED_KINDS, Unit
 from modelshrink.techniques.quantize.weightonly import (
@@ -279,14 +278,9 @@ def _rtn_values(unit: Unit, config: QuantizeConfig) -> np.ndarray | None:
     dtype = np.dtype(w.dtype.numpy())
     if config.width is not None:
         layout = layout_of(unit, config.block_size)
-        rows = layout.rows(arr)
         grid = Grid(config.width)
-        scales = fit_scales(rows, layout, grid, packed_scale_dtype(rows, layout, grid, w.name or "")).astype(
-            np.float32
-        )
-        codes = to_codes(rows, layout.expand(scales), grid)
-        restored = (codes.astype(np.float32) + np.float32(grid.lo + grid.offset)) * layout.expand(scales)
-        return layout.unrows(restored).astype(dtype)
+        rounded = round_to_nearest(layout.rows(arr), layout, grid, w.name or "")
+        return layout.unrows(rounded.restored(layout, grid)).astype(dtype)
     if config.mode == "int4":
         axis = unit.axis
         if axis is None or arr.ndim != 2:

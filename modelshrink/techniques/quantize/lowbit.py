@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +79,7 @@ __all__ = [
     "packed_notes",
     "packed_scale_dtype",
     "quantize_packed",
+    "round_to_nearest",
     "summarize",
     "to_codes",
     "unpack_codes",
@@ -252,19 +253,13 @@ def packed_scale_dtype(rows: np.ndarray, layout: Layout, grid: Grid, name: str) 
     to pay for the ``Cast`` node float16 needs (it names the weight ``name`` three times: ~80
     bytes for a 10-character name), keep float32 scales.
     """
-    c, r = rows.shape
     if 2 * layout.channels * layout.blocks <= 3 * len(name.encode()) + _CAST_NODE_BYTES:
         return _FLOAT32
-    nb, bl = layout.blocks, layout.block_len
     top = (grid.hi + grid.offset) if grid.offset else float(-grid.lo)
     lo_ok, hi_ok = 4 * 2.0**-14 * top, float(np.finfo(np.float16).max) / 4 * top
-    step = max(1, _CHUNK_ELEMENTS // max(1, nb * bl))
-    amax = np.empty((c, nb), np.float32)
-    for start in range(0, c, step):
-        part = np.abs(rows[start : start + step])
-        padded = np.zeros((part.shape[0], nb * bl), np.float32)
-        padded[:, :r] = part
-        amax[start : start + step] = padded.reshape(part.shape[0], nb, bl).max(axis=2)
+    amax = np.empty((rows.shape[0], layout.blocks), np.float32)
+    for part, blocks in _blocks(rows, layout):
+        amax[part] = np.abs(blocks).max(axis=2)
     largest = float(amax.max()) if amax.size else 0.0
     if largest > hi_ok:
         return _FLOAT32
@@ -280,20 +275,27 @@ def fit_scales(rows: np.ndarray, layout: Layout, grid: Grid, dtype: np.dtype = _
     Each candidate is rounded to ``dtype`` before it is scored, so the search picks among the
     values that will be stored.
     """
+    nb, bl = layout.blocks, layout.block_len
+    out = np.empty((rows.shape[0], nb), dtype)
+    valid = np.zeros(nb * bl, np.float32)
+    valid[: rows.shape[1]] = 1
+    mask = valid.reshape(nb, bl)
+    for part, blocks in _blocks(rows, layout):
+        out[part] = _fit_blocks(blocks, mask, grid, dtype)
+    return out
+
+
+def _blocks(rows: np.ndarray, layout: Layout) -> Iterator[tuple[slice, np.ndarray]]:
+    """``rows`` ``[C, row]`` a few channels at a time, as float32 ``[n, blocks, block_len]``
+    (the last block zero-padded), with the channels' slice."""
     c, r = rows.shape
     nb, bl = layout.blocks, layout.block_len
-    out = np.empty((c, nb), dtype)
     step = max(1, _CHUNK_ELEMENTS // max(1, nb * bl))
     for start in range(0, c, step):
         part = rows[start : start + step]
         padded = np.zeros((part.shape[0], nb * bl), np.float32)
         padded[:, :r] = part
-        blocks = padded.reshape(part.shape[0], nb, bl)
-        valid = np.zeros(nb * bl, np.float32)
-        valid[:r] = 1
-        mask = valid.reshape(nb, bl)
-        out[start : start + step] = _fit_blocks(blocks, mask, grid, dtype)
-    return out
+        yield slice(start, start + part.shape[0]), padded.reshape(part.shape[0], nb, bl)
 
 
 def _fit_blocks(blocks: np.ndarray, mask: np.ndarray, grid: Grid, dtype: np.dtype) -> np.ndarray:
@@ -572,6 +574,23 @@ class Codes:
     codes: np.ndarray  # uint8 [channels, row]
     scales: np.ndarray  # float16 or float32 [channels, blocks], stored as they are
 
+    @classmethod
+    def of(cls, rows: np.ndarray, layout: Layout, grid: Grid, scales: np.ndarray) -> Codes:
+        """``rows`` rounded to the grid with ``scales`` (as stored: float16 ones are widened)."""
+        return cls(to_codes(rows, layout.expand(scales.astype(np.float32)), grid), scales)
+
+    def restored(self, layout: Layout, grid: Grid) -> np.ndarray:
+        """The float32 rows the packed weight is rebuilt as."""
+        q = self.codes.astype(np.float32) + np.float32(grid.lo + grid.offset)
+        return q * layout.expand(self.scales.astype(np.float32))
+
+
+def round_to_nearest(rows: np.ndarray, layout: Layout, grid: Grid, name: str) -> Codes:
+    """Round-to-nearest on the grid with searched scales, in the dtype they will be stored in."""
+    return Codes.of(
+        rows, layout, grid, fit_scales(rows, layout, grid, packed_scale_dtype(rows, layout, grid, name))
+    )
+
 
 @dataclass(frozen=True)
 class PackingSummary:
@@ -644,13 +663,9 @@ def quantize_packed(
             del rows
             continue
         given = fixed.get(w.name) if fixed is not None else None
-        if given is None:
-            scales = fit_scales(rows, layout, grid, packed_scale_dtype(rows, layout, grid, w.name or ""))
-            codes = to_codes(rows, layout.expand(scales.astype(np.float32)), grid)
-        else:
-            scales, codes = given.scales, given.codes
-        per_value = layout.expand(scales.astype(np.float32))
-        restored = (codes.astype(np.float32) + np.float32(grid.lo + grid.offset)) * per_value
+        rounded = given if given is not None else round_to_nearest(rows, layout, grid, w.name or "")
+        scales, codes = rounded.scales, rounded.codes
+        restored = rounded.restored(layout, grid)
         snr = _snr_db(rows, restored)
         packed = pack_codes(codes, bits)
         del rows, restored

@@ -59,7 +59,6 @@ from modelshrink.techniques.quantize.lowbit import (
     packed_scale_dtype,
     quantize_packed,
     summarize,
-    to_codes,
 )
 from modelshrink.techniques.quantize.opset import prepare
 from modelshrink.techniques.quantize.plan import Plan, make_plan
@@ -249,7 +248,7 @@ def export(trained: ir.Model, fakes: Sequence[FakeQuant], config: QuantizeConfig
         learned = values[f.scale].reshape(layout.channels, layout.blocks)
         scales = cast_scales(learned, np.dtype(f.scale_dtype))  # what the training graph read
         rows = layout.rows(values[f.weight])
-        fixed[f.weight] = Codes(to_codes(rows, layout.expand(scales.astype(np.float32)), grid), scales)
+        fixed[f.weight] = Codes.of(rows, layout, grid, scales)
     _strip(model, fakes)
     plan = make_plan(model, config)
     names = NameAuthority(model)
