@@ -43,7 +43,9 @@ GPTQ, at plain GPTQ's cost.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -67,6 +69,7 @@ OUTLIER_RATIO = 8.0
 # The exponents :func:`scaled_gptq` tries (0: no scaling).
 COARSE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Rows refitted together (bounds the [rows, blocks, blocks] systems).
+_T = TypeVar("_T")
 _REFIT_ELEMENTS = 1 << 23
 
 
@@ -199,12 +202,17 @@ def _scaled_error(sigma: np.ndarray, a: np.ndarray, rhs: np.ndarray, base: np.nd
     return base - 2 * np.einsum("cb,cb->c", sigma, rhs) + np.einsum("cb,cbd,cd->c", sigma, a, sigma)
 
 
-def _block_sums(x: np.ndarray, nb: int, bl: int) -> np.ndarray:
-    """Sums over blocks of ``bl`` columns of ``x`` ``[n, K]`` -> ``[n, nb]``."""
+def _padded_blocks(x: np.ndarray, nb: int, bl: int) -> np.ndarray:
+    """``x`` ``[n, K]`` as ``[n, nb, bl]`` blocks of columns (the last zero-padded)."""
     n, k = x.shape
     padded = np.zeros((n, nb * bl))
     padded[:, :k] = x
-    return padded.reshape(n, nb, bl).sum(axis=2)
+    return padded.reshape(n, nb, bl)
+
+
+def _block_sums(x: np.ndarray, nb: int, bl: int) -> np.ndarray:
+    """Sums over blocks of ``bl`` columns of ``x`` ``[n, K]`` -> ``[n, nb]``."""
+    return _padded_blocks(x, nb, bl).sum(axis=2)
 
 
 def gptq(
@@ -278,24 +286,12 @@ def awq(
     top = float(mean.max()) if mean.size and np.isfinite(mean).all() else 0.0
     if top <= 0:
         return rtn(rows, grid, block, scale_dtype)
-    mean = np.maximum(mean, top * 1e-4)
-    best: tuple[float, float, Fit, np.ndarray] | None = None
-    baseline = None
-    for alpha in ALPHAS:
-        s = mean**alpha
-        s = s / np.sqrt(s.max() * s.min())
-        per_column = np.repeat(s, repeat)
-        scaled = rows * per_column
+
+    def rounded(scaled: np.ndarray) -> tuple[np.ndarray, Fit]:
         fit = rtn(scaled, grid, block, scale_dtype)
-        delta = fit.values(grid, block) / per_column - rows
-        loss = float(output_error(delta, h).sum())
-        if baseline is None:
-            baseline = loss
-        if best is None or loss < best[0]:
-            best = (loss, alpha, fit, s)
-    assert best is not None and baseline is not None
-    loss, alpha, fit, s = best
-    per_column = np.repeat(s, repeat)
+        return fit.values(grid, block), fit
+
+    alpha, per_column, fit, _, baseline = _search_alpha(rows, h, mean, repeat, ALPHAS, rounded)
     scaled_h = h / np.outer(per_column, per_column)
     scales, _ = _refit(rows * per_column, fit, scaled_h, grid, block, scale_dtype)
     final = Fit(fit.codes, scales)
@@ -379,23 +375,43 @@ def _coarse_alpha(
     the full search took ~8 s).
     """
     h, _ = damped(hessian, 0.0)
-    top = float(rms.max())
-    mean = np.maximum(rms, top * 1e-4)
     layout = _layout(rows, block)
     peak = float(-grid.lo) if not grid.offset else grid.hi + grid.offset
-    best: tuple[float, float, np.ndarray] | None = None
-    for alpha in COARSE_ALPHAS:
+
+    def rounded(scaled: np.ndarray) -> tuple[np.ndarray, None]:
+        amax = np.abs(_padded_blocks(scaled, layout.blocks, layout.block_len)).max(axis=2)
+        per_value = layout.expand(np.where(amax > 0, amax / peak, 1.0))
+        return (_codes(scaled, per_value, grid).astype(np.float64) + grid.offset) * per_value, None
+
+    alpha, per_column, _, _, _ = _search_alpha(rows, h, rms, repeat, COARSE_ALPHAS, rounded)
+    return None if alpha == 0 else (alpha, per_column)
+
+
+def _search_alpha(
+    rows: np.ndarray,
+    h: np.ndarray,
+    mean: np.ndarray,
+    repeat: int,
+    alphas: Sequence[float],
+    rounded: Callable[[np.ndarray], tuple[np.ndarray, _T]],
+) -> tuple[float, np.ndarray, _T, float, float]:
+    """AWQ's search: for each exponent, columns scaled by ``s = mean^α`` (``max(s)·min(s) = 1``),
+    rounded by ``rounded`` (the values, in the scaled domain, and what the caller keeps), scored
+    by the output error in the original domain. Returns the best ``(α, s per column, kept,
+    error)`` and the first exponent's error."""
+    mean = np.maximum(mean, float(mean.max()) * 1e-4)
+    best: tuple[float, float, np.ndarray, _T] | None = None
+    baseline = None
+    for alpha in alphas:
         s = mean**alpha
         s = s / np.sqrt(s.max() * s.min())
         per_column = np.repeat(s, repeat)
-        scaled = rows * per_column
-        blocks = np.abs(np.pad(scaled, ((0, 0), (0, layout.blocks * layout.block_len - scaled.shape[1]))))
-        amax = blocks.reshape(scaled.shape[0], layout.blocks, layout.block_len).max(axis=2)
-        per_value = layout.expand(np.where(amax > 0, amax / peak, 1.0))
-        values = (_codes(scaled, per_value, grid).astype(np.float64) + grid.offset) * per_value
+        values, kept = rounded(rows * per_column)
         loss = float(output_error(values / per_column - rows, h).sum())
+        if baseline is None:
+            baseline = loss
         if best is None or loss < best[0]:
-            best = (loss, alpha, s)
-    assert best is not None
-    _, alpha, s = best
-    return None if alpha == 0 else (alpha, np.repeat(s, repeat))
+            best = (loss, alpha, per_column, kept)
+    assert best is not None and baseline is not None
+    loss, alpha, per_column, kept = best
+    return alpha, per_column, kept, loss, baseline
