@@ -56,6 +56,7 @@ from modelshrink.techniques.quantize.opset import raise_opset
 from modelshrink.techniques.quantize.plan import QUANTIZABLE_TYPES, excluded_by
 from modelshrink.techniques.quantize.staticprep import (
     SMOOTH_MIN_GAIN,
+    _only_user,
     add_zero_biases,
     fold_affine,
     fuse_hard_swish,
@@ -460,11 +461,15 @@ def to_float(qdq: StaticQdq, keep: frozenset[int]) -> tuple[ir.Model, tuple[Chan
     return out, changes
 
 
-def _only_reader(value: ir.Value | None) -> ir.Node | None:
-    if value is None or value.is_graph_output():
+def _producer_if_only_reader(value: ir.Value | None, reader: ir.Node, op: str) -> ir.Node | None:
+    """The ``op`` node that makes ``value``, when ``reader`` is the only node reading it."""
+    if value is None:
         return None
-    uses = list(value.uses())
-    return uses[0].node if len(uses) == 1 else None
+    user = _only_user(value)
+    node = value.producer()
+    if user is None or user[0] is not reader or node is None or op_key(node) != op:
+        return None
+    return node
 
 
 def _pools_before_activations(model: ir.Model) -> int:
@@ -477,31 +482,24 @@ def _pools_before_activations(model: ir.Model) -> int:
     """
     swapped = 0
     graph = model.graph
-    for q in [n for n in graph if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx")]:
-        pooled = q.inputs[0]
-        pool = pooled.producer() if pooled is not None else None
-        if pool is None or pool.op_type != "MaxPool" or pool.domain not in ("", "ai.onnx"):
+    for q in [n for n in graph if op_key(n) == "QuantizeLinear"]:
+        pool = _producer_if_only_reader(q.inputs[0], q, "MaxPool")
+        if pool is None or len([o for o in pool.outputs if o.uses()]) != 1:  # its Indices unread
             continue
-        if _only_reader(pooled) is not q or len([o for o in pool.outputs if o.uses()]) != 1:
+        act = _producer_if_only_reader(pool.inputs[0], pool, "Relu")
+        source = act.inputs[0] if act is not None else None
+        if act is None or source is None or act.graph is not graph:
             continue
-        act_out = pool.inputs[0]
-        act = act_out.producer() if act_out is not None else None
-        if act is None or act.op_type != "Relu" or act.domain not in ("", "ai.onnx"):
+        feeder = source.producer()
+        if feeder is not None and feeder.op_type == "DequantizeLinear":
             continue
-        home = pool.graph
-        if _only_reader(act_out) is not pool or home is None or act.graph is not home:
-            continue
-        source = act.inputs[0]
-        feeder = source.producer() if source is not None else None
-        if source is None or (feeder is not None and feeder.op_type == "DequantizeLinear"):
-            continue
-        assert act_out is not None and pooled is not None
+        pooled, act_out = pool.outputs[0], act.outputs[0]
         pool.replace_input_with(0, source)
         act.replace_input_with(0, pooled)
         q.replace_input_with(0, act_out)
         act_out.shape = pooled.shape
-        home.remove(act)
-        home.insert_after(pool, act)
+        graph.remove(act)
+        graph.insert_after(pool, act)
         swapped += 1
     if swapped:
         logger.debug("static: %d Relu(s) moved after the MaxPool they fed", swapped)
