@@ -96,6 +96,15 @@ def test_test_data_feeds_reproduce_reference_outputs(path: Path) -> None:
 
 # Light models whose ConstantOfShape weights take onnxruntime seconds to fill at every session.
 HEAVY = {"light_bvlc_alexnet.onnx", "light_resnet50.onnx", "light_vgg19.onnx", "light_zfnet512.onnx"}
+# What the suite runs on them as shipped: every setting leaves their weights alone (made at run
+# time: "ok (unchanged)", measured on all twelve) through the same path, at 1-10 s a command on
+# VGG-19, so one weight-only mode and float16 (which also casts the other float tensors) stand
+# for the rest here; `make conformance` runs every setting on them.
+HEAVY_SETTINGS = ("quantize-int8", "quantize-fp16")
+HEAVY_SKIP = (
+    "ConstantOfShape weights that every setting leaves alone, seconds per command: the suite runs "
+    f"{' and '.join(HEAVY_SETTINGS)} on it, `make conformance` every setting"
+)
 
 
 def _sweep_params() -> list[object]:
@@ -104,14 +113,11 @@ def _sweep_params() -> list[object]:
         for variant in ("default", "exercised"):
             heavy = path.name in HEAVY or (variant == "exercised" and path.parent.name == "light")
             for name in SETTINGS:
+                marks = [pytest.mark.slow] if heavy else []
+                if path.name in HEAVY and variant == "default" and name not in HEAVY_SETTINGS:
+                    marks.append(pytest.mark.skip(reason=HEAVY_SKIP))
                 params.append(
-                    pytest.param(
-                        path,
-                        name,
-                        variant,
-                        id=f"{_id(path)}-{name}-{variant}",
-                        marks=[pytest.mark.slow] if heavy else [],
-                    )
+                    pytest.param(path, name, variant, id=f"{_id(path)}-{name}-{variant}", marks=marks)
                 )
     return params
 
