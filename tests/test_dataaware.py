@@ -274,6 +274,45 @@ def test_gptq_solver_lowers_the_layer_output_error() -> None:
     assert float(solvers.output_error(awq.values(grid, None) / scale - w, h).sum()) <= base
 
 
+@pytest.mark.parametrize("bits", [3, 2])
+def test_gptq_descent_leaves_no_single_code_worth_moving(bits: int) -> None:
+    """At 3 bits and below, coordinate descent after GPTQ's pass lowers the layer's output
+    error, and where it stops no code moved one grid step either way lowers it further."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((400, 40)) @ rng.standard_normal((40, 40))
+    h = x.T @ x + 0.01 * np.trace(x.T @ x) / 40 * np.eye(40)
+    w = rng.standard_normal((12, 40))
+    grid = Grid(bits)
+    per_value = np.repeat(np.abs(w).max(axis=1, keepdims=True) / (grid.hi + grid.offset), 40, axis=1)
+    start = np.clip(np.rint(w / per_value - grid.offset), grid.lo, grid.hi).astype(np.int8)
+
+    def error(codes: np.ndarray) -> np.ndarray:
+        return solvers.output_error((codes + grid.offset) * per_value - w, h)
+
+    codes, moves = solvers._descend(w, start, per_value, h, grid)
+    assert moves > 0 and error(codes).sum() < 0.9 * error(start).sum()
+    assert (error(codes) <= error(start) + 1e-9).all()
+    for _ in range(20):  # on to where a call moves nothing (one call stops after DESCENT_SWEEPS)
+        before = error(codes)
+        codes, moves = solvers._descend(w, codes, per_value, h, grid)
+        assert (error(codes) <= before + 1e-9).all()
+        if not moves:
+            break
+    assert moves == 0
+    best = error(codes)
+    for r, j in np.ndindex(codes.shape):
+        for step in (-1, 1):
+            moved = codes.copy()
+            moved[r, j] = np.clip(int(moved[r, j]) + step, grid.lo, grid.hi)
+            assert error(moved)[r] >= best[r] - 1e-9, (r, j, step)
+    fit = solvers.gptq(w, h, grid, None, np.dtype(np.float32), damping=0.0, act_order=True)
+    assert fit.details["descent_moves"] >= 0
+    assert (
+        "descent_moves"
+        not in solvers.gptq(w, h, Grid(4), None, np.dtype(np.float32), damping=0.0, act_order=True).details
+    )
+
+
 # --- through the CLI -----------------------------------------------------------------------------
 
 
