@@ -156,7 +156,7 @@ class Fitting:
 RTN_NOTE = (
     "rounding: to nearest (no --data); --data CALIB.npz fits the rounding to real activations "
     "(GPTQ, --method gptq): on the sample models its mean output error on held-out rows was "
-    "0.16x-0.56x of round-to-nearest's at 4 and 3 bits, at the same file size"
+    "0.16x-0.55x of round-to-nearest's at 4 and 3 bits, at the same file size"
 )
 
 
