@@ -23,11 +23,12 @@ on the other rows: mean |error| of the logits and top-1 agreement.
    skipped with the reason when PyPI is unreachable). Targets: SparseGPT's top-1 agreement
    never below magnitude's, and its mean |error| at most the peer's.
 
-3. ``python bench/bench_dataaware.py tooltime`` (not part of ``run``: minutes): GPTQ against RTN
-   on a 100 MB transformer-like model (three blocks of 1024 -> 4096 -> 1024 MatMuls with a
-   residual Add; 128 rows of 32 tokens, 8 of 1024 channels 30x larger), ``quantize --bits 4
-   --method rtn|gptq --data``, wall time of the whole command, two rounds interleaved. Target
-   from issue 16: GPTQ within 3x of RTN.
+3. ``python bench/bench_dataaware.py tooltime [BITS]`` (not part of ``run``: minutes): GPTQ
+   against RTN on a 100 MB transformer-like model (three blocks of 1024 -> 4096 -> 1024 MatMuls
+   with a residual Add; 128 rows of 32 tokens, 8 of 1024 channels 30x larger), ``quantize
+   --bits BITS --method rtn|gptq --data`` (BITS 4 unless given; at 3 and fewer GPTQ adds its
+   coordinate descent), wall time of the whole command, two rounds interleaved. Target from
+   issue 16: GPTQ within 3x of RTN.
 
 Peer columns (optional): onnxsim 0.8.1 (``quantize_weight_only_int4`` then ``apply_gptq``,
 ``apply_awq`` or ``apply_adaround``, 4 bits only, MatMul/Gemm only, on the model converted to
@@ -494,7 +495,7 @@ def transformer_like(path: Path, data: Path, blocks: int = 3, d: int = 1024, hid
     np.savez(data, x=rows)
 
 
-def tool_time(blocks: int = 3, d: int = 1024, hidden: int = 4096, rounds: int = 2) -> bool:
+def tool_time(blocks: int = 3, d: int = 1024, hidden: int = 4096, rounds: int = 2, bits: int = 4) -> bool:
     """GPTQ's wall time against RTN's on the 100 MB model (see the module docstring, part 3)."""
     with tempfile.TemporaryDirectory(prefix="bench-dataaware-") as tmp:
         folder = Path(tmp)
@@ -506,7 +507,7 @@ def tool_time(blocks: int = 3, d: int = 1024, hidden: int = 4096, rounds: int = 
             for method in walls:
                 start = time.perf_counter()
                 got = _tool(
-                    "quantize", src, folder / f"{method}.onnx", data, "--bits", "4", "--method", method
+                    "quantize", src, folder / f"{method}.onnx", data, "--bits", str(bits), "--method", method
                 )
                 if isinstance(got, str):
                     print(f"   {method}: {got}")
@@ -514,7 +515,7 @@ def tool_time(blocks: int = 3, d: int = 1024, hidden: int = 4096, rounds: int = 
                 walls[method].append(time.perf_counter() - start)
     ratios = [g / r for r, g in zip(walls["rtn"], walls["gptq"], strict=True)]
     print(
-        f"   {size_mb:.0f} MB model, --bits 4: RTN {', '.join(f'{w:.1f}' for w in walls['rtn'])} s, "
+        f"   {size_mb:.0f} MB model, --bits {bits}: RTN {', '.join(f'{w:.1f}' for w in walls['rtn'])} s, "
         f"GPTQ {', '.join(f'{w:.1f}' for w in walls['gptq'])} s; GPTQ / RTN "
         f"{', '.join(f'{r:.2f}' for r in ratios)} (target <= {TOOL_TIME_TARGET:g})"
     )
@@ -522,11 +523,11 @@ def tool_time(blocks: int = 3, d: int = 1024, hidden: int = 4096, rounds: int = 
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["tooltime"]:
-        raise SystemExit(0 if tool_time() else 1)
+    if sys.argv[1:2] == ["tooltime"] and len(sys.argv) <= 3:
+        raise SystemExit(0 if tool_time(bits=int(sys.argv[2]) if len(sys.argv) == 3 else 4) else 1)
     picked = tuple(sys.argv[1:])
     if any(name not in (*MODELS, *PRUNE_ONLY) for name in picked):
         raise SystemExit(
-            f"usage: python bench/bench_dataaware.py [tooltime | MODEL ...] (models: {', '.join((*MODELS, *PRUNE_ONLY))})"
+            f"usage: python bench/bench_dataaware.py [tooltime [BITS] | MODEL ...] (models: {', '.join((*MODELS, *PRUNE_ONLY))})"
         )
     raise SystemExit(0 if (run(picked) if picked else run()) else 1)
