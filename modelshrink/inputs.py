@@ -20,7 +20,8 @@ Axes that share a symbol share a size. A size the graph fixes wins over the ladd
 that feeds a ``Reshape`` to a constant shape has as many elements as that shape.
 
 Small integer inputs the graph compares with constants (``Equal``, ``Less``, ``Greater``, ...,
-directly or through casts and reshapes, in subgraphs too) try those constants, so an
+directly or through casts, reshapes and element picks (``Gather``, ``Slice``), in subgraphs too)
+try those constants, so an
 ``If (sr == 16000)`` takes the branch the model is built around; boolean inputs that are an
 ``If`` or ``Where`` condition try both values. ``--input-shape`` and ``--input-value`` replace
 any guess. :func:`candidates` yields the combinations in the order they are worth trying:
@@ -82,6 +83,10 @@ KIND_WORDS = {
 }
 _BATCH_NAME = re.compile(r"^(n|b|bs|batch.*|.*_batch|.*batch_size.*|num_batch.*)$", re.IGNORECASE)
 _PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"}
+# Ops whose output holds some of their first input's values (not its shape): followed when what
+# matters is the values, e.g. silero's op18 export reads ``sr`` as ``Gather(Reshape(sr, [-1]), 0)``
+# before comparing it with 16000.
+_VALUE_PASS_THROUGH = _PASS_THROUGH | {"Gather", "Slice"}
 _COMPARISONS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"}
 # For "x OP c": values of x that make the comparison true first, then false.
 _TRUE_FIRST: dict[str, tuple[int, ...]] = {
@@ -176,8 +181,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
-def _forward(value: ir.Value) -> Iterator[Any]:
-    """Uses of ``value`` and of what it becomes through casts and reshapes (subgraphs included)."""
+def _forward(value: ir.Value, through: frozenset[str] | set[str] = _PASS_THROUGH) -> Iterator[Any]:
+    """Uses of ``value`` and of what it becomes through ``through`` (casts and reshapes unless
+    told; subgraphs included)."""
     frontier = [value]
     seen: set[int] = set()
     while frontier:
@@ -187,15 +193,15 @@ def _forward(value: ir.Value) -> Iterator[Any]:
         seen.add(id(v))
         for use in v.uses():
             yield use
-            if use.node.op_type in _PASS_THROUGH and use.idx == 0:
+            if use.node.op_type in through and use.idx == 0:
                 frontier.extend(use.node.outputs)
 
 
 def _gather_index_bounds(model: ir.Model) -> dict[str, int]:
-    """For each graph input reaching ``Gather``'s indices (through casts/reshapes): table rows."""
+    """For each graph input whose values reach ``Gather``'s indices: table rows."""
     bounds: dict[str, int] = {}
     for value in graph_inputs(model.graph):
-        for use in _forward(value):
+        for use in _forward(value, _VALUE_PASS_THROUGH):
             node = use.node
             if node.op_type in ("Gather", "GatherElements") and use.idx == 1:
                 axis = node.attributes.get_int("axis", 0)
@@ -642,7 +648,7 @@ def _value_guesses(model: ir.Model, specs: Sequence[InputSpec]) -> dict[str, Val
             continue
         found: list[Scalar] = []
         why = ""
-        for use in _forward(value):
+        for use in _forward(value, _VALUE_PASS_THROUGH):
             node = use.node
             if node.op_type in _COMPARISONS and len(node.inputs) == 2:
                 other = _constant_array(node.inputs[1 - use.idx])

@@ -108,9 +108,12 @@ def _branch(
     )
 
 
-def streaming_audio(seed: int = 0, hidden: int = 32, channels: int = 32) -> onnx.ModelProto:
+def streaming_audio(
+    seed: int = 0, hidden: int = 32, channels: int = 32, rate_picked: bool = False
+) -> onnx.ModelProto:
     """A Silero-VAD-like streaming model (see the module docstring); outputs ``output [batch, 1]``
-    and ``stateN [2, batch, hidden]``."""
+    and ``stateN [2, batch, hidden]``. ``rate_picked``: ``sr`` is compared as
+    ``Gather(Reshape(sr, [-1]), 0)``, as silero's op18 export reads it."""
     rng = np.random.default_rng(seed)
     then_branch = _branch("k16", 64, 32, hidden, channels, rng)
     else_branch = _branch("k8", 32, 16, hidden, channels, rng, reshape=384)
@@ -122,8 +125,17 @@ def streaming_audio(seed: int = 0, hidden: int = 32, channels: int = 32) -> onnx
         init("zero", np.array(0, dtype=np.int64)),
         init("axes0", np.array([0], dtype=np.int64)),
     ]
-    nodes = [
-        helper.make_node("Equal", ["sr", "sr16k"], ["is16k"], name="sr_is_16k"),
+    rate = "sr"
+    nodes = []
+    if rate_picked:
+        inits.append(init("flat", np.array([-1], dtype=np.int64)))
+        nodes += [
+            helper.make_node("Reshape", ["sr", "flat"], ["sr_flat"], name="sr_flat"),
+            helper.make_node("Gather", ["sr_flat", "zero"], ["sr_first"], name="sr_first", axis=0),
+        ]
+        rate = "sr_first"
+    nodes += [
+        helper.make_node("Equal", [rate, "sr16k"], ["is16k"], name="sr_is_16k"),
         helper.make_node(
             "If", ["is16k"], ["feat"], name="by_rate", then_branch=then_branch, else_branch=else_branch
         ),

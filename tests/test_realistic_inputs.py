@@ -66,6 +66,18 @@ def test_audio_model_runs_on_its_real_rate_and_length(
     assert any("--input-value sr=16000" in w and "--input-shape input:1x512" in w for w in doc["warnings"])
 
 
+def test_rate_picked_by_gather_is_still_guessed(runner: CliRunner, tmp_path: Path) -> None:
+    """silero's op18 export compares ``Gather(Reshape(sr, [-1]), 0)`` with 16000: still 16000,
+    not a draw that runs the other branch."""
+    audio = models.save(patterns.streaming_audio(rate_picked=True), tmp_path / "vad.onnx")
+    code, doc, err = _run(runner, "compare", str(audio), str(audio))
+    assert code == 0, err
+    assert doc is not None
+    fed = _inputs(doc)
+    assert fed["sr"]["value"] == 16000 and fed["sr"]["guessed_value"]
+    assert fed["input"]["shape"] == [1, 512]
+
+
 def test_detector_is_verified_at_an_image_size_not_1x1(
     runner: CliRunner, detector: Path, tmp_path: Path
 ) -> None:
