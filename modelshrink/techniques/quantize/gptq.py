@@ -86,14 +86,15 @@ COARSE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Coordinate descent after GPTQ's pass runs at these widths and below. Measured on held-out rows
 # of the four bench models (bench/bench_dataaware.py): at 3 and 2 bits it lowered the mean error
 # in 5 of 8 cases (by 3-11 %) and raised none by more than 1 %; at 4 bits it raised it a little
-# on all four (0.1-1.6 %: a finer grid leaves GPTQ's pass less to gain), so it is not run there. On the 100 MB bench model at 3 bits the whole
-# GPTQ command stays under 3x round-to-nearest's time with it (2.8x).
+# on all four (0.1-1.6 %: a finer grid leaves GPTQ's pass less to gain), so it is not run there.
+# On the 100 MB bench model at 3 bits the whole GPTQ command stays under 3x round-to-nearest's
+# time with it (2.8x).
 DESCENT_MAX_BITS = 3
 # Sweeps over the columns at most (it stops earlier when one moves no code).
 DESCENT_SWEEPS = 3
 # Rows refitted together (bounds the [rows, blocks, blocks] systems).
-_T = TypeVar("_T")
 _REFIT_ELEMENTS = 1 << 23
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -428,11 +429,10 @@ def _coarse_alpha(
     """
     h, _ = damped(hessian, 0.0)
     layout = _layout(rows, block)
-    peak = float(-grid.lo) if not grid.offset else grid.hi + grid.offset
 
     def rounded(scaled: np.ndarray) -> tuple[np.ndarray, None]:
         amax = np.abs(_padded_blocks(scaled, layout.blocks, layout.block_len)).max(axis=2)
-        per_value = layout.expand(np.where(amax > 0, amax / peak, 1.0))
+        per_value = layout.expand(np.where(amax > 0, amax / grid.peak, 1.0))
         return (_codes(scaled, per_value, grid).astype(np.float64) + grid.offset) * per_value, None
 
     alpha, per_column, _, _, _ = _search_alpha(rows, h, rms, repeat, COARSE_ALPHAS, rounded)

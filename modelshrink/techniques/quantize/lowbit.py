@@ -122,6 +122,11 @@ class Grid:
         return 0.5 if self.bits <= MIDRISE_MAX_BITS else 0.0
 
     @property
+    def peak(self) -> float:
+        """The largest ``|q + offset|`` on the grid: a block's scale is about ``max|w| / peak``."""
+        return float(self.hi + self.offset) if self.offset else float(-self.lo)
+
+    @property
     def name(self) -> str:
         """``mid-rise`` or ``mid-tread``."""
         return "mid-rise" if self.offset else "mid-tread"
@@ -255,7 +260,7 @@ def packed_scale_dtype(rows: np.ndarray, layout: Layout, grid: Grid, name: str) 
     """
     if 2 * layout.channels * layout.blocks <= 3 * len(name.encode()) + _CAST_NODE_BYTES:
         return _FLOAT32
-    top = (grid.hi + grid.offset) if grid.offset else float(-grid.lo)
+    top = grid.peak
     lo_ok, hi_ok = 4 * 2.0**-14 * top, float(np.finfo(np.float16).max) / 4 * top
     amax = np.empty((rows.shape[0], layout.blocks), np.float32)
     for part, blocks in _blocks(rows, layout):
@@ -308,8 +313,7 @@ def _fit_blocks(blocks: np.ndarray, mask: np.ndarray, grid: Grid, dtype: np.dtyp
             _safe_scale(np.minimum(mean, np.finfo(np.float32).max).astype(np.float32), grid), dtype
         )
     amax = np.abs(blocks).max(axis=2)
-    top = (grid.hi + grid.offset) if grid.offset else float(-grid.lo)
-    base = amax / np.float32(top)
+    base = amax / np.float32(grid.peak)
     signs = (1.0,) if grid.offset else (1.0, -1.0)
     best_err = np.full(amax.shape, np.inf, np.float32)
     best = cast_scales(_safe_scale(base, grid), dtype).astype(np.float32)
