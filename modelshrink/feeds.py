@@ -777,9 +777,11 @@ def check_names(
     missing = [s.name for s in specs if s.name not in arrays and s.name not in input_values]
     if missing:
         have = ", ".join(sorted(arrays)) or "nothing"
+        fill = " ".join(f"--input-value {name}=VALUE" for name in missing)
         raise DataError(
             f"--data {label}: no array for input '{missing[0]}' (the file has: {have}; the model "
-            f"needs: {', '.join(s.name for s in specs)})"
+            f"needs: {', '.join(s.name for s in specs)}); add it to the file, or fill "
+            f"{'it' if len(missing) == 1 else 'them'} with one number each: {fill}"
         )
     extra = sorted(set(arrays) - {s.name for s in specs} - set(extra_ok))
     if extra:

@@ -361,3 +361,26 @@ def test_default_int8_storage_folds_at_load_on_cpu(runner: CliRunner, cnn_path: 
     code, _, err = _run(runner, "quantize", str(cnn_path), "-o", str(out), "--force", "--format", "qdq")
     assert code == 0, err
     assert "DequantizeLinear" in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+def test_data_without_every_input_names_the_flag_that_fills_the_rest(
+    runner: CliRunner, audio: Path, tmp_path: Path
+) -> None:
+    """Rows for ``input`` only (a streaming model's state and rate are not data): the one-line
+    error names ``--input-value`` for each missing input, and following it runs."""
+    data = tmp_path / "d.npz"
+    np.savez(data, input=np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    code, doc, err = _run(runner, "quantize", str(audio), "-o", str(out), "--data", str(data))
+    assert code == 1 and doc is None and not out.exists()
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert "no array for input 'state'" in line
+    assert "--input-value state=VALUE --input-value sr=VALUE" in line
+    code, doc, err = _run(
+        runner, "quantize", str(audio), "-o", str(out), "--data", str(data),
+        "--input-value", "state=0", "--input-value", "sr=16000",
+    )  # fmt: skip
+    assert code == 0, err
+    assert doc is not None
+    fed = _inputs(doc)
+    assert fed["state"]["shape"] == [2, 1, 32] and fed["sr"]["value"] == 16000  # one row per feed
