@@ -484,16 +484,22 @@ def batch_symbol(specs: Sequence[InputSpec]) -> str | None:
     Among the symbols of inputs of rank >= 2 (and rank-1 symbols named like a batch), the one
     named like a batch (``batch``, ``N``, ``batch_size``, ...) wins, then the one shared by the
     most inputs, then the one most often on axis 0, then the first declared. Anonymous names
-    (``?``) are not symbols. ``input [batch,
-    samples]`` and ``state [2, batch, 128]`` give ``batch``; ``x [n, 3, h, w]`` gives ``n``.
+    (``?``) are not symbols, nor is a symbol that no input has on axis 0 unless it is named like
+    a batch: ``x [1, 1, 64, image_width]`` (a fixed batch of one, a dynamic width) has no batch
+    symbol. ``input [batch, samples]`` and ``state [2, batch, 128]`` give ``batch``; ``x [n, 3,
+    h, w]`` gives ``n``.
     """
+    leading = {s.dims[0] for s in specs if s.dims and len(s.dims) >= 2 and isinstance(s.dims[0], str)}
     scores: dict[str, list[int]] = {}
     for spec in specs:
         if not spec.dims:
             continue
         rank = len(spec.dims)
         for d in dict.fromkeys(spec.dims):
-            if not isinstance(d, str) or d in _ANONYMOUS or (rank < 2 and not _BATCH_NAME.match(d)):
+            if not isinstance(d, str) or d in _ANONYMOUS:
+                continue
+            named = bool(_BATCH_NAME.match(d))
+            if (rank < 2 and not named) or (d not in leading and not named):
                 continue
             score = scores.setdefault(d, [1 if _BATCH_NAME.match(d) else 0, 0, 0, -len(scores)])
             score[1] += 1
@@ -566,7 +572,9 @@ def batch_axes(
         ):
             out[name] = BatchAxis(name, 1, "the middle axis of a [layers, batch, hidden] state")
         elif symbol is None and len(dims) >= 2:
-            out[name] = BatchAxis(name, 0, "axis 0 (the model's shapes are fixed)")
+            fixed = all(_static(d) for d in dims)
+            why = "the model's shapes are fixed" if fixed else "no dimension is named or placed like a batch"
+            out[name] = BatchAxis(name, 0, f"axis 0 ({why})")
         else:
             why = f"does not have the batch dimension '{symbol}'" if symbol else "fixed size"
             out[name] = BatchAxis(name, None, f"no batch axis ({why})")

@@ -141,6 +141,31 @@ def test_batch_axes_follow_the_declared_dims() -> None:
         parse_batch_axes(["state=1"])
 
 
+@pytest.mark.parametrize(
+    "dims", [(1, 1, 64, "image_width"), (1, 1, "samples"), (1, 3, "height", "width")], ids=str
+)
+def test_a_fixed_batch_of_one_with_dynamic_sizes_stacks_rows_on_axis_0(dims: tuple, tmp_path: Path) -> None:
+    """ddddocr's OCR model declares ``input1 [1, 1, 64, image_width]``: the symbol is a width,
+    not a batch. Rows stack on axis 0 (it used to cut them along the width: 16 rows of
+    [1, 1, 64, 160] read as 160 inputs of [16, 1, 64, 1], refused by the model)."""
+    spec = InputSpec("x", np.dtype(np.float32), dims, "tensor(float)")
+    assert batch_symbol([spec]) is None
+    axis = batch_axes([spec])["x"]
+    assert axis.axis == 0 and "no dimension is named or placed like a batch" in axis.why
+    sizes = [d if isinstance(d, int) else 5 for d in dims]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "m", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    rows = np.random.default_rng(0).standard_normal((4, *sizes[1:])).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=rows)
+    feeds = load_feeds(ir.serde.deserialize_model(model), data=str(tmp_path / "d.npz"))
+    assert len(feeds) == 4 and feeds.batch_axes == {"x": 0}
+    np.testing.assert_array_equal(feeds.samples[2]["x"], rows[2:3])
+
+
 def test_feeds_cut_rows_along_the_batch_axis_and_a_scalar_given_once_fills_every_feed(tmp_path: Path) -> None:
     arrays = {**_audio_arrays(6), "sr": np.array(16000)}
     np.savez(tmp_path / "d.npz", **arrays)
