@@ -318,7 +318,8 @@ def _int4_notes(config: QuantizeConfig, emitted: Emitted) -> list[str]:
 def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
     qdq = quantize_static_qdq(model, config, context)
     if not qdq.units:
-        return TechniqueResult(qdq.model, qdq.changes, qdq.skips, qdq.notes, qdq.details)
+        done = TechniqueResult(qdq.model, qdq.changes, qdq.skips, qdq.notes, qdq.details)
+        return _static_weight_only(done, config, context)
     if config.sensitivity:
         ranked = score_units(qdq.units, lambda keep: to_float(qdq, keep)[0], context)
         table = format_table(ranked, with_cost=context.gates.fidelity_gates)
@@ -333,7 +334,64 @@ def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) 
         done = _static_fallback(qdq, context)
     else:
         done = TechniqueResult(qdq.model, qdq.changes, qdq.skips, qdq.notes, qdq.details)
+    done = _static_weight_only(done, config, context)
     return _check_speed(model, done, context) if done.changed else done
+
+
+# Weights static's QDQ kernels do not reach, stored in int8 all the same (weight-only).
+STATIC_WEIGHT_ONLY = ("Gather", *RECURRENT_OPS)
+
+
+def _static_weight_only(
+    done: TechniqueResult, config: QuantizeConfig, context: TechniqueContext
+) -> TechniqueResult:
+    """LSTM/GRU/RNN weights and Gather tables in int8 behind Cast + Mul, as ``--mode int8`` stores them.
+
+    onnxruntime has no QDQ kernel for them, so ``quantize_static`` leaves them in float (a
+    CRNN-style OCR model, ddddocr's, stayed at 0.487x its size; 0.255x with them). Recurrent
+    weights are folded at load (float compute at the float speed); a table is gathered in int8
+    and only the rows read are scaled. Kept only where the fidelity gates still hold with them
+    (one whole-model check); otherwise left in float, said in a note.
+    """
+    wanted = tuple(op for op in STATIC_WEIGHT_ONLY if config.op_types is None or op in config.op_types)
+    if not wanted:
+        return done
+    rest = QuantizeConfig(
+        mode="int8", format="cast", op_types=wanted, exclude=config.exclude, min_elements=config.min_elements
+    )
+    model, _, emitted = _apply_units(done.model, rest, None)
+    if not emitted.changes:
+        return done
+    before = sum(c.details.get("bytes_before", 0) for c in emitted.changes)
+    after = sum(c.details.get("bytes_after", 0) for c in emitted.changes)
+    unit, div = ("MB", 1e6) if before >= 1e6 else ("KB", 1e3)
+    kinds = {c.op_type for c in emitted.changes}
+    ops = ", ".join(sorted(kinds))
+    what = (
+        f"{len(emitted.changes)} weight(s) of {ops} (no integer kernel for them in static QDQ), "
+        f"{before / div:.2f} {unit}"
+    )
+    if context.gates.fidelity_gates and not holds(context.evaluate(model), context.gates):
+        note = (
+            f"left in float: {what}; in int8 behind Cast + Mul they fail the fidelity gates "
+            "(--mode int8 stores them so when the gates allow)"
+        )
+        return dataclasses.replace(done, notes=(*done.notes, note))
+    how = []
+    if kinds & set(RECURRENT_OPS):
+        how.append(
+            "recurrent weights behind Cast + Mul, which onnxruntime folds at load (float compute, at the float speed)"
+        )
+    if "Gather" in kinds:
+        how.append("tables read in int8, only the gathered rows scaled (Gather -> Cast -> Mul)")
+    note = f"weight-only int8 for {what} -> {after / div:.2f} {unit}: {'; '.join(how)}"
+    return dataclasses.replace(
+        done,
+        model=model,
+        changed=(*done.changed, *emitted.changes),
+        skipped=(*done.skipped, *emitted.skipped),
+        notes=(*done.notes, note),
+    )
 
 
 def _static_fallback(qdq: StaticQdq, context: TechniqueContext) -> TechniqueResult:
