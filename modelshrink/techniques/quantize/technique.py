@@ -359,7 +359,12 @@ def _static_weight_only(
     rest = QuantizeConfig(
         mode="int8", format="cast", op_types=wanted, exclude=config.exclude, min_elements=config.min_elements
     )
-    model, _, emitted = _apply_units(done.model, rest, None)
+    try:
+        base, raised = prepare(done.model, rest)  # an old opset: Mul needs 7
+    except UnsupportedModelError as exc:
+        note = f"LSTM/GRU/RNN weights and Gather tables left in float: {exc.message}"
+        return dataclasses.replace(done, notes=(*done.notes, note))
+    model, _, emitted = _apply_units(base, rest, None)
     if not emitted.changes:
         return done
     before = sum(c.details.get("bytes_before", 0) for c in emitted.changes)
@@ -390,7 +395,7 @@ def _static_weight_only(
         model=model,
         changed=(*done.changed, *emitted.changes),
         skipped=(*done.skipped, *emitted.skipped),
-        notes=(*done.notes, note),
+        notes=(*done.notes, *raised, note),
     )
 
 
