@@ -681,10 +681,8 @@ def corrected_rows(
     diff[:, dead] = 0
     c, k = rows.shape
     permuted = diff if order is None else diff[:, order]
-    if k < c:  # (W D) U^T U as W (D U^T U): 2K^3 + CK^2 multiply-adds instead of 3CK^2
-        shifted = rows @ ((permuted @ upper.T) @ upper)
-    else:
-        shifted = ((rows @ permuted) @ upper.T) @ upper
+    # where K < C, (W D) U^T U as W (D U^T U): 2K^3 + CK^2 multiply-adds instead of 3CK^2
+    shifted = rows @ (permuted @ upper.T @ upper) if k < c else rows @ permuted @ upper.T @ upper
     if order is None:
         shift = shifted
     else:
