@@ -329,7 +329,9 @@ def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) 
             *qdq.notes,
         )
         details = {**qdq.details, "sensitivity": _table_rows(ranked)}
-        return TechniqueResult(qdq.model, skipped=qdq.skips, notes=notes, details=details, write=False)
+        every = TechniqueResult(qdq.model, qdq.changes, qdq.skips, notes, details)
+        every = _static_weight_only(every, config, context)  # the figures are a real run's
+        return dataclasses.replace(every, changed=(), write=False)
     if context.gates.fidelity_gates and config.fallback:
         done = _static_fallback(qdq, context)
     else:
