@@ -320,6 +320,11 @@ def test_static_rewrites_conv_batch_norm_affine_and_hard_swish(tmp_path: Path) -
         (["--mode", "static", "--smooth", "nan"], "--smooth must be in (0, 1]"),
         (["--smooth", "0.5"], "--smooth applies to --mode static only (got --mode int8)"),
         (["--mode", "dynamic", "--no-bias-correction"], "--no-bias-correction applies to --mode static only"),
+        (
+            ["--mode", "static", "--op-types", "LSTM"],
+            "quantizes Conv, MatMul, Gemm with int8 kernels; without --op-types it also stores "
+            "LSTM/GRU/RNN and Gather weights in int8",
+        ),
     ],
 )
 def test_static_flag_errors_are_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:

@@ -319,8 +319,14 @@ class QuantizeConfig:
             if allowed:
                 unknown = [op for op in self.op_types if op not in allowed]
                 if unknown:
+                    extra = (
+                        " with int8 kernels; without --op-types it also stores LSTM/GRU/RNN and Gather "
+                        "weights in int8, as --mode int8 does (--exclude leaves some out)"
+                        if self.mode == "static"
+                        else ""
+                    )
                     raise ConfigError(
-                        f"--op-types {unknown[0]}: --mode {self.mode} quantizes {', '.join(allowed)}"
+                        f"--op-types {unknown[0]}: --mode {self.mode} quantizes {', '.join(allowed)}{extra}"
                     )
         for pattern in self.exclude:
             if not pattern.strip():
