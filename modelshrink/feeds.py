@@ -778,10 +778,12 @@ def check_names(
     if missing:
         have = ", ".join(sorted(arrays)) or "nothing"
         fill = " ".join(f"--input-value {name}=VALUE" for name in missing)
+        named = ", ".join(f"'{name}'" for name in missing)
+        which = f"input {named}" if len(missing) == 1 else f"inputs {named}"
+        how = "it to the file, or fill it" if len(missing) == 1 else "them to the file, or fill each"
         raise DataError(
-            f"--data {label}: no array for input '{missing[0]}' (the file has: {have}; the model "
-            f"needs: {', '.join(s.name for s in specs)}); add it to the file, or fill "
-            f"{'it' if len(missing) == 1 else 'them'} with one number each: {fill}"
+            f"--data {label}: no array for {which} (the file has: {have}; the model needs: "
+            f"{', '.join(s.name for s in specs)}); add {how} with one number: {fill}"
         )
     extra = sorted(set(arrays) - {s.name for s in specs} - set(extra_ok))
     if extra:

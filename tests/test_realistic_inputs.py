@@ -374,7 +374,7 @@ def test_data_without_every_input_names_the_flag_that_fills_the_rest(
     code, doc, err = _run(runner, "quantize", str(audio), "-o", str(out), "--data", str(data))
     assert code == 1 and doc is None and not out.exists()
     (line,) = [x for x in err.splitlines() if x.strip()]
-    assert "no array for input 'state'" in line
+    assert "no array for inputs 'state', 'sr'" in line
     assert "--input-value state=VALUE --input-value sr=VALUE" in line
     code, doc, err = _run(
         runner, "quantize", str(audio), "-o", str(out), "--data", str(data),
