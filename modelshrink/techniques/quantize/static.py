@@ -214,7 +214,7 @@ def _unchanged(model: ir.Model, skips: list[Skip], config: QuantizeConfig) -> St
         model,
         (),
         tuple(skips),
-        (f"static: no {', '.join(config.ops)} node left to quantize; the model is unchanged",),
+        (f"static: no {', '.join(config.ops)} node left to quantize with int8 kernels",),
         (),
         {},
     )
