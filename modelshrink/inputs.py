@@ -499,9 +499,9 @@ def batch_symbol(specs: Sequence[InputSpec]) -> str | None:
             if not isinstance(d, str) or d in _ANONYMOUS:
                 continue
             named = bool(_BATCH_NAME.match(d))
-            if (rank < 2 and not named) or (d not in leading and not named):
+            if not named and (rank < 2 or d not in leading):
                 continue
-            score = scores.setdefault(d, [1 if _BATCH_NAME.match(d) else 0, 0, 0, -len(scores)])
+            score = scores.setdefault(d, [int(named), 0, 0, -len(scores)])
             score[1] += 1
             score[2] += spec.dims.index(d) == 0
     if not scores:

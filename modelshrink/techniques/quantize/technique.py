@@ -317,9 +317,9 @@ def _int4_notes(config: QuantizeConfig, emitted: Emitted) -> list[str]:
 
 def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) -> TechniqueResult:
     qdq = quantize_static_qdq(model, config, context)
+    every = TechniqueResult(qdq.model, qdq.changes, qdq.skips, qdq.notes, qdq.details)
     if not qdq.units:
-        done = TechniqueResult(qdq.model, qdq.changes, qdq.skips, qdq.notes, qdq.details)
-        return _static_weight_only(done, config, context)
+        return _static_weight_only(every, config, context)
     if config.sensitivity:
         ranked = score_units(qdq.units, lambda keep: to_float(qdq, keep)[0], context)
         table = format_table(ranked, with_cost=context.gates.fidelity_gates)
@@ -329,13 +329,10 @@ def _static(model: ir.Model, config: QuantizeConfig, context: TechniqueContext) 
             *qdq.notes,
         )
         details = {**qdq.details, "sensitivity": _table_rows(ranked)}
-        every = TechniqueResult(qdq.model, qdq.changes, qdq.skips, notes, details)
-        every = _static_weight_only(every, config, context)  # the figures are a real run's
-        return dataclasses.replace(every, changed=(), write=False)
-    if context.gates.fidelity_gates and config.fallback:
-        done = _static_fallback(qdq, context)
-    else:
-        done = TechniqueResult(qdq.model, qdq.changes, qdq.skips, qdq.notes, qdq.details)
+        measured = dataclasses.replace(every, notes=notes, details=details)
+        measured = _static_weight_only(measured, config, context)  # the figures are a real run's
+        return dataclasses.replace(measured, changed=(), write=False)
+    done = _static_fallback(qdq, context) if context.gates.fidelity_gates and config.fallback else every
     done = _static_weight_only(done, config, context)
     return _check_speed(model, done, context) if done.changed else done
 
