@@ -322,7 +322,7 @@ def _filled(
     for name, shape in input_shapes.items():
         axis = axes[name].axis
         shapes[name] = tuple(count if a == axis else d for a, d in enumerate(shape))
-    return fill_values(feed, specs, shapes, input_values)
+    return fill_values(feed, specs, shapes, input_values, {name: a.axis for name, a in axes.items()})
 
 
 # --- items: files, test data sets, feeds -------------------------------------------------------

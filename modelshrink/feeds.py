@@ -872,7 +872,7 @@ def _array_feeds(
         for spec in specs:
             if spec.dims is not None and spec.name in sample:
                 check_shape(spec.name, sample[spec.name].shape, spec, label)
-        samples.append(fill_values(sample, specs, input_shapes, input_values))
+        samples.append(fill_values(sample, specs, input_shapes, input_values, axes))
     picked = f", --rows {rows}" if rows is not None else ""
     source = f"{label} ({used} of {total} samples{picked})" if used < total else f"{label} ({total} samples)"
     return _real_feeds(tuple(samples), specs, source, warnings, input_values)
@@ -1027,7 +1027,7 @@ def _file_feeds(
             if keep is not None and not keep(index - 1, 1 << 62):
                 continue
             sample = {name: np.array(cut.item(i)) for name, cut in layouts.items()}
-            samples.append(fill_values(sample, specs, input_shapes, input_values))
+            samples.append(fill_values(sample, specs, input_shapes, input_values, axes))
     used, total = len(samples), len(files)
     if not samples:
         raise DataError(f"--data {label}: --rows {rows} selects none of its samples")
@@ -1042,16 +1042,26 @@ def fill_values(
     specs: Sequence[InputSpec],
     input_shapes: Mapping[str, tuple[int, ...]],
     input_values: Mapping[str, Scalar],
+    axes: Mapping[str, int | None] | None = None,
 ) -> Feed:
-    """``sample`` plus the inputs ``--input-value`` fills (shaped by the data's own sizes)."""
+    """``sample`` plus the inputs ``--input-value`` fills (shaped by the data's own sizes).
+
+    A size the declared dims leave open comes from the same symbol in the data's inputs, or,
+    on a filled input's batch axis (``axes``), from the batch the data's inputs hold: exporters
+    often leave it anonymous (``state [2, ?, 128]`` beside ``input [?, ?]``).
+    """
     if not input_values:
         return sample
     bound: dict[str, int] = {}
+    batch: int | None = None
     for spec in specs:
         if spec.name in sample and spec.dims is not None:
             for d, size in zip(spec.dims, sample[spec.name].shape, strict=False):
                 if isinstance(d, str):
                     bound.setdefault(d, int(size))
+            axis = (axes or {}).get(spec.name)
+            if batch is None and axis is not None and axis < sample[spec.name].ndim:
+                batch = int(sample[spec.name].shape[axis])
     out = dict(sample)
     for spec in specs:
         if spec.name not in input_values:
@@ -1062,6 +1072,8 @@ def fill_values(
             sizes = []
             for axis, d in enumerate(spec.dims):
                 size = d if isinstance(d, int) and d > 0 else bound.get(d) if isinstance(d, str) else None
+                if size is None and axis == (axes or {}).get(spec.name):
+                    size = batch
                 if size is None:
                     raise ConfigError(
                         f"--input-value {spec.name}: axis {axis} of {spec.shape_text()} has no size the "

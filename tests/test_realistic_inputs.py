@@ -384,3 +384,33 @@ def test_data_without_every_input_names_the_flag_that_fills_the_rest(
     assert doc is not None
     fed = _inputs(doc)
     assert fed["state"]["shape"] == [2, 1, 32] and fed["sr"]["value"] == 16000  # one row per feed
+
+
+def test_a_filled_state_takes_the_batch_of_the_data_where_its_dims_are_anonymous(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    """silero_vad.onnx declares ``input [?, ?]``, ``state [2, ?, 128]``: nothing names the batch,
+    so the fill's size on the state's batch axis comes from the rows the data holds (one flag per
+    input is enough, as the missing-input error says), in feeds and in the training batches."""
+    model = patterns.streaming_audio()
+    for value in model.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if value.name == "input" or (value.name == "state" and axis == 1):
+                dim.Clear()  # anonymous: neither a size nor a name
+    path = models.save(model, tmp_path / "anon.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, input=np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32))
+    fills = ["--input-value", "state=0", "--input-value", "sr=16000"]
+    out = tmp_path / "o.onnx"
+    code, doc, err = _run(runner, "quantize", str(path), "-o", str(out), "--data", str(data), *fills)
+    assert code == 0, err
+    assert doc is not None
+    fed = _inputs(doc)
+    assert fed["state"]["shape"] == [2, 1, 32] and fed["input"]["shape"] == [1, 512]
+    code, doc, err = _run(
+        runner, "quantize", str(path), "-o", str(tmp_path / "o2.onnx"), "--data", str(data), *fills,
+        "--input-shape", "input:2x512",
+    )  # fmt: skip
+    assert code == 0, err
+    assert doc is not None
+    assert _inputs(doc)["state"]["shape"] == [2, 2, 32]
