@@ -189,6 +189,32 @@ def test_bias_correction_removes_the_mean_error(tmp_path: Path) -> None:
     assert corrected.details["bias_correction"]["conv"] == shift
 
 
+def test_a_bias_shared_by_two_convs_cannot_take_another_tensors_name(tmp_path: Path) -> None:
+    """tf2onnx shares one bias between Convs and names tensors like it (basic-pitch's nmp.onnx):
+    onnxruntime's quantizer copies a shared bias as ``NAME`` plus a number checked against
+    initializer names only, here ``b0``, a Conv's output, and the graph read the bias there (a
+    model onnxruntime refused). Each Conv gets its own bias first, so the model is exact in form."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) / 8).astype(np.float32), "w0"),
+        numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) / 8).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b"], ["b0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "w1", "b"], ["y"], name="conv1", pads=[1, 1, 1, 1]),
+    ]
+    model = _model(nodes, inits, [1, 16, 10, 10], [1, 16, 10, 10])
+    x = rng.standard_normal((16, 1, 16, 10, 10)).astype(np.float32)
+    report, out = _static(tmp_path, model, x, "shared_bias")
+    assert report.written and {c.node for c in report.changes} == {"conv0", "conv1"}
+    assert report.fidelity is not None and report.fidelity.cosine > 0.999
+    assert _ops(out)["Conv"] == 2 and _ops(out)["Relu"] == 1
+    err = np.abs(_outputs(out, x) - _outputs(model, x))
+    assert err.mean() < 0.05 and err.max() < 0.3  # int8 rounding (outputs of size 1-5)
+
+
 def _outlier_matmul(scales: dict[int, float]) -> onnx.ModelProto:
     """One MatMul; the weight rows of the outlier channels are as much smaller (outputs stay ~1)."""
     w = np.random.default_rng(4).standard_normal((64, 96)) / 8

@@ -60,6 +60,7 @@ from modelshrink.techniques.quantize.staticprep import (
     add_zero_biases,
     fold_affine,
     fuse_hard_swish,
+    own_biases,
     smooth_quant,
 )
 from modelshrink.techniques.quantize.weightonly import default_opset
@@ -260,6 +261,7 @@ def _prepare(
         )
     exclude, skips = _exclusions(work, config)
     left = set(exclude)
+    own_biases(work, config.ops, names, excluded=left)
     if config.bias_correction:
         add_zero_biases(work, config.ops, names, excluded=left)
     if config.smooth is not None:

@@ -15,6 +15,8 @@ Each keeps the float model's function (up to float rounding) and makes the quant
   on dequantized tensors, so their cost decides what int8 saves (PP-OCRv4's detector: 24 of
   them, about a fifth of its time).
 - **Zero biases** for Conv/Gemm nodes without one, so bias correction has a bias to shift.
+- **A bias of its own** for each Conv/Gemm that shares one (tf2onnx exports do): onnxruntime's
+  quantizer would copy it under a name that can be another tensor's (:func:`own_biases`).
 - **SmoothQuant** (``--smooth ALPHA``, Xiao et al. 2023). An activation ``x`` read by MatMul/Gemm
   nodes with constant weights is divided per input channel ``j`` by::
 
@@ -245,6 +247,31 @@ def add_zero_biases(model: ir.Model, ops: Sequence[str], names: NameAuthority, *
         _set_const(model, node, 2, np.zeros(channels, np.float32), names, f"{node.name}_bias")
         added += 1
     return added
+
+
+def own_biases(model: ir.Model, ops: Sequence[str], names: NameAuthority, *, excluded: set[str]) -> int:
+    """Give each main-graph Conv/Gemm in ``ops`` that shares its bias initializer a copy of its own.
+
+    Each node's int32 bias has its own scale, so onnxruntime's quantizer copies a shared bias,
+    naming the copy ``NAME`` plus a number it checks only against initializer names: in
+    basic-pitch's ``nmp.onnx`` (tf2onnx), bias ``.../conv1d_25`` became ``.../conv1d_252``,
+    the name of a Conv's output, and the graph read the bias where that output was (a model
+    onnxruntime refuses). Copies named here are fresh among every name in the model.
+    """
+    copied = 0
+    for node in model.graph:
+        op = op_key(node)
+        if op not in ops or op not in ("Conv", "Gemm") or node.name in excluded or len(node.inputs) < 3:
+            continue
+        bias = node.inputs[2]
+        if bias is None or not bias.is_initializer() or len(list(bias.uses())) < 2:
+            continue
+        array = _float_const(bias)
+        if array is None:
+            continue
+        _set_const(model, node, 2, array.copy(), names, f"{node.name}_bias")
+        copied += 1
+    return copied
 
 
 def _readers(model: ir.Model, ops: Sequence[str], excluded: set[str]) -> dict[str, list[ir.Node]]:
