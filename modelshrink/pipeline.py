@@ -24,7 +24,7 @@ import onnx_ir as ir
 from modelshrink import io
 from modelshrink.errors import ConfigError, ModelshrinkError, UnsupportedModelError
 from modelshrink.feeds import Feed, Feeds, load_feeds
-from modelshrink.gates import Gates, floor_gates
+from modelshrink.gates import GateResult, Gates, floor_gates
 from modelshrink.io.targets import plan_writes
 from modelshrink.measure import ModelStats, measure_latency, model_stats
 from modelshrink.options import RunOptions
@@ -148,7 +148,7 @@ def _check_agreement_gate(gates: Gates, fidelity: Fidelity) -> None:
 
 def _gate_results(
     options: RunOptions, fidelity: Fidelity, stats_ratio: float | None, latency: LatencyComparison | None
-) -> tuple:
+) -> tuple[GateResult, ...]:
     _check_agreement_gate(options.gates, fidelity)
     return tuple(
         options.gates.check(
@@ -341,7 +341,14 @@ def run_technique(
         written = all(g.passed for g in gates) and result.write
         settings = {"config": _config_dict(config), **options.settings()}
         outcome = Report(
-            verdict=_verdict(fidelity, (orig_stats, res_stats), latency, feeds, result),
+            verdict=_verdict(
+                fidelity,
+                (orig_stats, res_stats),
+                latency,
+                feeds,
+                result,
+                _fidelity_gate(options.gates, gates),
+            ),
             inputs=feeds.inputs,
             probes=feeds.probes,
             command=command,
@@ -383,12 +390,21 @@ def _files_read(config: Any, options: RunOptions) -> tuple[str | Path, ...]:
     return tuple(files)
 
 
+def _fidelity_gate(given: Gates, results: tuple[GateResult, ...]) -> bool | None:
+    """Whether the fidelity gates held; None when none was given."""
+    if not given.fidelity_gates:
+        return None
+    fidelity = {"max_error", "min_cosine", "min_agreement"}
+    return all(g.passed for g in results if g.name in fidelity)
+
+
 def _verdict(
     fidelity: Fidelity,
     stats: tuple[ModelStats, ModelStats],
     latency: LatencyComparison | None,
     feeds: Feeds,
     result: TechniqueResult | None = None,
+    fidelity_gate: bool | None = None,
 ) -> Verdict:
     slowdown = None
     where = ""
@@ -406,6 +422,7 @@ def _verdict(
         judged=result.judged if result is not None else None,
         # a technique may change the graph without a per-weight change (fp16's Casts)
         changed=(bool(result.changed) or result_stats.ops != original.ops) if result is not None else None,
+        fidelity_gate=fidelity_gate,
     )
 
 

@@ -27,6 +27,18 @@ FIDELITY_ADVICE = (
     "tool then searches for what keeps it; verify on real inputs with --data; or win the "
     "accuracy back with modelshrink distill"
 )
+# With a fidelity gate the search has run: the advice says what is left.
+GATE_FAILED_ADVICE = (
+    "nothing the search tried meets the fidelity gate (the notes say why): try a milder setting "
+    "or another mode; {data}; or win the accuracy back with modelshrink distill"
+)
+GATE_UNDER_FLOOR_ADVICE = (
+    "the fidelity gate given is met but is below the floor: give --min-agreement 0.99 or "
+    "--min-cosine 0.99 and the search keeps what a sound result needs; or win the accuracy "
+    "back with modelshrink distill"
+)
+REAL_DATA_CHECK = "check that --data holds inputs like the ones the model really reads"
+SYNTHETIC_DATA_CHECK = "verify on real inputs with --data"
 UNJUDGED_ADVICE = (
     "fix the inputs: pass --data with real inputs, or set sizes and values with --input-shape "
     "and --input-value"
@@ -196,6 +208,7 @@ def judge(
     real_data: bool,
     judged: Judged | None = None,
     changed: bool | None = None,
+    fidelity_gate: bool | None = None,
 ) -> Verdict:
     """The verdict on a result.
 
@@ -208,6 +221,8 @@ def judge(
         real_data: Whether the verification feeds came from ``--data``.
         judged: Figures that replace ``fidelity`` for the floor (distill: the teacher).
         changed: Whether the technique changed anything (None for ``compare``).
+        fidelity_gate: Whether the fidelity gates a technique searched for held (None: none
+            was given, or ``compare``, which searches nothing).
     """
     findings: list[Finding] = []
     advice: list[str] = []
@@ -230,7 +245,14 @@ def judge(
             )
     kinds = {f.kind for f in findings}
     if "fidelity" in kinds or "nonfinite" in kinds:
-        advice.append(FIDELITY_ADVICE)
+        if fidelity_gate is None:
+            advice.append(FIDELITY_ADVICE)
+        elif fidelity_gate:
+            advice.append(GATE_UNDER_FLOOR_ADVICE)
+        else:
+            advice.append(
+                GATE_FAILED_ADVICE.format(data=REAL_DATA_CHECK if real_data else SYNTHETIC_DATA_CHECK)
+            )
     if "unjudged" in kinds:
         advice.append(UNJUDGED_ADVICE)
     if "vacuous" in kinds:

@@ -280,6 +280,25 @@ def test_damage_is_said_in_the_same_words(runner: CliRunner, tmp_path: Path, com
     assert verdict["advice"][0].startswith("to keep the model, give a fidelity gate")
 
 
+def test_the_advice_follows_the_gate_the_search_was_given(runner: CliRunner, tmp_path: Path) -> None:
+    """"Give a fidelity gate" is wrong advice to someone who gave one: a gate the search could
+    not meet says so (and exits 3, nothing written); a gate under the floor that was met says
+    to raise it."""
+    path = models.save(models.mlp(sizes=(64, 64, 10)), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    base = ["quantize", str(path), "-o", str(out), "--bits", "1", "--min-elements", "1"]
+    code, doc, err = _run(runner, *base, "--min-agreement", "0.999", "--max-error", "0")
+    assert code == 3 and not out.exists(), err
+    assert doc is not None and not doc["verdict"]["sound"]
+    (advice,) = doc["verdict"]["advice"]
+    assert advice.startswith("nothing the search tried meets the fidelity gate")
+    assert "verify on real inputs with --data" in advice  # synthetic inputs
+    code, doc, err = _run(runner, *base, "--min-agreement", "0.1")
+    assert code == 0 and out.exists(), err
+    assert doc is not None and not doc["verdict"]["sound"]
+    assert doc["verdict"]["advice"][0].startswith("the fidelity gate given is met but is below the floor")
+
+
 def test_the_verdict_is_printed_in_words(runner: CliRunner, tmp_path: Path) -> None:
     path = models.save(models.mlp(sizes=(64, 64, 10)), tmp_path / "m.onnx")
     result = runner.invoke(
