@@ -281,7 +281,7 @@ def test_damage_is_said_in_the_same_words(runner: CliRunner, tmp_path: Path, com
 
 
 def test_the_advice_follows_the_gate_the_search_was_given(runner: CliRunner, tmp_path: Path) -> None:
-    """"Give a fidelity gate" is wrong advice to someone who gave one: a gate the search could
+    """Advice to "give a fidelity gate" is wrong to someone who gave one: a gate the search could
     not meet says so (and exits 3, nothing written); a gate under the floor that was met says
     to raise it."""
     path = models.save(models.mlp(sizes=(64, 64, 10)), tmp_path / "m.onnx")
