@@ -303,6 +303,7 @@ def stage_model(model: ir.Model, target: OutputTarget) -> StagedModel:
     with _discarded_on_failure(staged):
         copy = model.clone()
         allow_plain_initializers(copy)
+        _untyped_initializers(copy)
         data_name = name + ".data" if external else None
         sparse = not external and sparse_marks
         if not external and not sparse and total >= SERIALIZE_WHOLE_BYTES:
@@ -380,6 +381,20 @@ def load_staged(staged_model: StagedModel) -> ir.Model:
     model = deserialize(proto, staged_model.target.label)
     ir.external_data.set_base_dir(model.graph, str(staged_model.folder.resolve()))
     return model
+
+
+def _untyped_initializers(model: ir.Model) -> None:
+    """Drop the type and shape of initializers that are not graph inputs (a private copy).
+
+    onnx_ir writes them into ``value_info`` as well, where the tensor already says both: 4.6 KB
+    (2 %) of value_info that basic-pitch's 230 KB model did not have, on every result.
+    """
+    for graph in model.graphs():
+        listed = {id(v) for v in graph.inputs}
+        for value in graph.initializers.values():
+            if id(value) not in listed and value.const_value is not None:
+                value.type = None
+                value.shape = None
 
 
 def model_bytes(model: ir.Model) -> bytes:
