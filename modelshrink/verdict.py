@@ -27,6 +27,11 @@ FIDELITY_ADVICE = (
     "tool then searches for what keeps it; verify on real inputs with --data; or win the "
     "accuracy back with modelshrink distill"
 )
+# The same, when the figures already come from --data.
+FIDELITY_ADVICE_REAL = (
+    "to keep the model, give a fidelity gate (--min-agreement 0.99 or --min-cosine 0.99): the "
+    "tool then searches for what keeps it; or win the accuracy back with modelshrink distill"
+)
 # With a fidelity gate the search has run: the advice says what is left.
 GATE_FAILED_ADVICE = (
     "nothing the search tried meets the fidelity gate (the notes say why): try a milder setting "
@@ -246,7 +251,7 @@ def judge(
     kinds = {f.kind for f in findings}
     if "fidelity" in kinds or "nonfinite" in kinds:
         if fidelity_gate is None:
-            advice.append(FIDELITY_ADVICE)
+            advice.append(FIDELITY_ADVICE_REAL if real_data else FIDELITY_ADVICE)
         elif fidelity_gate:
             advice.append(GATE_UNDER_FLOOR_ADVICE)
         else:

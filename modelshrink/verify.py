@@ -31,6 +31,7 @@ __all__ = [
     "MismatchError",
     "OutputFidelity",
     "Reference",
+    "class_like_outputs",
     "is_class_like",
 ]
 
@@ -163,17 +164,40 @@ class Fidelity:
         return bool(flags) and all(f is False for f in flags)
 
 
-def is_class_like(name: str, shape: Sequence[int], dtype: np.dtype, producer_op: str | None) -> bool:
+def is_class_like(
+    name: str, shape: Sequence[int], dtype: np.dtype, producer_op: str | None, *, rank2: bool = True
+) -> bool:
     """Whether an output looks like class scores (so top-1 agreement means something).
 
-    Float, last axis of at least 2, and either rank 2 (``[batch, classes]``), a Softmax /
-    LogSoftmax producer, or a name like logits/probs/scores.
+    Float, last axis of at least 2, and either a Softmax / LogSoftmax producer, a name like
+    logits/probs/scores, or (``rank2``) rank 2 (``[batch, classes]``).
     """
     if not np.issubdtype(dtype, np.floating) or len(shape) < 2 or shape[-1] < 2:
         return False
-    if producer_op in _CLASS_PRODUCERS or _CLASS_NAME.search(name):
+    if _class_evidence(name, producer_op):
         return True
-    return len(shape) == 2 and producer_op not in {"ReduceMean", "ReduceSum", "Flatten"}
+    return rank2 and len(shape) == 2 and producer_op not in {"ReduceMean", "ReduceSum", "Flatten"}
+
+
+def _class_evidence(name: str, producer_op: str | None) -> bool:
+    return producer_op in _CLASS_PRODUCERS or bool(_CLASS_NAME.search(name))
+
+
+def class_like_outputs(outputs: Sequence[tuple[str, Sequence[int], np.dtype, str | None]]) -> list[bool]:
+    """:func:`is_class_like` for each ``(name, shape, dtype, producer op)`` of one model.
+
+    Where one output shows it holds class scores (a Softmax producer, a class-like name), the
+    others of rank 2 are not taken for class scores on their shape alone: beside a face
+    detector's Softmax, ``[N, 4]`` boxes and ``[N, 10]`` landmarks are regressions, and
+    top-1 agreement on them would judge an argmax nobody reads.
+    """
+    evidence = [_class_evidence(name, producer) for name, _, _, producer in outputs]
+    return [
+        is_class_like(
+            name, shape, dtype, producer, rank2=not any(e for j, e in enumerate(evidence) if j != i)
+        )
+        for i, (name, shape, dtype, producer) in enumerate(outputs)
+    ]
 
 
 class _Accumulator:
@@ -298,10 +322,12 @@ class Reference:
             if on_progress is not None:
                 on_progress(i + 1, total)
         first = self.outputs[0] if self.outputs else []
-        self.class_like = [
-            is_class_like(name, arr.shape, arr.dtype, producers.get(name))
-            for name, arr in zip(self.output_names, first, strict=True)
-        ]
+        self.class_like = class_like_outputs(
+            [
+                (name, arr.shape, arr.dtype, producers.get(name))
+                for name, arr in zip(self.output_names, first, strict=True)
+            ]
+        )
         self.varies: list[bool | None] = [
             _varies([outs[i] for outs in self.outputs]) for i in range(len(self.output_names))
         ]

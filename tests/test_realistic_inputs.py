@@ -297,6 +297,14 @@ def test_the_advice_follows_the_gate_the_search_was_given(runner: CliRunner, tmp
     assert code == 0 and out.exists(), err
     assert doc is not None and not doc["verdict"]["sound"]
     assert doc["verdict"]["advice"][0].startswith("the fidelity gate given is met but is below the floor")
+    # no gate, figures from --data: the advice does not send the user to --data
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+    code, doc, err = _run(runner, *base, "--data", str(data), "--method", "rtn", "--force")
+    assert code == 0, err
+    assert doc is not None and not doc["verdict"]["sound"]
+    (advice,) = doc["verdict"]["advice"]
+    assert advice.startswith("to keep the model, give a fidelity gate") and "--data" not in advice
 
 
 def test_the_verdict_is_printed_in_words(runner: CliRunner, tmp_path: Path) -> None:

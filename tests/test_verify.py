@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from modelshrink.feeds import Feeds, load_feeds
 from modelshrink.runtime import RuntimeOptions, Session
-from modelshrink.verify import MismatchError, Reference, is_class_like
+from modelshrink.verify import MismatchError, Reference, class_like_outputs, is_class_like
 
 import models
 
@@ -89,6 +89,23 @@ def test_class_like_heuristic() -> None:
     assert not is_class_like("pooled", (1, 64), f32, "ReduceMean")
     assert not is_class_like("score", (1, 1), f32, "Gemm")
     assert not is_class_like("labels", (1, 10), np.dtype(np.int64), "ArgMax")
+
+
+def test_rank_2_regressions_beside_a_softmax_are_not_class_scores() -> None:
+    """MTCNN's O-Net: boxes [N, 4] and landmarks [N, 10] from Dense layers beside a Softmax face
+    score. Alone, a rank-2 output is still taken for class scores (logits of a classifier)."""
+    f32 = np.dtype(np.float32)
+    onet = [
+        ("dense_5", (8, 4), f32, "Add"),
+        ("dense_6", (8, 10), f32, "Add"),
+        ("softmax_2", (8, 2), f32, "Softmax"),
+    ]
+    assert class_like_outputs(onet) == [False, False, True]
+    named = [("box", (8, 4), f32, "Gemm"), ("logits", (8, 10), f32, "Gemm")]
+    assert class_like_outputs(named) == [False, True]
+    assert class_like_outputs([("output", (8, 1000), f32, "Gemm")]) == [True]
+    # no output shows which is which: both stay class-like, as before
+    assert class_like_outputs([("a", (8, 4), f32, "Gemm"), ("b", (8, 3), f32, "Gemm")]) == [True, True]
 
 
 def test_per_output_and_worst(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from modelshrink.techniques.distill.optim import OptimizerSpec
 from modelshrink.techniques.distill.step import TargetSpec, build_step, prepare_student
 from modelshrink.techniques.distill.targets import TeacherTargets, teacher_targets
 from modelshrink.techniques.distill.trainer import LoopSettings, evaluate, plan_batches, train
-from modelshrink.verify import is_class_like
+from modelshrink.verify import class_like_outputs
 
 __all__ = ["distill"]
 
@@ -157,8 +157,8 @@ def _plan_outputs(
     producers = _producer_ops(student)
     plan: list[tuple[str, Literal["kl", "mse"], str | None, tuple[int | str, ...]]] = []
     class_outputs = []
-    for name, arr in targets.items():
-        class_like = is_class_like(name, arr.shape, arr.dtype, producers.get(name))
+    classes = class_like_outputs([(n, a.shape, a.dtype, producers.get(n)) for n, a in targets.items()])
+    for (name, arr), class_like in zip(targets.items(), classes, strict=True):
         if config.loss == "auto":
             kind: Literal["kl", "mse"] = "kl" if class_like else "mse"
         else:
