@@ -25,6 +25,7 @@ from modelshrink import io
 from modelshrink.errors import ConfigError, ModelshrinkError, UnsupportedModelError
 from modelshrink.feeds import Feed, Feeds, load_feeds
 from modelshrink.gates import GateResult, Gates, floor_gates
+from modelshrink.graph import FLOAT32_TINY, flush_subnormals
 from modelshrink.io.targets import plan_writes
 from modelshrink.measure import ModelStats, measure_latency, model_stats
 from modelshrink.options import RunOptions
@@ -315,6 +316,13 @@ def run_technique(
         result: TechniqueResult = technique(loaded.model, config, context)
     if result.model is loaded.model:
         raise AssertionError(f"technique {command} returned its input model; it must clone it")
+    flushed = flush_subnormals(result.model)
+    if flushed:
+        result = dataclasses.replace(
+            result,
+            notes=(*result.notes, SUBNORMAL_NOTE.format(count=flushed, tiny=FLOAT32_TINY)),
+            details={**result.details, "subnormal_weights_zeroed": flushed},
+        )
     with timer.phase("save"):
         staged = io.stage_model(result.model, target)
         if staged.data_path is not None:
@@ -388,6 +396,13 @@ def _files_read(config: Any, options: RunOptions) -> tuple[str | Path, ...]:
         if isinstance(model, ir.Model):
             files.extend(io.external_files(model))
     return tuple(files)
+
+
+SUBNORMAL_NOTE = (
+    "set {count:,} subnormal float32 weight value(s) (nonzero, below {tiny:.3g} in magnitude) to zero: "
+    "CPUs multiply them many times slower than normal numbers, and no output a float32 can show "
+    "depends on them (the fidelity figures include it)"
+)
 
 
 def _fidelity_gate(given: Gates, results: tuple[GateResult, ...]) -> bool | None:

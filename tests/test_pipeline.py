@@ -188,3 +188,45 @@ def test_sessions_of_big_in_memory_models_go_through_external_data(
         np.testing.assert_array_equal(a, b)
     assert len(staged) == 1 and staged[0].data_path is not None  # written with external data
     assert not list((tmp_path / "tmp").iterdir())  # the temporary folder is gone
+
+
+def test_subnormal_weights_are_zeroed_in_every_result(tmp_path: Path) -> None:
+    """A weight below float32's smallest normal number costs CPU time and moves no output: every
+    technique's result has them zeroed (initializers and Constant nodes alike), the report says
+    how many, and the input keeps them."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    proto = models.mlp(sizes=(16, 32, 10))
+    w0 = proto.graph.initializer[0]
+    values = numpy_helper.to_array(w0).copy()
+    values.reshape(-1)[:7] = np.float32(-3e-40)
+    w0.CopyFrom(numpy_helper.from_array(values, w0.name))
+    constant = onnx.helper.make_node(
+        "Constant", [], ["tiny"], value=numpy_helper.from_array(np.full(10, 1e-41, np.float32))
+    )
+    proto.graph.node.append(constant)
+    proto.graph.node.append(onnx.helper.make_node("Add", ["logits", "tiny"], ["shifted"], name="shift"))
+    proto.graph.output.append(
+        onnx.helper.make_tensor_value_info("shifted", onnx.TensorProto.FLOAT, ["batch", 10])
+    )
+    src = models.save(proto, tmp_path / "m.onnx")
+    before = src.read_bytes()
+    out = tmp_path / "o.onnx"
+    report = run_technique(
+        "scale", scale_weights, ScaleConfig(1.0, min_elements=10_000), str(src), str(out), FAST
+    )
+    assert report.details["subnormal_weights_zeroed"] == 17
+    assert any(n.startswith("set 17 subnormal float32 weight value(s)") for n in report.notes)
+    assert report.fidelity is not None and report.fidelity.identical  # nothing a float32 shows moved
+    written = onnx.load(str(out))
+    arrays = [numpy_helper.to_array(t) for t in written.graph.initializer]
+    arrays += [numpy_helper.to_array(n.attribute[0].t) for n in written.graph.node if n.op_type == "Constant"]
+    tiny = np.finfo(np.float32).tiny
+    assert not any(((a != 0) & (np.abs(a) < tiny)).any() for a in arrays if a.dtype == np.float32)
+    assert src.read_bytes() == before
+    plain = run_technique(
+        "scale", scale_weights, ScaleConfig(1.0), str(models.save(models.mlp(), tmp_path / "n.onnx")),
+        str(tmp_path / "p.onnx"), FAST,
+    )  # fmt: skip
+    assert "subnormal_weights_zeroed" not in plain.details
