@@ -244,9 +244,17 @@ def add_zero_biases(model: ir.Model, ops: Sequence[str], names: NameAuthority, *
             channels = weight.shape[0] if node.attributes.get_int("transB", 0) else weight.shape[1]
         else:
             channels = weight.shape[0]
-        _set_const(model, node, 2, np.zeros(channels, np.float32), names, f"{node.name}_bias")
+        _set_const(model, node, 2, np.zeros(channels, np.float32), names, _bias_name(node))
         added += 1
     return added
+
+
+# A bias made here is named after its node, up to this many characters (its end).
+_NAME_CHARS = 48
+
+
+def _bias_name(node: ir.Node) -> str:
+    return f"{node.name}_bias"[-_NAME_CHARS:].lstrip("/;_")
 
 
 def own_biases(model: ir.Model, ops: Sequence[str], names: NameAuthority, *, excluded: set[str]) -> int:
@@ -269,7 +277,7 @@ def own_biases(model: ir.Model, ops: Sequence[str], names: NameAuthority, *, exc
         array = _float_const(bias)
         if array is None:
             continue
-        _set_const(model, node, 2, array.copy(), names, f"{node.name}_bias")
+        _set_const(model, node, 2, array.copy(), names, _bias_name(node))
         copied += 1
     return copied
 
