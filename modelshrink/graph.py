@@ -194,19 +194,41 @@ def flush_subnormals(model: ir.Model) -> int:
         tensor = weight.tensor
         if tensor.dtype != ir.DataType.FLOAT or isinstance(tensor, ir.LazyTensor):
             continue
-        array = np.asarray(tensor.numpy())
-        small = (array != 0) & (np.abs(array) < np.float32(FLOAT32_TINY))
-        count = int(np.count_nonzero(small))
+        count = _subnormal_count(np.asarray(tensor.numpy()))  # no view kept: release can unmap
         if not count:
             release(tensor)
             continue
-        new = ir.Tensor(np.where(small, np.float32(0), array).astype(np.float32), name=tensor.name)
+        array = np.asarray(tensor.numpy())
+        flat = np.array(array, dtype=np.float32).reshape(-1)
+        for start in range(0, flat.size, _SCAN_ELEMENTS):
+            part = flat[start : start + _SCAN_ELEMENTS]
+            part[_subnormal(part)] = 0
+        new = ir.Tensor(flat.reshape(array.shape), name=tensor.name)
         if weight.node is None:
             weight.value.const_value = new
         else:
             weight.node.attributes["value"] = ir.AttrTensor("value", new)
         flushed += count
     return flushed
+
+
+# Scan this many weight values at a time (no full-size temporaries: a structured prune's
+# result is in memory whole when it is scanned).
+_SCAN_ELEMENTS = 1 << 20
+
+
+def _subnormal(part: np.ndarray) -> np.ndarray:
+    """Where ``part`` (float32) is subnormal: exponent bits 0, mantissa not (as uint32)."""
+    magnitude = part.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    return (magnitude - np.uint32(1)) < np.uint32(0x007FFFFF)
+
+
+def _subnormal_count(array: np.ndarray) -> int:
+    flat = array.reshape(-1)
+    return sum(
+        int(np.count_nonzero(_subnormal(flat[start : start + _SCAN_ELEMENTS])))
+        for start in range(0, flat.size, _SCAN_ELEMENTS)
+    )
 
 
 def release(tensor: ir.TensorProtocol) -> None:
