@@ -44,6 +44,15 @@ GATE_UNDER_FLOOR_ADVICE = (
 )
 REAL_DATA_CHECK = "check that --data holds inputs like the ones the model really reads"
 SYNTHETIC_DATA_CHECK = "verify on real inputs with --data"
+# distill: no search, no mode; what moves its result is the training.
+DISTILL_ADVICE = (
+    "train on: more --epochs, another --lr (the notes give the validation loss of each epoch), "
+    "or more --data rows; a student closer to the teacher (less pruned or factorized) starts nearer"
+)
+DISTILL_UNCHANGED_ADVICE = (
+    "no epoch did better than the student as it came on the validation rows (the notes say by how "
+    "much): try a lower --lr (e.g. 10x) or more --epochs"
+)
 UNJUDGED_ADVICE = (
     "fix the inputs: pass --data with real inputs, or set sizes and values with --input-shape "
     "and --input-value"
@@ -250,7 +259,9 @@ def judge(
             )
     kinds = {f.kind for f in findings}
     if "fidelity" in kinds or "nonfinite" in kinds:
-        if fidelity_gate is None:
+        if judged is not None:
+            advice.append(DISTILL_ADVICE)
+        elif fidelity_gate is None:
             advice.append(FIDELITY_ADVICE_REAL if real_data else FIDELITY_ADVICE)
         elif fidelity_gate:
             advice.append(GATE_UNDER_FLOOR_ADVICE)
@@ -265,7 +276,7 @@ def judge(
     outcome: list[str] = []
     if changed is False:
         findings.append(Finding("unchanged", "nothing was changed: the result is the original's graph"))
-        advice.append(SKIPPED_ADVICE)
+        advice.append(DISTILL_UNCHANGED_ADVICE if judged is not None else SKIPPED_ADVICE)
     if size_ratio is not None:
         outcome.append(f"{size_ratio:.3f}x the size")
         # Larger on disk and compressed alike; an unchanged model is said as such, not as larger.

@@ -480,6 +480,32 @@ def test_cli_gate_failure_writes_nothing(pruned_file: Path, tmp_path: Path) -> N
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_verdict_advice_speaks_of_training(pruned_file: Path, tmp_path: Path) -> None:
+    """distill has no search and no skipped list: its advice is about the training. The teacher
+    as its own student: no epoch does better, the result is unchanged, and a KL of identical
+    outputs reads 0, not -4e-08."""
+    out = tmp_path / "self.onnx"
+    args = [str(MLP), "--teacher", str(MLP), "--data", str(MLP_DATA), "-o", str(out), "--epochs", "1"]
+    result = _cli(*args, "--json", "--no-latency")
+    assert result.exit_code == 0, result.stderr
+    verdict = json.loads(result.stdout)["verdict"]
+    assert [f["kind"] for f in verdict["findings"]] == ["unchanged"]
+    assert verdict["advice"] == [
+        "no epoch did better than the student as it came on the validation rows (the notes say by how "
+        "much): try a lower --lr (e.g. 10x) or more --epochs"
+    ]
+    notes = json.loads(result.stdout)["notes"]
+    (loss,) = [n for n in notes if n.startswith("distillation loss against the teacher")]
+    assert " -" not in loss.split(":")[1]  # no negative loss
+    damaged = _cli(
+        str(pruned_file), "--teacher", str(MLP), "--data", str(MLP_DATA), "-o", str(tmp_path / "d.onnx"),
+        "--epochs", "1", "--lr", "1e-9", "--json", "--no-latency",
+    )  # fmt: skip
+    assert damaged.exit_code == 0, damaged.stderr
+    verdict = json.loads(damaged.stdout)["verdict"]
+    assert not verdict["sound"] and verdict["advice"][0].startswith("train on: more --epochs, another --lr")
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -455,6 +455,8 @@ def _result(
     notes = list(student.notes)
     b_loss, b_agree = before
     a_loss, a_agree = after
+    # KL and MSE are never negative: float rounding makes a KL of identical outputs -4e-08
+    b_loss, a_loss = max(b_loss, 0.0), max(a_loss, 0.0)
     if result.best_epoch == 0:
         notes.append(
             "no epoch did better on the validation rows than the student as it came: its weights "
