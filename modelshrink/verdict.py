@@ -46,12 +46,12 @@ REAL_DATA_CHECK = "check that --data holds inputs like the ones the model really
 SYNTHETIC_DATA_CHECK = "verify on real inputs with --data"
 # distill: no search, no mode; what moves its result is the training.
 DISTILL_ADVICE = (
-    "train on: more --epochs, another --lr (the notes give the validation loss of each epoch), "
+    "train on: more --epochs, another --lr (details.history has each epoch's validation loss), "
     "or more --data rows; a student closer to the teacher (less pruned or factorized) starts nearer"
 )
 DISTILL_UNCHANGED_ADVICE = (
-    "no epoch did better than the student as it came on the validation rows (the notes say by how "
-    "much): try a lower --lr (e.g. 10x) or more --epochs"
+    "no epoch did better than the student as it came on the validation rows (details.history has "
+    "each epoch's validation loss): try a lower --lr (e.g. 10x) or more --epochs"
 )
 UNJUDGED_ADVICE = (
     "fix the inputs: pass --data with real inputs, or set sizes and values with --input-shape "

@@ -491,8 +491,8 @@ def test_verdict_advice_speaks_of_training(pruned_file: Path, tmp_path: Path) ->
     verdict = json.loads(result.stdout)["verdict"]
     assert [f["kind"] for f in verdict["findings"]] == ["unchanged"]
     assert verdict["advice"] == [
-        "no epoch did better than the student as it came on the validation rows (the notes say by how "
-        "much): try a lower --lr (e.g. 10x) or more --epochs"
+        "no epoch did better than the student as it came on the validation rows (details.history has "
+        "each epoch's validation loss): try a lower --lr (e.g. 10x) or more --epochs"
     ]
     notes = json.loads(result.stdout)["notes"]
     (loss,) = [n for n in notes if n.startswith("distillation loss against the teacher")]
