@@ -1052,6 +1052,7 @@ def fill_values(
     """
     if not input_values:
         return sample
+    axes = axes or {}
     bound: dict[str, int] = {}
     batch: int | None = None
     for spec in specs:
@@ -1059,7 +1060,7 @@ def fill_values(
             for d, size in zip(spec.dims, sample[spec.name].shape, strict=False):
                 if isinstance(d, str):
                     bound.setdefault(d, int(size))
-            axis = (axes or {}).get(spec.name)
+            axis = axes.get(spec.name)
             if batch is None and axis is not None and axis < sample[spec.name].ndim:
                 batch = int(sample[spec.name].shape[axis])
     out = dict(sample)
@@ -1072,7 +1073,7 @@ def fill_values(
             sizes = []
             for axis, d in enumerate(spec.dims):
                 size = d if isinstance(d, int) and d > 0 else bound.get(d) if isinstance(d, str) else None
-                if size is None and axis == (axes or {}).get(spec.name):
+                if size is None and axis == axes.get(spec.name):
                     size = batch
                 if size is None:
                     raise ConfigError(

@@ -192,11 +192,10 @@ def flush_subnormals(model: ir.Model) -> int:
     flushed = 0
     for weight in weights(model):
         tensor = weight.tensor
-        if tensor.dtype != ir.DataType.FLOAT or isinstance(tensor, ir.LazyTensor):
+        if isinstance(tensor, ir.LazyTensor):
             continue
-        count = _subnormal_count(np.asarray(tensor.numpy()))  # no view kept: release can unmap
+        count = count_subnormals(tensor)
         if not count:
-            release(tensor)
             continue
         array = np.asarray(tensor.numpy())
         flat = np.array(array, dtype=np.float32).reshape(-1)
@@ -223,12 +222,19 @@ def _subnormal(part: np.ndarray) -> np.ndarray:
     return (magnitude - np.uint32(1)) < np.uint32(0x007FFFFF)
 
 
-def _subnormal_count(array: np.ndarray) -> int:
-    flat = array.reshape(-1)
-    return sum(
+def count_subnormals(tensor: ir.TensorProtocol) -> int:
+    """How many values of a float32 tensor are subnormal (0 for other types); an external
+    tensor is unmapped again afterwards (no view of it is kept)."""
+    if tensor.dtype != ir.DataType.FLOAT:
+        return 0
+    flat = np.asarray(tensor.numpy()).reshape(-1)
+    count = sum(
         int(np.count_nonzero(_subnormal(flat[start : start + _SCAN_ELEMENTS])))
         for start in range(0, flat.size, _SCAN_ELEMENTS)
     )
+    del flat
+    release(tensor)
+    return count
 
 
 def release(tensor: ir.TensorProtocol) -> None:
@@ -269,6 +275,17 @@ class NameAuthority:
             name = f"{base}_{self._counters[base]}"
         self._taken.add(name)
         return name
+
+
+# Generated names keep at most this many characters of the name they are made from.
+NAME_TAIL_CHARS = 48
+
+
+def name_tail(name: str) -> str:
+    """The end of ``name`` (its last :data:`NAME_TAIL_CHARS` characters, no leading separator), to
+    name what is made from it: exporters' names run to 150 characters (tf2onnx's
+    ``model_1/block/conv;model_1/block/conv2d_252``) and each repetition costs file bytes."""
+    return name[-NAME_TAIL_CHARS:].lstrip("/;_") if len(name) > NAME_TAIL_CHARS else name
 
 
 # The operands that hold weights, for the ops the techniques compress.

@@ -22,28 +22,23 @@ __all__ = ["SLOWER_MARGIN", "Finding", "Verdict", "judge"]
 # Latency is noisy: a result is called slower only when its p50 is past this ratio.
 SLOWER_MARGIN = 1.10
 
-FIDELITY_ADVICE = (
+# The fidelity advice is these parts, joined by "; ".
+GIVE_A_GATE = (
     "to keep the model, give a fidelity gate (--min-agreement 0.99 or --min-cosine 0.99): the "
-    "tool then searches for what keeps it; verify on real inputs with --data; or win the "
-    "accuracy back with modelshrink distill"
-)
-# The same, when the figures already come from --data.
-FIDELITY_ADVICE_REAL = (
-    "to keep the model, give a fidelity gate (--min-agreement 0.99 or --min-cosine 0.99): the "
-    "tool then searches for what keeps it; or win the accuracy back with modelshrink distill"
+    "tool then searches for what keeps it"
 )
 # With a fidelity gate the search has run: the advice says what is left.
-GATE_FAILED_ADVICE = (
+GATE_FAILED = (
     "nothing the search tried meets the fidelity gate (the notes say why): try a milder setting "
-    "or another mode; {data}; or win the accuracy back with modelshrink distill"
+    "or another mode"
 )
-GATE_UNDER_FLOOR_ADVICE = (
+GATE_UNDER_FLOOR = (
     "the fidelity gate given is met but is below the floor: give --min-agreement 0.99 or "
-    "--min-cosine 0.99 and the search keeps what a sound result needs; or win the accuracy "
-    "back with modelshrink distill"
+    "--min-cosine 0.99 and the search keeps what a sound result needs"
 )
 REAL_DATA_CHECK = "check that --data holds inputs like the ones the model really reads"
 SYNTHETIC_DATA_CHECK = "verify on real inputs with --data"
+WIN_IT_BACK = "or win the accuracy back with modelshrink distill"
 # distill: no search, no mode; what moves its result is the training.
 DISTILL_ADVICE = (
     "train on: more --epochs, another --lr (details.history has each epoch's validation loss), "
@@ -212,6 +207,15 @@ def _judged_findings(judged: Judged) -> tuple[list[Finding], list[str]]:
     return findings, figures
 
 
+def _fidelity_advice(fidelity_gate: bool | None, real_data: bool) -> str:
+    """What to do about fidelity below the floor, given the gate the search had (if any)."""
+    if fidelity_gate:
+        return f"{GATE_UNDER_FLOOR}; {WIN_IT_BACK}"
+    first = GIVE_A_GATE if fidelity_gate is None else GATE_FAILED
+    data = SYNTHETIC_DATA_CHECK if not real_data else REAL_DATA_CHECK if fidelity_gate is False else None
+    return "; ".join(part for part in (first, data, WIN_IT_BACK) if part)
+
+
 def judge(
     fidelity: Fidelity | None,
     *,
@@ -259,16 +263,7 @@ def judge(
             )
     kinds = {f.kind for f in findings}
     if "fidelity" in kinds or "nonfinite" in kinds:
-        if judged is not None:
-            advice.append(DISTILL_ADVICE)
-        elif fidelity_gate is None:
-            advice.append(FIDELITY_ADVICE_REAL if real_data else FIDELITY_ADVICE)
-        elif fidelity_gate:
-            advice.append(GATE_UNDER_FLOOR_ADVICE)
-        else:
-            advice.append(
-                GATE_FAILED_ADVICE.format(data=REAL_DATA_CHECK if real_data else SYNTHETIC_DATA_CHECK)
-            )
+        advice.append(DISTILL_ADVICE if judged is not None else _fidelity_advice(fidelity_gate, real_data))
     if "unjudged" in kinds:
         advice.append(UNJUDGED_ADVICE)
     if "vacuous" in kinds:

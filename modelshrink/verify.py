@@ -192,11 +192,10 @@ def class_like_outputs(outputs: Sequence[tuple[str, Sequence[int], np.dtype, str
     top-1 agreement on them would judge an argmax nobody reads.
     """
     evidence = [_class_evidence(name, producer) for name, _, _, producer in outputs]
+    shown = sum(evidence)
     return [
-        is_class_like(
-            name, shape, dtype, producer, rank2=not any(e for j, e in enumerate(evidence) if j != i)
-        )
-        for i, (name, shape, dtype, producer) in enumerate(outputs)
+        is_class_like(name, shape, dtype, producer, rank2=shown - own == 0)
+        for (name, shape, dtype, producer), own in zip(outputs, evidence, strict=True)
     ]
 
 

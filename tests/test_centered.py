@@ -198,7 +198,7 @@ def test_offset_rows_cut_the_error_at_no_size(tmp_path: Path, monkeypatch: pytes
         details["weight"] == "table"
         and details["row_offsets"] == "each row offset by what a LayerNorm after it removes"
     )
-    monkeypatch.setattr("modelshrink.techniques.quantize.lowbit.OFFSETS", ())
+    monkeypatch.setattr("modelshrink.techniques.quantize.centered.OFFSETS", ())
     plain_err, plain_size, plain_details = run("plain")
     assert "row_offsets" not in plain_details
     assert offset_size == plain_size

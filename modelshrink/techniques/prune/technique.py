@@ -38,11 +38,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from modelshrink.errors import ConfigError
-from modelshrink.graph import op_key, release, run_time_weights, weights
+from modelshrink.graph import FLOAT32_TINY, count_subnormals, op_key, release, run_time_weights, weights
 from modelshrink.techniques import floor_search
 from modelshrink.techniques.base import Skip, TechniqueContext, TechniqueResult
 from modelshrink.techniques.prune import search, sparse, structured, unstructured
@@ -110,19 +109,16 @@ def prune(model: ir.Model, config: PruneConfig, context: TechniqueContext) -> Te
 
 # --- unstructured and N:M -----------------------------------------------------------------
 
-_TINY32 = float(np.finfo(np.float32).tiny)
 
-
-def _subnormals(targets: Sequence[unstructured.Target]) -> int:
-    """Nonzero float32/float64 weights below float32's smallest normal number, as stored now."""
-    count = 0
+def _subnormals(targets: Sequence[unstructured.Target]) -> dict[str, int]:
+    """Subnormal float32 values per target weight that holds some, as stored now."""
+    counts = {}
     for target in targets:
-        tensor = target.eligible.weight.value.const_value or target.eligible.weight.tensor
-        if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
-            continue
-        values = np.abs(np.asarray(tensor.numpy()))
-        count += int(np.count_nonzero((values > 0) & (values < _TINY32)))
-    return count
+        weight = target.eligible.weight
+        count = count_subnormals(weight.value.const_value or weight.tensor)
+        if count:
+            counts[target.name] = count
+    return counts
 
 
 def _unstructured_result(
@@ -177,10 +173,12 @@ def _unstructured_result(
     elif not default:
         notes.insert(0, f"{mode}: nothing was pruned; see the skipped list")
     notes.append(unstructured.NO_SPEEDUP_NOTE.format(storage=storage))
-    flushed = subnormal_before - _subnormals(targets)
+    # only the weights that held some are read again (a pruned weight is computed when read)
+    left = _subnormals([t for t in targets if t.name in subnormal_before])
+    flushed = sum(subnormal_before.values()) - sum(left.values())
     if flushed > 0:
         notes.append(
-            f"{flushed:,} of the zeroed weights were subnormal floats (nonzero, below {_TINY32:.3g} in "
+            f"{flushed:,} of the zeroed weights were subnormal floats (nonzero, below {FLOAT32_TINY:.3g} in "
             "magnitude), which CPUs multiply many times slower than normal ones: removing them, not "
             "the sparsity, is what can make this result faster than the original"
         )

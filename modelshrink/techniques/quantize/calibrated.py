@@ -29,7 +29,7 @@ from modelshrink.graph import NameAuthority, op_key
 from modelshrink.techniques import layerwise
 from modelshrink.techniques.base import Change, TechniqueContext
 from modelshrink.techniques.quantize import gptq as solvers
-from modelshrink.techniques.quantize.centered import OFFSETS, norm_centered
+from modelshrink.techniques.quantize.centered import row_offsets
 from modelshrink.techniques.quantize.config import QuantizeConfig
 from modelshrink.techniques.quantize.lowbit import (
     Codes,
@@ -280,8 +280,7 @@ def _rtn_values(unit: Unit, config: QuantizeConfig) -> np.ndarray | None:
     if config.width is not None:
         layout = layout_of(unit, config.block_size)
         grid = Grid(config.width)
-        offsets = OFFSETS if norm_centered(unit) else ()
-        rounded = round_to_nearest(layout.rows(arr), layout, grid, w.name or "", offsets=offsets)
+        rounded = round_to_nearest(layout.rows(arr), layout, grid, w.name or "", offsets=row_offsets(unit))
         return layout.unrows(rounded.restored(layout, grid)).astype(dtype)
     if config.mode == "int4":
         axis = unit.axis

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from modelshrink.graph import op_key
 from modelshrink.techniques.quantize.plan import Unit
 
-__all__ = ["OFFSETS", "norm_centered"]
+__all__ = ["OFFSETS", "norm_centered", "row_offsets"]
 
 # Offsets tried per row, in grid steps (max|row| / peak): 0.84x the centered error of 0 alone
 # on the tiny transformer's 3-bit table, where 41 offsets over a whole step gave 0.82x.
@@ -34,6 +34,12 @@ OFFSETS = (-0.5, -0.25, 0.25, 0.5)
 # How far along Add/Cast chains the walk goes before it gives up (a residual stream is long).
 _MAX_DEPTH = 512
 _PASS_THROUGH = frozenset({"Cast", "Identity"})
+
+
+def row_offsets(unit: Unit) -> tuple[float, ...]:
+    """The offsets to try on the rows of ``unit``'s weight: :data:`OFFSETS` for a table read only
+    through centerings, else none."""
+    return OFFSETS if norm_centered(unit) else ()
 
 
 def norm_centered(unit: Unit) -> bool:

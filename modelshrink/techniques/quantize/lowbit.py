@@ -49,7 +49,7 @@ import onnx_ir as ir
 
 from modelshrink.graph import NameAuthority
 from modelshrink.techniques.base import Change, Skip
-from modelshrink.techniques.quantize.centered import OFFSETS, norm_centered
+from modelshrink.techniques.quantize.centered import row_offsets
 from modelshrink.techniques.quantize.plan import Unit
 from modelshrink.techniques.quantize.weightonly import (
     NON_FINITE_REASON,
@@ -618,7 +618,6 @@ def round_to_nearest(
     best = Codes.of(rows, layout, grid, fit_scales(rows, layout, grid, dtype))
     if not offsets:
         return best
-    best = Codes(best.codes.copy(), best.scales.copy())
     best_err = _centered_error(best.restored(layout, grid), rows)
     step = np.abs(rows).max(axis=1, keepdims=True) / np.float32(grid.peak)
     for fraction in offsets:
@@ -711,7 +710,7 @@ def quantize_packed(
             del rows
             continue
         given = fixed.get(w.name) if fixed is not None else None
-        offsets = OFFSETS if given is None and norm_centered(unit) else ()
+        offsets = row_offsets(unit) if given is None else ()
         rounded = (
             given
             if given is not None

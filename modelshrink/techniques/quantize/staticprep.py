@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from modelshrink.graph import NameAuthority, op_key
+from modelshrink.graph import NameAuthority, name_tail, op_key
 from modelshrink.runtime import RuntimeOptions
 from modelshrink.techniques.quantize.calibration import stream_values
 
@@ -249,12 +249,8 @@ def add_zero_biases(model: ir.Model, ops: Sequence[str], names: NameAuthority, *
     return added
 
 
-# A bias made here is named after its node, up to this many characters (its end).
-_NAME_CHARS = 48
-
-
 def _bias_name(node: ir.Node) -> str:
-    return f"{node.name}_bias"[-_NAME_CHARS:].lstrip("/;_")
+    return name_tail(f"{node.name}_bias")
 
 
 def own_biases(model: ir.Model, ops: Sequence[str], names: NameAuthority, *, excluded: set[str]) -> int:
